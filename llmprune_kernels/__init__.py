@@ -1,0 +1,23 @@
+"""llmprune_kernels: exact, fast post-training pruning of LLMs and 2:4 sparse inference."""
+from llmprune_kernels import _ext  # noqa: F401  (loads _C or warns once)
+from llmprune_kernels.backends import backends
+from llmprune_kernels.methods import LayerPruner, available_methods, get_method
+from llmprune_kernels.reference.magnitude import magnitude_mask, magnitude_prune_
+from llmprune_kernels.reference.wanda import ActNormStats, wanda_mask, wanda_prune_, wanda_score
+from llmprune_kernels.validation import SparsityConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActNormStats",
+    "LayerPruner",
+    "SparsityConfig",
+    "available_methods",
+    "backends",
+    "get_method",
+    "magnitude_mask",
+    "magnitude_prune_",
+    "wanda_mask",
+    "wanda_prune_",
+    "wanda_score",
+]

@@ -1,0 +1,31 @@
+"""Loads the compiled ``_C`` library once; every op falls back to its reference when it is absent."""
+from __future__ import annotations
+
+import logging
+
+import torch  # noqa: F401  (libtorch symbols must be loaded before _C)
+
+logger = logging.getLogger("llmprune_kernels")
+
+try:
+    from llmprune_kernels import _C  # type: ignore[attr-defined]
+
+    HAS_EXT = True
+    EXT_ERROR: str | None = None
+except ImportError as exc:  # not built (LLMPRUNE_SKIP_EXT=1, editable checkout, ABI mismatch)
+    _C = None
+    HAS_EXT = False
+    EXT_ERROR = str(exc)
+    logger.warning(
+        "llmprune_kernels._C is not available (%s); every op runs through its PyTorch reference path", exc
+    )
+
+
+def ext_with_cuda() -> bool:
+    """True when ``_C`` was compiled with its CUDA sources."""
+    return HAS_EXT and bool(_C.with_cuda())
+
+
+def ext_with_cusparselt() -> bool:
+    """True when ``_C`` was compiled with the cuSPARSELt path."""
+    return HAS_EXT and bool(_C.with_cusparselt())

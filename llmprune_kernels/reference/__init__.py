@@ -1,0 +1,1 @@
+"""Plain-PyTorch reference pruners: the oracles every fast path must equal."""

@@ -1,0 +1,34 @@
+"""Shared test fixtures: seeded RNG and a CUDA marker that skips on CPU-only machines."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run under the Triton interpreter on CPU tensors. The variable is read
+# when kernels are decorated, so it must be set before any llmprune_kernels.ops module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request):
+    """Every test that takes ``device`` runs on the CPU and, where present, on CUDA."""
+    return torch.device(request.param)

@@ -1,0 +1,122 @@
+"""SparseGPT through the C++/CUDA extension (``csrc/sparsegpt/``), with the reference as fallback.
+
+``torch.ops.llmprune_kernels.sparsegpt_prune`` runs the whole ``fasterprune`` in C++: dead columns, damping
+with Cholesky retries, the inverse-Hessian factor (ATen linalg: LAPACK on CPU, cuSOLVER on CUDA), and per
+block of columns one kernel that runs the sequential column loop with rows in parallel, then one GEMM for
+the later columns. It equals ``reference.sparsegpt.sparsegpt_prune``: same masks, and in fp32 with TF32 off
+the same weights up to rounding (bit-identical in practice: same ATen calls, the same IEEE operations in
+the column loop, no fused multiply-add).
+
+TF32 (``tf32=True``) lets the two GEMMs (Hessian accumulation, lazy block update) run in TF32 on CUDA,
+about 3x faster for those GEMMs. The column loop and Cholesky stay fp32. Expect weights to move by about
+1e-3 relative and a small share of mask entries near the selection threshold to differ from the fp32 result
+(measured numbers: README); SparseGPT's quality is unaffected at that level.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+
+from llmprune_kernels import _ext
+from llmprune_kernels.reference import sparsegpt as ref
+from llmprune_kernels.validation import SparsityConfig, check_finite, check_nm, check_weight
+
+BACKENDS = ("auto", "reference", "ext")
+
+
+def ext_available(device: torch.device | str) -> bool:
+    """The compiled op exists and was built for ``device``'s type (CUDA needs a CUDA build)."""
+    if not _ext.HAS_EXT or not hasattr(torch.ops.llmprune_kernels, "sparsegpt_prune"):
+        return False
+    return torch.device(device).type == "cpu" or (torch.device(device).type == "cuda" and _ext.ext_with_cuda())
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """``auto`` -> ``ext`` where it is built for the device, else ``reference``; ``ext`` must be available."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown SparseGPT backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "ext" if ext_available(device) else "reference"
+    if backend == "ext" and not ext_available(device):
+        why = _ext.EXT_ERROR or f"_C lacks sparsegpt_prune for {torch.device(device).type}"
+        raise RuntimeError(f"SparseGPT backend 'ext' is not available on {device}: {why}")
+    return backend
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool) -> Iterator[None]:
+    """Set TF32 for CUDA fp32 matmuls inside the block (default off, like the reference code), then restore."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):  # torch >= 2.9 API; the legacy flag mirrors it
+        old = m.fp32_precision
+        m.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:  # pragma: no cover - older torch
+        old = m.allow_tf32
+        m.allow_tf32 = enabled
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old
+
+
+@torch.no_grad()
+def hessian_add_batch(H: torch.Tensor, nsamples: int, inp: torch.Tensor, backend: str = "auto",
+                      tf32: bool = False, name: str = "activations") -> int:
+    """Add a calibration batch to the running Hessian ``H`` in place; returns the new sample count."""
+    if inp.shape[-1] != H.shape[0]:
+        raise ValueError(f"{name} have width {inp.shape[-1]}, expected in_features={H.shape[0]}")
+    check_finite(inp, name)
+    with tf32_matmul(tf32):
+        if resolve_backend(backend, H.device) == "ext":
+            return int(torch.ops.llmprune_kernels.sparsegpt_add_batch(H, inp, nsamples))
+        batch = inp.shape[0] if inp.dim() == 3 else 1
+        x = inp.reshape(-1, H.shape[0]).t()
+        H *= nsamples / (nsamples + batch)
+        nsamples += batch
+        x = math.sqrt(2 / nsamples) * x.float()
+        H += x.matmul(x.t())
+        return nsamples
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    config: SparsityConfig,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    max_retries: int = 4,
+    backend: str = "auto",
+    tf32: bool = False,
+    name: str = "layer",
+) -> tuple[ref.SparseGPTResult, str]:
+    """SparseGPT of one layer; returns the result (weight in the input dtype, mask, losses, damping, retries)
+    and the backend that ran (``ext`` or ``reference``). Inputs are not modified."""
+    check_weight(weight)
+    if H.device != weight.device:
+        raise ValueError(f"{name}: Hessian is on {H.device} but the weight on {weight.device}")
+    if not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize {blocksize!r} must be a positive integer")
+    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
+        raise ValueError(f"percdamp {percdamp!r} must be a finite number >= 0")
+    used = resolve_backend(backend, weight.device)
+    with tf32_matmul(tf32):
+        if used == "reference":
+            return ref.sparsegpt_prune(weight, H, config, blocksize, percdamp, max_retries, name), used
+        ref.check_hessian(H, weight.shape[1], name)
+        if config.is_nm:
+            check_nm(config.n, config.m, weight.shape[1])
+            if blocksize % config.m:
+                raise ValueError(f"blocksize {blocksize} must be a multiple of M={config.m} for N:M pruning")
+        W, mask, losses, damp, retries = torch.ops.llmprune_kernels.sparsegpt_prune(
+            weight.detach(), H.detach().float(), float(0.0 if config.is_nm else config.sparsity),
+            config.n, config.m, blocksize, float(percdamp), max_retries, name,
+        )
+    return ref.SparseGPTResult(W, mask, losses, float(damp), int(retries)), used

@@ -1,0 +1,154 @@
+"""SparseGPT: reference invariants, and the C++ (CPU) / CUDA extension equal to the reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from llmprune_kernels.methods import get_method
+from llmprune_kernels.ops import sparsegpt as ops
+from llmprune_kernels.reference.sparsegpt import HessianStats, inverse_hessian_factor, sparsegpt_prune
+from llmprune_kernels.validation import SparsityConfig
+
+UNSTRUCTURED = SparsityConfig(0.5)
+NM24 = SparsityConfig(n=2, m=4)
+NM48 = SparsityConfig(n=4, m=8)
+
+
+def _hessian(cols: int, tokens: int = 256, device="cpu", dead=(), seqs: int = 4) -> torch.Tensor:
+    """Hessian of random correlated activations, accumulated like the pipeline (several sequences)."""
+    mix = torch.randn(cols, cols, device=device) / math.sqrt(cols) + torch.eye(cols, device=device)
+    stats = HessianStats(cols, device=device)
+    for _ in range(seqs):
+        x = torch.randn(1, tokens // seqs, cols, device=device) @ mix
+        x[..., list(dead)] = 0
+        stats.add_batch(x)
+    return stats.H
+
+
+def _layer(rows: int, cols: int, device="cpu", **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(rows, cols, device=device), _hessian(cols, device=device, **kw)
+
+
+# ---------------------------------------------------------------- reference invariants
+
+
+@pytest.mark.parametrize("rows,cols", [(16, 40), (24, 200), (8, 333)])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
+def test_reference_unstructured_exact_per_block(rows, cols, sparsity):
+    W, H = _layer(rows, cols)
+    res = sparsegpt_prune(W, H, SparsityConfig(sparsity), blocksize=128)
+    for i1 in range(0, cols, 128):
+        block = res.mask[:, i1 : i1 + 128]
+        assert int(block.sum()) == math.floor(block.numel() * sparsity)
+    assert bool((res.weight[res.mask] == 0).all())
+    assert res.weight.dtype == W.dtype and res.retries == 0 and res.damp > 0
+
+
+@pytest.mark.parametrize("config", [NM24, NM48, SparsityConfig(n=1, m=4)])
+def test_reference_nm_exact_per_group(config):
+    W, H = _layer(12, 256)
+    res = sparsegpt_prune(W, H, config)
+    groups = res.mask.reshape(12, -1, config.m)
+    assert bool((groups.sum(-1) == config.n).all())
+    assert bool((res.weight[res.mask] == 0).all())
+
+
+def test_reference_dead_columns_zeroed_and_pruned_first():
+    dead = (0, 5, 130)
+    W, H = _layer(10, 200, dead=dead)
+    res = sparsegpt_prune(W, H, UNSTRUCTURED)
+    assert bool((res.weight[:, list(dead)] == 0).all())
+    # A dead column scores 0 (its weight is zeroed), so it is among the pruned of its block.
+    assert bool(res.mask[:, list(dead)].all())
+
+
+def test_reference_small_case_by_hand():
+    # Diagonal H: Hinv = diag(1/sqrt(h_ii + damp)), so no error propagates and SparseGPT = prune lowest
+    # w^2 * (h_ii + damp) of the block, with the tie rule on the flat index.
+    H = torch.diag(torch.tensor([1.0, 4.0, 1.0, 0.0]))
+    W = torch.tensor([[1.0, 1.0, -3.0, 5.0], [2.0, 0.5, 1.0, 1.0]])
+    res = sparsegpt_prune(W, H, UNSTRUCTURED, percdamp=0.0)
+    # Dead column 3 -> weight 0, h=1. Scores: row0 [1, 4, 9, 0], row1 [4, 1, 1, 0]; 4 lowest: (0,3), (1,3)
+    # score 0; then score 1 at flat indices 0, 5, 6 -> the first two (0 and 5).
+    expected = torch.tensor([[True, False, False, True], [False, True, False, True]])
+    assert torch.equal(res.mask, expected)
+    kept = ~expected
+    assert torch.equal(res.weight[kept], W[kept])  # no off-diagonal Hessian terms: kept weights unchanged
+    # loss = sum (w - q)^2 / Hinv_ii^2 / 2 over pruned = (1*1 + 0.25*4) / 2 (dead columns contribute 0)
+    assert res.loss == pytest.approx((1.0 + 0.25 * 4.0) / 2)
+
+
+def test_reference_error_propagation_reduces_output_error():
+    W, H = _layer(32, 128)
+    res = sparsegpt_prune(W, H, UNSTRUCTURED)
+    naive = W.clone()
+    naive[res.mask] = 0
+
+    def err(Wp):
+        D = Wp - W
+        return float(torch.einsum("ij,jk,ik->", D, H, D))
+
+    assert err(res.weight) < 0.8 * err(naive)
+
+
+def test_hessian_running_mean_matches_formula():
+    x = torch.randn(3, 7, 16)
+    stats = HessianStats(16)
+    stats.add_batch(x[:1])
+    stats.add_batch(x[1:])
+    flat = x.reshape(-1, 16).double()
+    torch.testing.assert_close(stats.H.double(), 2 / 3 * flat.t() @ flat, rtol=1e-5, atol=1e-5)
+    assert stats.nsamples == 3
+
+
+def test_bad_inputs_named():
+    W, H = _layer(4, 16)
+    with pytest.raises(ValueError, match="q_proj.*NaN"):
+        Hbad = H.clone()
+        Hbad[1, 2] = float("nan")
+        sparsegpt_prune(W, Hbad, UNSTRUCTURED, name="q_proj")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sparsegpt_prune(torch.randn(4, 18), _hessian(18), NM24)
+    stats = HessianStats(16)
+    with pytest.raises(ValueError, match="NaN"):
+        stats.add_batch(torch.full((2, 16), float("nan")))
+
+
+# ---------------------------------------------------------------- pipeline method
+
+
+@pytest.mark.parametrize("config", [UNSTRUCTURED, NM24])
+def test_method_prunes_layer_in_place(config):
+    layer = nn.Linear(64, 24, bias=False)
+    pruner = get_method("sparsegpt")(layer, config, layer_name="model.layers.0.mlp.up_proj")
+    x = torch.randn(2, 32, 64)
+    pruner.add_batch(x[:1])
+    pruner.add_batch(x[1:])
+    expected = sparsegpt_prune(layer.weight.data, _stats_of(x).H, config)
+    report = pruner.prune()
+    assert torch.equal(layer.weight.data == 0, expected.weight == 0)
+    torch.testing.assert_close(layer.weight.data, expected.weight, rtol=1e-5, atol=1e-6)
+    assert report["sparsegpt_backend"] in ("ext", "reference")
+    assert report["sparsegpt_damp_retries"] == 0 and report["sparsegpt_loss"] > 0
+    pruner.free()
+
+
+def _stats_of(x: torch.Tensor) -> HessianStats:
+    stats = HessianStats(x.shape[-1])
+    stats.add_batch(x[:1])
+    stats.add_batch(x[1:])
+    return stats
+
+
+def test_method_rejects_nonfinite_activations_naming_layer():
+    layer = nn.Linear(8, 4)
+    pruner = get_method("sparsegpt")(layer, UNSTRUCTURED, layer_name="model.layers.3.self_attn.k_proj")
+    with pytest.raises(ValueError, match="layers.3.self_attn.k_proj.*Inf"):
+        pruner.add_batch(torch.tensor([[float("inf")] * 8]))
+    with pytest.raises(ValueError, match="no calibration data"):
+        pruner.prune()
+    with pytest.raises(ValueError, match="backend"):
+        get_method("sparsegpt")(layer, UNSTRUCTURED, backend="cusolver")

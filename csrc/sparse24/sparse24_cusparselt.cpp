@@ -1,0 +1,245 @@
+// cuSPARSELt 2:4 linear with compress-once weights and cached plans.
+//
+// torch's own _cslt_sparse_mm builds descriptors, a plan and a workspace on every call (the ~1 ms of
+// setup that makes eager 2:4 slower than dense). Here the weight is compressed once
+// (sparse24_cslt_compress) and plans live in a process-wide cache keyed by
+// (device, dtype, out, in, padded M, algorithm config): every layer of one shape shares them, and an
+// eager call after the first pays only cusparseLtMatmul. The algorithm comes from
+// cusparseLtMatmulSearch (sparse24_cslt_search) at tuning time, so nothing is searched or synchronised
+// while a CUDA graph is being captured.
+//
+// Layout: y[M, out] = x[M, in] @ W[out, in]^T is computed as D = A * op(B) with A = W (structured,
+// row-major), B = x (row-major [M, in], op = transpose) and D column-major [out, M], which is y
+// row-major in memory (the same trick as torch's transpose_result=True).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cusparseLt.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+#define CSLT_CHECK(call)                                                                          \
+  do {                                                                                            \
+    cusparseStatus_t status_ = (call);                                                            \
+    TORCH_CHECK(status_ == CUSPARSE_STATUS_SUCCESS, "cuSPARSELt call ", #call, " failed: ",       \
+                cusparseLtGetErrorString(status_), " (", static_cast<int>(status_), ")");         \
+  } while (0)
+
+// cuSPARSELt wants every dimension of the dense operand aligned; padding M to 16 rows is always
+// accepted (for fp16/bf16) and costs a copy only for M not already a multiple of 16.
+constexpr int64_t kRowAlign = 16;
+
+std::mutex g_mutex;
+std::map<int, std::unique_ptr<cusparseLtHandle_t>> g_handles;
+
+cusparseLtHandle_t* handle_for(int device) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_handles.find(device);
+  if (it != g_handles.end()) return it->second.get();
+  auto h = std::make_unique<cusparseLtHandle_t>();
+  CSLT_CHECK(cusparseLtInit(h.get()));
+  auto* raw = h.get();
+  g_handles.emplace(device, std::move(h));  // never destroyed: lives as long as the CUDA context
+  return raw;
+}
+
+cudaDataType cuda_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return CUDA_R_16F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    default:
+      TORCH_CHECK(false, "cuSPARSELt 2:4 needs float16 or bfloat16 tensors, got ", t.scalar_type());
+  }
+}
+
+void init_weight_desc(cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* d, int64_t out, int64_t in,
+                      cudaDataType type) {
+  CSLT_CHECK(cusparseLtStructuredDescriptorInit(h, d, out, in, in, 16, type, CUSPARSE_ORDER_ROW,
+                                                CUSPARSELT_SPARSITY_50_PERCENT));
+}
+
+struct AlgConfig {
+  int64_t alg_id = -1;  // -1: library default
+  int64_t split_k = -1;
+  int64_t split_k_mode = -1;
+  int64_t split_k_buffers = -1;
+};
+
+struct Plan {
+  cusparseLtMatDescriptor_t a, b, d;
+  cusparseLtMatmulDescriptor_t matmul;
+  cusparseLtMatmulAlgSelection_t alg_sel;
+  cusparseLtMatmulPlan_t plan;
+  size_t workspace = 0;
+};
+
+using PlanKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+std::map<PlanKey, std::unique_ptr<Plan>> g_plans;
+
+void set_alg(cusparseLtHandle_t* h, Plan* p, const AlgConfig& cfg) {
+  if (cfg.alg_id >= 0) {
+    int v = static_cast<int>(cfg.alg_id);
+    CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &v, sizeof(v)));
+  }
+  if (cfg.split_k > 0) {
+    int v = static_cast<int>(cfg.split_k);
+    CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K, &v, sizeof(v)));
+    if (cfg.split_k > 1 && cfg.split_k_mode > 0) {
+      int mode = static_cast<int>(cfg.split_k_mode);
+      CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode, sizeof(mode)));
+    }
+    if (cfg.split_k > 1 && cfg.split_k_buffers > 0) {
+      int buf = static_cast<int>(cfg.split_k_buffers);
+      CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K_BUFFERS, &buf, sizeof(buf)));
+    }
+  }
+}
+
+std::unique_ptr<Plan> make_plan(cusparseLtHandle_t* h, cudaDataType type, int64_t out, int64_t in, int64_t m,
+                                const AlgConfig& cfg) {
+  auto p = std::make_unique<Plan>();
+  init_weight_desc(h, &p->a, out, in, type);
+  CSLT_CHECK(cusparseLtDenseDescriptorInit(h, &p->b, m, in, in, 16, type, CUSPARSE_ORDER_ROW));
+  CSLT_CHECK(cusparseLtDenseDescriptorInit(h, &p->d, out, m, out, 16, type, CUSPARSE_ORDER_COL));
+  CSLT_CHECK(cusparseLtMatmulDescriptorInit(h, &p->matmul, CUSPARSE_OPERATION_NON_TRANSPOSE,
+                                            CUSPARSE_OPERATION_TRANSPOSE, &p->a, &p->b, &p->d, &p->d,
+                                            CUSPARSE_COMPUTE_32F));
+  CSLT_CHECK(cusparseLtMatmulAlgSelectionInit(h, &p->alg_sel, &p->matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
+  set_alg(h, p.get(), cfg);
+  CSLT_CHECK(cusparseLtMatmulPlanInit(h, &p->plan, &p->matmul, &p->alg_sel));
+  CSLT_CHECK(cusparseLtMatmulGetWorkspace(h, &p->plan, &p->workspace));
+  return p;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& compressed, int64_t out) {
+  TORCH_CHECK(x.is_cuda() && compressed.is_cuda(), "sparse24_cslt: x and the compressed weight must be CUDA tensors");
+  TORCH_CHECK(x.device() == compressed.device(), "sparse24_cslt: x on ", x.device(), ", weight on ", compressed.device());
+  TORCH_CHECK(x.dim() == 2, "sparse24_cslt: x must be 2-D [M, in], got ", x.sizes());
+  TORCH_CHECK(compressed.scalar_type() == at::kByte && compressed.dim() == 1,
+              "sparse24_cslt: the compressed weight must be the 1-D uint8 tensor from sparse24_cslt_compress");
+  TORCH_CHECK(out > 0 && out % 32 == 0 && x.size(1) % 64 == 0,
+              "sparse24_cslt: needs out_features % 32 == 0 and in_features % 64 == 0, got ", out, " x ", x.size(1));
+}
+
+at::Tensor pad_rows(const at::Tensor& x, int64_t* m_pad) {
+  int64_t m = x.size(0);
+  *m_pad = (m + kRowAlign - 1) / kRowAlign * kRowAlign;
+  at::Tensor xc = x.contiguous();
+  if (*m_pad == m) return xc;
+  return at::constant_pad_nd(xc, {0, 0, 0, *m_pad - m}, 0);
+}
+
+Plan* cached_plan(const at::Tensor& x, int64_t out, int64_t m_pad, const AlgConfig& cfg) {
+  int dev = x.get_device();
+  PlanKey key{dev, static_cast<int>(x.scalar_type()), out, x.size(1), m_pad, cfg.alg_id, cfg.split_k,
+              cfg.split_k_mode, cfg.split_k_buffers};
+  auto* h = handle_for(dev);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_plans.find(key);
+  if (it != g_plans.end()) return it->second.get();
+  auto p = make_plan(h, cuda_type(x), out, x.size(1), m_pad, cfg);
+  auto* raw = p.get();
+  g_plans.emplace(key, std::move(p));
+  return raw;
+}
+
+at::Tensor cslt_compress(const at::Tensor& w) {
+  TORCH_CHECK(w.is_cuda() && w.dim() == 2, "sparse24_cslt_compress: needs a 2-D CUDA weight, got ", w.sizes());
+  TORCH_CHECK(w.size(0) % 32 == 0 && w.size(1) % 64 == 0,
+              "sparse24_cslt_compress: needs out_features % 32 == 0 and in_features % 64 == 0, got ", w.sizes());
+  c10::cuda::CUDAGuard guard(w.device());
+  auto* h = handle_for(w.get_device());
+  at::Tensor wc = w.contiguous();
+  cusparseLtMatDescriptor_t desc;
+  init_weight_desc(h, &desc, w.size(0), w.size(1), cuda_type(w));
+  size_t size = 0, buffer_size = 0;
+  CSLT_CHECK(cusparseLtSpMMACompressedSize2(h, &desc, &size, &buffer_size));
+  auto opts = w.options().dtype(at::kByte);
+  at::Tensor compressed = at::empty({static_cast<int64_t>(size)}, opts);
+  at::Tensor buffer = at::empty({static_cast<int64_t>(std::max<size_t>(buffer_size, 1))}, opts);
+  CSLT_CHECK(cusparseLtSpMMACompress2(h, &desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, wc.data_ptr(),
+                                      compressed.data_ptr(), buffer.data_ptr(),
+                                      c10::cuda::getCurrentCUDAStream()));
+  CSLT_CHECK(cusparseLtMatDescriptorDestroy(&desc));
+  return compressed;
+}
+
+at::Tensor cslt_linear(const at::Tensor& x, const at::Tensor& compressed, int64_t out,
+                       const std::optional<at::Tensor>& bias, int64_t alg_id, int64_t split_k,
+                       int64_t split_k_mode, int64_t split_k_buffers) {
+  check_inputs(x, compressed, out);
+  c10::cuda::CUDAGuard guard(x.device());
+  int64_t m = x.size(0), m_pad = 0;
+  if (m == 0) return at::empty({0, out}, x.options());
+  at::Tensor xp = pad_rows(x, &m_pad);
+  Plan* p = cached_plan(xp, out, m_pad, AlgConfig{alg_id, split_k, split_k_mode, split_k_buffers});
+  auto* h = handle_for(x.get_device());
+  at::Tensor y = at::empty({m_pad, out}, x.options());
+  at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(p->workspace, 1))}, x.options().dtype(at::kByte));
+  float alpha = 1.0f, beta = 0.0f;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  CSLT_CHECK(cusparseLtMatmul(h, &p->plan, &alpha, compressed.data_ptr(), xp.data_ptr(), &beta, y.data_ptr(),
+                              y.data_ptr(), ws.data_ptr(), &stream, 1));
+  if (m_pad != m) y = y.narrow(0, 0, m);  // leading rows of a row-major matrix: still contiguous
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y;
+}
+
+std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& compressed, int64_t out) {
+  check_inputs(x, compressed, out);
+  c10::cuda::CUDAGuard guard(x.device());
+  int64_t m_pad = 0;
+  at::Tensor xp = pad_rows(x, &m_pad);
+  auto* h = handle_for(x.get_device());
+  auto p = make_plan(h, cuda_type(x), out, x.size(1), m_pad, AlgConfig{});
+  at::Tensor y = at::empty({m_pad, out}, x.options());
+  at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(p->workspace, 1))}, x.options().dtype(at::kByte));
+  float alpha = 1.0f, beta = 0.0f;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  CSLT_CHECK(cusparseLtMatmulSearch(h, &p->plan, &alpha, compressed.data_ptr(), xp.data_ptr(), &beta,
+                                    y.data_ptr(), y.data_ptr(), ws.data_ptr(), &stream, 1));
+  int alg = 0, max_alg = 0, split_k = 1, split_k_mode = 0, split_k_buffers = 0;
+  CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(alg)));
+  CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID, &max_alg, sizeof(max_alg)));
+  CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K, &split_k, sizeof(split_k)));
+  if (split_k > 1) {
+    CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &split_k_mode, sizeof(split_k_mode)));
+    CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_SPLIT_K_BUFFERS, &split_k_buffers, sizeof(split_k_buffers)));
+  }
+  CSLT_CHECK(cusparseLtMatmulPlanDestroy(&p->plan));
+  CSLT_CHECK(cusparseLtMatmulAlgSelectionDestroy(&p->alg_sel));
+  return {alg, split_k, split_k_mode, split_k_buffers, max_alg};
+}
+
+int64_t cslt_plan_count() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return static_cast<int64_t>(g_plans.size());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
+  m.def("sparse24_cslt_compress(Tensor weight) -> Tensor");
+  m.def("sparse24_cslt_linear(Tensor x, Tensor compressed, int out_features, Tensor? bias, int alg_id=-1, "
+        "int split_k=-1, int split_k_mode=-1, int split_k_buffers=-1) -> Tensor");
+  m.def("sparse24_cslt_search(Tensor x, Tensor compressed, int out_features) -> int[]");
+  m.def("sparse24_cslt_plan_count() -> int");
+}
+
+TORCH_LIBRARY_IMPL(llmprune_kernels, CUDA, m) {
+  m.impl("sparse24_cslt_compress", &cslt_compress);
+  m.impl("sparse24_cslt_linear", &cslt_linear);
+  m.impl("sparse24_cslt_search", &cslt_search);
+}
+
+TORCH_LIBRARY_IMPL(llmprune_kernels, CompositeExplicitAutograd, m) {
+  m.impl("sparse24_cslt_plan_count", &cslt_plan_count);
+}

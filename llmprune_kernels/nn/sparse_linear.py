@@ -1,0 +1,199 @@
+"""``SparseLinear``: a drop-in ``nn.Linear`` holding a packed 2:4 weight, and ``sparsify_`` to swap them in.
+
+Forward is ``F.linear(x, W, bias)`` with ``W`` the masked dense weight, whatever path runs it:
+
+* CPU: the masked dense matmul (the reference), so CI checks the semantics;
+* CUDA: per M bucket, the path measured fastest for this weight shape at ``sparsify_`` time (or read
+  from a saved tuning table): our Triton decode kernel (small M), our cached-plan cuSPARSELt op
+  (large M), or a dense copy of the masked weight where sparse would lose.
+
+The packed ``values`` / ``meta`` buffers are the state (``state_dict``); the cuSPARSELt-compressed copy
+and any dense copy are caches rebuilt by ``prepare()`` after a device or dtype move. Call ``prepare()``
+(``sparsify_`` does) before capturing a CUDA graph or ``torch.compile``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmprune_kernels.sparse24 import cusparselt as cslt
+from llmprune_kernels.sparse24 import dispatch
+from llmprune_kernels.sparse24.pack import Packed24, check_24, meta_width, pack_24, unpack_24
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with a 2:4-sparse ``W`` stored packed (see :mod:`llmprune_kernels.sparse24.pack`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if in_features % 4 != 0:
+            raise ValueError(f"SparseLinear needs in_features to be a multiple of 4 for 2:4, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2, device=device, dtype=dtype))
+        self.register_buffer("meta", torch.full((out_features, meta_width(in_features)), 0x44, device=device,
+                                                dtype=torch.uint8))  # all groups keep columns (0, 1)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.table: dispatch.TuningTable | None = None  # None: the process-wide dispatch.DEFAULT_TABLE
+        self._cache: dict[str, torch.Tensor] = {}
+        self.force_path: str | None = None  # tests / benchmarks pin one path
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_packed(cls, packed: Packed24, bias: torch.Tensor | None = None) -> "SparseLinear":
+        out_features, in_features = packed.shape
+        mod = cls(in_features, out_features, bias is not None, device=packed.device, dtype=packed.dtype)
+        mod.values.copy_(packed.values)
+        mod.meta.copy_(packed.meta)
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach())
+        return mod
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "SparseLinear":
+        """Pack ``linear.weight`` (must be 2:4: an error names the first bad row and group)."""
+        return cls.from_packed(pack_24(linear.weight.detach()), linear.bias)
+
+    def packed(self) -> Packed24:
+        return Packed24(self.values, self.meta, (self.out_features, self.in_features))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The masked dense weight (a fresh tensor; for inspection and compatibility, not for speed)."""
+        return unpack_24(self.packed())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
+
+    # -- caches ---------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        self._cache.clear()  # caches belong to the old device / dtype
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _table(self) -> dispatch.TuningTable:
+        return self.table if self.table is not None else dispatch.DEFAULT_TABLE
+
+    def choose(self, m: int) -> dispatch.Choice:
+        """The path for M input rows on this module's device."""
+        dev = self.values.device
+        if dev.type != "cuda":
+            return dispatch.Choice("dense")
+        if self.force_path is not None:
+            return dispatch.Choice(self.force_path)
+        c = self._table().lookup(self.out_features, self.in_features, self.values.dtype, m)
+        return c if c is not None else dispatch.default_choice(
+            self.out_features, self.in_features, self.values.dtype, m, dev)
+
+    def _dense(self) -> torch.Tensor:
+        w = self._cache.get("dense")
+        if w is None:
+            w = self._cache["dense"] = unpack_24(self.packed())
+        return w
+
+    def _compressed(self) -> torch.Tensor:
+        c = self._cache.get("cslt")
+        if c is None:
+            c = self._cache["cslt"] = cslt.compress(unpack_24(self.packed()))
+        return c
+
+    @torch.no_grad()
+    def prepare(self, paths: set[str] | None = None) -> "SparseLinear":
+        """Build the caches the dispatch table will need (or ``paths``), so no call pays setup later."""
+        if self.values.device.type != "cuda":
+            self._dense()
+            return self
+        if paths is None:
+            paths = self._table().paths_for(self.out_features, self.in_features, self.values.dtype)
+            paths |= {dispatch.default_choice(self.out_features, self.in_features, self.values.dtype, m,
+                                              self.values.device).path for m in (1, 4096)}
+            if self.force_path:
+                paths.add(self.force_path)
+        if "dense" in paths:
+            self._dense()
+        if "cusparselt" in paths and cslt.available() and cslt.shape_ok(self.out_features, self.in_features,
+                                                                         self.values.dtype):
+            self._compressed()
+        return self
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
+        if not x.is_cuda:
+            return F.linear(x, self._dense(), self.bias)
+        m = x.numel() // self.in_features
+        choice = self.choose(m)
+        if choice.path == "decode":
+            if torch.compiler.is_compiling():
+                return torch.ops.llmprune_kernels.sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
+            from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
+
+            return sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
+        if choice.path == "cusparselt":
+            x2 = x.reshape(m, self.in_features)
+            y = cslt.linear(x2, self._compressed(), self.out_features, self.bias, choice.cslt or cslt.CsltConfig())
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self._dense(), self.bias)
+
+
+def _is_24(weight: torch.Tensor) -> bool:
+    try:
+        check_24(weight)
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+@torch.no_grad()
+def sparsify_(
+    model: nn.Module,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    tune: bool = True,
+    table: dispatch.TuningTable | str | None = None,
+    save_table: str | None = None,
+) -> nn.Module:
+    """Swap the model's ``nn.Linear`` modules for :class:`SparseLinear` in place (torchao-style).
+
+    ``filter_fn(module, fqn)`` picks the Linears; by default every Linear whose weight is 2:4-sparse
+    (so an unpruned ``lm_head`` stays dense). A picked weight that is not 2:4 raises, naming the module,
+    row and group. On CUDA each distinct (out, in, dtype) is tuned once (``tune=True``) unless ``table``
+    (a :class:`TuningTable` or a JSON path from ``save_table``) already holds it; caches are then built.
+    """
+    if isinstance(table, str):
+        table = dispatch.TuningTable.load(table)
+    picked: list[tuple[nn.Module, str, str, nn.Linear]] = []
+    for fqn, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if filter_fn is None and not _is_24(mod.weight):
+            continue
+        if filter_fn is not None and not filter_fn(mod, fqn):
+            continue
+        parent_name, _, child = fqn.rpartition(".")
+        picked.append((model.get_submodule(parent_name) if parent_name else model, child, fqn, mod))
+    if isinstance(model, nn.Linear) and picked:
+        raise ValueError("sparsify_ swaps Linear children of a model; wrap a bare Linear with SparseLinear.from_linear")
+    new = []
+    for parent, child, fqn, lin in picked:
+        try:
+            sl = SparseLinear.from_linear(lin)
+        except ValueError as exc:
+            raise ValueError(f"{fqn}: {exc}") from None
+        sl.table = table
+        setattr(parent, child, sl)
+        new.append(sl)
+    cuda_shapes = {(m.out_features, m.in_features, m.values.dtype) for m in new if m.values.is_cuda}
+    if cuda_shapes and tune:
+        t = dispatch.tune(sorted(cuda_shapes, key=str), table, device=new[0].values.device)
+        if save_table:
+            t.save(save_table)
+    for m in new:
+        m.prepare()
+    return model

@@ -1,0 +1,202 @@
+"""Which 2:4 path runs a ``SparseLinear`` for M input rows: measured per weight shape, cached in a table.
+
+Paths: ``decode`` (our Triton kernel on the packed weight, small M), ``cusparselt`` (our extension's
+cached-plan cuSPARSELt op, large M) and ``dense`` (a dense copy of the masked weight, where sparse would
+lose). M is rounded up to a power-of-two bucket; each bucket's path is the fastest one measured on
+this GPU when the model is sparsified (``tune_shape``), or comes from a saved JSON table.
+Timing replays a CUDA graph over several weight copies (more bytes than L2 holds), so a decode-sized
+call is measured reading its weight from HBM, as it does in a real model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from llmprune_kernels.sparse24 import cusparselt as cslt
+from llmprune_kernels.sparse24.pack import pack_24
+
+PATHS = ("dense", "decode", "cusparselt")
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+DECODE_MAX_M = 64  # the decode kernel is a candidate up to here; it is designed for M <= 16
+
+
+def bucket(m: int) -> int:
+    """The smallest bucket >= m (the largest bucket for anything bigger)."""
+    for b in BUCKETS:
+        if m <= b:
+            return b
+    return BUCKETS[-1]
+
+
+def shape_key(out_features: int, in_features: int, dtype: torch.dtype) -> str:
+    return f"{out_features}x{in_features}:{str(dtype).removeprefix('torch.')}"
+
+
+@dataclass
+class Choice:
+    path: str
+    cslt: cslt.CsltConfig | None = None
+    times_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "cslt": self.cslt.as_dict() if self.cslt else None, "times_ms": self.times_ms}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Choice":
+        if d["path"] not in PATHS:
+            raise ValueError(f"tuning table path {d['path']!r} is unknown; allowed: {PATHS}")
+        return cls(d["path"], cslt.CsltConfig(**d["cslt"]) if d.get("cslt") else None, dict(d.get("times_ms", {})))
+
+
+class TuningTable:
+    """``{shape_key: {bucket: Choice}}`` plus the GPU it was measured on; JSON round trip."""
+
+    def __init__(self, entries: dict[str, dict[int, Choice]] | None = None, device_name: str | None = None):
+        self.entries = entries or {}
+        self.device_name = device_name
+
+    def lookup(self, out_features: int, in_features: int, dtype: torch.dtype, m: int) -> Choice | None:
+        per_shape = self.entries.get(shape_key(out_features, in_features, dtype))
+        return None if per_shape is None else per_shape.get(bucket(m))
+
+    def paths_for(self, out_features: int, in_features: int, dtype: torch.dtype) -> set[str]:
+        per_shape = self.entries.get(shape_key(out_features, in_features, dtype), {})
+        return {c.path for c in per_shape.values()}
+
+    def save(self, path: str) -> None:
+        """Write atomically (temp file + rename)."""
+        data = {"device_name": self.device_name,
+                "entries": {k: {str(b): c.to_json() for b, c in v.items()} for k, v in self.entries.items()}}
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "TuningTable":
+        with open(path) as f:
+            data = json.load(f)
+        entries = {k: {int(b): Choice.from_json(c) for b, c in v.items()} for k, v in data["entries"].items()}
+        return cls(entries, data.get("device_name"))
+
+
+DEFAULT_TABLE = TuningTable()
+
+
+def default_choice(out_features: int, in_features: int, dtype: torch.dtype, m: int, device: torch.device) -> Choice:
+    """Without a measurement: decode for M <= 16, cuSPARSELt above when it can run, else dense."""
+    if device.type != "cuda":
+        return Choice("dense")
+    from llmprune_kernels.ops.sparse24_matmul import HAS_TRITON
+
+    if m <= 16 and HAS_TRITON:
+        return Choice("decode")
+    if cslt.available() and cslt.shape_ok(out_features, in_features, dtype):
+        return Choice("cusparselt")
+    return Choice("dense")
+
+
+def time_ms(fns, reps: int = 20, graph: bool = True, trials: int = 5) -> float:
+    """Median time of one call, cycling through ``fns``; replayed as a CUDA graph when ``graph``."""
+    fns = list(fns)
+    for f in fns:  # warm-up: Triton autotune, cuSPARSELt plan creation, allocator
+        f()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for f in fns:
+                f()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(reps):
+                fns[i % len(fns)]()
+        run = g.replay
+    else:
+        def run():
+            for i in range(reps):
+                fns[i % len(fns)]()
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def random_24_weight(out_features: int, in_features: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A random weight pruned 2:4 by magnitude (the 2 smallest |w| of every 4 zeroed)."""
+    from llmprune_kernels.selection import prune_nm
+
+    w = torch.randn(out_features, in_features, device=device).to(dtype)
+    return w.masked_fill_(prune_nm(w.abs().float(), 2, 4), 0)
+
+
+def weight_copies(nbytes_sparse: int, device) -> int:
+    """Enough weight copies that one pass reads more bytes than twice the L2 cache (max 8)."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    return max(1, min(8, math.ceil(2 * l2 / max(nbytes_sparse, 1))))
+
+
+@torch.no_grad()
+def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="cuda",
+               buckets=BUCKETS, reps: int = 20) -> dict[int, Choice]:
+    """Measure every applicable path for each M bucket on random 2:4 weights of this shape."""
+    from llmprune_kernels.ops.sparse24_matmul import HAS_TRITON, sparse24_mm
+
+    device = torch.device(device)
+    dense = [random_24_weight(out_features, in_features, dtype, device)]
+    packed = [pack_24(dense[0])]
+    n = weight_copies(packed[0].nbytes(), device)
+    for _ in range(n - 1):
+        dense.append(random_24_weight(out_features, in_features, dtype, device))
+        packed.append(pack_24(dense[-1]))
+    use_cslt = cslt.available() and cslt.shape_ok(out_features, in_features, dtype)
+    comp = [cslt.compress(w) for w in dense] if use_cslt else []
+    choices = {}
+    for m in buckets:
+        x = torch.randn(m, in_features, device=device, dtype=dtype)
+        cands = {"dense": [lambda w=w: F.linear(x, w) for w in dense]}
+        if HAS_TRITON and m <= DECODE_MAX_M:
+            cands["decode"] = [lambda p=p: sparse24_mm(x, p.values, p.meta, None, in_features) for p in packed]
+        cfg = None
+        if use_cslt:
+            cfg = cslt.search(x, comp[0], out_features)
+            cands["cusparselt"] = [lambda c=c: cslt.linear(x, c, out_features, None, cfg) for c in comp]
+        times = {}
+        for path, fns in cands.items():
+            try:
+                times[path] = time_ms(fns, reps=reps)
+            except Exception as exc:  # a path that cannot run this shape simply does not compete
+                times[path] = float("inf")
+                print(f"sparse24 tuning: {path} failed for {shape_key(out_features, in_features, dtype)} M={m}: {exc}")
+        best = min(times, key=times.get)
+        choices[m] = Choice(best, cfg if best == "cusparselt" else None, times)
+    return choices
+
+
+def tune(shapes, table: TuningTable | None = None, device="cuda", buckets=BUCKETS) -> TuningTable:
+    """Tune every ``(out, in, dtype)`` in ``shapes`` not yet in ``table`` (default: the process table)."""
+    table = DEFAULT_TABLE if table is None else table
+    table.device_name = torch.cuda.get_device_name(torch.device(device))
+    for out_features, in_features, dtype in shapes:
+        key = shape_key(out_features, in_features, dtype)
+        if key not in table.entries:
+            table.entries[key] = tune_shape(out_features, in_features, dtype, device, buckets)
+    return table

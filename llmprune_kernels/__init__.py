@@ -2,7 +2,10 @@
 from llmprune_kernels import _ext  # noqa: F401  (loads _C or warns once)
 from llmprune_kernels.backends import backends
 from llmprune_kernels.methods import LayerPruner, available_methods, get_method
+from llmprune_kernels.ops.act_norm import TritonActNormStats, act_norm_update_
+from llmprune_kernels.ops.score_mask import pack_mask_bits, score_and_mask, unpack_mask_bits
 from llmprune_kernels.reference.magnitude import magnitude_mask, magnitude_prune_
+from llmprune_kernels.reference.ria import ria_mask, ria_score
 from llmprune_kernels.reference.wanda import ActNormStats, wanda_mask, wanda_prune_, wanda_score
 from llmprune_kernels.validation import SparsityConfig
 
@@ -12,11 +15,18 @@ __all__ = [
     "ActNormStats",
     "LayerPruner",
     "SparsityConfig",
+    "TritonActNormStats",
+    "act_norm_update_",
     "available_methods",
     "backends",
     "get_method",
     "magnitude_mask",
     "magnitude_prune_",
+    "pack_mask_bits",
+    "ria_mask",
+    "ria_score",
+    "score_and_mask",
+    "unpack_mask_bits",
     "wanda_mask",
     "wanda_prune_",
     "wanda_score",

@@ -1,4 +1,9 @@
-"""Wanda pruner for the pipeline: activation-norm statistics, then per-row scoring and masking."""
+"""Wanda pruner for the pipeline: activation-norm statistics, then per-row scoring and masking.
+
+Option ``backend``: ``"auto"`` (default: the fused Triton kernels for CUDA weights, the PyTorch reference
+otherwise), ``"triton"`` (the kernels; on CPU only under ``TRITON_INTERPRET=1``) or ``"reference"``.
+Both give bit-identical masks; the statistics agree within fp32 rounding.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -6,14 +11,38 @@ from typing import Any
 import torch
 
 from llmprune_kernels.methods.base import LayerPruner, register_method
+from llmprune_kernels.ops.score_mask import score_and_mask, triton_usable
 from llmprune_kernels.reference.wanda import ActNormStats, wanda_prune_
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """``"triton"`` or ``"reference"`` for weights on ``device``; errors name the bad choice."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_usable(device) else "reference"
+    if backend == "triton" and not triton_usable(device):
+        raise ValueError(
+            f"backend 'triton' cannot run on device {device}: it needs a CUDA GPU with triton installed, or "
+            "TRITON_INTERPRET=1 set before importing llmprune_kernels; allowed here: 'reference' or 'auto'"
+        )
+    return backend
 
 
 @register_method("wanda")
 class WandaPruner(LayerPruner):
     def __init__(self, layer, config, **options: Any) -> None:
         super().__init__(layer, config, **options)
-        self.stats = ActNormStats(layer.in_features, device=layer.weight.device)
+        self.backend = resolve_backend(options.get("backend", "auto"), layer.weight.device)
+        if self.backend == "triton":
+            from llmprune_kernels.ops.act_norm import TritonActNormStats
+
+            self.stats = TritonActNormStats(layer.in_features, device=layer.weight.device)
+        else:
+            self.stats = ActNormStats(layer.in_features, device=layer.weight.device)
 
     def add_batch(self, inp: torch.Tensor) -> None:
         self.stats.add_batch(inp, name=self.options.get("layer_name", "activations"))
@@ -21,8 +50,12 @@ class WandaPruner(LayerPruner):
     def prune(self) -> dict[str, Any]:
         if self.stats.nsamples == 0:
             raise ValueError(f"{self.options.get('layer_name', 'layer')}: no calibration data reached this layer")
-        wanda_prune_(self.layer.weight.data, self.stats.scaler_row, self.config)
-        return {}
+        weight = self.layer.weight.data
+        if self.backend == "triton" and triton_usable(weight.device):
+            score_and_mask(weight, self.stats.scaler_row.to(weight.device), self.config, inplace=True, mask=False)
+        else:
+            wanda_prune_(weight, self.stats.scaler_row.to(weight.device), self.config)
+        return {"backend": self.backend}
 
     def free(self) -> None:
         self.stats = None

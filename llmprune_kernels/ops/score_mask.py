@@ -1,0 +1,396 @@
+"""Fused score-and-mask: Wanda / GBLM / RIA scores and exact per-row top-k or N:M masks in one pass.
+
+One Triton program owns one output row (unstructured) or a tile of rows x groups (N:M). It reads W (and
+G for GBLM) once, computes the fp32 score exactly as the reference does, maps it to an order-preserving
+int32 key and selects:
+
+* unstructured: the exact k-th smallest key t by a bitwise binary search (radix select, most significant
+  bit first) - 16 full-row counting passes for the high half, then the few keys inside the 16-bit bucket
+  are compacted into a small scratch buffer for the low 16 bits (full-row passes if the bucket is larger,
+  e.g. rows full of ties). Then the tie rule: prune every key < t and the first (k - count(< t)) keys == t
+  in column order (lower column index first), which is exactly "stable ascending sort, prune the first k".
+* N:M: the rank of each element inside its group of M (smaller key, or equal key and lower index, counts).
+
+Rows up to ``MAX_BLOCK`` columns stay in registers; longer rows are streamed in chunks (same algorithm,
+W re-read from cache per pass). Outputs: a bool mask, and/or packed bits (bit i of byte b = column 8b+i,
+numpy ``bitorder='little'``), and/or W zeroed in place.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from llmprune_kernels.reference.ria import ria_factor, ria_sums
+from llmprune_kernels.validation import SparsityConfig, check_finite, check_nm, check_weight
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the CPU torch wheel does not bring Triton: reference paths only
+    HAS_TRITON = False
+
+# Read once, like Triton itself: kernels decorated without it cannot take CPU tensors.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_BLOCK = 16384  # longest row kept in registers; longer rows use the chunked kernel
+CHUNK = 4096
+_MODES = {"wanda": 0, "gblm": 1, "ria": 2}
+_INT_MAX = 2**31 - 1
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, w_off, g_off, col, valid, MODE: tl.constexpr, GPROMO: tl.constexpr):
+        """fp32 score, bit-identical to the reference (fp-fusion is disabled at launch, so no FMA)."""
+        a = tl.abs(tl.load(w_ptr + w_off, mask=valid, other=0.0).to(tl.float32))
+        f = tl.load(f_ptr + col, mask=valid, other=0.0)
+        if MODE == 2:  # RIA: |W|/colsum + |W|/rowsum, IEEE division as torch
+            cs = tl.load(cs_ptr + col, mask=valid, other=1.0)
+            s = (tl.math.div_rn(a, cs) + tl.math.div_rn(a, rs)) * f
+        else:
+            s = a * f
+            if MODE == 1:  # GBLM: + |W|*|G| in torch's promoted dtype of (W, G), then fp32
+                g = tl.abs(tl.load(g_ptr + g_off, mask=valid, other=0.0))
+                if GPROMO == 3:
+                    gt = (a.to(tl.float64) * g.to(tl.float64)).to(tl.float32)
+                elif GPROMO == 1:  # fp16 x fp16 is exact in fp32, then one rounding as torch's half op
+                    gt = (a * g.to(tl.float32)).to(tl.float16).to(tl.float32)
+                elif GPROMO == 2:
+                    gt = (a * g.to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+                else:
+                    gt = a * g.to(tl.float32)
+                s = s + gt
+        return s
+
+    @triton.jit
+    def _keys(s, valid):
+        """Order-preserving int32 keys: -0.0 == +0.0 and every NaN is the largest, as torch.sort."""
+        b = s.to(tl.int32, bitcast=True)
+        k = b ^ ((b >> 31) & 0x7FFFFFFF)
+        k = tl.where(s == 0.0, 0, k)
+        k = tl.where(s != s, 0x7FFFFFFF, k)
+        return tl.where(valid, k, 0x7FFFFFFF)  # padding is never below any candidate
+
+    @triton.jit
+    def _search_hi(key, k):
+        """Bits 31..16 of the k-th smallest key (signed: bit 31 first, candidate 0)."""
+        c = tl.sum((key < 0).to(tl.int32), axis=0)
+        t = tl.where(c < k, 0, -2147483647 - 1)
+        cnt = tl.where(c < k, c, 0)
+        for i in range(15):
+            cand = t + (1 << (30 - i))
+            c = tl.sum((key < cand).to(tl.int32), axis=0)
+            # fewer than k keys below cand: the k-th smallest is >= cand (helpers inlined: the interpreter
+            # pays milliseconds per device-function call)
+            t = tl.where(c < k, cand, t)
+            cnt = tl.where(c < k, c, cnt)
+        return t, cnt
+
+    @triton.jit
+    def _search_lo(vals, base, t, cnt, k):
+        """Bits 15..0, counting keys below each candidate as base + count(vals < cand)."""
+        for i in range(16):
+            cand = t + (1 << (15 - i))
+            c = base + tl.sum((vals < cand).to(tl.int32), axis=0)
+            t = tl.where(c < k, cand, t)
+            cnt = tl.where(c < k, c, cnt)
+        return t, cnt
+
+    @triton.jit
+    def _write(prune, col, valid, row, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b, c0, n_bytes,
+               BLOCK: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
+        if WRITE_MASK:
+            tl.store(mask_ptr + row * stride_m + col, prune.to(tl.uint8), mask=valid)
+        if WRITE_BITS:  # the block starts at column c0, a multiple of 8
+            bits = tl.reshape(prune.to(tl.int32) << (col % 8), [BLOCK // 8, 8])
+            byte = tl.sum(bits, axis=1)
+            bcol = c0 // 8 + tl.arange(0, BLOCK // 8)
+            tl.store(bits_ptr + row * stride_b + bcol, byte.to(tl.uint8), mask=bcol < n_bytes)
+        if ZERO_W:
+            tl.store(w_ptr + row * stride_w + col, tl.zeros([BLOCK], dtype=w_ptr.dtype.element_ty), mask=prune)
+
+    @triton.jit
+    def _row_topk_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
+                         n_cols, k, stride_w, stride_g, stride_m, stride_b,
+                         MODE: tl.constexpr, GPROMO: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
+                         WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
+        """Unstructured, one row per program, the whole row in registers."""
+        row = tl.program_id(0).to(tl.int64)
+        col = tl.arange(0, BLOCK)
+        valid = col < n_cols
+        if MODE == 2:
+            rs = tl.load(rs_ptr + row)
+        else:
+            rs = 1.0
+        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row * stride_w + col, row * stride_g + col, col, valid,
+                   MODE, GPROMO)
+        key = _keys(s, valid)
+        t, cnt = _search_hi(key, k)
+        inb = valid & (key >= t) & (key <= t + 65535)  # the 16-bit bucket holding the k-th key
+        nb = tl.sum(inb.to(tl.int32), axis=0)
+        if nb <= CAP:
+            pos = tl.cumsum(inb.to(tl.int32), axis=0) - 1
+            sp = scratch_ptr + row * CAP
+            tl.store(sp + pos, key, mask=inb)
+            tl.debug_barrier()  # other threads' stores must be visible before the reload
+            lane = tl.arange(0, CAP)
+            buf = tl.load(sp + lane, mask=lane < nb, other=0x7FFFFFFF, cache_modifier=".cg")
+            t, cnt = _search_lo(buf, cnt, t, cnt, k)
+        else:
+            t, cnt = _search_lo(key, 0, t, cnt, k)
+        eq = (valid & (key == t)).to(tl.int32)
+        rank = tl.cumsum(eq, axis=0) - eq  # equal keys before this column
+        prune = valid & ((key < t) | ((eq != 0) & (rank < k - cnt)))
+        _write(prune, col, valid, row, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b, 0, (n_cols + 7) // 8,
+               BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
+
+    @triton.jit
+    def _chunk_key(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, c0, n_cols, stride_w, stride_g,
+                   MODE: tl.constexpr, GPROMO: tl.constexpr, CH: tl.constexpr):
+        col = c0 + tl.arange(0, CH)
+        valid = col < n_cols
+        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row * stride_w + col, row * stride_g + col, col, valid,
+                   MODE, GPROMO)
+        return _keys(s, valid), col, valid
+
+    @triton.jit
+    def _row_topk_chunked_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
+                                 n_cols, k, stride_w, stride_g, stride_m, stride_b,
+                                 MODE: tl.constexpr, GPROMO: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
+                                 WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
+        """Unstructured for rows longer than one block: the same search, streaming the row per pass."""
+        row = tl.program_id(0).to(tl.int64)
+        if MODE == 2:
+            rs = tl.load(rs_ptr + row)
+        else:
+            rs = 1.0
+        # bit 31 (candidate 0), then bits 30..0; the bucket trick is used only for the low half below
+        c = tl.zeros([], tl.int32)
+        for c0 in range(0, n_cols, BLOCK):
+            key, col, valid = _chunk_key(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, c0, n_cols, stride_w, stride_g,
+                                         MODE, GPROMO, BLOCK)
+            c += tl.sum((key < 0).to(tl.int32), axis=0)
+        t = tl.where(c < k, 0, -2147483647 - 1)
+        cnt = tl.where(c < k, c, 0)
+        for i in range(15):
+            cand = t + (1 << (30 - i))
+            c = tl.zeros([], tl.int32)
+            for c0 in range(0, n_cols, BLOCK):
+                key, col, valid = _chunk_key(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, c0, n_cols, stride_w, stride_g,
+                                             MODE, GPROMO, BLOCK)
+                c += tl.sum((key < cand).to(tl.int32), axis=0)
+            t = tl.where(c < k, cand, t)
+            cnt = tl.where(c < k, c, cnt)
+        # compact the 16-bit bucket into scratch (positions past CAP are dropped; then nb > CAP)
+        sp = scratch_ptr + row * CAP
+        nb = tl.zeros([], tl.int32)
+        for c0 in range(0, n_cols, BLOCK):
+            key, col, valid = _chunk_key(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, c0, n_cols, stride_w, stride_g,
+                                         MODE, GPROMO, BLOCK)
+            inb = valid & (key >= t) & (key <= t + 65535)
+            pos = nb + tl.cumsum(inb.to(tl.int32), axis=0) - 1
+            tl.store(sp + pos, key, mask=inb & (pos < CAP))
+            nb += tl.sum(inb.to(tl.int32), axis=0)
+        tl.debug_barrier()
+        if nb <= CAP:
+            lane = tl.arange(0, CAP)
+            buf = tl.load(sp + lane, mask=lane < nb, other=0x7FFFFFFF, cache_modifier=".cg")
+            t, cnt = _search_lo(buf, cnt, t, cnt, k)
+        else:
+            for i in range(16):
+                cand = t + (1 << (15 - i))
+                c = tl.zeros([], tl.int32)
+                for c0 in range(0, n_cols, BLOCK):
+                    key, col, valid = _chunk_key(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, c0, n_cols, stride_w,
+                                                 stride_g, MODE, GPROMO, BLOCK)
+                    c += tl.sum((key < cand).to(tl.int32), axis=0)
+                t = tl.where(c < k, cand, t)
+            cnt = tl.where(c < k, c, cnt)
+        need = k - cnt
+        seen = tl.zeros([], tl.int32)  # keys == t in earlier chunks
+        for c0 in range(0, n_cols, BLOCK):
+            key, col, valid = _chunk_key(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, c0, n_cols, stride_w, stride_g,
+                                         MODE, GPROMO, BLOCK)
+            eq = (valid & (key == t)).to(tl.int32)
+            rank = seen + tl.cumsum(eq, axis=0) - eq
+            prune = valid & ((key < t) | ((eq != 0) & (rank < need)))
+            seen += tl.sum(eq, axis=0)
+            _write(prune, col, valid, row, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b,
+                   c0, (n_cols + 7) // 8, BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
+
+    @triton.jit
+    def _nm_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr,
+                   n_rows, n_cols, stride_w, stride_g, stride_m, stride_b,
+                   N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr,
+                   MODE: tl.constexpr, GPROMO: tl.constexpr,
+                   WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
+        """N:M on a [BR rows, BG groups, MP lanes] tile: prune the elements of rank < N within their group."""
+        r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None, None]
+        lane = tl.arange(0, MP)[None, None, :]
+        col = (tl.program_id(1) * BG + tl.arange(0, BG))[None, :, None] * M + lane
+        valid = (r < n_rows) & (lane < M) & (col < n_cols)
+        if MODE == 2:
+            rs = tl.load(rs_ptr + r, mask=r < n_rows, other=1.0)
+        else:
+            rs = 1.0
+        key = _keys(_score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, r * stride_w + col, r * stride_g + col, col, valid,
+                           MODE, GPROMO), valid)
+        rank = tl.zeros([BR, BG, MP], dtype=tl.int32)
+        for i in tl.static_range(M):
+            ki = tl.sum(tl.where(lane == i, key, 0), axis=2)[:, :, None]
+            rank += ((ki < key) | ((ki == key) & (lane > i))).to(tl.int32)
+        prune = valid & (rank < N)
+        if WRITE_MASK:
+            tl.store(mask_ptr + r * stride_m + col, prune.to(tl.uint8), mask=valid)
+        if WRITE_BITS:  # only launched with MP == M and BG * M a multiple of 8
+            bits = tl.reshape(prune.to(tl.int32) << (col % 8), [BR, BG * M // 8, 8])
+            byte = tl.sum(bits, axis=2)
+            r2 = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]
+            b2 = (tl.program_id(1) * (BG * M // 8) + tl.arange(0, BG * M // 8))[None, :]
+            tl.store(bits_ptr + r2 * stride_b + b2, byte.to(tl.uint8), mask=(r2 < n_rows) & (b2 < (n_cols + 7) // 8))
+        if ZERO_W:
+            tl.store(w_ptr + r * stride_w + col, tl.zeros([BR, BG, MP], dtype=w_ptr.dtype.element_ty), mask=prune)
+
+
+def triton_usable(device: torch.device | str) -> bool:
+    """The kernels can run on tensors of ``device``: CUDA, or any device under ``TRITON_INTERPRET=1``."""
+    return HAS_TRITON and (INTERPRET or torch.device(device).type == "cuda")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+_PROMO = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def pack_mask_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool (rows, cols) mask to uint8 (rows, ceil(cols/8)); bit i of byte b is column 8b+i."""
+    rows, cols = mask.shape
+    pad = (-cols) % 8
+    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).view(rows, -1, 8)
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    return (m << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask_bits(bits: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of ``pack_mask_bits``."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits[..., None] >> shifts) & 1).bool().flatten(-2)[..., :cols]
+
+
+def score_and_mask(
+    weight: torch.Tensor,
+    act_norm_sq: torch.Tensor,
+    config: SparsityConfig,
+    grad: torch.Tensor | None = None,
+    ria: bool = False,
+    ria_alpha: float = 0.5,
+    inplace: bool = False,
+    mask: bool = True,
+    packed: bool = False,
+    _tune: dict | None = None,
+):
+    """Score W (Wanda; + |W|*|G| with ``grad`` = GBLM; RIA with ``ria=True``) and select the pruned weights.
+
+    Returns the bool mask (True = pruned), or ``(mask, bits)`` with ``packed=True`` (mask is None when
+    ``mask=False``). ``inplace=True`` zeroes the pruned weights of ``weight``. Equal bit for bit to the
+    reference ``mask_from_score`` of ``wanda_score`` / ``gblm_score`` / ``ria_score``.
+    """
+    check_weight(weight)
+    rows, cols = weight.shape
+    if act_norm_sq.shape != (cols,):
+        raise ValueError(
+            f"activation norms have shape {tuple(act_norm_sq.shape)}, expected ({cols},) for weight {tuple(weight.shape)}"
+        )
+    if not triton_usable(weight.device):
+        raise RuntimeError(
+            f"the Triton score-and-mask kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before import); got "
+            f"device {weight.device}, triton installed: {HAS_TRITON}. Use the reference (backend='reference')."
+        )
+    if grad is not None and ria:
+        raise ValueError("give either grad (GBLM) or ria=True, not both")
+    check_finite(act_norm_sq, "activation norms")
+    tune = _tune or {}
+    dev = weight.device
+    w = weight if weight.stride(1) == 1 else weight.contiguous()
+    mode, gpromo = _MODES["wanda"], 0
+    g = rs = cs = w  # placeholders for pointers a mode does not read
+    if grad is not None:
+        if grad.shape != weight.shape:
+            raise ValueError(
+                f"gradient norms have shape {tuple(grad.shape)}, expected the weight's shape {tuple(weight.shape)}"
+            )
+        if grad.dtype not in _PROMO:
+            raise TypeError(f"gradient norms have dtype {grad.dtype}; allowed: float16, bfloat16, float32, float64")
+        check_finite(grad, "gradient norms")
+        g = grad.to(dev)
+        g = g if g.stride(1) == 1 else g.contiguous()
+        mode, gpromo = _MODES["gblm"], _PROMO[torch.promote_types(weight.dtype, grad.dtype)]
+    if ria:
+        mode = _MODES["ria"]
+        rs, cs = ria_sums(w)
+        f = ria_factor(act_norm_sq.to(dev), ria_alpha).contiguous()
+    else:
+        f = torch.sqrt(act_norm_sq.to(dev).float()).contiguous()  # the reference's exact fp32 factor
+    if config.is_nm:
+        check_nm(config.n, config.m, cols)
+    # N:M packs in-kernel when a tile's width is whole bytes; otherwise pack the bool mask afterwards
+    host_pack = packed and config.is_nm and not _nm_tile(config, cols, tune)[3]
+    keep = mask or host_pack
+    out = torch.empty(rows, cols, dtype=torch.bool, device=dev) if keep else None
+    bits = torch.empty(rows, (cols + 7) // 8, dtype=torch.uint8, device=dev) if packed and not host_pack else None
+    out_u8 = out.view(torch.uint8) if keep else w
+    bits_arg = bits if bits is not None else out_u8
+    flags = dict(MODE=mode, GPROMO=gpromo, WRITE_MASK=keep, WRITE_BITS=bits is not None, ZERO_W=inplace,
+                 enable_fp_fusion=False)  # no FMA contraction: the same roundings as torch's separate ops
+    if rows and cols and (keep or bits is not None or inplace):
+        if config.is_nm:
+            _launch_nm(w, g, f, cs, rs, out_u8, bits_arg, config, flags, tune)
+        else:
+            k = math.floor(cols * config.sparsity)
+            _launch_rows(w, g, f, cs, rs, out_u8, bits_arg, k, flags, tune)
+    elif packed and bits is None and not host_pack:
+        bits = torch.zeros(rows, (cols + 7) // 8, dtype=torch.uint8, device=dev)
+    if inplace and w is not weight:
+        weight.copy_(w)
+    if host_pack:
+        bits = pack_mask_bits(out)
+    result = out if mask else None
+    return (result, bits) if packed else result
+
+
+def _nm_tile(config: SparsityConfig, cols: int, tune: dict) -> tuple[int, int, int, bool]:
+    """(MP, BG, BR, bits_in_kernel) for an N:M launch: tiles of about ``tile`` elements."""
+    m = config.m
+    mp = _next_pow2(m)
+    groups = max(1, cols // m)
+    bg = min(_next_pow2(groups), max(1, tune.get("tile_cols", 256) // mp))
+    br = max(1, tune.get("tile", 2048) // (bg * mp))
+    return mp, bg, br, mp == m and (bg * m) % 8 == 0
+
+
+def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
+    rows, cols = w.shape
+    max_block = tune.get("max_block", MAX_BLOCK)
+    block = max(16, _next_pow2(cols))
+    chunked = block > max_block
+    if chunked:
+        block = min(tune.get("chunk", CHUNK), max_block)
+    cap = tune.get("cap", min(block, 256 if block <= 4096 else 512))
+    warps = tune.get("num_warps", 4 if block <= 1024 else 8 if block <= 4096 else 16)
+    scratch = torch.empty(rows * cap, dtype=torch.int32, device=w.device)
+    args = (w, g, f, cs, rs, out, bits, scratch, cols, k, w.stride(0), g.stride(0), out.stride(0), bits.stride(0))
+    kernel = _row_topk_chunked_kernel if chunked else _row_topk_kernel
+    kernel[(rows,)](*args, BLOCK=block, CAP=cap, num_warps=warps, **flags)
+
+
+def _launch_nm(w, g, f, cs, rs, out, bits, config, flags, tune):
+    rows, cols = w.shape
+    mp, bg, br, _ = _nm_tile(config, cols, tune)
+    grid = (triton.cdiv(rows, br), triton.cdiv(cols // config.m, bg))
+    _nm_kernel[grid](w, g, f, cs, rs, out, bits, rows, cols, w.stride(0), g.stride(0), out.stride(0), bits.stride(0),
+                     N=config.n, M=config.m, MP=mp, BR=br, BG=bg, num_warps=tune.get("num_warps", 4), **flags)

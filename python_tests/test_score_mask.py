@@ -89,11 +89,19 @@ def test_degenerate_rows_and_k_extremes():
     check(torch.zeros(3, 64, device=DEV), torch.zeros(64, device=DEV), SparsityConfig(n=2, m=4))
 
 
-def test_nan_weights_sort_last_as_torch_sort():
-    w = torch.randn(2, 40, device=DEV)
+def test_special_values_nan_inf_subnormal():
+    """NaN sorts last (as torch.sort), +inf before it; rows with them or with subnormal scores take the
+    integer-compare path, the others the fp32-compare path; both must give the reference mask."""
+    w = torch.randn(4, 40, device=DEV)
     w[0, [3, 7, 30]] = float("nan")
-    check(w, torch.rand(40, device=DEV), SparsityConfig(0.95))
-    check(w, torch.rand(40, device=DEV), SparsityConfig(n=2, m=4))
+    w[1, [2, 9]] = float("inf")
+    w[2, ::3] = 1e-40  # subnormal weights -> subnormal scores
+    w[3, ::2] = 0.0
+    norm = torch.rand(40, device=DEV)
+    for s in [0.1, 0.5, 0.95]:
+        check(w, norm, SparsityConfig(s))
+        check(w, norm, SparsityConfig(s), float=False)
+    check(w, norm, SparsityConfig(n=2, m=4))
 
 
 @pytest.mark.parametrize("cols", [600])

@@ -37,6 +37,7 @@ except ImportError:  # the CPU torch wheel does not bring Triton: reference path
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK = 16384  # longest row kept in registers; longer rows use the chunked kernel
 CHUNK = 4096
+FLOAT_COMPARE = True  # count with fp32 compares where a row's scores are finite (see _search_hi)
 _MODES = {"wanda": 0, "gblm": 1, "ria": 2}
 _INT_MAX = 2**31 - 1
 
@@ -75,14 +76,27 @@ if HAS_TRITON:
         return tl.where(valid, k, 0x7FFFFFFF)  # padding is never below any candidate
 
     @triton.jit
-    def _search_hi(key, k):
-        """Bits 31..16 of the k-th smallest key (signed: bit 31 first, candidate 0)."""
-        c = tl.sum((key < 0).to(tl.int32), axis=0)
-        t = tl.where(c < k, 0, -2147483647 - 1)
-        cnt = tl.where(c < k, c, 0)
+    def _search_hi(vals, k, FLOAT: tl.constexpr):
+        """Bits 31..16 of the k-th smallest key: (t, count(keys < t)).
+
+        FLOAT: ``vals`` are the keys bitcast to fp32 (only for rows of finite, non-negative, non-subnormal
+        scores, where float order equals key order even with denormals flushed): compares then run on the FP32 pipe, twice as wide as INT32 on H100.
+        """
+        if FLOAT:  # no key is negative: bit 31 is 0
+            t = tl.zeros([], tl.int32)
+            cnt = tl.zeros([], tl.int32)
+        else:
+            c = tl.sum((vals < 0).to(tl.int32), axis=0)
+            t = tl.where(c < k, 0, -2147483647 - 1)
+            cnt = tl.where(c < k, c, 0)
         for i in range(15):
             cand = t + (1 << (30 - i))
-            c = tl.sum((key < cand).to(tl.int32), axis=0)
+            if FLOAT:  # clamp into [smallest normal, +inf]: no key is subnormal or >= +inf on this path, so the
+                # count is unchanged, and a NaN or flushed-subnormal candidate can't arise
+                cf = tl.minimum(tl.maximum(cand, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
+                c = tl.sum(tl.where(vals < cf, 1.0, 0.0), axis=0).to(tl.int32)
+            else:
+                c = tl.sum((vals < cand).to(tl.int32), axis=0)
             # fewer than k keys below cand: the k-th smallest is >= cand (helpers inlined: the interpreter
             # pays milliseconds per device-function call)
             t = tl.where(c < k, cand, t)
@@ -90,13 +104,42 @@ if HAS_TRITON:
         return t, cnt
 
     @triton.jit
-    def _search_lo(vals, base, t, cnt, k):
+    def _search_lo(vals, base, t, cnt, k, FLOAT: tl.constexpr):
         """Bits 15..0, counting keys below each candidate as base + count(vals < cand)."""
         for i in range(16):
             cand = t + (1 << (15 - i))
-            c = base + tl.sum((vals < cand).to(tl.int32), axis=0)
+            if FLOAT:
+                cf = tl.minimum(tl.maximum(cand, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
+                c = base + tl.sum(tl.where(vals < cf, 1.0, 0.0), axis=0).to(tl.int32)
+            else:
+                c = base + tl.sum((vals < cand).to(tl.int32), axis=0)
             t = tl.where(c < k, cand, t)
             cnt = tl.where(c < k, c, cnt)
+        return t, cnt
+
+    @triton.jit
+    def _select(key, valid, k, sp, CAP: tl.constexpr, FLOAT: tl.constexpr):
+        """(t, count(key < t)) for the k-th smallest key t of a row held in registers."""
+        if FLOAT:
+            vals = key.to(tl.float32, bitcast=True)
+        else:
+            vals = key
+        t, cnt = _search_hi(vals, k, FLOAT)
+        inb = valid & (key >= t) & (key <= t + 65535)  # the 16-bit bucket holding the k-th key
+        nb = tl.sum(inb.to(tl.int32), axis=0)
+        if nb <= CAP:  # usually a handful of keys: finish the search on them alone
+            pos = tl.cumsum(inb.to(tl.int32), axis=0) - 1
+            tl.store(sp + pos, key, mask=inb)
+            tl.debug_barrier()  # other threads' stores must be visible before the reload
+            lane = tl.arange(0, CAP)
+            buf = tl.load(sp + lane, mask=lane < nb, other=0x7FFFFFFF, cache_modifier=".cg")
+            if FLOAT:
+                bufv = buf.to(tl.float32, bitcast=True)  # padding becomes NaN: never below a candidate
+            else:
+                bufv = buf
+            t, cnt = _search_lo(bufv, cnt, t, cnt, k, FLOAT)
+        else:  # e.g. a row full of ties
+            t, cnt = _search_lo(vals, 0, t, cnt, k, FLOAT)
         return t, cnt
 
     @triton.jit
@@ -116,7 +159,8 @@ if HAS_TRITON:
     def _row_topk_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
                          n_cols, k, stride_w, stride_g, stride_m, stride_b,
                          MODE: tl.constexpr, GPROMO: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
-                         WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
+                         WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr,
+                         FLOAT: tl.constexpr):
         """Unstructured, one row per program, the whole row in registers."""
         row = tl.program_id(0).to(tl.int64)
         col = tl.arange(0, BLOCK)
@@ -128,19 +172,17 @@ if HAS_TRITON:
         s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row * stride_w + col, row * stride_g + col, col, valid,
                    MODE, GPROMO)
         key = _keys(s, valid)
-        t, cnt = _search_hi(key, k)
-        inb = valid & (key >= t) & (key <= t + 65535)  # the 16-bit bucket holding the k-th key
-        nb = tl.sum(inb.to(tl.int32), axis=0)
-        if nb <= CAP:
-            pos = tl.cumsum(inb.to(tl.int32), axis=0) - 1
-            sp = scratch_ptr + row * CAP
-            tl.store(sp + pos, key, mask=inb)
-            tl.debug_barrier()  # other threads' stores must be visible before the reload
-            lane = tl.arange(0, CAP)
-            buf = tl.load(sp + lane, mask=lane < nb, other=0x7FFFFFFF, cache_modifier=".cg")
-            t, cnt = _search_lo(buf, cnt, t, cnt, k)
+        sp = scratch_ptr + row * CAP
+        if FLOAT:
+            # float order == key order for finite non-negative normal scores (and zeros); else integer compares
+            odd = valid & ((key < 0) | (key >= 0x7F800000) | ((key > 0) & (key < 0x00800000)))
+            odd = tl.max(tl.where(odd, 1, 0), axis=0)
+            if odd == 0:
+                t, cnt = _select(key, valid, k, sp, CAP, True)
+            else:  # Inf or NaN scores in this row
+                t, cnt = _select(key, valid, k, sp, CAP, False)
         else:
-            t, cnt = _search_lo(key, 0, t, cnt, k)
+            t, cnt = _select(key, valid, k, sp, CAP, False)
         eq = (valid & (key == t)).to(tl.int32)
         rank = tl.cumsum(eq, axis=0) - eq  # equal keys before this column
         prune = valid & ((key < t) | ((eq != 0) & (rank < k - cnt)))
@@ -198,7 +240,7 @@ if HAS_TRITON:
         if nb <= CAP:
             lane = tl.arange(0, CAP)
             buf = tl.load(sp + lane, mask=lane < nb, other=0x7FFFFFFF, cache_modifier=".cg")
-            t, cnt = _search_lo(buf, cnt, t, cnt, k)
+            t, cnt = _search_lo(buf, cnt, t, cnt, k, False)
         else:
             for i in range(16):
                 cand = t + (1 << (15 - i))
@@ -384,8 +426,11 @@ def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
     warps = tune.get("num_warps", 4 if block <= 1024 else 8 if block <= 4096 else 16)
     scratch = torch.empty(rows * cap, dtype=torch.int32, device=w.device)
     args = (w, g, f, cs, rs, out, bits, scratch, cols, k, w.stride(0), g.stride(0), out.stride(0), bits.stride(0))
-    kernel = _row_topk_chunked_kernel if chunked else _row_topk_kernel
-    kernel[(rows,)](*args, BLOCK=block, CAP=cap, num_warps=warps, **flags)
+    if chunked:
+        _row_topk_chunked_kernel[(rows,)](*args, BLOCK=block, CAP=cap, num_warps=warps, **flags)
+    else:
+        _row_topk_kernel[(rows,)](*args, BLOCK=block, CAP=cap, num_warps=warps, FLOAT=tune.get("float", FLOAT_COMPARE),
+                                  **flags)
 
 
 def _launch_nm(w, g, f, cs, rs, out, bits, config, flags, tune):

@@ -126,10 +126,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
-        if not x.is_cuda:
-            return F.linear(x, self._dense(), self.bias)
         m = x.numel() // self.in_features
-        choice = self.choose(m)
+        if not x.is_cuda and self.force_path != "decode":  # CPU: decode only when pinned (interpreter tests)
+            return F.linear(x, self._dense(), self.bias)
+        choice = self.choose(m) if x.is_cuda else dispatch.Choice("decode")
         if choice.path == "decode":
             if torch.compiler.is_compiling():
                 return torch.ops.llmprune_kernels.sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
@@ -158,6 +158,7 @@ def sparsify_(
     tune: bool = True,
     table: dispatch.TuningTable | str | None = None,
     save_table: str | None = None,
+    buckets: tuple[int, ...] = dispatch.BUCKETS,
 ) -> nn.Module:
     """Swap the model's ``nn.Linear`` modules for :class:`SparseLinear` in place (torchao-style).
 
@@ -165,6 +166,7 @@ def sparsify_(
     (so an unpruned ``lm_head`` stays dense). A picked weight that is not 2:4 raises, naming the module,
     row and group. On CUDA each distinct (out, in, dtype) is tuned once (``tune=True``) unless ``table``
     (a :class:`TuningTable` or a JSON path from ``save_table``) already holds it; caches are then built.
+    ``buckets``: the M buckets to measure (fewer = faster tuning; unmeasured buckets use the defaults).
     """
     if isinstance(table, str):
         table = dispatch.TuningTable.load(table)
@@ -191,7 +193,7 @@ def sparsify_(
         new.append(sl)
     cuda_shapes = {(m.out_features, m.in_features, m.values.dtype) for m in new if m.values.is_cuda}
     if cuda_shapes and tune:
-        t = dispatch.tune(sorted(cuda_shapes, key=str), table, device=new[0].values.device)
+        t = dispatch.tune(sorted(cuda_shapes, key=str), table, device=new[0].values.device, buckets=buckets)
         if save_table:
             t.save(save_table)
     for m in new:

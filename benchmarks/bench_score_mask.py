@@ -1,0 +1,222 @@
+"""Fused score-and-mask and activation-norm kernels vs their baselines, timed in the same run (issue 4).
+
+Run on a CUDA machine:  pytest benchmarks/bench_score_mask.py --benchmark-json=raw.json
+Every figure is a median of CUDA-event timings with the L2 cache flushed before each call
+(``triton.testing.do_bench``); ratios are against baselines measured in the same process:
+
+* ``copy_floor``: an elementwise op moving the kernel's bytes (W and the norm row read, a bool mask
+  written): ``torch.lt(W, norm_row, out=mask)``.
+* ``reference_sort``: the reference path (fp32 score, stable ``torch.sort`` per row, scatter).
+* N:M: the reference ``prune_nm`` (sort per group), a vectorised ``topk``, and the Python loop over
+  groups of the Wanda repository (``prune_n:prune_m`` branch of ``prune_wanda``).
+* statistics: ``x.sum(0)`` (one read of the activations) and the reference ``ActNormStats.add_batch``.
+
+The results JSON (GPU name, versions, date, every timing and ratio) goes to ``$LLMPRUNE_BENCH_OUT`` or
+``benchmarks/results/score_mask_<gpu>.json``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+if torch.cuda.is_available():
+    import triton
+    import triton.testing
+
+from llmprune_kernels import ActNormStats, SparsityConfig
+from llmprune_kernels.ops.act_norm import TritonActNormStats, act_norm_update_
+from llmprune_kernels.ops.score_mask import score_and_mask
+from llmprune_kernels.reference.wanda import mask_from_score, wanda_score
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # LLaMA-7B q/k/v/o, gate/up (out x in), down
+RESULTS: dict = {"score_mask": [], "modes": [], "tuning": [], "act_norm": []}
+
+
+def env_info() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": props.name,
+        "sm_count": props.multi_processor_count,
+        "capability": f"{props.major}.{props.minor}",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_results():
+    yield
+    if not torch.cuda.is_available():
+        return
+    name = torch.cuda.get_device_name(0).split()[-1].lower().replace("-", "_")
+    out = os.environ.get("LLMPRUNE_BENCH_OUT", f"benchmarks/results/score_mask_{name}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump({"env": env_info(), **RESULTS}, fh, indent=1)
+
+
+def ms(fn, rep: int = 200) -> float:
+    """Median milliseconds per call, L2 flushed before each call."""
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+
+
+def slow_ms(fn, iters: int = 3) -> float:
+    """Mean milliseconds of a slow host-driven baseline (after one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def wanda_repo_nm(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M mask as the Wanda repository computes it: a Python loop over groups of m columns."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    for ii in range(score.shape[1]):
+        if ii % m == 0:
+            tmp = score[:, ii:(ii + m)].float()
+            mask.scatter_(1, ii + torch.topk(tmp, n, dim=1, largest=False)[1], True)
+    return mask
+
+
+def topk_nm(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    groups = score.view(score.shape[0], -1, m)
+    idx = torch.topk(groups, n, dim=-1, largest=False).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True).view_as(score)
+
+
+def setup(shape, dtype=torch.float16):
+    w = torch.randn(shape, device="cuda", dtype=dtype)
+    norm = torch.rand(shape[1], device="cuda") * 4
+    return w, norm
+
+
+def _sync(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+@pytest.mark.parametrize("pattern", ["50%", "2:4"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_score_mask(benchmark, shape, pattern):
+    w, norm = setup(shape)
+    cfg = SparsityConfig(0.5) if pattern == "50%" else SparsityConfig(n=2, m=4)
+    ref_fn = lambda: mask_from_score(wanda_score(w, norm), cfg)  # noqa: E731
+    assert torch.equal(score_and_mask(w, norm, cfg), ref_fn())
+    mask_buf = torch.empty(shape, dtype=torch.bool, device="cuda")
+    wc, norm_row = w.clone(), norm[None, :]
+    t = {
+        "kernel": ms(lambda: score_and_mask(w, norm, cfg, check=False)),
+        "kernel_checked": ms(lambda: score_and_mask(w, norm, cfg)),
+        "kernel_packed_only": ms(lambda: score_and_mask(w, norm, cfg, mask=False, packed=True, check=False)),
+        "restore_w": ms(lambda: wc.copy_(w)),
+        "restore_w_plus_inplace": ms(lambda: (wc.copy_(w), score_and_mask(wc, norm, cfg, inplace=True, mask=False,
+                                                                          check=False))),
+        "copy_floor": ms(lambda: torch.lt(w, norm_row, out=mask_buf)),
+        "reference": ms(ref_fn, rep=500),
+    }
+    t["kernel_inplace"] = t["restore_w_plus_inplace"] - t["restore_w"]
+    if cfg.is_nm:
+        t["topk_nm"] = ms(lambda: topk_nm(wanda_score(w, norm), 2, 4), rep=500)
+        t["wanda_repo_loop"] = slow_ms(lambda: wanda_repo_nm(wanda_score(w, norm), 2, 4))
+    ratios = {
+        "kernel_over_copy_floor": t["kernel"] / t["copy_floor"],
+        "reference_over_kernel": t["reference"] / t["kernel"],
+    }
+    if cfg.is_nm:
+        ratios["topk_nm_over_kernel"] = t["topk_nm"] / t["kernel"]
+        ratios["wanda_repo_loop_over_kernel"] = t["wanda_repo_loop"] / t["kernel"]
+    gbytes = (w.numel() * (w.element_size() + 1) + norm.numel() * 4) / 1e9
+    row = {"shape": list(shape), "dtype": "float16", "pattern": pattern, "ms": t, "ratios": ratios,
+           "kernel_GBps": gbytes / (t["kernel"] / 1e3), "copy_floor_GBps": gbytes / (t["copy_floor"] / 1e3)}
+    RESULTS["score_mask"].append(row)
+    benchmark.extra_info.update(row)
+    benchmark.pedantic(_sync(lambda: score_and_mask(w, norm, cfg, check=False)), rounds=30, warmup_rounds=5)
+
+
+@pytest.mark.parametrize("mode", ["gblm", "ria"])
+def test_modes(benchmark, mode):
+    w, norm = setup((4096, 4096))
+    cfg = SparsityConfig(0.5)
+    kw = {"grad": (torch.rand_like(w) * 0.05)} if mode == "gblm" else {"ria": True}
+    t = {"kernel": ms(lambda: score_and_mask(w, norm, cfg, check=False, **kw)),
+         "wanda_kernel": ms(lambda: score_and_mask(w, norm, cfg, check=False))}
+    row = {"mode": mode, "shape": [4096, 4096], "ms": t}
+    RESULTS["modes"].append(row)
+    benchmark.extra_info.update(row)
+    benchmark.pedantic(_sync(lambda: score_and_mask(w, norm, cfg, check=False, **kw)), rounds=10, warmup_rounds=2)
+
+
+TUNING = [
+    {}, {"float": False}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}, {"num_warps": 32},
+    {"max_block": 8192, "chunk": 4096}, {"max_block": 8192, "chunk": 2048, "num_warps": 8},
+    {"max_block": 32768}, {"cap": 128}, {"cap": 1024},
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2048, 28672)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_tuning_sweep(benchmark, shape):
+    """Unstructured 50% under launch variants (the defaults are chosen from this table)."""
+    w, norm = setup(shape)
+    cfg = SparsityConfig(0.5)
+    ref = mask_from_score(wanda_score(w, norm), cfg)
+    rows = []
+    for tune in TUNING:
+        if tune.get("max_block") == 8192 and shape[1] <= 8192:
+            continue
+        try:
+            assert torch.equal(score_and_mask(w, norm, cfg, _tune=tune), ref)
+            rows.append({"tune": tune, "ms": ms(lambda: score_and_mask(w, norm, cfg, check=False, _tune=tune))})
+        except Exception as exc:  # e.g. out of registers/shared memory for a variant: record, go on
+            rows.append({"tune": tune, "error": repr(exc)[:300]})
+    for nm_tune in [{}, {"tile": 1024}, {"tile": 4096}, {"tile": 4096, "num_warps": 8}, {"tile_cols": 128}]:
+        cfg24 = SparsityConfig(n=2, m=4)
+        rows.append({"nm": True, "tune": nm_tune,
+                     "ms": ms(lambda: score_and_mask(w, norm, cfg24, check=False, _tune=nm_tune))})
+    copy_floor = ms(lambda: torch.lt(w, norm[None, :], out=torch.empty_like(w, dtype=torch.bool)))
+    entry = {"shape": list(shape), "copy_floor_ms": copy_floor, "variants": rows}
+    RESULTS["tuning"].append(entry)
+    benchmark.extra_info.update(entry)
+    benchmark.pedantic(_sync(lambda: score_and_mask(w, norm, cfg, check=False)), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("shape", [(2048, 4096), (2048, 11008), (8192, 4096), (2048, 28672)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_act_norm(benchmark, shape):
+    tokens, width = shape
+    x = torch.randn(1, tokens, width, device="cuda", dtype=torch.float16)
+    stats, ref = TritonActNormStats(width, device="cuda"), ActNormStats(width, device="cuda")
+    stats.add_batch(x)
+    ref.add_batch(x)
+    torch.testing.assert_close(stats.scaler_row, ref.scaler_row, rtol=2e-6, atol=0)
+    t = {
+        "kernel": ms(lambda: act_norm_update_(stats, x, check=False)),
+        "kernel_checked": ms(lambda: act_norm_update_(stats, x)),
+        "read_once_sum0": ms(lambda: x.sum(1)),
+        "copy": ms(lambda: x.clone()),
+        "reference": ms(lambda: ref.add_batch(x)),
+    }
+    ratios = {"kernel_over_read_once": t["kernel"] / t["read_once_sum0"],
+              "kernel_checked_over_read_once": t["kernel_checked"] / t["read_once_sum0"],
+              "reference_over_kernel": t["reference"] / t["kernel"]}
+    gbytes = x.numel() * x.element_size() / 1e9
+    row = {"shape": [tokens, width], "dtype": "float16", "ms": t, "ratios": ratios,
+           "kernel_GBps": gbytes / (t["kernel"] / 1e3), "read_once_GBps": gbytes / (t["read_once_sum0"] / 1e3)}
+    RESULTS["act_norm"].append(row)
+    benchmark.extra_info.update(row)
+    benchmark.pedantic(_sync(lambda: act_norm_update_(stats, x, check=False)), rounds=30, warmup_rounds=5)

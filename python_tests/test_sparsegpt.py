@@ -152,3 +152,97 @@ def test_method_rejects_nonfinite_activations_naming_layer():
         pruner.prune()
     with pytest.raises(ValueError, match="backend"):
         get_method("sparsegpt")(layer, UNSTRUCTURED, backend="cusolver")
+
+
+# ---------------------------------------------------------------- extension == reference
+
+
+def _need_ext(device):
+    if not ops.ext_available(device):
+        pytest.skip(f"llmprune_kernels._C has no sparsegpt_prune for {device.type}")
+
+
+def _assert_same(ext, ref):
+    """Identical masks; weights within 1e-5 relative (fp32, TF32 off); same damping and retries."""
+    assert torch.equal(ext.mask, ref.mask), f"{int((ext.mask != ref.mask).sum())} mask entries differ"
+    scale = float(ref.weight.float().abs().max())
+    diff = float((ext.weight.float() - ref.weight.float()).abs().max())
+    assert diff <= 1e-5 * scale, f"max weight difference {diff:g} > 1e-5 x {scale:g}"
+    assert ext.weight.dtype == ref.weight.dtype
+    assert ext.retries == ref.retries and ext.damp == pytest.approx(ref.damp, rel=1e-6)
+    assert ext.loss == pytest.approx(ref.loss, rel=1e-4)
+
+
+CASES = [
+    (64, 200, UNSTRUCTURED, ()),
+    (40, 333, UNSTRUCTURED, (0, 7, 200, 332)),
+    (24, 200, SparsityConfig(0.9), ()),
+    (48, 256, NM24, ()),
+    (32, 264, NM48, (9, 130)),
+]
+
+
+@pytest.mark.parametrize("rows,cols,config,dead", CASES)
+def test_ext_equals_reference(device, rows, cols, config, dead):
+    _need_ext(device)
+    W, H = _layer(rows, cols, device=device, dead=dead)
+    ref = sparsegpt_prune(W, H, config)
+    ext, used = ops.sparsegpt_prune(W, H, config, backend="ext")
+    assert used == "ext"
+    _assert_same(ext, ref)
+    if dead:
+        assert bool((ext.weight[:, list(dead)] == 0).all())
+
+
+@pytest.mark.parametrize("blocksize", [32, 128])
+def test_ext_equals_reference_fp16_and_blocksizes(device, blocksize):
+    _need_ext(device)
+    W, H = _layer(32, 160, device=device)
+    W = W.half()
+    for config in (UNSTRUCTURED, NM24):
+        ref = sparsegpt_prune(W, H, config, blocksize=blocksize)
+        ext, _ = ops.sparsegpt_prune(W, H, config, blocksize=blocksize, backend="ext")
+        _assert_same(ext, ref)
+
+
+def test_ext_hessian_accumulation_equals_reference(device):
+    _need_ext(device)
+    x = torch.randn(3, 9, 40, device=device)
+    ref = HessianStats(40, device=device)
+    H = torch.zeros(40, 40, device=device)
+    n = 0
+    for part in (x[:1], x[1:], x[2, :4]):
+        ref.add_batch(part)
+        n = ops.hessian_add_batch(H, n, part, backend="ext")
+    assert n == ref.nsamples == 4
+    torch.testing.assert_close(H, ref.H, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [UNSTRUCTURED, NM24])
+def test_singular_hessian_damping_retry(device, config):
+    _need_ext(device)
+    cols = 128
+    stats = HessianStats(cols, device=device)
+    stats.add_batch(torch.randn(1, 12, cols, device=device))  # rank 12 < 128 columns: singular H
+    W = torch.randn(16, cols, device=device)
+    # Default damping makes it positive definite: no retry.
+    ext, _ = ops.sparsegpt_prune(W, stats.H, config, backend="ext")
+    assert ext.retries == 0
+    _assert_same(ext, sparsegpt_prune(W, stats.H, config))
+    # Without damping Cholesky fails; the retry uses percdamp 0.01 (then x10) and says so.
+    ext, _ = ops.sparsegpt_prune(W, stats.H, config, percdamp=0.0, backend="ext")
+    ref = sparsegpt_prune(W, stats.H, config, percdamp=0.0)
+    assert ext.retries >= 1 and ext.damp > 0
+    _assert_same(ext, ref)
+
+
+def test_unusable_hessian_raises_naming_layer(device):
+    _need_ext(device)
+    W = torch.randn(8, 16, device=device)
+    H = -torch.eye(16, device=device)  # not positive definite at any damping of the form p * mean(diag)
+    with pytest.raises(RuntimeError, match="down_proj.*Cholesky"):
+        ops.sparsegpt_prune(W, H, UNSTRUCTURED, max_retries=2, backend="ext", name="down_proj")
+    Hnan = torch.eye(16, device=device)
+    Hnan[3, 3] = float("inf")
+    with pytest.raises(ValueError, match="down_proj.*NaN or Inf"):
+        torch.ops.llmprune_kernels.sparsegpt_prune(W, Hnan, 0.5, 0, 0, 128, 0.01, 4, "down_proj")

@@ -118,8 +118,8 @@ def sparsegpt_prune(
         check_nm(config.n, config.m, columns)
         if blocksize % config.m:
             raise ValueError(f"blocksize {blocksize} must be a multiple of M={config.m} for N:M pruning")
-    W = weight.detach().float().clone()
-    H = H.float().clone()
+    W = weight.detach().float().contiguous().clone()
+    H = H.float().contiguous().clone()
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1

@@ -1,0 +1,252 @@
+// SparseGPT op: Hessian accumulation, dead columns, damping with Cholesky retries, the inverse-Hessian
+// factor (ATen linalg: LAPACK on CPU, cuSOLVER on CUDA), and the blocked OBS update: per block of columns
+// the column loop (CPU here, CUDA in sparsegpt_kernel.cu), then one GEMM for the later columns.
+// Every ATen call mirrors the reference (llmprune_kernels/reference/sparsegpt.py) so results are identical.
+
+// The column loop must round like the reference (separate multiply and subtract): forbid contraction
+// into fused multiply-add, which compilers may otherwise emit on targets that have it.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include "sparsegpt/sparsegpt.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace llmprune {
+namespace sparsegpt {
+
+namespace {
+
+// Ranks of the m scores under the tie rule (stable ascending): prune those with rank < n.
+template <typename Score>
+inline void select_nm(const Score& score, int64_t n, int64_t m, bool* pruned) {
+  for (int64_t a = 0; a < m; ++a) {
+    const float sa = score(a);
+    int64_t rank = 0;
+    for (int64_t b = 0; b < m; ++b) {
+      const float sb = score(b);
+      rank += (sb < sa) || (sb == sa && b < a);
+    }
+    pruned[a] = rank < n;
+  }
+}
+
+void check_block_args(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& mask, const at::Tensor& err,
+                      const at::Tensor& losses, int64_t i1, int64_t count) {
+  TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kFloat && W.is_contiguous(), "W must be contiguous fp32 2-D");
+  TORCH_CHECK(Hinv.scalar_type() == at::kFloat && Hinv.is_contiguous() && Hinv.size(0) == W.size(1) &&
+                  Hinv.size(1) == W.size(1), "Hinv must be contiguous fp32 (cols x cols)");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.sizes() == W.sizes(),
+              "mask must be a contiguous bool tensor shaped like W");
+  TORCH_CHECK(err.scalar_type() == at::kFloat && err.is_contiguous() && err.size(0) == W.size(0) &&
+                  err.size(1) == count, "err must be contiguous fp32 (rows x count)");
+  TORCH_CHECK(losses.scalar_type() == at::kFloat && losses.numel() == W.size(0), "losses must be fp32 (rows)");
+  TORCH_CHECK(i1 >= 0 && count > 0 && i1 + count <= W.size(1), "block out of range");
+}
+
+}  // namespace
+
+void block_update_cpu(at::Tensor& W, const at::Tensor& Hinv, at::Tensor& mask, at::Tensor& err,
+                      at::Tensor& losses, int64_t i1, int64_t count, int64_t prunen, int64_t prunem) {
+  check_block_args(W, Hinv, mask, err, losses, i1, count);
+  const int64_t rows = W.size(0), cols = W.size(1);
+  float* Wp = W.data_ptr<float>();
+  const float* Hp = Hinv.data_ptr<float>();
+  bool* Mp = mask.data_ptr<bool>();
+  float* Ep = err.data_ptr<float>();
+  float* Lp = losses.data_ptr<float>();
+  // Hinv1 = Hinv[i1:i2, i1:i2]; row i of it starts at H1 + i * cols.
+  const float* H1 = Hp + i1 * cols + i1;
+
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<float> w(count);
+    for (int64_t r = r0; r < r1; ++r) {
+      float* Wr = Wp + r * cols + i1;
+      bool* Mr = Mp + r * cols + i1;
+      float* Er = Ep + r * count;
+      std::copy(Wr, Wr + count, w.begin());
+      float loss = 0.f;
+      for (int64_t i = 0; i < count; ++i) {
+        const float* h = H1 + i * cols;  // Hinv1[i, :]
+        if (prunem > 0 && i % prunem == 0) {
+          select_nm(
+              [&](int64_t a) {
+                const float d = H1[(i + a) * cols + i + a];
+                return (w[i + a] * w[i + a]) / (d * d);
+              },
+              prunen, prunem, Mr + i);
+        }
+        const float wi = w[i];
+        const float d = h[i];
+        const float q = Mr[i] ? 0.f : wi;
+        const float diff = wi - q;
+        loss += (diff * diff) / (d * d);
+        const float e = diff / d;
+        float* wj = w.data();
+        for (int64_t j = i + 1; j < count; ++j) {
+          const float p = e * h[j];
+          wj[j] = wj[j] - p;
+        }
+        w[i] = q;
+        Er[i] = e;
+      }
+      std::copy(w.begin(), w.end(), Wr);
+      Lp[r] += loss / 2.f;
+    }
+  });
+}
+
+namespace {
+
+// Upper Cholesky factor of (H + damp I)^-1; on failure retries with percdamp x10 (0 -> 0.01).
+std::tuple<at::Tensor, double, int64_t> inverse_hessian_factor(const at::Tensor& H, double percdamp,
+                                                               int64_t max_retries, const std::string& name) {
+  const at::Tensor mean_diag = at::mean(at::diag(H));
+  for (int64_t attempt = 0; attempt <= max_retries; ++attempt) {
+    const at::Tensor damp = mean_diag * percdamp;
+    at::Tensor Hd = H.clone();
+    Hd.diagonal().add_(damp);
+    auto [L, info] = at::linalg_cholesky_ex(Hd, /*upper=*/false, /*check_errors=*/false);
+    Hd.reset();
+    if (info.item<int64_t>() == 0) {
+      auto [U, info2] = at::linalg_cholesky_ex(at::cholesky_inverse(L), /*upper=*/true, /*check_errors=*/false);
+      if (info2.item<int64_t>() == 0 && at::isfinite(U).all().item<bool>()) {
+        return {U, damp.item<double>(), attempt};
+      }
+    }
+    percdamp = percdamp > 0 ? percdamp * 10 : 0.01;
+  }
+  TORCH_CHECK(false, name, ": Cholesky factorisation failed after ", max_retries,
+              " retries with growing damping; the Hessian is not usable");
+  return {at::Tensor(), 0.0, 0};
+}
+
+void check_finite_hessian(const at::Tensor& H, const std::string& name) {
+  TORCH_CHECK_VALUE(at::isfinite(H).all().item<bool>(), name,
+                    ": Hessian contains NaN or Inf values; pruning needs finite calibration inputs");
+}
+
+}  // namespace
+
+// H = H * n / (n + b) + (2 / (n + b)) X^T X over a batch of b sequences; returns n + b.
+int64_t add_batch(at::Tensor H, const at::Tensor& inp, int64_t nsamples) {
+  TORCH_CHECK(H.dim() == 2 && H.size(0) == H.size(1) && H.scalar_type() == at::kFloat,
+              "H must be a square fp32 matrix, got ", H.sizes(), " ", H.scalar_type());
+  TORCH_CHECK_VALUE(inp.dim() >= 1 && inp.size(-1) == H.size(0), "activations have width ", inp.size(-1),
+                    ", expected in_features=", H.size(0));
+  TORCH_CHECK(inp.device() == H.device(), "activations on ", inp.device(), " but H on ", H.device());
+  const int64_t batch = inp.dim() == 3 ? inp.size(0) : 1;
+  at::Tensor x = inp.reshape({-1, H.size(0)}).t();
+  H.mul_(static_cast<double>(nsamples) / static_cast<double>(nsamples + batch));
+  nsamples += batch;
+  x = x.to(at::kFloat) * std::sqrt(2.0 / static_cast<double>(nsamples));
+  H.add_(at::matmul(x, x.t()));
+  return nsamples;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, double, int64_t> prune(
+    const at::Tensor& weight, const at::Tensor& Hin, double sparsity, int64_t prunen, int64_t prunem,
+    int64_t blocksize, double percdamp, int64_t max_retries, c10::string_view name_view) {
+  const std::string name(name_view.data(), name_view.size());
+  TORCH_CHECK_VALUE(weight.dim() == 2, name, ": weight must be 2-D, got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kHalf ||
+                       weight.scalar_type() == at::kBFloat16,
+                   name, ": weight dtype ", weight.scalar_type(), " not allowed (fp32, fp16, bf16)");
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  TORCH_CHECK_VALUE(Hin.dim() == 2 && Hin.size(0) == cols && Hin.size(1) == cols, name, ": Hessian has shape ",
+                    Hin.sizes(), ", expected (", cols, ", ", cols, ")");
+  TORCH_CHECK(Hin.device() == weight.device(), name, ": Hessian on ", Hin.device(), ", weight on ",
+              weight.device());
+  TORCH_CHECK_VALUE(blocksize >= 1, "blocksize must be >= 1, got ", blocksize);
+  TORCH_CHECK_VALUE(prunem == 0 || (prunen >= 1 && prunen < prunem && cols % prunem == 0 &&
+                                    blocksize % prunem == 0),
+                    "N:M ", prunen, ":", prunem, " invalid for width ", cols, " and blocksize ", blocksize);
+  TORCH_CHECK_VALUE(prunem > 0 || (sparsity >= 0 && sparsity < 1), "sparsity ", sparsity,
+                    " outside [0, 1)");
+  const bool cuda = weight.is_cuda();
+#ifdef LLMPRUNE_WITH_CUDA
+  TORCH_CHECK_VALUE(!cuda || blocksize <= kCudaMaxBlock, "the CUDA SparseGPT kernel supports blocksize <= ",
+                    kCudaMaxBlock, ", got ", blocksize, " (use the reference backend)");
+#else
+  TORCH_CHECK(!cuda, "llmprune_kernels._C was built without CUDA");
+#endif
+  check_finite_hessian(Hin, name);
+
+  auto fopts = weight.options().dtype(at::kFloat);
+  at::Tensor W = at::empty({rows, cols}, fopts);
+  W.copy_(weight);
+  at::Tensor H = at::empty({cols, cols}, fopts);
+  H.copy_(Hin);
+
+  // Dead inputs (never active in calibration): unit diagonal, weight zeroed.
+  const at::Tensor dead = at::diag(H).eq(0);
+  H.diagonal().masked_fill_(dead, 1);
+  W.masked_fill_(dead.reshape({1, cols}), 0);
+  auto [Hinv, damp, retries] = inverse_hessian_factor(H, percdamp, max_retries, name);
+  H.reset();
+  // LAPACK / cuSOLVER return a column-major factor. The GEMM below uses it as is (the reference's exact
+  // call); the column loops read a row-major copy.
+  const at::Tensor Hrow = Hinv.contiguous();
+
+  at::Tensor mask = at::zeros({rows, cols}, weight.options().dtype(at::kBool));
+  at::Tensor losses = at::zeros({rows}, fopts);
+  for (int64_t i1 = 0; i1 < cols; i1 += blocksize) {
+    const int64_t i2 = std::min(i1 + blocksize, cols);
+    const int64_t count = i2 - i1;
+    if (prunem == 0) {
+      // Exactly floor(numel * s) lowest w^2 / d^2 of the block; stable sort = tie rule on the flat index.
+      const at::Tensor d1 = at::diag(Hinv.slice(0, i1, i2).slice(1, i1, i2));
+      const at::Tensor score = W.slice(1, i1, i2).pow(2) / d1.reshape({1, -1}).pow(2);
+      const int64_t k = static_cast<int64_t>(std::floor(static_cast<double>(score.numel()) * sparsity));
+      if (k > 0) {
+        const at::Tensor idx = std::get<1>(at::sort(score.flatten(), /*stable=*/true, 0, false)).slice(0, 0, k);
+        at::Tensor flat = at::zeros({score.numel()}, mask.options());
+        flat.index_fill_(0, idx, true);
+        mask.slice(1, i1, i2).copy_(flat.view({rows, count}));
+      }
+    }
+    at::Tensor err = at::empty({rows, count}, fopts);
+#ifdef LLMPRUNE_WITH_CUDA
+    if (cuda) {
+      block_update_cuda(W, Hrow, mask, err, losses, i1, count, prunen, prunem);
+    } else
+#endif
+    {
+      block_update_cpu(W, Hrow, mask, err, losses, i1, count, prunen, prunem);
+    }
+    // Lazy batch update of the later columns, the same fused GEMM call as the reference.
+    W.slice(1, i2).addmm_(err, Hinv.slice(0, i1, i2).slice(1, i2), 1, -1);
+  }
+  return {W.to(weight.scalar_type()), mask, losses, damp, retries};
+}
+
+}  // namespace sparsegpt
+}  // namespace llmprune
+
+TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
+  m.def("sparsegpt_add_batch(Tensor(a!) H, Tensor inp, int nsamples) -> int");
+  m.def(
+      "sparsegpt_prune(Tensor weight, Tensor H, float sparsity, int prunen, int prunem, int blocksize, "
+      "float percdamp, int max_retries, str name) -> (Tensor, Tensor, Tensor, float, int)");
+}
+
+TORCH_LIBRARY_IMPL(llmprune_kernels, CPU, m) {
+  m.impl("sparsegpt_add_batch", &llmprune::sparsegpt::add_batch);
+  m.impl("sparsegpt_prune", &llmprune::sparsegpt::prune);
+}
+
+#ifdef LLMPRUNE_WITH_CUDA
+TORCH_LIBRARY_IMPL(llmprune_kernels, CUDA, m) {
+  m.impl("sparsegpt_add_batch", &llmprune::sparsegpt::add_batch);
+  m.impl("sparsegpt_prune", &llmprune::sparsegpt::prune);
+}
+#endif

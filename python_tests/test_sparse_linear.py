@@ -219,14 +219,17 @@ def test_sparsify_tunes_and_dispatches_cuda(tmp_path):
     assert m2[0].table.lookup(512, 1024, torch.float16, 1).path == table.lookup(512, 1024, torch.float16, 1).path
 
 
+def _pinned(path):
+    sl = SparseLinear.from_linear(linear_24(512, 1024, torch.float16, "cuda"))
+    sl.force_path = path
+    return sl.prepare()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", CUDA_PATHS)
 @pytest.mark.parametrize("m", [1, 16, 2048])
-def test_cuda_graph_and_compile(path, m):
-    lin = linear_24(512, 1024, torch.float16, "cuda")
-    sl = SparseLinear.from_linear(lin)
-    sl.force_path = path
-    sl.prepare()
+def test_cuda_graph(path, m):
+    sl = _pinned(path)
     x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
     eager = sl(x)
     s = torch.cuda.Stream()
@@ -240,8 +243,16 @@ def test_cuda_graph_and_compile(path, m):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
-    compiled = torch.compile(sl, fullgraph=True)
-    assert_close(compiled(x), eager, torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", CUDA_PATHS)
+def test_torch_compile_cuda(path):
+    sl = _pinned(path)
+    compiled = torch.compile(sl, fullgraph=True, dynamic=False)
+    for m in (16, 2048):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+        assert_close(compiled(x), sl(x), torch.float16)
 
 
 @pytest.mark.cuda

@@ -58,7 +58,7 @@ def test_decode_custom_op_opcheck(device):
 def test_decode_kernel_full_size_cuda(dtype, n, k, m):
     p = pack_24(random_24_weight(n, k, dtype, "cuda"))
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    check_close(sparse24_mm(x, p.values, p.meta, None, k), x, p, None)
+    check_close(sparse24_mm(x, p.values, p.meta, None, k, block=(32, 256)), x, p, None)
 
 
 needs_cslt = pytest.mark.skipif(not cslt.available(), reason="our cuSPARSELt op is not built / no GPU")

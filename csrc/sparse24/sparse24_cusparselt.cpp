@@ -216,6 +216,9 @@ std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& compress
   }
   CSLT_CHECK(cusparseLtMatmulPlanDestroy(&p->plan));
   CSLT_CHECK(cusparseLtMatmulAlgSelectionDestroy(&p->alg_sel));
+  CSLT_CHECK(cusparseLtMatDescriptorDestroy(&p->a));
+  CSLT_CHECK(cusparseLtMatDescriptorDestroy(&p->b));
+  CSLT_CHECK(cusparseLtMatDescriptorDestroy(&p->d));
   return {alg, split_k, split_k_mode, split_k_buffers, max_alg};
 }
 
@@ -231,15 +234,11 @@ TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
   m.def("sparse24_cslt_linear(Tensor x, Tensor compressed, int out_features, Tensor? bias, int alg_id=-1, "
         "int split_k=-1, int split_k_mode=-1, int split_k_buffers=-1) -> Tensor");
   m.def("sparse24_cslt_search(Tensor x, Tensor compressed, int out_features) -> int[]");
-  m.def("sparse24_cslt_plan_count() -> int");
+  m.def("sparse24_cslt_plan_count() -> int", &cslt_plan_count);  // no tensor argument: one catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(llmprune_kernels, CUDA, m) {
   m.impl("sparse24_cslt_compress", &cslt_compress);
   m.impl("sparse24_cslt_linear", &cslt_linear);
   m.impl("sparse24_cslt_search", &cslt_search);
-}
-
-TORCH_LIBRARY_IMPL(llmprune_kernels, CompositeExplicitAutograd, m) {
-  m.impl("sparse24_cslt_plan_count", &cslt_plan_count);
 }

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
 from llmprune_kernels.sparse24 import cusparselt as cslt
 from llmprune_kernels.sparse24 import dispatch
 from llmprune_kernels.sparse24.pack import Packed24, check_24, meta_width, pack_24, unpack_24
@@ -84,9 +85,9 @@ class SparseLinear(nn.Module):
         """The path for M input rows on this module's device."""
         dev = self.values.device
         if dev.type != "cuda":
-            return dispatch.Choice("dense")
+            return dispatch.PINNED["dense"]
         if self.force_path is not None:
-            return dispatch.Choice(self.force_path)
+            return dispatch.PINNED[self.force_path]
         c = self._table().lookup(self.out_features, self.in_features, self.values.dtype, m)
         return c if c is not None else dispatch.default_choice(
             self.out_features, self.in_features, self.values.dtype, m, dev)
@@ -129,16 +130,14 @@ class SparseLinear(nn.Module):
         m = x.numel() // self.in_features
         if not x.is_cuda and self.force_path != "decode":  # CPU: decode only when pinned (interpreter tests)
             return F.linear(x, self._dense(), self.bias)
-        choice = self.choose(m) if x.is_cuda else dispatch.Choice("decode")
+        choice = self.choose(m) if x.is_cuda else dispatch.PINNED["decode"]
         if choice.path == "decode":
             if torch.compiler.is_compiling():
                 return torch.ops.llmprune_kernels.sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
-            from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
-
             return sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
         if choice.path == "cusparselt":
             x2 = x.reshape(m, self.in_features)
-            y = cslt.linear(x2, self._compressed(), self.out_features, self.bias, choice.cslt or cslt.CsltConfig())
+            y = cslt.linear(x2, self._compressed(), self.out_features, self.bias, choice.cslt or cslt.DEFAULT_CONFIG)
             return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self._dense(), self.bias)
 

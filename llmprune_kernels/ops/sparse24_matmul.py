@@ -88,7 +88,8 @@ if HAS_TRITON:
     _CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
         for bn, bk, nw, ns in [
-            (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3), (16, 1024, 8, 2),
+            (16, 256, 4, 3), (16, 256, 4, 5), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3),
+            (64, 256, 8, 3), (16, 1024, 8, 2),
         ]
     ]
     _tuned_kernel = triton.autotune(configs=_CONFIGS, key=["N", "K", "IEEE"])(_sparse24_mm_kernel)

@@ -36,13 +36,16 @@ class CsltConfig:
         return asdict(self)
 
 
+DEFAULT_CONFIG = CsltConfig()
+
+
 def compress(weight: torch.Tensor) -> torch.Tensor:
     """cuSPARSELt's compressed form (opaque uint8) of a dense 2:4 CUDA weight."""
     return torch.ops.llmprune_kernels.sparse24_cslt_compress(weight.contiguous())
 
 
 def linear(x: torch.Tensor, compressed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-           config: CsltConfig = CsltConfig()) -> torch.Tensor:
+           config: CsltConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """``x [M, in] @ W.T (+ bias)`` with the compressed weight and a cached plan."""
     return torch.ops.llmprune_kernels.sparse24_cslt_linear(
         x, compressed, out_features, bias, config.alg_id, config.split_k, config.split_k_mode, config.split_k_buffers

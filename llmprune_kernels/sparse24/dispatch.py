@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from llmprune_kernels.ops.sparse24_matmul import HAS_TRITON, sparse24_mm
 from llmprune_kernels.sparse24 import cusparselt as cslt
 from llmprune_kernels.sparse24.pack import pack_24
 
@@ -90,19 +91,18 @@ class TuningTable:
 
 
 DEFAULT_TABLE = TuningTable()
+PINNED = {p: Choice(p) for p in PATHS}  # shared constants: forward never builds objects (torch.compile)
 
 
 def default_choice(out_features: int, in_features: int, dtype: torch.dtype, m: int, device: torch.device) -> Choice:
     """Without a measurement: decode for M <= 16, cuSPARSELt above when it can run, else dense."""
     if device.type != "cuda":
-        return Choice("dense")
-    from llmprune_kernels.ops.sparse24_matmul import HAS_TRITON
-
+        return PINNED["dense"]
     if m <= 16 and HAS_TRITON:
-        return Choice("decode")
+        return PINNED["decode"]
     if cslt.available() and cslt.shape_ok(out_features, in_features, dtype):
-        return Choice("cusparselt")
-    return Choice("dense")
+        return PINNED["cusparselt"]
+    return PINNED["dense"]
 
 
 def time_ms(fns, reps: int = 20, graph: bool = True, trials: int = 5) -> float:
@@ -158,8 +158,6 @@ def weight_copies(nbytes_sparse: int, device) -> int:
 def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="cuda",
                buckets=BUCKETS, reps: int = 20) -> dict[int, Choice]:
     """Measure every applicable path for each M bucket on random 2:4 weights of this shape."""
-    from llmprune_kernels.ops.sparse24_matmul import HAS_TRITON, sparse24_mm
-
     device = torch.device(device)
     dense = [random_24_weight(out_features, in_features, dtype, device)]
     packed = [pack_24(dense[0])]

@@ -1,0 +1,147 @@
+"""SparseLLM for the pipeline: attention projections by the local pruner, the feed-forward block jointly.
+
+The pipeline creates one pruner per Linear of a decoder layer, feeds them all from one forward pass,
+then calls ``prune()`` Linear by Linear. The pruners of one feed-forward block find each other through
+a coordinator shared via ``prepare_model`` (the pipeline hands its return value to every pruner as the
+option ``model_info``). The block is solved when ``prune()`` has been called on its LAST Linear, so the
+earlier ones are still dense when the pipeline snapshots them for its reconstruction-error report. Only
+the block input X is stored (by the up projection's pruner); z, s, p and Y follow from X and the dense
+weights.
+
+Options: ``local`` ("sparsegpt" default, or "wanda"), ``alpha``, ``beta``, ``gamma`` (default by family:
+5.0 LLaMA family, 0.1 OPT), ``iterations`` (4), ``s_steps``, ``s_lr``, and the SparseGPT options
+``percdamp``, ``blocksize``, ``backend``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune_kernels.methods.base import LayerPruner, get_method, register_method
+from llmprune_kernels.reference.sparsellm import LOCAL_PRUNERS, FFNBlock, SparseLLMOptions, sparsellm_ffn_
+
+log = logging.getLogger(__name__)
+
+# Relative Linear names (suffixes of the pipeline's layer names) of the feed-forward block, per family.
+ROLES = {
+    "swiglu": {"mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"},
+    "relu": {"fc1": "up", "fc2": "down"},
+}
+_OPTION_NAMES = ("alpha", "beta", "gamma", "iterations", "local", "percdamp", "blocksize", "backend", "s_steps",
+                 "s_lr", "s_chunk")
+
+
+def ffn_kind(model: nn.Module) -> str:
+    """"relu" for OPT (fc1 -> ReLU -> fc2), "swiglu" for the LLaMA family (SiLU-gated MLP)."""
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type == "opt":
+        act = getattr(cfg, "activation_function", "relu")
+        if act != "relu":
+            raise ValueError(f"SparseLLM supports OPT with ReLU; this model uses activation {act!r}")
+        return "relu"
+    act = getattr(cfg, "hidden_act", None)
+    if act in ("silu", "swish"):
+        return "swiglu"
+    raise ValueError(
+        f"SparseLLM supports OPT (ReLU) and the LLaMA family (SiLU-gated MLP); {type(model).__name__} has "
+        f"model_type={model_type!r}, hidden_act={act!r}"
+    )
+
+
+class SparseLLMCoordinator:
+    """Shared by the pruners of one run: finds each block's Linears and solves the block once."""
+
+    def __init__(self, kind: str, options: dict[str, Any]) -> None:
+        self.kind = kind
+        self.options = SparseLLMOptions(**{k: options[k] for k in _OPTION_NAMES if k in options})
+        self.options.resolved(kind)  # validate now, before any layer is touched
+        self.blocks: dict[str, dict[str, "SparseLLMPruner"]] = {}
+        self.pruned: dict[str, set[str]] = {}
+        self.reports: list[dict[str, Any]] = []
+
+    def role(self, layer_name: str) -> tuple[str, str] | None:
+        for suffix, role in ROLES[self.kind].items():
+            if layer_name == suffix or layer_name.endswith("." + suffix):
+                return layer_name[: -len(suffix)].rstrip("."), role
+        return None
+
+    def register(self, block: str, role: str, pruner: "SparseLLMPruner") -> None:
+        self.blocks.setdefault(block, {})[role] = pruner
+        self.pruned.setdefault(block, set())
+
+    def mark_pruned(self, block: str, role: str) -> dict[str, Any]:
+        self.pruned[block].add(role)
+        members = self.blocks[block]
+        if self.pruned[block] != set(ROLES[self.kind].values()):
+            return {"sparsellm_block": block, "sparsellm_deferred": True}
+        missing = set(ROLES[self.kind].values()) - set(members)
+        if missing:
+            raise ValueError(f"SparseLLM block {block}: no pruner for its {sorted(missing)} projection(s)")
+        up = members["up"]
+        if not up.inputs:
+            raise ValueError(f"{block}: no calibration data reached the feed-forward block")
+        X = torch.cat([x.reshape(-1, x.shape[-1]) for x in up.inputs])
+        ffn = FFNBlock(self.kind, up.layer, members["down"].layer, members["gate"].layer if "gate" in members else None)
+        report = sparsellm_ffn_(ffn, X, up.config, self.options, nsamples=up.nsamples, name=block)
+        if report.get("sparsellm_warning"):
+            log.warning(report["sparsellm_warning"])
+        for p in members.values():
+            p.inputs = []
+        del self.blocks[block], self.pruned[block]
+        self.reports.append({"block": block, **{k: v for k, v in report.items() if k != "sparsellm_options"}})
+        return {"sparsellm_block": block, **report}
+
+    def report(self) -> dict[str, Any]:
+        return {"sparsellm": {"kind": self.kind, "options": vars(self.options.resolved(self.kind)),
+                              "blocks": self.reports}}
+
+
+@register_method("sparsellm")
+class SparseLLMPruner(LayerPruner):
+    @classmethod
+    def prepare_model(cls, model, calibration, config, device=None, options=None) -> SparseLLMCoordinator:
+        return SparseLLMCoordinator(ffn_kind(model), dict(options or {}))
+
+    def __init__(self, layer, config, **options: Any) -> None:
+        super().__init__(layer, config, **options)
+        self.name = options.get("layer_name", "layer")
+        coord = options.get("model_info")
+        if not isinstance(coord, SparseLLMCoordinator):
+            raise ValueError(f"{self.name}: method 'sparsellm' must be run through the pipeline (prune_model), "
+                             "which calls SparseLLMPruner.prepare_model first")
+        self.coord = coord
+        self.inputs: list[torch.Tensor] = []
+        self.nsamples = 0
+        self.local: LayerPruner | None = None
+        found = coord.role(self.name)
+        if found is None:  # attention projections (and anything outside the block): the local pruner
+            local = options.get("local", "sparsegpt")
+            if local not in LOCAL_PRUNERS:
+                raise ValueError(f"SparseLLM local pruner {local!r} is unknown; allowed: {', '.join(LOCAL_PRUNERS)}")
+            local_opts = {k: v for k, v in options.items() if k not in ("model_info",)}
+            self.local = get_method(local)(layer, config, **local_opts)
+            self.block = self.role = None
+        else:
+            self.block, self.role = found
+            coord.register(self.block, self.role, self)
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        if self.local is not None:
+            self.local.add_batch(inp)
+            return
+        self.nsamples += inp.shape[0] if inp.dim() == 3 else 1
+        if self.role == "up":  # the block input X; everything else follows from it and the dense weights
+            self.inputs.append(inp.detach())
+
+    def prune(self) -> dict[str, Any]:
+        if self.local is not None:
+            return self.local.prune()
+        return self.coord.mark_pruned(self.block, self.role)
+
+    def free(self) -> None:
+        if self.local is not None:
+            self.local.free()

@@ -1,0 +1,129 @@
+"""SparseLLM: first iteration = local pruner, objective history, NaN fallback, options, pipeline glue."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from llmprune_kernels import SparsityConfig
+from llmprune_kernels.reference.sparsegpt import sparsegpt_prune
+from llmprune_kernels.reference.sparsellm import FFNBlock, SparseLLMOptions, sparsellm_ffn_
+from llmprune_kernels.reference.wanda import wanda_prune_
+
+
+def make_block(kind: str, hidden=32, inter=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bias = kind == "relu"
+    up = nn.Linear(hidden, inter, bias=bias)
+    down = nn.Linear(inter, hidden, bias=bias)
+    gate = nn.Linear(hidden, inter, bias=False) if kind == "swiglu" else None
+    for lin in (up, down, gate):
+        if lin is not None:
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features**0.5)
+    return FFNBlock(kind, up, down, gate)
+
+
+def block_inputs(hidden=32, n=8, seq=64, seed=1):
+    return torch.randn(n, seq, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+def dense_p(block: FFNBlock, X: torch.Tensor) -> torch.Tensor:
+    X = X.reshape(-1, X.shape[-1])
+    z = block.up(X)
+    return torch.relu(z) if block.kind == "relu" else nn.functional.silu(block.gate(X)) * z
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "relu"])
+@pytest.mark.parametrize("local", ["sparsegpt", "wanda"])
+def test_one_iteration_equals_local_pruner(kind, local):
+    block = make_block(kind)
+    X = block_inputs()
+    cfg = SparsityConfig(0.6)
+    with torch.no_grad():
+        p = dense_p(block, X)
+    Xf = X.reshape(-1, 32)
+    expected = {}
+    for role, lin, inp in [("up", block.up, Xf), ("gate", block.gate, Xf), ("down", block.down, p)]:
+        if lin is None:
+            continue
+        w = lin.weight.detach().clone()
+        if local == "sparsegpt":
+            expected[role] = sparsegpt_prune(w, 2.0 / 8 * inp.t() @ inp, cfg).weight
+        else:
+            wanda_prune_(w, inp.pow(2).sum(0) / 8, cfg)
+            expected[role] = w
+    sparsellm_ffn_(block, X, cfg, SparseLLMOptions(iterations=1, local=local, backend="reference"))
+    for role, w in expected.items():
+        torch.testing.assert_close(getattr(block, role).weight.detach(), w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "relu"])
+@pytest.mark.parametrize("config", [SparsityConfig(0.7), SparsityConfig(n=2, m=4)])
+def test_objective_non_increasing_and_sparsity_kept(kind, config):
+    block = make_block(kind)
+    X = block_inputs()
+    rep = sparsellm_ffn_(block, X, config, SparseLLMOptions(iterations=5, backend="reference"))
+    obj = [h["objective"] for h in rep["sparsellm_history"]]
+    assert len(obj) == 5 and rep["sparsellm_nan_fallback"] is None
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(obj, obj[1:])), obj
+    for lin in block.linears().values():
+        w = lin.weight.detach()
+        if config.is_nm:
+            assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
+        else:
+            # SparseGPT prunes floor(rows * width * s) weights in every block of 128 columns.
+            rows, cols = w.shape
+            k = sum(int(rows * min(128, cols - c) * 0.7) for c in range(0, cols, 128))
+            assert int((w == 0).sum()) >= k
+
+
+def test_nan_falls_back_to_local_pruner(monkeypatch):
+    block = make_block("swiglu")
+    X = block_inputs()
+    cfg = SparsityConfig(0.5)
+    ref_block = copy.deepcopy(block)
+    sparsellm_ffn_(ref_block, X, cfg, SparseLLMOptions(iterations=1, backend="reference"))
+    real_pinv = torch.linalg.pinv
+    calls = []
+
+    def bad_pinv(a, *args, **kw):  # first call: X^+ (fine); second: p^+ in iteration 1 -> NaN
+        calls.append(1)
+        out = real_pinv(a, *args, **kw)
+        return out if len(calls) == 1 else out * float("nan")
+
+    monkeypatch.setattr(torch.linalg, "pinv", bad_pinv)
+    rep = sparsellm_ffn_(block, X, cfg, SparseLLMOptions(iterations=3, backend="reference"), name="layers.7.mlp")
+    assert rep["sparsellm_nan_fallback"]["iteration"] == 1
+    assert "layers.7.mlp" in rep["sparsellm_warning"] and "sparsegpt" in rep["sparsellm_warning"]
+    for role in ("up", "gate", "down"):
+        assert torch.equal(getattr(block, role).weight, getattr(ref_block, role).weight)
+        assert torch.isfinite(getattr(block, role).weight).all()
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"alpha": -1.0}, "alpha"),
+    ({"iterations": 0}, "iterations"),
+    ({"local": "magnitude"}, "local pruner"),
+])
+def test_bad_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        sparsellm_ffn_(make_block("relu"), block_inputs(), SparsityConfig(0.5), SparseLLMOptions(**kw))
+
+
+def test_family_defaults_reported():
+    rep = sparsellm_ffn_(make_block("relu"), block_inputs(), SparsityConfig(0.5),
+                         SparseLLMOptions(iterations=1, backend="reference"))
+    assert rep["sparsellm_options"]["alpha"] == 0.1 and rep["sparsellm_options"]["gamma"] == 0.1
+    rep = sparsellm_ffn_(make_block("swiglu"), block_inputs(), SparsityConfig(0.5),
+                         SparseLLMOptions(iterations=1, beta=2.0, backend="reference"))
+    assert rep["sparsellm_options"]["alpha"] == 5.0 and rep["sparsellm_options"]["beta"] == 2.0
+
+
+def test_nan_inputs_rejected():
+    X = block_inputs()
+    X[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sparsellm_ffn_(make_block("relu"), X, SparsityConfig(0.5), name="layers.2.mlp")

@@ -4,8 +4,8 @@ Run on a CUDA machine:  pytest benchmarks/bench_score_mask.py --benchmark-json=r
 Every figure is a median of CUDA-event timings with the L2 cache flushed before each call
 (``triton.testing.do_bench``); ratios are against baselines measured in the same process:
 
-* ``copy_floor``: an elementwise op moving the kernel's bytes (W and the norm row read, a bool mask
-  written): ``torch.lt(W, norm_row, out=mask)``.
+* ``copy_floor``: a Triton elementwise kernel moving the kernel's bytes (W and the norm row read, a bool
+  mask written) with no selection; also ``torch.lt(W, norm_row, out=mask)`` and ``W.copy_`` for scale.
 * ``reference_sort``: the reference path (fp32 score, stable ``torch.sort`` per row, scatter).
 * N:M: the reference ``prune_nm`` (sort per group), a vectorised ``topk``, and the Python loop over
   groups of the Wanda repository (``prune_n:prune_m`` branch of ``prune_wanda``).
@@ -16,10 +16,8 @@ The results JSON (GPU name, versions, date, every timing and ratio) goes to ``$L
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import time
 
 import pytest
@@ -29,6 +27,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 if torch.cuda.is_available():
     import triton
+    import triton.language as tl
     import triton.testing
 
 from llmprune_kernels import ActNormStats, SparsityConfig
@@ -40,30 +39,35 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # LLaMA-7B q/k/v/o, gate/
 RESULTS: dict = {"score_mask": [], "modes": [], "tuning": [], "act_norm": []}
 
 
-def env_info() -> dict:
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "gpu": props.name,
-        "sm_count": props.multi_processor_count,
-        "capability": f"{props.major}.{props.minor}",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 @pytest.fixture(scope="module", autouse=True)
-def _write_results():
+def _write_results(env_info):
     yield
     if not torch.cuda.is_available():
         return
-    name = torch.cuda.get_device_name(0).split()[-1].lower().replace("-", "_")
-    out = os.environ.get("LLMPRUNE_BENCH_OUT", f"benchmarks/results/score_mask_{name}.json")
+    gpu = torch.cuda.get_device_name(0)
+    slug = "h100" if "H100" in gpu else "".join(ch if ch.isalnum() else "_" for ch in gpu.lower())
+    out = os.environ.get("LLMPRUNE_BENCH_OUT", f"benchmarks/results/score_mask_{slug}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:
-        json.dump({"env": env_info(), **RESULTS}, fh, indent=1)
+        json.dump({"env": env_info, **RESULTS}, fh, indent=1)
+
+
+if torch.cuda.is_available():
+
+    @triton.jit
+    def _copy_floor_kernel(w_ptr, f_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+        """The score-and-mask kernel's bytes with no selection: read W and the norm row, write a bool."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < n_cols
+        w = tl.load(w_ptr + row * n_cols + cols, mask=m, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + cols, mask=m, other=0.0)
+        tl.store(out_ptr + row * n_cols + cols, (w < f).to(tl.uint8), mask=m)
+
+
+def copy_floor(w: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> None:
+    rows, cols = w.shape
+    _copy_floor_kernel[(rows, triton.cdiv(cols, 2048))](w, f, out.view(torch.uint8), cols, BLOCK=2048, num_warps=4)
 
 
 def ms(fn, rep: int = 200) -> float:
@@ -127,7 +131,8 @@ def test_score_mask(benchmark, shape, pattern):
         "restore_w": ms(lambda: wc.copy_(w)),
         "restore_w_plus_inplace": ms(lambda: (wc.copy_(w), score_and_mask(wc, norm, cfg, inplace=True, mask=False,
                                                                           check=False))),
-        "copy_floor": ms(lambda: torch.lt(w, norm_row, out=mask_buf)),
+        "copy_floor": ms(lambda: copy_floor(w, norm, mask_buf)),
+        "torch_lt_same_bytes": ms(lambda: torch.lt(w, norm_row, out=mask_buf)),
         "reference": ms(ref_fn, rep=500),
     }
     t["kernel_inplace"] = t["restore_w_plus_inplace"] - t["restore_w"]
@@ -162,34 +167,46 @@ def test_modes(benchmark, mode):
     benchmark.pedantic(_sync(lambda: score_and_mask(w, norm, cfg, check=False, **kw)), rounds=10, warmup_rounds=2)
 
 
-TUNING = [
-    {}, {"float": False}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}, {"num_warps": 32},
-    {"max_block": 8192, "chunk": 4096}, {"max_block": 8192, "chunk": 2048, "num_warps": 8},
-    {"max_block": 32768}, {"cap": 128}, {"cap": 1024},
-]
+def _variants(cols: int) -> list[dict]:
+    """Launch variants of the unstructured kernel for one row width (defaults are picked from these)."""
+    if cols <= 4096:
+        grid = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (2, 2), (4, 2), (1, 4), (2, 4)]
+        out = [{"rows_per_prog": r, "warps_per_row": w} for r, w in grid]
+        out += [{"rows_per_prog": r, "warps_per_row": w, "float": False} for r, w in [(2, 1), (4, 1), (2, 2)]]
+        return out + [{"cap": 64}, {"cap": 512}]
+    if cols <= 16384:
+        out = [{"rows_per_prog": r, "warps_per_row": w} for r, w in [(1, 4), (2, 4), (1, 8), (2, 8), (1, 16)]]
+        out += [{"rows_per_prog": 2, "warps_per_row": 4, "float": False}]
+        return out + [{"max_block": 8192, "chunk": 2048, "num_warps": nw} for nw in (4, 8)]
+    out = [{"max_block": 32768, "rows_per_prog": 1, "warps_per_row": w} for w in (8, 16, 32)]
+    return out + [{"chunk": 2048, "num_warps": 8}, {"chunk": 4096, "num_warps": 4}, {"chunk": 4096, "num_warps": 16}]
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(2048, 28672)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(4096, 4096), (4096, 11008), (2048, 28672)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_tuning_sweep(benchmark, shape):
-    """Unstructured 50% under launch variants (the defaults are chosen from this table)."""
+    """Unstructured 50% and 2:4 under launch variants, each checked against the reference mask."""
     w, norm = setup(shape)
     cfg = SparsityConfig(0.5)
     ref = mask_from_score(wanda_score(w, norm), cfg)
     rows = []
-    for tune in TUNING:
-        if tune.get("max_block") == 8192 and shape[1] <= 8192:
-            continue
+    for tune in _variants(shape[1]):
         try:
             assert torch.equal(score_and_mask(w, norm, cfg, _tune=tune), ref)
-            rows.append({"tune": tune, "ms": ms(lambda: score_and_mask(w, norm, cfg, check=False, _tune=tune))})
+            rows.append({"tune": tune, "ms": ms(lambda: score_and_mask(w, norm, cfg, check=False, _tune=tune),
+                                                 rep=100)})
         except Exception as exc:  # e.g. out of registers/shared memory for a variant: record, go on
             rows.append({"tune": tune, "error": repr(exc)[:300]})
-    for nm_tune in [{}, {"tile": 1024}, {"tile": 4096}, {"tile": 4096, "num_warps": 8}, {"tile_cols": 128}]:
-        cfg24 = SparsityConfig(n=2, m=4)
-        rows.append({"nm": True, "tune": nm_tune,
-                     "ms": ms(lambda: score_and_mask(w, norm, cfg24, check=False, _tune=nm_tune))})
-    copy_floor = ms(lambda: torch.lt(w, norm[None, :], out=torch.empty_like(w, dtype=torch.bool)))
-    entry = {"shape": list(shape), "copy_floor_ms": copy_floor, "variants": rows}
+    cfg24 = SparsityConfig(n=2, m=4)
+    ref24 = mask_from_score(wanda_score(w, norm), cfg24)
+    for nm_tune in [{}, {"tile": 512}, {"tile": 2048}, {"tile": 2048, "num_warps": 8}, {"tile_cols": 128},
+                    {"tile": 1024, "num_warps": 2}]:
+        assert torch.equal(score_and_mask(w, norm, cfg24, _tune=nm_tune), ref24)
+        rows.append({"nm": "2:4", "tune": nm_tune,
+                     "ms": ms(lambda: score_and_mask(w, norm, cfg24, check=False, _tune=nm_tune), rep=100)})
+    mask_buf = torch.empty_like(w, dtype=torch.bool)
+    entry = {"shape": list(shape), "copy_floor_ms": ms(lambda: copy_floor(w, norm, mask_buf)), "variants": rows}
+    best = min((r for r in rows if "ms" in r and "nm" not in r), key=lambda r: r["ms"])
+    entry["best_unstructured"] = best
     RESULTS["tuning"].append(entry)
     benchmark.extra_info.update(entry)
     benchmark.pedantic(_sync(lambda: score_and_mask(w, norm, cfg, check=False)), rounds=5, warmup_rounds=1)
@@ -204,6 +221,9 @@ def test_act_norm(benchmark, shape):
     stats.add_batch(x)
     ref.add_batch(x)
     torch.testing.assert_close(stats.scaler_row, ref.scaler_row, rtol=2e-6, atol=0)
+    configs = {}
+    for cfg in [(256, 32, 4), (512, 16, 4), (512, 16, 8), (128, 64, 4), (64, 128, 4), (1024, 16, 8), (256, 64, 8)]:
+        configs[str(cfg)] = ms(lambda: act_norm_update_(stats, x, check=False, _config=cfg))
     t = {
         "kernel": ms(lambda: act_norm_update_(stats, x, check=False)),
         "kernel_checked": ms(lambda: act_norm_update_(stats, x)),
@@ -215,7 +235,7 @@ def test_act_norm(benchmark, shape):
               "kernel_checked_over_read_once": t["kernel_checked"] / t["read_once_sum0"],
               "reference_over_kernel": t["reference"] / t["kernel"]}
     gbytes = x.numel() * x.element_size() / 1e9
-    row = {"shape": [tokens, width], "dtype": "float16", "ms": t, "ratios": ratios,
+    row = {"shape": [tokens, width], "dtype": "float16", "ms": t, "ratios": ratios, "configs_ms": configs,
            "kernel_GBps": gbytes / (t["kernel"] / 1e3), "read_once_GBps": gbytes / (t["read_once_sum0"] / 1e3)}
     RESULTS["act_norm"].append(row)
     benchmark.extra_info.update(row)

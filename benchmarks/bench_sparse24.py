@@ -88,51 +88,6 @@ def _safe_time(fns, **kw):
         return None
 
 
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
-def test_linear(benchmark, shape, dtype, m):
-    dense, mods, torch_sparse = _setup(shape, dtype)
-    x = torch.randn(m, shape[1], device="cuda", dtype=dtype)
-    with torch.no_grad():
-        dense_fns = [lambda w=w: F.linear(x, w) for w in dense]
-        sparse_fns = [lambda s=s: s(x) for s in mods]
-        t = {
-            "dense_graph": _safe_time(dense_fns), "sparse_graph": _safe_time(sparse_fns),
-            "dense_eager": _safe_time(dense_fns, graph=False), "sparse_eager": _safe_time(sparse_fns, graph=False),
-        }
-        if isinstance(torch_sparse, Exception):
-            t["torch_semi_structured_eager"] = None
-            torch_err = f"{type(torch_sparse).__name__}: {torch_sparse}"
-        else:
-            t["torch_semi_structured_eager"] = _safe_time([lambda: F.linear(x, torch_sparse)], graph=False)
-            torch_err = None
-        choice = mods[0].choose(m)
-        # correctness in the timed configuration
-        ref = F.linear(x.float(), dense[0].float())
-        err = float((mods[0](x).float() - ref).abs().max() / ref.abs().max().clamp_min(1))
-
-        def run():
-            for s in mods:
-                s(x)
-            torch.cuda.synchronize()
-
-        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    ratio = lambda a, b: None if (t[a] is None or t[b] is None) else t[a] / t[b]  # noqa: E731
-    case = {
-        "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "m": m, "path": choice.path,
-        "cslt_config": choice.cslt.as_dict() if choice.cslt else None, "times_ms": t,
-        "tuning_times_ms": choice.times_ms, "max_rel_err": err, "torch_semi_structured_error": torch_err,
-        "speedup_graph": ratio("dense_graph", "sparse_graph"), "speedup_eager": ratio("dense_eager", "sparse_eager"),
-        "speedup_torch_semi_structured_eager": ratio("dense_eager", "torch_semi_structured_eager"),
-    }
-    RESULTS["cases"].append(case)
-    benchmark.extra_info.update(case)
-    print(f"\n{shape} {case['dtype']} M={m}: path={choice.path} graph {case['speedup_graph']} eager "
-          f"{case['speedup_eager']} torch {case['speedup_torch_semi_structured_eager']}")
-    assert err < 5e-2
-
-
 # ------------------------------------------------------------------------------------------ end to end
 def _prune_24_(w: torch.Tensor) -> None:
     """Magnitude 2:4 in place (the 2 smallest |w| of each group of 4), on the GPU."""
@@ -226,13 +181,60 @@ def test_e2e_llama7b_shaped(benchmark):
         res["decode_graph_speedup"] = res["decode_graph_tok_s_sparse"] / res["decode_graph_tok_s_dense"]
     res["greedy_tokens_agree"] = sum(a == b for a, b in zip(res.pop("tokens_dense"), res.pop("tokens_sparse"))) / 64
     RESULTS["e2e"] = res
+    _write()
     benchmark.extra_info.update(res)
     benchmark.pedantic(lambda: (sparse(prompt[:, :256], logits_to_keep=1), torch.cuda.synchronize()), rounds=3)
     print("\n", json.dumps(res, indent=1))
     assert res["n_sparse_linears"] == 7 * layers
 
 
-def test_write_results():
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
+def test_linear(benchmark, shape, dtype, m):
+    dense, mods, torch_sparse = _setup(shape, dtype)
+    x = torch.randn(m, shape[1], device="cuda", dtype=dtype)
+    with torch.no_grad():
+        dense_fns = [lambda w=w: F.linear(x, w) for w in dense]
+        sparse_fns = [lambda s=s: s(x) for s in mods]
+        t = {
+            "dense_graph": _safe_time(dense_fns), "sparse_graph": _safe_time(sparse_fns),
+            "dense_eager": _safe_time(dense_fns, graph=False), "sparse_eager": _safe_time(sparse_fns, graph=False),
+        }
+        if isinstance(torch_sparse, Exception):
+            t["torch_semi_structured_eager"] = None
+            torch_err = f"{type(torch_sparse).__name__}: {torch_sparse}"
+        else:
+            t["torch_semi_structured_eager"] = _safe_time([lambda: F.linear(x, torch_sparse)], graph=False)
+            torch_err = None
+        choice = mods[0].choose(m)
+        # correctness in the timed configuration
+        ref = F.linear(x.float(), dense[0].float())
+        err = float((mods[0](x).float() - ref).abs().max() / ref.abs().max().clamp_min(1))
+
+        def run():
+            for s in mods:
+                s(x)
+            torch.cuda.synchronize()
+
+        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    ratio = lambda a, b: None if (t[a] is None or t[b] is None) else t[a] / t[b]  # noqa: E731
+    case = {
+        "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "m": m, "path": choice.path,
+        "cslt_config": choice.cslt.as_dict() if choice.cslt else None, "times_ms": t,
+        "tuning_times_ms": choice.times_ms, "max_rel_err": err, "torch_semi_structured_error": torch_err,
+        "speedup_graph": ratio("dense_graph", "sparse_graph"), "speedup_eager": ratio("dense_eager", "sparse_eager"),
+        "speedup_torch_semi_structured_eager": ratio("dense_eager", "torch_semi_structured_eager"),
+    }
+    RESULTS["cases"].append(case)
+    _write()  # after every case, so a time-out still leaves the measured part
+    benchmark.extra_info.update(case)
+    print(f"\n{shape} {case['dtype']} M={m}: path={choice.path} graph {case['speedup_graph']} eager "
+          f"{case['speedup_eager']} torch {case['speedup_torch_semi_structured_eager']}")
+    assert err < 5e-2
+
+
+def _write():
     RESULTS["env"] = env_info()
     RESULTS["tuning_table"] = {k: {str(b): c.to_json() for b, c in v.items()} for k, v in TABLE.entries.items()}
     RESULTS["method"] = ("times are medians of CUDA-event timings; *_graph: one CUDA graph replaying the call "
@@ -242,4 +244,8 @@ def test_write_results():
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(RESULTS, f, indent=1)
+
+
+def test_write_results():
+    _write()
     assert RESULTS["cases"]

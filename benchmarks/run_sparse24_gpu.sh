@@ -5,7 +5,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-MODE=" ${MODE:-tests slow bench} "
+MODE=" ${MODE:-diag tests slow bench} "
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
 W=/tmp/w
 if [ ! -f $W/llmprune_kernels/_C*.so ] || [ csrc/sparse24/sparse24_cusparselt.cpp -nt $W/.built ]; then
@@ -21,12 +21,16 @@ rm -rf $W/python_tests $W/benchmarks && cp -r python_tests benchmarks $W/
 export PYTHONPATH=$W:/tmp/site
 cd $W
 python -c "import llmprune_kernels as l, torch; print(l.backends(), torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee $OUT/env.txt
-if [[ "$MODE" == *" tests "* ]]; then
-  timeout ${TEST_TIMEOUT:-200} python -m pytest -q -x -p no:cacheprovider python_tests/test_pack24.py python_tests/test_sparse24_matmul.py python_tests/test_sparse_linear.py -m "not slow" ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -40 | tee $OUT/tests.txt
-fi
-if [[ "$MODE" == *" slow "* ]]; then
-  timeout 150 python -m pytest -q -x -p no:cacheprovider python_tests/test_sparse_linear.py -m slow -k cuda 2>&1 | tail -15 | tee $OUT/slow.txt
+if [[ "$MODE" == *" diag "* ]]; then
+  timeout 200 python benchmarks/diag_cusparselt.py 2>&1 | tee $OUT/diag.txt
+  if [ ${PIPESTATUS[0]} -ne 0 ]; then echo "cuSPARSELt path disabled (diag step A failed)"; export LLMPRUNE_NO_CUSPARSELT=1; fi
 fi
 if [[ "$MODE" == *" bench "* ]]; then
   SPARSE24_RESULTS=$OUT/sparse24_h100.json timeout ${BENCH_TIMEOUT:-300} python -m pytest -q -s -p no:cacheprovider benchmarks/bench_sparse24.py ${BENCH_K:+-k "$BENCH_K"} --benchmark-json=$OUT/pytest_benchmark.json 2>&1 | grep -v "^$" | tail -80 | tee $OUT/bench.txt
+fi
+if [[ "$MODE" == *" tests "* ]]; then
+  timeout ${TEST_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider python_tests/test_pack24.py python_tests/test_sparse24_matmul.py python_tests/test_sparse_linear.py -m "not slow" ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -40 | tee $OUT/tests.txt
+fi
+if [[ "$MODE" == *" slow "* ]]; then
+  timeout 150 python -m pytest -q -x -p no:cacheprovider python_tests/test_sparse_linear.py -m slow -k cuda 2>&1 | tail -15 | tee $OUT/slow.txt
 fi

@@ -1,6 +1,8 @@
 """The Triton 2:4 decode kernel and the cuSPARSELt op against the masked dense reference."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,14 @@ from llmprune_kernels.sparse24.dispatch import random_24_weight
 from llmprune_kernels.sparse24.pack import pack_24, unpack_24
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.fixture
+def tdevice(device):
+    """Devices Triton can run on here: CUDA, or CPU only under the Triton interpreter."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1 (set by conftest when no GPU is present)")
+    return device
 
 
 def check_close(got, x, packed, bias):
@@ -24,14 +34,16 @@ def check_close(got, x, packed, bias):
 # Small sizes: these run under the Triton interpreter on CPU (seconds each).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n, k, m, bias", [(48, 128, 1, True), (20, 76, 3, False), (64, 64, 17, True)])
-def test_decode_kernel_small(dtype, n, k, m, bias, device):
+def test_decode_kernel_small(dtype, n, k, m, bias, tdevice):
+    device = tdevice
     p = pack_24(random_24_weight(n, k, dtype, device))
     b = torch.randn(n, device=device).to(dtype) if bias else None
     x = torch.randn(2, m, k, device=device).to(dtype)[0]  # a strided-batch view as input
     check_close(sparse24_mm(x, p.values, p.meta, b, k, block=(16, 64)), x, p, b)
 
 
-def test_decode_kernel_leading_dims_and_errors(device):
+def test_decode_kernel_leading_dims_and_errors(tdevice):
+    device = tdevice
     p = pack_24(random_24_weight(32, 64, torch.float32, device))
     x = torch.randn(2, 3, 64, device=device)
     y = sparse24_mm(x, p.values, p.meta, None, 64, block=(16, 64))
@@ -43,7 +55,8 @@ def test_decode_kernel_leading_dims_and_errors(device):
         sparse24_mm(x.half(), p.values, p.meta, None, 64)
 
 
-def test_decode_custom_op_opcheck(device):
+def test_decode_custom_op_opcheck(tdevice):
+    device = tdevice
     p = pack_24(random_24_weight(32, 64, torch.float32, device))
     x = torch.randn(3, 64, device=device)
     b = torch.randn(32, device=device)
@@ -76,8 +89,19 @@ def test_cusparselt_linear_matches_reference(dtype, m):
     b = torch.randn(n, device="cuda", dtype=dtype)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     check_close(cslt.linear(x, comp, n, b), x, p, b)
-    cfg = cslt.search(x, comp, n)
-    check_close(cslt.linear(x, comp, n, None, cfg), x, p, None)
+    for alg in range(cslt.max_alg_id(x, comp, n) + 1):  # every algorithm config gives the same product
+        check_close(cslt.linear(x, comp, n, None, cslt.CsltConfig(alg)), x, p, None)
+
+
+@pytest.mark.cuda
+@needs_cslt
+def test_cusparselt_search_by_timing():
+    from llmprune_kernels.sparse24.dispatch import time_ms
+
+    w = random_24_weight(512, 1024, torch.float16, "cuda")
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.float16)
+    cfg, best, times = cslt.search(x, [cslt.compress(w)], 512, lambda fns: time_ms(fns, reps=5))
+    assert times and best == min(times.values()) and cfg.alg_id in times
 
 
 @pytest.mark.cuda

@@ -4,9 +4,10 @@
 // setup that makes eager 2:4 slower than dense). Here the weight is compressed once
 // (sparse24_cslt_compress) and plans live in a process-wide cache keyed by
 // (device, dtype, out, in, padded M, algorithm config): every layer of one shape shares them, and an
-// eager call after the first pays only cusparseLtMatmul. The algorithm comes from
-// cusparseLtMatmulSearch (sparse24_cslt_search) at tuning time, so nothing is searched or synchronised
-// while a CUDA graph is being captured.
+// eager call after the first pays only cusparseLtMatmul. The algorithm is picked at tuning time by
+// timing every config id (sparse24_cslt_max_alg_id + Python), so nothing is searched or synchronised
+// while a CUDA graph is being captured. sparse24_cslt_search (cusparseLtMatmulSearch) is kept for
+// experiments only: with cuSPARSELt 0.8 on the H100 it crashed the process (segfault) for this layout.
 //
 // Layout: y[M, out] = x[M, in] @ W[out, in]^T is computed as D = A * op(B) with A = W (structured,
 // row-major), B = x (row-major [M, in], op = transpose) and D column-major [out, M], which is y
@@ -222,6 +223,31 @@ std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& compress
   return {alg, split_k, split_k_mode, split_k_buffers, max_alg};
 }
 
+// Highest algorithm config id for this problem (no plan, no search): Python times each id itself.
+int64_t cslt_max_alg_id(const at::Tensor& x, const at::Tensor& compressed, int64_t out) {
+  check_inputs(x, compressed, out);
+  c10::cuda::CUDAGuard guard(x.device());
+  int64_t m_pad = (x.size(0) + kRowAlign - 1) / kRowAlign * kRowAlign;
+  auto* h = handle_for(x.get_device());
+  cudaDataType type = cuda_type(x);
+  cusparseLtMatDescriptor_t a, b, d;
+  cusparseLtMatmulDescriptor_t matmul;
+  cusparseLtMatmulAlgSelection_t alg_sel;
+  init_weight_desc(h, &a, out, x.size(1), type);
+  CSLT_CHECK(cusparseLtDenseDescriptorInit(h, &b, m_pad, x.size(1), x.size(1), 16, type, CUSPARSE_ORDER_ROW));
+  CSLT_CHECK(cusparseLtDenseDescriptorInit(h, &d, out, m_pad, out, 16, type, CUSPARSE_ORDER_COL));
+  CSLT_CHECK(cusparseLtMatmulDescriptorInit(h, &matmul, CUSPARSE_OPERATION_NON_TRANSPOSE, CUSPARSE_OPERATION_TRANSPOSE,
+                                            &a, &b, &d, &d, CUSPARSE_COMPUTE_32F));
+  CSLT_CHECK(cusparseLtMatmulAlgSelectionInit(h, &alg_sel, &matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
+  int max_alg = 0;
+  CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(h, &alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID, &max_alg, sizeof(max_alg)));
+  CSLT_CHECK(cusparseLtMatmulAlgSelectionDestroy(&alg_sel));
+  CSLT_CHECK(cusparseLtMatDescriptorDestroy(&a));
+  CSLT_CHECK(cusparseLtMatDescriptorDestroy(&b));
+  CSLT_CHECK(cusparseLtMatDescriptorDestroy(&d));
+  return max_alg;
+}
+
 int64_t cslt_plan_count() {
   std::lock_guard<std::mutex> lock(g_mutex);
   return static_cast<int64_t>(g_plans.size());
@@ -234,6 +260,7 @@ TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
   m.def("sparse24_cslt_linear(Tensor x, Tensor compressed, int out_features, Tensor? bias, int alg_id=-1, "
         "int split_k=-1, int split_k_mode=-1, int split_k_buffers=-1) -> Tensor");
   m.def("sparse24_cslt_search(Tensor x, Tensor compressed, int out_features) -> int[]");
+  m.def("sparse24_cslt_max_alg_id(Tensor x, Tensor compressed, int out_features) -> int");
   m.def("sparse24_cslt_plan_count() -> int", &cslt_plan_count);  // no tensor argument: one catch-all kernel
 }
 
@@ -241,4 +268,5 @@ TORCH_LIBRARY_IMPL(llmprune_kernels, CUDA, m) {
   m.impl("sparse24_cslt_compress", &cslt_compress);
   m.impl("sparse24_cslt_linear", &cslt_linear);
   m.impl("sparse24_cslt_search", &cslt_search);
+  m.impl("sparse24_cslt_max_alg_id", &cslt_max_alg_id);
 }

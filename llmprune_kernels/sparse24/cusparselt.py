@@ -6,6 +6,7 @@ implementation that torch.compile needs and wraps the search that picks the algo
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,7 +15,9 @@ from llmprune_kernels import _ext
 
 
 def available() -> bool:
-    """Our cuSPARSELt ops were compiled in and a GPU is visible."""
+    """Our cuSPARSELt ops were compiled in, a GPU is visible, and LLMPRUNE_NO_CUSPARSELT is not set."""
+    if os.environ.get("LLMPRUNE_NO_CUSPARSELT", "0") == "1":
+        return False
     return _ext.ext_with_cusparselt() and torch.cuda.is_available()
 
 
@@ -52,10 +55,34 @@ def linear(x: torch.Tensor, compressed: torch.Tensor, out_features: int, bias: t
     )
 
 
-def search(x: torch.Tensor, compressed: torch.Tensor, out_features: int) -> CsltConfig:
-    """Run cusparseLtMatmulSearch for this M (times every algorithm; synchronises, never in a graph)."""
+def max_alg_id(x: torch.Tensor, compressed: torch.Tensor, out_features: int) -> int:
+    """Highest cuSPARSELt algorithm config id for this problem size."""
+    return int(torch.ops.llmprune_kernels.sparse24_cslt_max_alg_id(x, compressed, out_features))
+
+
+def library_search(x: torch.Tensor, compressed: torch.Tensor, out_features: int) -> CsltConfig:
+    """cusparseLtMatmulSearch (experimental: it segfaulted with cuSPARSELt 0.8 on H100 for this layout)."""
     alg, split_k, mode, buffers, _max_alg = torch.ops.llmprune_kernels.sparse24_cslt_search(x, compressed, out_features)
     return CsltConfig(int(alg), int(split_k), int(mode) if split_k > 1 else -1, int(buffers) if split_k > 1 else -1)
+
+
+def search(x: torch.Tensor, compresseds: list[torch.Tensor], out_features: int, time_fn, max_algs: int = 24
+           ) -> tuple[CsltConfig, float, dict[int, float]]:
+    """Time every algorithm config id (up to ``max_algs``) with ``time_fn(fns)``; return the fastest.
+
+    ``compresseds``: weight copies to cycle through (so the timing reads from HBM like a real model).
+    """
+    times = {}
+    for alg in range(min(max_alg_id(x, compresseds[0], out_features), max_algs - 1) + 1):
+        cfg = CsltConfig(alg)
+        try:
+            times[alg] = time_fn([lambda c=c, cfg=cfg: linear(x, c, out_features, None, cfg) for c in compresseds])
+        except RuntimeError:  # a config that rejects this problem simply does not compete
+            continue
+    if not times:
+        raise RuntimeError(f"no cuSPARSELt algorithm runs {out_features}x{x.shape[1]} at M={x.shape[0]}")
+    best = min(times, key=times.get)
+    return CsltConfig(best), times[best], times
 
 
 def plan_count() -> int:

@@ -156,7 +156,7 @@ def weight_copies(nbytes_sparse: int, device) -> int:
 
 @torch.no_grad()
 def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="cuda",
-               buckets=BUCKETS, reps: int = 20) -> dict[int, Choice]:
+               buckets=BUCKETS, reps: int = 10) -> dict[int, Choice]:
     """Measure every applicable path for each M bucket on random 2:4 weights of this shape."""
     device = torch.device(device)
     dense = [random_24_weight(out_features, in_features, dtype, device)]
@@ -173,11 +173,13 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
         cands = {"dense": [lambda w=w: F.linear(x, w) for w in dense]}
         if HAS_TRITON and m <= DECODE_MAX_M:
             cands["decode"] = [lambda p=p: sparse24_mm(x, p.values, p.meta, None, in_features) for p in packed]
-        cfg = None
+        times, cfg = {}, None
         if use_cslt:
-            cfg = cslt.search(x, comp[0], out_features)
-            cands["cusparselt"] = [lambda c=c: cslt.linear(x, c, out_features, None, cfg) for c in comp]
-        times = {}
+            try:
+                cfg, times["cusparselt"], _ = cslt.search(
+                    x, comp, out_features, lambda fns: time_ms(fns, reps=reps, trials=3), max_algs=12)
+            except RuntimeError as exc:
+                print(f"sparse24 tuning: cusparselt failed for {shape_key(out_features, in_features, dtype)} M={m}: {exc}")
         for path, fns in cands.items():
             try:
                 times[path] = time_ms(fns, reps=reps)

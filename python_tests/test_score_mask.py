@@ -114,6 +114,14 @@ def test_long_row_paths(cols):
     check(quantized(2, cols), torch.ones(cols, device=DEV), SparsityConfig(0.6), cap=16)
 
 
+@pytest.mark.parametrize("tune", [dict(rows_per_prog=4, warps_per_row=2, cap=8), dict(rows_per_prog=1, float=False)])
+def test_launch_variants(tune):
+    """Rows per program that do not divide the row count, a tiny bucket buffer, integer compares."""
+    w = torch.randn(5, 300, device=DEV).half()
+    check(w, torch.rand(300, device=DEV), SparsityConfig(0.45), **tune)
+    check(quantized(5, 300), torch.ones(300, device=DEV), SparsityConfig(0.45), **tune)
+
+
 @pytest.mark.parametrize("gdtype", [torch.float16, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", [SparsityConfig(0.5), SparsityConfig(n=2, m=4)])
 def test_gblm_equals_reference(gdtype, pattern):

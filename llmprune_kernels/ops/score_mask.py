@@ -1,8 +1,8 @@
 """Fused score-and-mask: Wanda / GBLM / RIA scores and exact per-row top-k or N:M masks in one pass.
 
-One Triton program owns one output row (unstructured) or a tile of rows x groups (N:M). It reads W (and
-G for GBLM) once, computes the fp32 score exactly as the reference does, maps it to an order-preserving
-int32 key and selects:
+One Triton program owns a few output rows (unstructured) or a tile of rows x groups (N:M). It reads W
+(and G for GBLM) once, computes the fp32 score exactly as the reference does, maps it to an
+order-preserving int32 key and selects:
 
 * unstructured: the exact k-th smallest key t by a bitwise binary search (radix select, most significant
   bit first) - 16 full-row counting passes for the high half, then the few keys inside the 16-bit bucket
@@ -37,7 +37,9 @@ except ImportError:  # the CPU torch wheel does not bring Triton: reference path
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK = 16384  # longest row kept in registers; longer rows use the chunked kernel
 CHUNK = 4096
-FLOAT_COMPARE = True  # count with fp32 compares where a row's scores are finite (see _search_hi)
+FLOAT_COMPARE = True  # count with fp32 compares where a row's scores are finite (see _tile_select)
+ROWS_PER_PROG = 2  # rows per program of the in-register kernel
+ROW_ELEMS_PER_WARP = 4096  # a row gets one warp per this many (padded) columns
 _MODES = {"wanda": 0, "gblm": 1, "ria": 2}
 _INT_MAX = 2**31 - 1
 
@@ -76,36 +78,85 @@ if HAS_TRITON:
         return tl.where(valid, k, 0x7FFFFFFF)  # padding is never below any candidate
 
     @triton.jit
-    def _search_hi(vals, k, FLOAT: tl.constexpr):
-        """Bits 31..16 of the k-th smallest key: (t, count(keys < t)).
+    def _tsum(x):
+        """Per-row sum of a [W, R, C] tile: C across a warp's lanes, W in registers (or across a few warps)."""
+        return tl.sum(tl.sum(x, axis=2), axis=0)
 
-        FLOAT: ``vals`` are the keys bitcast to fp32 (only for rows of finite, non-negative, non-subnormal
-        scores, where float order equals key order even with denormals flushed): compares then run on the FP32 pipe, twice as wide as INT32 on H100.
+    @triton.jit
+    def _row_excl_scan(x):
+        """Exclusive prefix sum of a [W, R, C] int tile along each row, in column order (w, c)."""
+        tot = tl.sum(x, axis=2)
+        off = tl.cumsum(tot, axis=0) - tot
+        return tl.cumsum(x, axis=2) - x + off[:, :, None]
+
+    @triton.jit
+    def _tile_select(key, valid, k, sp, R: tl.constexpr, CAP: tl.constexpr, FLOAT: tl.constexpr):
+        """Per row of a [W, R, C] key tile: (t, count(key < t)) for the k-th smallest key t.
+
+        Radix select, most significant bit first: bit b of t is set when fewer than k keys lie below the
+        candidate with it set. Bits 31..16 on the whole row; then the keys of the 16-bit bucket [t, t+65535]
+        are compacted into scratch (``sp``: CAP int32 per row) and bits 15..0 are searched on them alone
+        (on the whole row again when a bucket overflows, e.g. rows full of ties).
+        FLOAT: the keys are compared as fp32 (rows of finite, non-negative, non-subnormal scores, where float
+        order is key order even with denormals flushed): the FP32 pipe is twice as wide as INT32 on H100.
+        Candidates are clamped into [smallest normal, +inf], which leaves every count unchanged there.
         """
-        if FLOAT:  # no key is negative: bit 31 is 0
-            t = tl.zeros([], tl.int32)
-            cnt = tl.zeros([], tl.int32)
+        if FLOAT:
+            vals = key.to(tl.float32, bitcast=True)
+            t = tl.zeros([R], tl.int32)  # no key is negative: bit 31 is 0
+            cnt = tl.zeros([R], tl.int32)
         else:
-            c = tl.sum((vals < 0).to(tl.int32), axis=0)
+            vals = key
+            c = _tsum((vals < 0).to(tl.int32))
             t = tl.where(c < k, 0, -2147483647 - 1)
             cnt = tl.where(c < k, c, 0)
         for i in range(15):
             cand = t + (1 << (30 - i))
-            if FLOAT:  # clamp into [smallest normal, +inf]: no key is subnormal or >= +inf on this path, so the
-                # count is unchanged, and a NaN or flushed-subnormal candidate can't arise
+            if FLOAT:
                 cf = tl.minimum(tl.maximum(cand, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
-                c = tl.sum(tl.where(vals < cf, 1.0, 0.0), axis=0).to(tl.int32)
+                c = _tsum(tl.where(vals < cf[None, :, None], 1.0, 0.0)).to(tl.int32)
             else:
-                c = tl.sum((vals < cand).to(tl.int32), axis=0)
-            # fewer than k keys below cand: the k-th smallest is >= cand (helpers inlined: the interpreter
-            # pays milliseconds per device-function call)
-            t = tl.where(c < k, cand, t)
+                c = _tsum((vals < cand[None, :, None]).to(tl.int32))
+            t = tl.where(c < k, cand, t)  # helpers inlined: the interpreter pays ms per device-function call
             cnt = tl.where(c < k, c, cnt)
+        tb = t[None, :, None]
+        inb = (valid & (key >= tb) & (key <= tb + 65535)).to(tl.int32)
+        nb = _tsum(inb)
+        base = cnt
+        if tl.max(nb, axis=0) <= CAP:  # usually a handful of keys per row
+            pos = _row_excl_scan(inb)
+            tl.store(sp[None, :, None] + pos, key, mask=inb != 0)
+            tl.debug_barrier()  # other threads' stores must be visible before the reload
+            lane = tl.arange(0, CAP)[None, :]
+            buf = tl.load(sp[:, None] + lane, mask=lane < nb[:, None], other=0x7FFFFFFF, cache_modifier=".cg")
+            if FLOAT:
+                bufv = buf.to(tl.float32, bitcast=True)  # padding becomes NaN: never below a candidate
+            else:
+                bufv = buf
+            for i in range(16):
+                cand = t + (1 << (15 - i))
+                if FLOAT:
+                    cf = tl.minimum(tl.maximum(cand, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
+                    c = base + tl.sum(tl.where(bufv < cf[:, None], 1.0, 0.0), axis=1).to(tl.int32)
+                else:
+                    c = base + tl.sum((bufv < cand[:, None]).to(tl.int32), axis=1)
+                t = tl.where(c < k, cand, t)
+                cnt = tl.where(c < k, c, cnt)
+        else:
+            for i in range(16):
+                cand = t + (1 << (15 - i))
+                if FLOAT:
+                    cf = tl.minimum(tl.maximum(cand, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
+                    c = _tsum(tl.where(vals < cf[None, :, None], 1.0, 0.0)).to(tl.int32)
+                else:
+                    c = _tsum((vals < cand[None, :, None]).to(tl.int32))
+                t = tl.where(c < k, cand, t)
+                cnt = tl.where(c < k, c, cnt)
         return t, cnt
 
     @triton.jit
     def _search_lo(vals, base, t, cnt, k, FLOAT: tl.constexpr):
-        """Bits 15..0, counting keys below each candidate as base + count(vals < cand)."""
+        """Bits 15..0 of a 1-D search (chunked kernel): count(keys < cand) = base + count(vals < cand)."""
         for i in range(16):
             cand = t + (1 << (15 - i))
             if FLOAT:
@@ -115,31 +166,6 @@ if HAS_TRITON:
                 c = base + tl.sum((vals < cand).to(tl.int32), axis=0)
             t = tl.where(c < k, cand, t)
             cnt = tl.where(c < k, c, cnt)
-        return t, cnt
-
-    @triton.jit
-    def _select(key, valid, k, sp, CAP: tl.constexpr, FLOAT: tl.constexpr):
-        """(t, count(key < t)) for the k-th smallest key t of a row held in registers."""
-        if FLOAT:
-            vals = key.to(tl.float32, bitcast=True)
-        else:
-            vals = key
-        t, cnt = _search_hi(vals, k, FLOAT)
-        inb = valid & (key >= t) & (key <= t + 65535)  # the 16-bit bucket holding the k-th key
-        nb = tl.sum(inb.to(tl.int32), axis=0)
-        if nb <= CAP:  # usually a handful of keys: finish the search on them alone
-            pos = tl.cumsum(inb.to(tl.int32), axis=0) - 1
-            tl.store(sp + pos, key, mask=inb)
-            tl.debug_barrier()  # other threads' stores must be visible before the reload
-            lane = tl.arange(0, CAP)
-            buf = tl.load(sp + lane, mask=lane < nb, other=0x7FFFFFFF, cache_modifier=".cg")
-            if FLOAT:
-                bufv = buf.to(tl.float32, bitcast=True)  # padding becomes NaN: never below a candidate
-            else:
-                bufv = buf
-            t, cnt = _search_lo(bufv, cnt, t, cnt, k, FLOAT)
-        else:  # e.g. a row full of ties
-            t, cnt = _search_lo(vals, 0, t, cnt, k, FLOAT)
         return t, cnt
 
     @triton.jit
@@ -156,38 +182,52 @@ if HAS_TRITON:
             tl.store(w_ptr + row * stride_w + col, tl.zeros([BLOCK], dtype=w_ptr.dtype.element_ty), mask=prune)
 
     @triton.jit
-    def _row_topk_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
-                         n_cols, k, stride_w, stride_g, stride_m, stride_b,
-                         MODE: tl.constexpr, GPROMO: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
-                         WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr,
-                         FLOAT: tl.constexpr):
-        """Unstructured, one row per program, the whole row in registers."""
-        row = tl.program_id(0).to(tl.int64)
-        col = tl.arange(0, BLOCK)
-        valid = col < n_cols
+    def _rows_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
+                     n_rows, n_cols, k, stride_w, stride_g, stride_m, stride_b,
+                     MODE: tl.constexpr, GPROMO: tl.constexpr, W: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                     CAP: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr,
+                     FLOAT: tl.constexpr):
+        """Unstructured: R rows per program, each held in registers as W chunks of C columns.
+
+        The tile is [W, R, C] so that Triton's default layout puts C across a warp's lanes and the R rows
+        across warps: a row's counts then reduce within its warp(s), without block-wide barriers, which
+        matters because the search is a chain of ~35 dependent reductions.
+        """
+        r1 = (tl.program_id(0) * R + tl.arange(0, R)).to(tl.int64)
+        rows = r1[None, :, None]
+        col = (tl.arange(0, W)[:, None] * C + tl.arange(0, C)[None, :])[:, None, :]
+        valid = (col < n_cols) & (rows < n_rows)
         if MODE == 2:
-            rs = tl.load(rs_ptr + row)
+            rs = tl.load(rs_ptr + rows, mask=rows < n_rows, other=1.0)
         else:
             rs = 1.0
-        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row * stride_w + col, row * stride_g + col, col, valid,
+        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows * stride_w + col, rows * stride_g + col, col, valid,
                    MODE, GPROMO)
         key = _keys(s, valid)
-        sp = scratch_ptr + row * CAP
+        sp = scratch_ptr + r1 * CAP
         if FLOAT:
             # float order == key order for finite non-negative normal scores (and zeros); else integer compares
             odd = valid & ((key < 0) | (key >= 0x7F800000) | ((key > 0) & (key < 0x00800000)))
-            odd = tl.max(tl.where(odd, 1, 0), axis=0)
+            odd = tl.max(tl.max(tl.max(tl.where(odd, 1, 0), axis=2), axis=1), axis=0)
             if odd == 0:
-                t, cnt = _select(key, valid, k, sp, CAP, True)
-            else:  # Inf or NaN scores in this row
-                t, cnt = _select(key, valid, k, sp, CAP, False)
+                t, cnt = _tile_select(key, valid, k, sp, R, CAP, True)
+            else:  # Inf, NaN or subnormal scores in this tile
+                t, cnt = _tile_select(key, valid, k, sp, R, CAP, False)
         else:
-            t, cnt = _select(key, valid, k, sp, CAP, False)
-        eq = (valid & (key == t)).to(tl.int32)
-        rank = tl.cumsum(eq, axis=0) - eq  # equal keys before this column
-        prune = valid & ((key < t) | ((eq != 0) & (rank < k - cnt)))
-        _write(prune, col, valid, row, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b, 0, (n_cols + 7) // 8,
-               BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
+            t, cnt = _tile_select(key, valid, k, sp, R, CAP, False)
+        tb = t[None, :, None]
+        eq = (valid & (key == tb)).to(tl.int32)
+        rank = _row_excl_scan(eq)  # equal keys before this column
+        prune = valid & ((key < tb) | ((eq != 0) & (rank < (k - cnt)[None, :, None])))
+        if WRITE_MASK:
+            tl.store(mask_ptr + rows * stride_m + col, prune.to(tl.uint8), mask=valid)
+        if WRITE_BITS:  # C is a multiple of 8: each byte's 8 columns lie in one chunk
+            byte = tl.sum(tl.reshape(prune.to(tl.int32) << (col % 8), [W, R, C // 8, 8]), axis=3)
+            bcol = (tl.arange(0, W)[:, None] * (C // 8) + tl.arange(0, C // 8)[None, :])[:, None, :]
+            tl.store(bits_ptr + rows * stride_b + bcol, byte.to(tl.uint8),
+                     mask=(bcol < (n_cols + 7) // 8) & (rows < n_rows))
+        if ZERO_W:
+            tl.store(w_ptr + rows * stride_w + col, tl.zeros([W, R, C], dtype=w_ptr.dtype.element_ty), mask=prune)
 
     @triton.jit
     def _chunk_key(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, c0, n_cols, stride_w, stride_g,
@@ -415,7 +455,7 @@ def _nm_tile(config: SparsityConfig, cols: int, tune: dict) -> tuple[int, int, i
     mp = _next_pow2(m)
     groups = max(1, cols // m)
     bg = min(_next_pow2(groups), max(1, tune.get("tile_cols", 256) // mp))
-    br = max(1, tune.get("tile", 2048) // (bg * mp))
+    br = max(1, tune.get("tile", 1024) // (bg * mp))
     return mp, bg, br, mp == m and (bg * m) % 8 == 0
 
 
@@ -423,18 +463,23 @@ def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
     rows, cols = w.shape
     max_block = tune.get("max_block", MAX_BLOCK)
     block = max(16, _next_pow2(cols))
-    chunked = block > max_block
-    if chunked:
+    if block > max_block:  # stream the row in chunks
         block = min(tune.get("chunk", CHUNK), max_block)
-    cap = tune.get("cap", min(block, 256 if block <= 4096 else 512))
-    warps = tune.get("num_warps", 4 if block <= 1024 else 8 if block <= 4096 else 16)
-    scratch = torch.empty(rows * cap, dtype=torch.int32, device=w.device)
-    args = (w, g, f, cs, rs, out, bits, scratch, cols, k, w.stride(0), g.stride(0), out.stride(0), bits.stride(0))
-    if chunked:
-        _row_topk_chunked_kernel[(rows,)](*args, BLOCK=block, CAP=cap, num_warps=warps, **flags)
-    else:
-        _row_topk_kernel[(rows,)](*args, BLOCK=block, CAP=cap, num_warps=warps, FLOAT=tune.get("float", FLOAT_COMPARE),
-                                  **flags)
+        cap = tune.get("cap", 512)
+        scratch = torch.empty(rows * cap, dtype=torch.int32, device=w.device)
+        _row_topk_chunked_kernel[(rows,)](
+            w, g, f, cs, rs, out, bits, scratch, cols, k, w.stride(0), g.stride(0), out.stride(0), bits.stride(0),
+            BLOCK=block, CAP=cap, num_warps=tune.get("num_warps", 8), **flags)
+        return
+    c = min(block, 32 * (16 // w.element_size()))  # one warp's lanes, 16-byte loads each
+    wpr = tune.get("warps_per_row", max(1, block // ROW_ELEMS_PER_WARP))
+    r = tune.get("rows_per_prog", ROWS_PER_PROG)
+    cap = tune.get("cap", 128 if block <= 4096 else 256)
+    scratch = torch.empty(triton.cdiv(rows, r) * r * cap, dtype=torch.int32, device=w.device)
+    _rows_kernel[(triton.cdiv(rows, r),)](
+        w, g, f, cs, rs, out, bits, scratch, rows, cols, k, w.stride(0), g.stride(0), out.stride(0), bits.stride(0),
+        W=block // c, R=r, C=c, CAP=cap, num_warps=tune.get("num_warps", r * wpr),
+        FLOAT=tune.get("float", FLOAT_COMPARE), **flags)
 
 
 def _launch_nm(w, g, f, cs, rs, out, bits, config, flags, tune):

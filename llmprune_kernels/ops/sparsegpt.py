@@ -48,22 +48,30 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 @contextlib.contextmanager
 def tf32_matmul(enabled: bool) -> Iterator[None]:
-    """Set TF32 for CUDA fp32 matmuls inside the block (default off, like the reference code), then restore."""
+    """TF32 on or off for CUDA fp32 matmuls inside the block, then restored; untouched when already right.
+
+    Uses the ``fp32_precision`` API of torch >= 2.9 (reading the legacy ``allow_tf32`` after a mix of both
+    APIs raises); the default state ("none": no TF32, like the reference code) is left alone when
+    ``enabled`` is False.
+    """
     m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):  # torch >= 2.9 API; the legacy flag mirrors it
-        old = m.fp32_precision
-        m.fp32_precision = "tf32" if enabled else "ieee"
-        try:
-            yield
-        finally:
-            m.fp32_precision = old
-    else:  # pragma: no cover - older torch
+    if not hasattr(m, "fp32_precision"):  # pragma: no cover - torch < 2.9
         old = m.allow_tf32
         m.allow_tf32 = enabled
         try:
             yield
         finally:
             m.allow_tf32 = old
+        return
+    old = m.fp32_precision
+    if (old == "tf32") == enabled:
+        yield
+        return
+    m.fp32_precision = "tf32" if enabled else "ieee"
+    try:
+        yield
+    finally:
+        m.fp32_precision = old
 
 
 @torch.no_grad()

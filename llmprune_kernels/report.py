@@ -1,0 +1,97 @@
+"""The JSON report of a pruning run: what was pruned, how, how well, how fast, on what software."""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmprune_kernels.backends import backends
+
+REPORT_VERSION = 1
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the packages a result depends on (None when not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                  "cuda": torch.version.cuda}
+    for pkg in ("llmprune_kernels", "transformers", "triton", "safetensors", "gguf", "accelerate", "tokenizers"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def host() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def build_report(
+    *,
+    model: str,
+    method: str | None,
+    options: dict[str, Any] | None = None,
+    sparsity: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    prune_result: Any = None,
+    dense_ppl: float | None = None,
+    pruned_ppl: float | None = None,
+    timings: dict[str, float] | None = None,
+    output_dir: str | None = None,
+) -> dict[str, Any]:
+    """Assemble the report dict (``prune_result`` is a ``pipeline.PruneResult`` or None)."""
+    report: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "method": method,
+        "options": options or {},
+        "sparsity": sparsity,
+        "data": data or {},
+        "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl},
+        "timings_s": timings or {},
+        "output_dir": output_dir,
+        "backends": backends(),
+        "versions": versions(),
+        "host": host(),
+    }
+    if prune_result is not None:
+        d = prune_result.to_dict()
+        report["overall_sparsity"] = d["overall_sparsity"]
+        report["linears"] = d["linears"]
+        report["layer_times_s"] = d["layer_times_s"]
+        report["timings_s"].setdefault("capture", d["capture_time_s"])
+        report["timings_s"].setdefault("prune", d["total_time_s"])
+    return report
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write JSON via a temporary file and an atomic rename (never a truncated report)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (torch.dtype, torch.device, Path)):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() <= 64 else f"tensor{tuple(obj.shape)}"
+    return repr(obj)

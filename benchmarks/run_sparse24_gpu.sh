@@ -5,7 +5,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-MODE=" ${MODE:-diag tests slow bench} "
+MODE=" ${MODE:-diag bench e2e tests slow} "
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
 W=/tmp/w
 if [ ! -f $W/llmprune_kernels/_C*.so ] || [ csrc/sparse24/sparse24_cusparselt.cpp -nt $W/.built ]; then
@@ -26,10 +26,15 @@ if [[ "$MODE" == *" diag "* ]]; then
   if [ ${PIPESTATUS[0]} -ne 0 ]; then echo "cuSPARSELt path disabled (diag step A failed)"; export LLMPRUNE_NO_CUSPARSELT=1; fi
 fi
 if [[ "$MODE" == *" bench "* ]]; then
-  SPARSE24_RESULTS=$OUT/sparse24_h100.json timeout ${BENCH_TIMEOUT:-300} python -m pytest -q -s -p no:cacheprovider benchmarks/bench_sparse24.py ${BENCH_K:+-k "$BENCH_K"} --benchmark-json=$OUT/pytest_benchmark.json 2>&1 | grep -v "^$" | tail -80 | tee $OUT/bench.txt
+  SPARSE24_RESULTS=$OUT/sparse24_h100.json SPARSE24_TABLE=$OUT/sparse24_tuning_h100.json timeout ${BENCH_TIMEOUT:-300} python -m pytest -q -s -p no:cacheprovider benchmarks/bench_sparse24.py ${BENCH_K:+-k "$BENCH_K"} --benchmark-json=$OUT/pytest_benchmark.json > $OUT/bench_full.txt 2>&1; grep -v "^$" $OUT/bench_full.txt | tail -60 | tee $OUT/bench.txt
+fi
+if [[ "$MODE" == *" e2e "* ]]; then
+  for mode in eager graph; do
+    timeout ${E2E_TIMEOUT:-120} python benchmarks/e2e_sparse24.py --mode $mode --layers ${E2E_LAYERS:-8} --table $OUT/sparse24_tuning_h100.json --results $OUT/sparse24_h100.json 2>&1 | tail -30 | tee $OUT/e2e_$mode.txt
+  done
 fi
 if [[ "$MODE" == *" tests "* ]]; then
-  timeout ${TEST_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider python_tests/test_pack24.py python_tests/test_sparse24_matmul.py python_tests/test_sparse_linear.py -m "not slow" ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -40 | tee $OUT/tests.txt
+  timeout ${TEST_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider python_tests/test_pack24.py python_tests/test_sparse24_matmul.py python_tests/test_sparse_linear.py -m "not slow" ${TEST_K:+-k "$TEST_K"} > $OUT/tests_full.txt 2>&1; tail -40 $OUT/tests_full.txt | tee $OUT/tests.txt
 fi
 if [[ "$MODE" == *" slow "* ]]; then
   timeout 150 python -m pytest -q -x -p no:cacheprovider python_tests/test_sparse_linear.py -m slow -k cuda 2>&1 | tail -15 | tee $OUT/slow.txt

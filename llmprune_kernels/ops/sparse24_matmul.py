@@ -2,10 +2,14 @@
 
 Built for small M (decode, M <= 16), where a matmul is bound by reading the weight once: fp16/bf16 2:4
 moves 4.5 bytes per 4 weights (2 kept values + one 4-bit index nibble) instead of dense's 8, a 1.78x
-limit. Each program owns BLOCK_N output rows and streams their compressed values + metadata over K,
-expands every tile to its dense form in registers (no shared-memory scatter: four ``where`` selects per
-group and two ``join``s restore column order) and feeds ``tl.dot`` with x padded to 16 rows. Larger M
-runs correctly with a second grid axis, but cuSPARSELt or dense win there (see SparseLinear dispatch).
+limit. Each program owns BLOCK_N output rows and a 1/SPLIT_K slice of K; it streams their compressed
+values + metadata, prefetching the next tile into registers while the current one is expanded to its
+dense form (four ``where`` selects per group, two ``join``s restore column order) and fed to ``tl.dot``
+with x padded to 16 rows. The prefetch matters: the loads feed register math, not ``tl.dot`` directly,
+so Triton's own pipeliner does not overlap them. SPLIT_K > 1 writes fp32 partials that a second
+small kernel sums (deterministic, unlike atomics). The tile config is measured once per weight shape
+(L2 flushed between runs). Larger M runs correctly with a second grid axis, but cuSPARSELt or dense
+win there (see SparseLinear dispatch).
 Reference: :func:`llmprune_kernels.reference.sparse24_matmul.sparse24_linear_reference`.
 """
 from __future__ import annotations
@@ -27,34 +31,43 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if HAS_TRITON:
 
     @triton.jit
+    def _load_tile(v_ptr, m_ptr, offs_n, n_ok, stride_vn, stride_mn, k0, k_end,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_c[None, :],
+                    mask=n_ok[:, None] & (offs_c[None, :] < k_end // 2), other=0.0)
+        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        mb = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
+                     mask=n_ok[:, None] & (offs_b[None, :] * 8 < k_end), other=0)
+        return v, mb
+
+    @triton.jit
     def _sparse24_mm_kernel(
         x_ptr, v_ptr, m_ptr, b_ptr, y_ptr,
-        M, N, K,
-        stride_xm, stride_vn, stride_mn, stride_ym,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        M, N, K, K_PER_SPLIT,
+        stride_xm, stride_vn, stride_mn, stride_ym, stride_ys,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n_ok = offs_n < N
         m_ok = offs_m < M
+        k_start = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(K, k_start + K_PER_SPLIT)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            # Compressed values of BLOCK_K dense columns: BLOCK_K/2 contiguous elements per row.
-            offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            v = tl.load(
-                v_ptr + offs_n[:, None] * stride_vn + offs_c[None, :],
-                mask=n_ok[:, None] & (offs_c[None, :] < K // 2), other=0.0,
-            )
+        v_nxt, mb_nxt = _load_tile(v_ptr, m_ptr, offs_n, n_ok, stride_vn, stride_mn, k_start, k_end, BLOCK_N, BLOCK_K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            v = v_nxt
+            mb = mb_nxt.to(tl.int32)
+            # Issue the next tile's loads before this tile's math (register double buffering).
+            v_nxt, mb_nxt = _load_tile(v_ptr, m_ptr, offs_n, n_ok, stride_vn, stride_mn, k0 + BLOCK_K, k_end,
+                                       BLOCK_N, BLOCK_K)
             v0, v1 = tl.split(tl.reshape(v, [BLOCK_N, BLOCK_K // 4, 2]))
             # Metadata: one byte per two groups, low nibble first.
-            offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            mb = tl.load(
-                m_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
-                mask=n_ok[:, None] & (offs_b[None, :] < (K + 4) // 8), other=0,
-            ).to(tl.int32)
             nib = tl.reshape(tl.join(mb & 15, mb >> 4), [BLOCK_N, BLOCK_K // 4])
             i0 = nib & 3
             i1 = nib >> 2
@@ -67,42 +80,99 @@ if HAS_TRITON:
             # join(join(d0, d2), join(d1, d3)) flattens to d0, d1, d2, d3 per group.
             w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BLOCK_N, BLOCK_K])
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0,
-            )
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_ok[:, None] & (offs_k[None, :] < k_end), other=0.0)
             if IEEE:
                 # fp32 weights (and bf16 under the Triton interpreter, whose bf16 dot is wrong): fp32 math.
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-            acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :],
-        )
+        out_mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=out_mask)
+        else:  # fp32 partial of this K slice
+            tl.store(y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask=out_mask)
 
-    # Decode configs: a few row-block / K-block shapes; the best depends on (N, K) (wave count vs.
-    # bytes in flight per SM). Tuned once per weight shape, before any CUDA-graph capture.
-    _CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-        for bn, bk, nw, ns in [
-            (16, 256, 4, 3), (16, 256, 4, 5), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3),
-            (64, 256, 8, 3), (16, 1024, 8, 2),
-        ]
-    ]
-    _tuned_kernel = triton.autotune(configs=_CONFIGS, key=["N", "K", "IEEE"])(_sparse24_mm_kernel)
+    @triton.jit
+    def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(SPLIT_K):  # fixed order: deterministic
+            acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) candidates, measured per weight shape on first use.
+CONFIGS = [
+    (16, 256, 1, 4, 1), (16, 512, 1, 4, 1), (32, 256, 1, 4, 1), (16, 256, 2, 4, 1), (16, 256, 4, 4, 1),
+    (32, 256, 4, 4, 1), (16, 512, 4, 8, 1), (64, 128, 4, 4, 1), (32, 512, 2, 8, 1), (16, 256, 1, 4, 3),
+]
+DEFAULT_CONFIG = (16, 256, 2, 4, 1)
+_TUNED: dict[tuple, tuple] = {}
+
+
+def _launch(x2, values, meta, bias, y, m, n, k, config):
+    bn, bk, split, warps, stages = (tuple(config) + (4, 1))[:5] if len(config) == 3 else config
+    block_m = 16
+    ieee = x2.dtype == torch.float32 or (x2.dtype == torch.bfloat16 and not x2.is_cuda)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, k_per_split)  # never launch an empty K slice
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, block_m), split)
+    kw = {} if (_INTERPRET or not x2.is_cuda) else {"num_warps": warps, "num_stages": stages}
+    if split == 1:
+        _sparse24_mm_kernel[grid](
+            x2, values, meta, bias if bias is not None else values, y, m, n, k, k_per_split,
+            x2.stride(0), values.stride(0), meta.stride(0), y.stride(0), 0,
+            HAS_BIAS=bias is not None, IEEE=ieee, SPLIT_K=1, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **kw)
+        return
+    part = torch.empty(split, m, n, device=y.device, dtype=torch.float32)
+    _sparse24_mm_kernel[grid](
+        x2, values, meta, values, part, m, n, k, k_per_split,
+        x2.stride(0), values.stride(0), meta.stride(0), part.stride(1), part.stride(0),
+        HAS_BIAS=False, IEEE=ieee, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **kw)
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+        part, bias if bias is not None else part, y, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
+
+
+def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -> tuple:
+    """Measure every candidate config (L2 flushed between runs, triton.testing.do_bench) and cache the best."""
+    key = (n, k, dtype, m <= 16)
+    if key in _TUNED:
+        return _TUNED[key]
+    from llmprune_kernels.sparse24.dispatch import random_24_weight
+    from llmprune_kernels.sparse24.pack import pack_24
+
+    p = pack_24(random_24_weight(n, k, dtype, device))
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    y = torch.empty(m, n, device=device, dtype=dtype)
+    times = {}
+    for cfg in CONFIGS:
+        try:
+            times[cfg] = triton.testing.do_bench(
+                lambda cfg=cfg: _launch(x, p.values, p.meta, None, y, m, n, k, cfg), warmup=5, rep=25)
+        except Exception:  # e.g. out of shared memory / registers for this shape: does not compete
+            continue
+    _TUNED[key] = min(times, key=times.get) if times else DEFAULT_CONFIG
+    return _TUNED[key]
 
 
 def sparse24_mm(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
-    in_features: int | None = None, block: tuple[int, int] | None = None,
+    in_features: int | None = None, block: tuple | None = None,
 ) -> torch.Tensor:
     """``x [..., in] @ W.T (+ bias)`` for the packed 2:4 weight ``(values [out, in/2], meta)``.
 
-    ``block=(BLOCK_N, BLOCK_K)`` fixes the tile (tests); otherwise the autotuned config is used on a
-    GPU and a small fixed tile under the Triton interpreter.
+    ``block=(BLOCK_N, BLOCK_K, SPLIT_K[, num_warps, num_stages])`` fixes the tile; otherwise the
+    measured config for this shape is used on a GPU (measured now if new and not capturing a CUDA
+    graph) and a small fixed tile under the Triton interpreter.
     """
     if not HAS_TRITON:
         raise RuntimeError("sparse24_mm needs triton; install it or use SparseLinear's dense / reference path")
@@ -120,18 +190,17 @@ def sparse24_mm(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
-    ieee = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not x.is_cuda)
-    block_m = 16
-    args = (x2, values, meta, bias if bias is not None else values, y, m, n, k,
-            x2.stride(0), values.stride(0), meta.stride(0), y.stride(0))
-    if block is not None or _INTERPRET or not x.is_cuda:
-        bn, bk = block if block is not None else (16, 64)
-        grid = (triton.cdiv(n, bn), triton.cdiv(m, block_m))
-        _sparse24_mm_kernel[grid](*args, HAS_BIAS=bias is not None, IEEE=ieee,
-                                  BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk)
-    else:
-        grid = lambda meta_: (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
-        _tuned_kernel[grid](*args, HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_M=block_m)
+    if block is None:
+        if _INTERPRET or not x.is_cuda:
+            block = (16, 64, 1)
+        else:
+            block = _TUNED.get((n, k, x.dtype, m <= 16))
+            if block is None:
+                block = DEFAULT_CONFIG if torch.cuda.is_current_stream_capturing() else tune_config(
+                    n, k, x.dtype, m, x.device)
+    if len(block) == 2:
+        block = (block[0], block[1], 1)
+    _launch(x2, values, meta, bias, y, m, n, k, block)
     return y.reshape(*lead, n)
 
 

@@ -177,7 +177,7 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
         if use_cslt:
             try:
                 cfg, times["cusparselt"], _ = cslt.search(
-                    x, comp, out_features, lambda fns: time_ms(fns, reps=reps, trials=3), max_algs=12)
+                    x, comp, out_features, lambda fns: time_ms(fns, reps=reps, trials=3))
             except RuntimeError as exc:
                 print(f"sparse24 tuning: cusparselt failed for {shape_key(out_features, in_features, dtype)} M={m}: {exc}")
         for path, fns in cands.items():

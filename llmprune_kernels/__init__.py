@@ -2,16 +2,28 @@
 from llmprune_kernels import _ext  # noqa: F401  (loads _C or warns once)
 from llmprune_kernels.backends import backends
 from llmprune_kernels.methods import LayerPruner, available_methods, get_method
+from llmprune_kernels.nn import SparseLinear, sparsify_
 from llmprune_kernels.ops.act_norm import TritonActNormStats, act_norm_update_
 from llmprune_kernels.ops.score_mask import pack_mask_bits, score_and_mask, unpack_mask_bits
 from llmprune_kernels.reference.magnitude import magnitude_mask, magnitude_prune_
 from llmprune_kernels.reference.ria import ria_mask, ria_score
 from llmprune_kernels.reference.wanda import ActNormStats, wanda_mask, wanda_prune_, wanda_score
+from llmprune_kernels.sparse24 import Packed24, pack_24, to_torch_semi_structured, unpack_24
+from llmprune_kernels.sparse24.checkpoint import expand_to_dense, load_compressed, save_compressed
 from llmprune_kernels.validation import SparsityConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "unpack_24",
+    "to_torch_semi_structured",
+    "sparsify_",
+    "save_compressed",
+    "pack_24",
+    "load_compressed",
+    "expand_to_dense",
+    "SparseLinear",
+    "Packed24",
     "ActNormStats",
     "LayerPruner",
     "SparsityConfig",

@@ -11,10 +11,30 @@ from llmprune_kernels.reference.wanda import ActNormStats, wanda_mask, wanda_pru
 from llmprune_kernels.sparse24 import Packed24, pack_24, to_torch_semi_structured, unpack_24
 from llmprune_kernels.sparse24.checkpoint import expand_to_dense, load_compressed, save_compressed
 from llmprune_kernels.validation import SparsityConfig
+from llmprune_kernels.data import calibration_windows, eval_windows, get_calibration_and_eval, load_text
+from llmprune_kernels.evaluate import perplexity
+from llmprune_kernels.models import find_decoder_layers, load_model
+from llmprune_kernels.pipeline import PruneResult, capture_layer_inputs, prune_model, walk_layers
+from llmprune_kernels.report import build_report, write_json
+from llmprune_kernels.save import save_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PruneResult",
+    "build_report",
+    "calibration_windows",
+    "capture_layer_inputs",
+    "eval_windows",
+    "find_decoder_layers",
+    "get_calibration_and_eval",
+    "load_model",
+    "load_text",
+    "perplexity",
+    "prune_model",
+    "save_model",
+    "walk_layers",
+    "write_json",
     "unpack_24",
     "to_torch_semi_structured",
     "sparsify_",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import logging
 import sys
 import time
@@ -130,19 +129,22 @@ def _load(args):
     return model, tokenizer, model_display_name(args.model), time.perf_counter() - t0
 
 
-def _windows(args, tokenizer, nsamples: int | None):
+def _windows(args, tokenizer, nsamples: int | None, evaluate: bool = True):
     from llmprune_kernels import data
 
     text = data.load_text(args.text, args.eval_text)
-    eval_ids = data.eval_windows(data.tokenize(tokenizer, text.evaluation, "evaluation text"),
-                                 args.eval_seqlen or args.seqlen, args.eval_windows or None)
     calib = None
     if nsamples:
         calib = data.calibration_windows(data.tokenize(tokenizer, text.calibration, "calibration text"),
                                          nsamples, args.seqlen, args.seed)
+    eval_ids = None
+    if evaluate:
+        eval_ids = data.eval_windows(data.tokenize(tokenizer, text.evaluation, "evaluation text"),
+                                     args.eval_seqlen or args.seqlen, args.eval_windows or None)
     info = {"source": text.source, "text_files": args.text, "eval_text_files": args.eval_text,
             "nsamples": nsamples, "seqlen": args.seqlen, "seed": getattr(args, "seed", None),
-            "eval_seqlen": int(eval_ids.shape[1]), "eval_windows": int(eval_ids.shape[0])}
+            "eval_seqlen": None if eval_ids is None else int(eval_ids.shape[1]),
+            "eval_windows": None if eval_ids is None else int(eval_ids.shape[0])}
     return calib, eval_ids, info
 
 
@@ -168,7 +170,7 @@ def cmd_prune(args) -> int:
         if Path(args.output).exists() and not args.overwrite:
             raise FileExistsError(f"output directory {args.output!r} already exists; pass --overwrite to replace it")
     model, tokenizer, name, t_load = _load(args)
-    calib, eval_ids, data_info = _windows(args, tokenizer, args.nsamples)
+    calib, eval_ids, data_info = _windows(args, tokenizer, args.nsamples, args.evaluate)
     timings = {"load": t_load}
     dense = pruned = None
     if args.evaluate:
@@ -241,9 +243,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         # Bad input: one clear line instead of a traceback.
         print(f"llmprune: error: {exc}", file=sys.stderr)
         return 2

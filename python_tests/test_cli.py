@@ -1,0 +1,127 @@
+"""The ``llmprune`` command on a tiny saved model: prune, report, save, eval, and clear errors."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmprune_kernels.cli import build_parser, main
+from llmprune_kernels.save import save_model
+from tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_model(tiny_model("llama"), tiny_tokenizer(), root / "model")
+    (root / "text.txt").write_text(SAMPLE_TEXT * 30)
+    return root
+
+
+def _args(root, *extra):
+    return [str(root / "model"), "--text", str(root / "text.txt"), "--nsamples", "4", "--seqlen", "32",
+            "--device", "cpu", "-q", *extra]
+
+
+def test_prune_writes_report_and_model(tiny_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out, rep = tmp_path / "pruned", tmp_path / "report.json"
+    rc = main(["prune", *_args(tiny_dir, "--method", "wanda", "--sparsity", "0.5", "--output", str(out),
+                                "--report", str(rep))])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "perplexity:       dense" in printed and "-> pruned" in printed and "time:" in printed
+    report = json.loads(rep.read_text())
+    assert report["method"] == "wanda" and report["sparsity"]["label"] == "0.5"
+    assert report["data"]["nsamples"] == 4 and report["data"]["source"] == "files (split)"
+    assert report["perplexity"]["dense"] > 1 and report["perplexity"]["pruned"] > 1
+    assert len(report["linears"]) == 14 and all(s["sparsity"] == 0.5 for s in report["linears"])
+    assert all(0 < s["rel_error"] < 1.5 and s["time_s"] >= 0 for s in report["linears"])
+    assert {"load", "prune", "eval_dense", "eval_pruned", "total"} <= set(report["timings_s"])
+    assert set(report["backends"]) == {"cpu", "triton", "cuda", "cusparselt"}
+    assert report["versions"]["torch"] == torch.__version__
+    assert json.loads((out / "pruning_report.json").read_text())["method"] == "wanda"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    q = reloaded.model.layers[1].self_attn.q_proj.weight
+    assert ((q == 0).sum(1) == q.shape[1] // 2).all()
+
+
+def test_prune_pattern_without_eval(tiny_dir, capsys):
+    rc = main(["prune", *_args(tiny_dir, "--method", "magnitude", "--pattern", "2:4", "--no-eval")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "N:M pattern held: True" in printed and "perplexity" not in printed
+
+
+def test_method_options_pass_through(tiny_dir, tmp_path):
+    from llmprune_kernels.methods import available_methods
+
+    if "sparsegpt" not in available_methods():
+        pytest.skip("method 'sparsegpt' is not registered yet")
+    rep = tmp_path / "r.json"
+    assert main(["prune", *_args(tiny_dir, "--method", "sparsegpt", "--option", "blocksize=32", "--option",
+                                 "percdamp=0.05", "--no-eval", "--report", str(rep))]) == 0
+    assert json.loads(rep.read_text())["options"] == {"blocksize": 32, "percdamp": 0.05}
+    with pytest.raises(SystemExit):  # argparse usage error, exit status 2
+        main(["prune", *_args(tiny_dir, "--option", "no_equals_sign")])
+
+
+def test_eval_command(tiny_dir, tmp_path, capsys):
+    rep = tmp_path / "e.json"
+    assert main(["eval", str(tiny_dir / "model"), "--text", str(tiny_dir / "text.txt"), "--seqlen", "32", "-q",
+                 "--report", str(rep)]) == 0
+    assert "perplexity:" in capsys.readouterr().out
+    report = json.loads(rep.read_text())
+    assert report["method"] is None and report["perplexity"]["dense"] > 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sparsity", "1.5"], r"sparsity 1.5 is outside the allowed range \[0, 1\)"),
+        (["--pattern", "4:2"], r"N:M pattern 4:2 is invalid: allowed 1 <= N < M"),
+        (["--pattern", "2-4"], r"pattern '2-4' is not of the form N:M"),
+        (["--method", "nope"], r"unknown pruning method 'nope'; allowed:"),
+        (["--seqlen", "100000"], r"calibration text has \d+ tokens, fewer than one window of seqlen=100000"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_dir, capsys, extra, message):
+    import re
+
+    assert main(["prune", *_args(tiny_dir, *extra)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmprune: error: ") and re.search(message, err), err
+
+
+def test_empty_text_and_existing_output(tiny_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    assert main(["prune", str(tiny_dir / "model"), "--text", str(empty), "-q", "--nsamples", "2"]) == 2
+    assert "text is empty; calibration and evaluation need non-empty text" in capsys.readouterr().err
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    assert main(["prune", *_args(tiny_dir, "--output", str(existing))]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_help_names_paper_settings(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--help"])
+    text = capsys.readouterr().out
+    assert "128" in text and "2048" in text and "--pattern" in text
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("llmprune")
+    if exe is None:
+        pytest.skip("the llmprune entry point is not on PATH (package not pip-installed)")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "prune" in out and "eval" in out
+    out = subprocess.run([sys.executable, "-m", "llmprune_kernels.cli", "eval", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "--eval-windows" in out

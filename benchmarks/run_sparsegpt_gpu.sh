@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session for SparseGPT: isolated CUDA build of _C (module.cpp + csrc/sparsegpt only, so other
-# in-progress sources cannot break it), the tests (CPU and CUDA), the slow SmolLM2 test on CUDA, then the
+# One GPU session for SparseGPT: CUDA build of _C in a private copy of the tree (/tmp/wsg), the tests (CPU and CUDA), the slow SmolLM2 test on CUDA, then the
 # benchmarks. Writes everything to $OUT.  Usage (repo root): MODE="tests slow bench" bash benchmarks/run_sparsegpt_gpu.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
@@ -8,9 +7,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 MODE=" ${MODE:-tests slow bench} "
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
 W=/tmp/wsg
-if [ ! -f $W/.built ] || [ -n "$(find csrc/sparsegpt csrc/module.cpp -newer $W/.built)" ]; then
-  rm -rf $W && mkdir -p $W/csrc && cp -r llmprune_kernels setup.py pyproject.toml $W/ && rm -f $W/llmprune_kernels/_C*.so
-  cp csrc/module.cpp $W/csrc/ && cp -r csrc/sparsegpt $W/csrc/
+if [ ! -f $W/.built ] || [ -n "$(find csrc -newer $W/.built)" ]; then
+  rm -rf $W && mkdir -p $W && cp -r llmprune_kernels setup.py pyproject.toml $W/ && rm -f $W/llmprune_kernels/_C*.so
+  cp -r csrc $W/
   (cd $W && time LLMPRUNE_FORCE_CUDA=1 python setup.py build_ext --inplace -q) 2>&1 | grep -v "^$" | tail -25 | tee $OUT/build.txt
   touch $W/.built
 else

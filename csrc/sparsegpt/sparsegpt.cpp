@@ -27,14 +27,12 @@ namespace sparsegpt {
 namespace {
 
 // Ranks of the m scores under the tie rule (stable ascending): prune those with rank < n.
-template <typename Score>
-inline void select_nm(const Score& score, int64_t n, int64_t m, bool* pruned) {
+inline void select_nm(const float* score, int64_t n, int64_t m, bool* pruned) {
   for (int64_t a = 0; a < m; ++a) {
-    const float sa = score(a);
+    const float sa = score[a];
     int64_t rank = 0;
     for (int64_t b = 0; b < m; ++b) {
-      const float sb = score(b);
-      rank += (sb < sa) || (sb == sa && b < a);
+      rank += (score[b] < sa) || (score[b] == sa && b < a);
     }
     pruned[a] = rank < n;
   }
@@ -68,7 +66,7 @@ void block_update_cpu(at::Tensor& W, const at::Tensor& Hinv, at::Tensor& mask, a
   const float* H1 = Hp + i1 * cols + i1;
 
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<float> w(count);
+    std::vector<float> w(count), score(std::max<int64_t>(prunem, 1));
     for (int64_t r = r0; r < r1; ++r) {
       float* Wr = Wp + r * cols + i1;
       bool* Mr = Mp + r * cols + i1;
@@ -78,12 +76,11 @@ void block_update_cpu(at::Tensor& W, const at::Tensor& Hinv, at::Tensor& mask, a
       for (int64_t i = 0; i < count; ++i) {
         const float* h = H1 + i * cols;  // Hinv1[i, :]
         if (prunem > 0 && i % prunem == 0) {
-          select_nm(
-              [&](int64_t a) {
-                const float d = H1[(i + a) * cols + i + a];
-                return (w[i + a] * w[i + a]) / (d * d);
-              },
-              prunen, prunem, Mr + i);
+          for (int64_t a = 0; a < prunem; ++a) {
+            const float d = H1[(i + a) * cols + i + a];
+            score[a] = (w[i + a] * w[i + a]) / (d * d);
+          }
+          select_nm(score.data(), prunen, prunem, Mr + i);
         }
         const float wi = w[i];
         const float d = h[i];

@@ -58,24 +58,12 @@ class GradientNorms:
         }
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a LLaMA-family (``model.model.layers``) or OPT (``model.model.decoder.layers``) LM."""
-    inner = getattr(model, "model", model)
-    for path in ("layers", "decoder.layers"):
-        obj = inner
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: expected model.layers (LLaMA family) or "
-        "model.decoder.layers (OPT)"
-    )
-
-
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside the decoder layers, keyed by its full module name (as ``named_modules``)."""
-    wanted = {id(m) for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, nn.Linear)}
+    from llmprune_kernels.models import find_decoder_layers
+
+    _, layers = find_decoder_layers(model)
+    wanted = {id(m) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}
     return {name: m for name, m in model.named_modules() if id(m) in wanted}
 
 

@@ -86,61 +86,75 @@ def owl_sparsities(
 
 @torch.no_grad()
 def collect_outlier_ratios(
-    model: nn.Module, samples: Sequence[torch.Tensor], m: float = OWL_M, progress: bool = False
+    model: nn.Module,
+    calibration: torch.Tensor,
+    m: float = OWL_M,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> list[float]:
     """OWL outlier ratio of every decoder layer, from Wanda scores on the dense model.
 
-    The reference propagates the calibration set layer by layer through the dense model; nothing is pruned
-    in that pass, so one full forward per sample with input hooks on every decoder Linear gives the same
-    statistics.
+    As the reference, the calibration windows (``(n, seqlen)`` token ids) are propagated layer by layer
+    through the dense model (the pipeline's ``walk_layers``: one layer on ``device`` at a time); each
+    layer's Linears collect Wanda's input norms on the way.
     """
-    from llmprune_kernels.gradients import decoder_layers
+    from llmprune_kernels.models import linear_modules
+    from llmprune_kernels.pipeline import capture_layer_inputs, walk_layers
     from llmprune_kernels.reference.wanda import ActNormStats, wanda_score
 
-    layers = decoder_layers(model)
-    stats: list[dict[str, tuple[nn.Linear, ActNormStats]]] = []
-    handles = []
-    for li, layer in enumerate(layers):
-        per = {}
-        for name, mod in layer.named_modules():
-            if isinstance(mod, nn.Linear):
-                st = ActNormStats(mod.in_features, device=mod.weight.device)
-                per[name] = (mod, st)
-                handles.append(
-                    mod.register_forward_hook(
-                        lambda _m, inp, _out, st=st, tag=f"layers.{li}.{name} inputs": st.add_batch(inp[0], name=tag)
-                    )
-                )
-        stats.append(per)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        it = samples
-        if progress:
-            from tqdm.auto import tqdm
+    if not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
+        raise ValueError(f"OWL M {m!r} is invalid; allowed: a finite number > 0 (default {OWL_M})")
+    captured = capture_layer_inputs(model, calibration, device, batch_size)
+    steps = walk_layers(model, captured, device)
+    if progress:
+        from tqdm.auto import tqdm
 
-            it = tqdm(samples, desc="OWL outlier ratios", unit="sample")
-        for ids in it:
-            ids = torch.as_tensor(ids)
-            model(input_ids=(ids if ids.dim() == 2 else ids.unsqueeze(0)).to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+        steps = tqdm(steps, desc="OWL outlier ratios", unit="layer")
     ratios = []
-    for per in stats:
-        if not per:
-            raise ValueError("a decoder layer has no Linear modules; OWL needs Wanda scores of each layer")
-        ratios.append(outlier_ratio((wanda_score(mod.weight, st.scaler_row) for mod, st in per.values()), m))
+    for step in steps:
+        lins = linear_modules(step.layer)
+        if not lins:
+            raise ValueError(f"decoder layer {step.name} has no Linear modules; OWL needs Wanda scores of each layer")
+        stats = {rel: ActNormStats(lin.in_features, device=lin.weight.device) for rel, lin in lins.items()}
+
+        def hook(st, tag):
+            return lambda _mod, inp, _out: st.add_batch(inp[0].detach(), name=tag)
+
+        step.propagate({lin: hook(stats[rel], f"{step.name}.{rel} inputs") for rel, lin in lins.items()})
+        ratios.append(outlier_ratio((wanda_score(lin.weight, stats[rel].scaler_row) for rel, lin in lins.items()), m))
     return ratios
+
+
+def owl_layer_sparsity(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    target: float,
+    m: float = OWL_M,
+    lam: float = OWL_LAMBDA,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[list[float], dict]:
+    """Per-decoder-layer sparsities for ``prune_model(layer_sparsity=...)`` and a JSON-able OWL report."""
+    _check_params(target, lam, 0.0, 0.99)
+    ratios = collect_outlier_ratios(model, calibration, m, device, batch_size, progress)
+    weights = layer_param_counts(model)
+    sparsities = owl_sparsities(ratios, target, lam, weights=weights)
+    total = sum(weights)
+    report = {
+        "owl": {
+            "M": float(m), "lambda": float(lam), "target": float(target),
+            "outlier_ratios_percent": ratios, "layer_sparsity": sparsities,
+            "weighted_mean_sparsity": sum(s * w for s, w in zip(sparsities, weights)) / total,
+        }
+    }
+    return sparsities, report
 
 
 def layer_param_counts(model: nn.Module) -> list[int]:
     """Number of prunable (decoder Linear) weights per decoder layer: OWL's weights for the mean."""
-    from llmprune_kernels.gradients import decoder_layers
+    from llmprune_kernels.models import find_decoder_layers
 
-    return [
-        sum(mod.weight.numel() for mod in layer.modules() if isinstance(mod, nn.Linear))
-        for layer in decoder_layers(model)
-    ]
+    _, layers = find_decoder_layers(model)
+    return [sum(mod.weight.numel() for mod in layer.modules() if isinstance(mod, nn.Linear)) for layer in layers]

@@ -244,6 +244,7 @@ class PruneResult:
     layer_times_s: list[float]
     capture_time_s: float
     total_time_s: float
+    method_report: dict[str, Any] | None = None  # from the method's model_info.report(), if it has one
 
     @property
     def overall_sparsity(self) -> float:
@@ -403,8 +404,10 @@ def prune_model(
         times.append(time.perf_counter() - t_layer)
         if progress and measure_error and layer_stats:
             bar.set_postfix(err=f"{sum(s.rel_error for s in layer_stats) / len(layer_stats):.3f}")
+    # Model-level methods (GBLM gradients, SparseLLM blocks) summarise themselves through model_info.report().
+    report_fn = getattr(options.get("model_info"), "report", None)
     return PruneResult(method, config, options_for_report(options), stats, times, capture_time,
-                       time.perf_counter() - t_start)
+                       time.perf_counter() - t_start, report_fn() if callable(report_fn) else None)
 
 
 def options_for_report(options: Mapping[str, Any]) -> dict[str, Any]:

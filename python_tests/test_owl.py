@@ -8,7 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmprune_kernels.owl import collect_outlier_ratios, layer_param_counts, outlier_ratio, owl_sparsities
+from llmprune_kernels.owl import (
+    collect_outlier_ratios, layer_param_counts, outlier_ratio, owl_layer_sparsity, owl_sparsities,
+)
+from llmprune_kernels.reference.wanda import ActNormStats, wanda_score
 
 
 def owl_reference_numpy(ratios, target, lam):
@@ -93,8 +96,25 @@ def test_collect_outlier_ratios_tiny_llama():
     with torch.no_grad():  # plant 150 large weights in layer 1 so it has the most outliers
         w = model.model.layers[1].mlp.up_proj.weight.view(-1)
         w[torch.randperm(w.numel())[:150]] *= 20
-    samples = [torch.randint(0, 64, (16,)) for _ in range(3)]
-    ratios = collect_outlier_ratios(model, samples, m=5.0)
+    calib = torch.randint(0, 64, (3, 16))
+    ratios = collect_outlier_ratios(model, calib, m=5.0, batch_size=2)
     assert len(ratios) == 3 and ratios[1] == max(ratios) and ratios[1] > 0
-    s = owl_sparsities(ratios, 0.7, weights=layer_param_counts(model))
-    assert s[1] == min(s) and abs(np.mean(s) - 0.7) < 1e-12
+    # Layer-by-layer propagation equals one dense full-model forward with input hooks (nothing is pruned).
+    stats = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            stats[name] = (mod, ActNormStats(mod.in_features))
+            hooks.append(mod.register_forward_hook(lambda _m, i, _o, st=stats[name][1]: st.add_batch(i[0])))
+    with torch.no_grad():
+        model(input_ids=calib)
+    for h in hooks:
+        h.remove()
+    full = [outlier_ratio([wanda_score(mod.weight, st.scaler_row) for n, (mod, st) in stats.items()
+                           if n.startswith(f"model.layers.{i}.")]) for i in range(3)]
+    assert ratios == pytest.approx(full, rel=1e-6)
+    sp, report = owl_layer_sparsity(model, calib, 0.7)
+    assert sp == owl_sparsities(ratios, 0.7, weights=layer_param_counts(model))
+    assert sp[1] == min(sp) and abs(np.mean(sp) - 0.7) < 1e-12
+    assert report["owl"]["outlier_ratios_percent"] == pytest.approx(ratios)
+    assert abs(report["owl"]["weighted_mean_sparsity"] - 0.7) < 1e-12

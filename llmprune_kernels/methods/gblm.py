@@ -1,7 +1,10 @@
 """GBLM-Pruner for the pipeline: Wanda's activation statistics plus a precomputed gradient-norm tensor.
 
-Options (passed by the pipeline): ``gradient`` (the G tensor of this Linear), or ``gradients`` (a mapping
-or ``GradientNorms`` keyed by full module name) together with ``layer_name``.
+Gradient norms come, in this order of precedence, from the option ``gradient`` (the G tensor of this
+Linear), the option ``gradients`` (a mapping or ``GradientNorms`` keyed by full module name, looked up by
+``layer_name``), or ``model_info``: the pipeline calls ``prepare_model`` first, which computes them from
+the calibration windows (``llmprune_kernels.gradients``; options ``gblm_scale`` (100) and
+``gblm_grad_dtype`` ("float16" as the reference, or "float32")).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ def _lookup_gradient(options: dict[str, Any]) -> torch.Tensor:
         return options["gradient"]
     grads = options.get("gradients")
     if grads is None:
+        grads = options.get("model_info")
+    if grads is None:
         raise ValueError(
             f"{name}: method 'gblm' needs gradient norms (option 'gradient' or 'gradients'); compute them with "
             "llmprune_kernels.gradients.collect_gradient_norms"
@@ -32,6 +37,32 @@ def _lookup_gradient(options: dict[str, Any]) -> torch.Tensor:
 
 @register_method("gblm")
 class GBLMPruner(LayerPruner):
+    @classmethod
+    def prepare_model(cls, model, calibration, config, device=None, options=None):
+        """Gradient norms over the calibration windows (skipped when the caller passes ``gradients``).
+
+        The backward pass needs the whole model on one device: it is moved to ``device`` for this pass
+        and back afterwards.
+        """
+        options = options or {}
+        if options.get("gradients") is not None or options.get("gradient") is not None:
+            return None
+        from llmprune_kernels.gradients import collect_gradient_norms
+        from llmprune_kernels.models import parse_dtype
+
+        home = next(model.parameters()).device
+        device = torch.device(device or home)
+        store = options.get("gblm_grad_dtype", "float16")
+        store = parse_dtype(store) if isinstance(store, str) else store
+        model.to(device)
+        try:
+            return collect_gradient_norms(
+                model, list(calibration), scale=float(options.get("gblm_scale", 100.0)), store_dtype=store,
+                progress=bool(options.get("progress", False)),
+            )
+        finally:
+            model.to(home)
+
     def __init__(self, layer, config, **options: Any) -> None:
         super().__init__(layer, config, **options)
         self.stats = ActNormStats(layer.in_features, device=layer.weight.device)

@@ -1,0 +1,121 @@
+"""GBLM, SparseLLM and OWL through the layer-wise pipeline; OPT support (tiny random models)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from llmprune_kernels import SparsityConfig
+from llmprune_kernels.evaluate import perplexity
+from llmprune_kernels.owl import owl_layer_sparsity
+from llmprune_kernels.pipeline import prune_model
+
+
+def tiny_llama(layers=2):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_opt():
+    cfg = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0)
+    return OPTForCausalLM(cfg).eval()
+
+
+def ids(n=4, seq=24):
+    return torch.randint(0, 64, (n, seq))
+
+
+def zero_counts_ok(stats, config):
+    for s in stats:
+        rows, cols = s.shape
+        if config.is_nm:
+            assert s.nm_ok, s.name
+        else:
+            # Wanda/magnitude: exact; SparseGPT: floor per block of 128 columns -> at least this many.
+            assert s.sparsity * rows * cols >= rows * math.floor(cols * config.sparsity) - rows, s.name
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("config", [SparsityConfig(0.5), SparsityConfig(n=2, m=4)])
+def test_opt_in_pipeline(method, config):
+    model = tiny_opt()
+    calib = ids()
+    res = prune_model(model, calib, method, config, batch_size=2, progress=False)
+    names = [s.name for s in res.linears]
+    assert len(names) == 12 and "model.decoder.layers.0.fc1" in names and "model.decoder.layers.1.fc2" in names
+    zero_counts_ok(res.linears, config)
+    assert math.isfinite(perplexity(model, ids(2, 16)))
+
+
+def test_gblm_zero_gradient_equals_wanda_in_pipeline():
+    calib = ids()
+    a, b = tiny_llama(), tiny_llama()
+    b.load_state_dict(a.state_dict())
+    zeros = {n: torch.zeros_like(m.weight, dtype=torch.float16) for n, m in a.named_modules()
+             if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    prune_model(a, calib, "gblm", SparsityConfig(0.5), batch_size=2, options={"gradients": zeros}, progress=False)
+    prune_model(b, calib, "wanda", SparsityConfig(0.5), batch_size=2, progress=False)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), n
+
+
+def test_gblm_pipeline_computes_gradients():
+    model = tiny_llama()
+    res = prune_model(model, ids(), "gblm", SparsityConfig(0.5), batch_size=2, progress=False)
+    zero_counts_ok(res.linears, SparsityConfig(0.5))
+    assert all(s.sparsity == 0.5 for s in res.linears)
+    assert "model_info" not in res.options  # the gradients stay out of the report
+    mem = res.method_report["memory_bytes"]
+    assert mem["accumulator_bytes"] == mem["weight_bytes"]  # fp32 model: one extra copy, no more
+    assert res.method_report["nsamples"] == 4 and res.method_report["scale"] == 100.0
+
+
+@pytest.mark.parametrize("make,last", [(tiny_llama, "mlp.down_proj"), (tiny_opt, "fc2")])
+def test_sparsellm_in_pipeline(make, last):
+    model = make()
+    cfg = SparsityConfig(0.6)
+    res = prune_model(model, ids(6, 32), "sparsellm", cfg, batch_size=3, options={"iterations": 2}, progress=False)
+    zero_counts_ok(res.linears, cfg)
+    by_name = {s.name.split("layers.", 1)[1]: s for s in res.linears}
+    for i in range(2):
+        hist = by_name[f"{i}.{last}"].extra["sparsellm_history"]
+        assert len(hist) == 2 and by_name[f"{i}.{last}"].extra["sparsellm_nan_fallback"] is None
+    blocks = res.method_report["sparsellm"]["blocks"]
+    assert len(blocks) == 2 and all(len(b["sparsellm_history"]) == 2 for b in blocks)
+    attn = next(s for s in res.linears if "q_proj" in s.name)
+    assert "sparsegpt_damp" in attn.extra  # attention projections: the local pruner
+    assert math.isfinite(perplexity(model, ids(2, 16)))
+
+
+def test_sparsellm_needs_pipeline_and_supported_model():
+    from llmprune_kernels import get_method
+
+    lin = torch.nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="through the pipeline"):
+        get_method("sparsellm")(lin, SparsityConfig(0.5), layer_name="x")
+    from llmprune_kernels.methods.sparsellm import ffn_kind
+
+    model = tiny_llama()
+    model.config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        ffn_kind(model)
+
+
+def test_owl_in_pipeline_exact_mean():
+    model = tiny_llama(layers=4)
+    with torch.no_grad():  # give layer 2 many large weights: it must get the lowest sparsity
+        w = model.model.layers[2].mlp.up_proj.weight.view(-1)
+        w[torch.randperm(w.numel())[:300]] *= 20
+    calib = ids()
+    layer_sparsity, report = owl_layer_sparsity(model, calib, 0.6, batch_size=2)
+    assert abs(sum(layer_sparsity) / 4 - 0.6) < 1e-12 and layer_sparsity[2] == min(layer_sparsity)
+    res = prune_model(model, calib, "wanda", SparsityConfig(0.6), batch_size=2, layer_sparsity=layer_sparsity,
+                      progress=False)
+    for s in res.linears:
+        layer = int(s.name.split("layers.")[1].split(".")[0])
+        assert s.sparsity == math.floor(s.shape[1] * layer_sparsity[layer]) / s.shape[1]
+    assert abs(res.overall_sparsity - 0.6) < 0.02  # per-row floor; the allocation itself is exact

@@ -114,12 +114,18 @@ def test_long_row_paths(cols):
     check(quantized(2, cols), torch.ones(cols, device=DEV), SparsityConfig(0.6), cap=16)
 
 
-@pytest.mark.parametrize("tune", [dict(rows_per_prog=4, warps_per_row=2, cap=8), dict(rows_per_prog=1, float=False)])
+@pytest.mark.parametrize("tune", [
+    dict(rows_per_prog=4, warps_per_row=2, cap=8, pair=False),
+    dict(rows_per_prog=1, float=False, digit=1, pair=False),
+    dict(rows_per_prog=2, float=False),
+    dict(cap=32, digit=1),
+])
 def test_launch_variants(tune):
-    """Rows per program that do not divide the row count, a tiny bucket buffer, integer compares."""
+    """Search variants (1- or 2-bit steps, pairwise or searched bucket, int or fp32 compares), rows per
+    program that do not divide the row count, tiny bucket buffers that overflow into the full-row path."""
     w = torch.randn(5, 300, device=DEV).half()
     check(w, torch.rand(300, device=DEV), SparsityConfig(0.45), **tune)
-    check(quantized(5, 300), torch.ones(300, device=DEV), SparsityConfig(0.45), **tune)
+    check(quantized(5, 300, levels=4), torch.ones(300, device=DEV), SparsityConfig(0.45), **tune)
 
 
 @pytest.mark.parametrize("gdtype", [torch.float16, torch.float32, torch.bfloat16])
@@ -165,7 +171,7 @@ def test_inplace_and_packed_bits(pattern):
     assert torch.equal(wt, w.masked_fill(ref_mask, 0))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     rows=st.integers(1, 3),
     cols=st.integers(1, 300),
@@ -242,7 +248,8 @@ def test_llama7b_shapes_cuda(shape, pattern):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tune", [dict(max_block=32768), dict(max_block=4096), dict(cap=32)])
+@pytest.mark.parametrize("tune", [dict(max_block=16384), dict(max_block=4096), dict(cap=32),
+                                  dict(digit=1, pair=False), dict(float=False)])
 def test_tuning_variants_cuda(tune):
     for cols in [4096, 11008, 28672]:
         w = torch.randn(32, cols, device="cuda").half()

@@ -28,6 +28,7 @@ from llmprune_kernels.validation import SparsityConfig, check_finite, check_nm, 
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 
     HAS_TRITON = True
 except ImportError:  # the CPU torch wheel does not bring Triton: reference paths only
@@ -35,11 +36,14 @@ except ImportError:  # the CPU torch wheel does not bring Triton: reference path
 
 # Read once, like Triton itself: kernels decorated without it cannot take CPU tensors.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_BLOCK = 16384  # longest row kept in registers; longer rows use the chunked kernel
+MAX_BLOCK = 32768  # longest row kept in registers; longer rows use the chunked kernel
 CHUNK = 4096
 FLOAT_COMPARE = True  # count with fp32 compares where a row's scores are finite (see _tile_select)
-ROWS_PER_PROG = 2  # rows per program of the in-register kernel
-ROW_ELEMS_PER_WARP = 4096  # a row gets one warp per this many (padded) columns
+# Launch defaults of the in-register kernel, from the H100 sweep in benchmarks/bench_score_mask.py:
+ROWS_PER_PROG = 1  # rows per program
+ROW_ELEMS_PER_WARP = 2048  # a row gets one warp per this many (padded) columns: 64 keys per thread
+DIGIT_BITS = 2  # radix bits resolved per dependent step of the high-half search
+PAIRWISE = True  # rank the bucket's keys pairwise instead of 16 more search steps
 _MODES = {"wanda": 0, "gblm": 1, "ria": 2}
 _INT_MAX = 2**31 - 1
 
@@ -90,13 +94,16 @@ if HAS_TRITON:
         return tl.cumsum(x, axis=2) - x + off[:, :, None]
 
     @triton.jit
-    def _tile_select(key, valid, k, sp, R: tl.constexpr, CAP: tl.constexpr, FLOAT: tl.constexpr):
+    def _tile_select(key, valid, k, sp, R: tl.constexpr, CAP: tl.constexpr, FLOAT: tl.constexpr,
+                     DIGIT: tl.constexpr, PAIR: tl.constexpr):
         """Per row of a [W, R, C] key tile: (t, count(key < t)) for the k-th smallest key t.
 
         Radix select, most significant bit first: bit b of t is set when fewer than k keys lie below the
-        candidate with it set. Bits 31..16 on the whole row; then the keys of the 16-bit bucket [t, t+65535]
-        are compacted into scratch (``sp``: CAP int32 per row) and bits 15..0 are searched on them alone
-        (on the whole row again when a bucket overflows, e.g. rows full of ties).
+        candidate with it set (DIGIT=2: two bits per step from three independent counts, halving the chain
+        of dependent reductions). Bits 31..16 on the whole row; then the keys of the 16-bit bucket
+        [t, t+65535] are compacted into scratch (``sp``: CAP int32 per row) and the k-th is found among them
+        alone (PAIR: by ranking all pairs; else bits 15..0 by the same search), or on the whole row again
+        when a bucket overflows (e.g. rows full of ties).
         FLOAT: the keys are compared as fp32 (rows of finite, non-negative, non-subnormal scores, where float
         order is key order even with denormals flushed): the FP32 pipe is twice as wide as INT32 on H100.
         Candidates are clamped into [smallest normal, +inf], which leaves every count unchanged there.
@@ -110,15 +117,44 @@ if HAS_TRITON:
             c = _tsum((vals < 0).to(tl.int32))
             t = tl.where(c < k, 0, -2147483647 - 1)
             cnt = tl.where(c < k, c, 0)
-        for i in range(15):
-            cand = t + (1 << (30 - i))
+        if DIGIT == 2:  # bit 30 alone, then bits 29..16 two at a time: 3 independent counts per step
+            cand = t + (1 << 30)
             if FLOAT:
                 cf = tl.minimum(tl.maximum(cand, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
                 c = _tsum(tl.where(vals < cf[None, :, None], 1.0, 0.0)).to(tl.int32)
             else:
                 c = _tsum((vals < cand[None, :, None]).to(tl.int32))
-            t = tl.where(c < k, cand, t)  # helpers inlined: the interpreter pays ms per device-function call
+            t = tl.where(c < k, cand, t)
             cnt = tl.where(c < k, c, cnt)
+            for i in range(7):
+                step = 1 << (28 - 2 * i)
+                c1d = t + step
+                c2d = t + 2 * step
+                c3d = t + 3 * step
+                if FLOAT:
+                    f1 = tl.minimum(tl.maximum(c1d, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
+                    f2 = tl.minimum(tl.maximum(c2d, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
+                    f3 = tl.minimum(tl.maximum(c3d, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
+                    c1 = _tsum(tl.where(vals < f1[None, :, None], 1.0, 0.0)).to(tl.int32)
+                    c2 = _tsum(tl.where(vals < f2[None, :, None], 1.0, 0.0)).to(tl.int32)
+                    c3 = _tsum(tl.where(vals < f3[None, :, None], 1.0, 0.0)).to(tl.int32)
+                else:
+                    c1 = _tsum((vals < c1d[None, :, None]).to(tl.int32))
+                    c2 = _tsum((vals < c2d[None, :, None]).to(tl.int32))
+                    c3 = _tsum((vals < c3d[None, :, None]).to(tl.int32))
+                # counts grow with the candidate: the accepted ones are a prefix c1, c2, c3
+                cnt = tl.where(c3 < k, c3, tl.where(c2 < k, c2, tl.where(c1 < k, c1, cnt)))
+                t = t + ((c1 < k).to(tl.int32) + (c2 < k).to(tl.int32) + (c3 < k).to(tl.int32)) * step
+        else:
+            for i in range(15):
+                cand = t + (1 << (30 - i))
+                if FLOAT:
+                    cf = tl.minimum(tl.maximum(cand, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
+                    c = _tsum(tl.where(vals < cf[None, :, None], 1.0, 0.0)).to(tl.int32)
+                else:
+                    c = _tsum((vals < cand[None, :, None]).to(tl.int32))
+                t = tl.where(c < k, cand, t)  # helpers inlined: the interpreter pays ms per device-function call
+                cnt = tl.where(c < k, c, cnt)
         tb = t[None, :, None]
         inb = (valid & (key >= tb) & (key <= tb + 65535)).to(tl.int32)
         nb = _tsum(inb)
@@ -129,19 +165,30 @@ if HAS_TRITON:
             tl.debug_barrier()  # other threads' stores must be visible before the reload
             lane = tl.arange(0, CAP)[None, :]
             buf = tl.load(sp[:, None] + lane, mask=lane < nb[:, None], other=0x7FFFFFFF, cache_modifier=".cg")
-            if FLOAT:
-                bufv = buf.to(tl.float32, bitcast=True)  # padding becomes NaN: never below a candidate
+            if PAIR:  # rank every bucket key at once: less_i = #{j: buf_j < buf_i}; 3 reductions, no chain
+                less = tl.zeros([R, CAP], tl.int32)
+                for j0 in tl.static_range(0, CAP, 32):
+                    lj = j0 + tl.arange(0, 32)[None, :]
+                    bj = tl.load(sp[:, None] + lj, mask=lj < nb[:, None], other=0x7FFFFFFF, cache_modifier=".cg")
+                    less += tl.sum((bj[:, None, :] < buf[:, :, None]).to(tl.int32), axis=2)
+                # the k-th smallest is the largest bucket key with fewer than k keys below it
+                ok = (lane < nb[:, None]) & (base[:, None] + less < k)
+                t = tl.max(tl.where(ok, buf, t[:, None]), axis=1)
+                cnt = base + tl.max(tl.where(ok, less, 0), axis=1)
             else:
-                bufv = buf
-            for i in range(16):
-                cand = t + (1 << (15 - i))
                 if FLOAT:
-                    cf = tl.minimum(tl.maximum(cand, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
-                    c = base + tl.sum(tl.where(bufv < cf[:, None], 1.0, 0.0), axis=1).to(tl.int32)
+                    bufv = buf.to(tl.float32, bitcast=True)  # padding becomes NaN: never below a candidate
                 else:
-                    c = base + tl.sum((bufv < cand[:, None]).to(tl.int32), axis=1)
-                t = tl.where(c < k, cand, t)
-                cnt = tl.where(c < k, c, cnt)
+                    bufv = buf
+                for i in range(16):
+                    cand = t + (1 << (15 - i))
+                    if FLOAT:
+                        cf = tl.minimum(tl.maximum(cand, 0x00800000), 0x7F800000).to(tl.float32, bitcast=True)
+                        c = base + tl.sum(tl.where(bufv < cf[:, None], 1.0, 0.0), axis=1).to(tl.int32)
+                    else:
+                        c = base + tl.sum((bufv < cand[:, None]).to(tl.int32), axis=1)
+                    t = tl.where(c < k, cand, t)
+                    cnt = tl.where(c < k, c, cnt)
         else:
             for i in range(16):
                 cand = t + (1 << (15 - i))
@@ -186,7 +233,7 @@ if HAS_TRITON:
                      n_rows, n_cols, k, stride_w, stride_g, stride_m, stride_b,
                      MODE: tl.constexpr, GPROMO: tl.constexpr, W: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
                      CAP: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr,
-                     FLOAT: tl.constexpr):
+                     FLOAT: tl.constexpr, DIGIT: tl.constexpr, PAIR: tl.constexpr):
         """Unstructured: R rows per program, each held in registers as W chunks of C columns.
 
         The tile is [W, R, C] so that Triton's default layout puts C across a warp's lanes and the R rows
@@ -210,11 +257,11 @@ if HAS_TRITON:
             odd = valid & ((key < 0) | (key >= 0x7F800000) | ((key > 0) & (key < 0x00800000)))
             odd = tl.max(tl.max(tl.max(tl.where(odd, 1, 0), axis=2), axis=1), axis=0)
             if odd == 0:
-                t, cnt = _tile_select(key, valid, k, sp, R, CAP, True)
+                t, cnt = _tile_select(key, valid, k, sp, R, CAP, True, DIGIT, PAIR)
             else:  # Inf, NaN or subnormal scores in this tile
-                t, cnt = _tile_select(key, valid, k, sp, R, CAP, False)
+                t, cnt = _tile_select(key, valid, k, sp, R, CAP, False, DIGIT, PAIR)
         else:
-            t, cnt = _tile_select(key, valid, k, sp, R, CAP, False)
+            t, cnt = _tile_select(key, valid, k, sp, R, CAP, False, DIGIT, PAIR)
         tb = t[None, :, None]
         eq = (valid & (key == tb)).to(tl.int32)
         rank = _row_excl_scan(eq)  # equal keys before this column
@@ -474,12 +521,19 @@ def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
     c = min(block, 32 * (16 // w.element_size()))  # one warp's lanes, 16-byte loads each
     wpr = tune.get("warps_per_row", max(1, block // ROW_ELEMS_PER_WARP))
     r = tune.get("rows_per_prog", ROWS_PER_PROG)
-    cap = tune.get("cap", 128 if block <= 4096 else 256)
+    pair = tune.get("pair", PAIRWISE)
+    cap = tune.get("cap", (64 if block <= 4096 else 128 if block <= 16384 else 256) if pair else 128)
+    cap = max(cap, 32) if pair else cap  # the pairwise ranking reads the bucket 32 keys at a time
     scratch = torch.empty(triton.cdiv(rows, r) * r * cap, dtype=torch.int32, device=w.device)
-    _rows_kernel[(triton.cdiv(rows, r),)](
-        w, g, f, cs, rs, out, bits, scratch, rows, cols, k, w.stride(0), g.stride(0), out.stride(0), bits.stride(0),
-        W=block // c, R=r, C=c, CAP=cap, num_warps=tune.get("num_warps", r * wpr),
-        FLOAT=tune.get("float", FLOAT_COMPARE), **flags)
+    try:
+        _rows_kernel[(triton.cdiv(rows, r),)](
+            w, g, f, cs, rs, out, bits, scratch, rows, cols, k, w.stride(0), g.stride(0), out.stride(0),
+            bits.stride(0), W=block // c, R=r, C=c, CAP=cap, num_warps=tune.get("num_warps", r * wpr),
+            FLOAT=tune.get("float", FLOAT_COMPARE), DIGIT=tune.get("digit", DIGIT_BITS), PAIR=pair, **flags)
+    except OutOfResources:  # raised before anything runs (compile/launch): stream the row instead
+        if "max_block" in tune:
+            raise
+        _launch_rows(w, g, f, cs, rs, out, bits, k, flags, {**tune, "max_block": block // 2})
 
 
 def _launch_nm(w, g, f, cs, rs, out, bits, config, flags, tune):

@@ -49,7 +49,20 @@ def _write_results(env_info):
     out = os.environ.get("LLMPRUNE_BENCH_OUT", f"benchmarks/results/score_mask_{slug}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:
-        json.dump({"env": env_info, **RESULTS}, fh, indent=1)
+        json.dump({"env": env_info, **RESULTS, "llama7b_linear_total_s": llama7b_totals()}, fh, indent=1)
+
+
+def llama7b_totals() -> dict:
+    """Seconds for the 224 Linears of LLaMA-7B: 32 x (4 x 4096x4096 + 2 x 11008x4096 + 4096x11008)."""
+    counts = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}
+    totals = {}
+    for pattern in ("50%", "2:4"):
+        rows = {tuple(r["shape"]): r["ms"] for r in RESULTS["score_mask"] if r["pattern"] == pattern}
+        if set(rows) >= set(counts):
+            for key in rows[(4096, 4096)]:
+                if all(key in rows[s] for s in counts):
+                    totals[f"{pattern}/{key}"] = 32 * sum(n * rows[s][key] for s, n in counts.items()) / 1e3
+    return totals
 
 
 if torch.cuda.is_available():

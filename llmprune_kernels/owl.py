@@ -158,3 +158,25 @@ def layer_param_counts(model: nn.Module) -> list[int]:
 
     _, layers = find_decoder_layers(model)
     return [sum(mod.weight.numel() for mod in layer.modules() if isinstance(mod, nn.Linear)) for layer in layers]
+
+
+def add_cli_arguments(parser) -> None:
+    """``--owl``, ``--owl-m``, ``--owl-lambda`` for ``llmprune prune``."""
+    parser.add_argument("--owl", action="store_true",
+                        help="OWL non-uniform layer-wise sparsity (mean over layers = --sparsity; any method)")
+    parser.add_argument("--owl-m", type=float, default=OWL_M,
+                        help=f"OWL outlier threshold M: scores above M x the layer mean (default {OWL_M:g})")
+    parser.add_argument("--owl-lambda", type=float, default=OWL_LAMBDA,
+                        help=f"OWL lambda: layer sparsities spread over [s - lambda, s + lambda] (default {OWL_LAMBDA:g})")
+
+
+def cli_layer_sparsity(args, model: nn.Module, calibration, config, device) -> tuple[list[float] | None, dict]:
+    """(layer_sparsity for prune_model, report entries) from the parsed ``--owl*`` arguments."""
+    if not getattr(args, "owl", False):
+        return None, {}
+    if config.is_nm:
+        raise ValueError(f"--owl allocates unstructured sparsity per layer; it cannot be combined with --pattern {config.label}")
+    if calibration is None:
+        raise ValueError("--owl needs calibration windows (its outlier ratios come from Wanda scores)")
+    return owl_layer_sparsity(model, calibration, config.sparsity, args.owl_m, args.owl_lambda, device=device,
+                              batch_size=getattr(args, "batch_size", 8), progress=not getattr(args, "quiet", False))

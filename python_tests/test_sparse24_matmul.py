@@ -45,6 +45,24 @@ def test_decode_kernel_small(dtype, n, k, m, bias, block, tdevice):
     check_close(sparse24_mm(x, p.values, p.meta, b, k, block=block), x, p, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k, m, block", [
+    (48, 136, 1, (16, 8, 1)), (64, 256, 3, (32, 16, 3)), (20, 76, 4, (16, 4, 2)), (32, 200, 2, (32, 16, 1)),
+])
+def test_gemv_kernel_small(dtype, n, k, m, block, tdevice):
+    """The M <= 4 kernel (int32 value pairs, gathered x, split-K partials) against the reference."""
+    p = pack_24(random_24_weight(n, k, dtype, tdevice))
+    b = torch.randn(n, device=tdevice).to(dtype)
+    x = torch.randn(m, k, device=tdevice).to(dtype)
+    check_close(sparse24_mm(x, p.values, p.meta, b, k, block=block + (4, 1, 1)), x, p, b)
+
+
+def test_gemv_kernel_rejects_large_m_and_fp32(tdevice):
+    p = pack_24(random_24_weight(32, 64, torch.float16, tdevice))
+    with pytest.raises(ValueError, match="M <= 4 and 16-bit"):
+        sparse24_mm(torch.randn(5, 64, device=tdevice).half(), p.values, p.meta, None, 64, block=(32, 8, 1, 4, 1, 1))
+
+
 def test_decode_kernel_leading_dims_and_errors(tdevice):
     device = tdevice
     p = pack_24(random_24_weight(32, 64, torch.float32, device))
@@ -74,7 +92,7 @@ def test_decode_custom_op_opcheck(tdevice):
 def test_decode_kernel_full_size_cuda(dtype, n, k, m):
     p = pack_24(random_24_weight(n, k, dtype, "cuda"))
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    for block in ((16, 256, 1), (32, 256, 4)):
+    for block in ((16, 256, 1), (32, 256, 4), (32, 64, 2, 4, 1, 1)):
         check_close(sparse24_mm(x, p.values, p.meta, None, k, block=block), x, p, None)
 
 
@@ -137,8 +155,8 @@ def test_cusparselt_plan_cached_and_graph_capturable():
 @needs_cslt
 def test_cusparselt_rejects_bad_shapes():
     w = random_24_weight(40, 64, torch.float16, "cuda")
-    with pytest.raises(RuntimeError, match="out_features % 32 == 0"):
+    with pytest.raises(ValueError, match="out_features % 32 == 0"):
         cslt.compress(w)
-    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
         cslt.compress(random_24_weight(64, 64, torch.float32, "cuda"))
     assert torch.equal(unpack_24(pack_24(w)), w)

@@ -2,7 +2,8 @@
 
 Built for small M (decode, M <= 16), where a matmul is bound by reading the weight once: fp16/bf16 2:4
 moves 4.5 bytes per 4 weights (2 kept values + one 4-bit index nibble) instead of dense's 8, a 1.78x
-limit. Each program owns BLOCK_N output rows and a 1/SPLIT_K slice of K; it streams their compressed
+limit. Two kernels: for M <= 4 a gemv kernel (each group's two kept values read as one int32, the
+nibble picks the two x columns to gather, FMAs in fp32); for larger M a tensor-core kernel. Each dot-kernel program owns BLOCK_N output rows and a 1/SPLIT_K slice of K; it streams their compressed
 values + metadata, prefetching the next tile into registers while the current one is expanded to its
 dense form (four ``where`` selects per group, two ``join``s restore column order) and fed to ``tl.dot``
 with x padded to 16 rows. The prefetch matters: the loads feed register math, not ``tl.dot`` directly,
@@ -109,23 +110,109 @@ if HAS_TRITON:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) candidates, measured per weight shape on first use.
-CONFIGS = [
-    (16, 256, 1, 4, 1), (16, 512, 1, 4, 1), (32, 256, 1, 4, 1), (16, 256, 2, 4, 1), (16, 256, 4, 4, 1),
-    (32, 256, 4, 4, 1), (16, 512, 4, 8, 1), (64, 128, 4, 4, 1), (32, 512, 2, 8, 1), (16, 256, 1, 4, 3),
+    @triton.jit
+    def _sparse24_gemv_kernel(
+        x_ptr, w_ptr, m_ptr, y_ptr,
+        M, N, G, G_PER_SPLIT,
+        stride_xm, stride_wn, stride_mn, stride_ym, stride_ys,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):
+        """M <= 4: no tensor cores, no dense expansion. Each group's two kept values arrive as one int32
+        (fp16/bf16 pair), its nibble picks the two x columns to gather (x stays in L1), two FMAs per row.
+        Writes fp32 partials of this program's K slice: ``y[pid_k, m, n]``."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        g_start = pid_k * G_PER_SPLIT
+        g_end = tl.minimum(G, g_start + G_PER_SPLIT)
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G], dtype=tl.float32)
+        offs_g = g_start + tl.arange(0, BLOCK_G)
+        ok = n_ok[:, None] & (offs_g[None, :] < g_end)
+        wv_nxt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_g[None, :], mask=ok, other=0)
+        mb_nxt = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_g[None, :] // 2, mask=ok, other=0)
+        for g0 in range(g_start, g_end, BLOCK_G):
+            wv = wv_nxt
+            mb = mb_nxt.to(tl.int32)
+            offs_g = g0 + tl.arange(0, BLOCK_G)
+            ok = n_ok[:, None] & (offs_g[None, :] < g_end)
+            nxt = offs_g + BLOCK_G  # prefetch the next tile while this one is used
+            ok_nxt = n_ok[:, None] & (nxt[None, :] < g_end)
+            wv_nxt = tl.load(w_ptr + offs_n[:, None] * stride_wn + nxt[None, :], mask=ok_nxt, other=0)
+            mb_nxt = tl.load(m_ptr + offs_n[:, None] * stride_mn + nxt[None, :] // 2, mask=ok_nxt, other=0)
+            nib = (mb >> ((offs_g[None, :] & 1) * 4)) & 15
+            col0 = offs_g[None, :] * 4 + (nib & 3)
+            col1 = offs_g[None, :] * 4 + (nib >> 2)
+            v0 = (wv & 0xFFFF).to(tl.uint16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+            v1 = ((wv >> 16) & 0xFFFF).to(tl.uint16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+            xm = x_ptr + offs_m[:, None, None] * stride_xm
+            okm = m_ok[:, None, None] & ok[None, :, :]
+            x0 = tl.load(xm + col0[None, :, :], mask=okm, other=0.0).to(tl.float32)
+            x1 = tl.load(xm + col1[None, :, :], mask=okm, other=0.0).to(tl.float32)
+            acc += v0[None, :, :] * x0 + v1[None, :, :] * x1
+        out = tl.sum(acc, axis=2)
+        tl.store(y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :], out,
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+# Candidate configs, measured per weight shape and M class on first use:
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, kind) with kind 0 = dot kernel (any M; BLOCK_K in
+# columns) and kind 1 = gemv kernel (M <= 4, 16-bit dtypes; BLOCK_K here counts groups of 4 columns).
+DOT_CONFIGS = [
+    (16, 256, 1, 4, 1, 0), (16, 512, 1, 4, 1, 0), (32, 256, 1, 4, 1, 0), (16, 256, 2, 4, 1, 0),
+    (16, 256, 4, 4, 1, 0), (32, 256, 4, 4, 1, 0), (64, 128, 4, 4, 1, 0), (32, 512, 2, 8, 1, 0),
 ]
-DEFAULT_CONFIG = (16, 256, 2, 4, 1)
+GEMV_CONFIGS = [
+    (32, 64, 1, 4, 1, 1), (32, 64, 2, 4, 1, 1), (32, 64, 4, 4, 1, 1), (16, 128, 2, 4, 1, 1),
+    (64, 32, 2, 4, 1, 1), (16, 64, 4, 4, 1, 1), (32, 128, 4, 8, 1, 1), (64, 64, 4, 8, 1, 1),
+]
+CONFIGS = DOT_CONFIGS  # kept name: the dot candidates
+DEFAULT_CONFIG = (16, 256, 2, 4, 1, 0)
 _TUNED: dict[tuple, tuple] = {}
 
 
+def _m_class(m: int) -> int:
+    return 1 if m == 1 else 4 if m <= 4 else 16 if m <= 16 else 64
+
+
+def _norm(config) -> tuple:
+    c = tuple(config)
+    if len(c) == 2:
+        c = c + (1,)
+    if len(c) == 3:
+        c = c + (4, 1)
+    if len(c) == 5:
+        c = c + (0,)
+    return c
+
+
 def _launch(x2, values, meta, bias, y, m, n, k, config):
-    bn, bk, split, warps, stages = (tuple(config) + (4, 1))[:5] if len(config) == 3 else config
+    bn, bk, split, warps, stages, kind = _norm(config)
+    kw = {} if (_INTERPRET or not x2.is_cuda) else {"num_warps": warps, "num_stages": stages}
+    if kind == 1:
+        if m > 4 or values.element_size() != 2:
+            raise ValueError(f"the gemv kernel takes M <= 4 and 16-bit weights, got M={m}, {values.dtype}")
+        g = k // 4
+        g_per_split = triton.cdiv(triton.cdiv(g, split), bk) * bk
+        split = triton.cdiv(g, g_per_split)
+        w32 = values.view(torch.int32)  # each int32 = the two kept values of one group
+        part = torch.empty(split, m, n, device=y.device, dtype=torch.float32)
+        _sparse24_gemv_kernel[(triton.cdiv(n, bn), split)](
+            x2, w32, meta, part, m, n, g, g_per_split,
+            x2.stride(0), w32.stride(0), meta.stride(0), part.stride(1), part.stride(0),
+            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_G=bk, **kw)
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            part, bias if bias is not None else part, y, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None,
+            BLOCK=block)
+        return
     block_m = 16
     ieee = x2.dtype == torch.float32 or (x2.dtype == torch.bfloat16 and not x2.is_cuda)
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_per_split)  # never launch an empty K slice
     grid = (triton.cdiv(n, bn), triton.cdiv(m, block_m), split)
-    kw = {} if (_INTERPRET or not x2.is_cuda) else {"num_warps": warps, "num_stages": stages}
     if split == 1:
         _sparse24_mm_kernel[grid](
             x2, values, meta, bias if bias is not None else values, y, m, n, k, k_per_split,
@@ -144,7 +231,7 @@ def _launch(x2, values, meta, bias, y, m, n, k, config):
 
 def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -> tuple:
     """Measure every candidate config (L2 flushed between runs, triton.testing.do_bench) and cache the best."""
-    key = (n, k, dtype, m <= 16)
+    key = (n, k, dtype, _m_class(m))
     if key in _TUNED:
         return _TUNED[key]
     from llmprune_kernels.sparse24.dispatch import random_24_weight
@@ -154,7 +241,8 @@ def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -
     x = torch.randn(m, k, device=device, dtype=dtype)
     y = torch.empty(m, n, device=device, dtype=dtype)
     times = {}
-    for cfg in CONFIGS:
+    cands = DOT_CONFIGS + (GEMV_CONFIGS if m <= 4 and dtype in (torch.float16, torch.bfloat16) else [])
+    for cfg in cands:
         try:
             times[cfg] = triton.testing.do_bench(
                 lambda cfg=cfg: _launch(x, p.values, p.meta, None, y, m, n, k, cfg), warmup=5, rep=25)
@@ -170,7 +258,8 @@ def sparse24_mm(
 ) -> torch.Tensor:
     """``x [..., in] @ W.T (+ bias)`` for the packed 2:4 weight ``(values [out, in/2], meta)``.
 
-    ``block=(BLOCK_N, BLOCK_K, SPLIT_K[, num_warps, num_stages])`` fixes the tile; otherwise the
+    ``block=(BLOCK_N, BLOCK_K, SPLIT_K[, num_warps, num_stages[, kind]])`` fixes the kernel and tile
+    (kind 1 = the gemv kernel, M <= 4, BLOCK_K in groups of 4 columns); otherwise the
     measured config for this shape is used on a GPU (measured now if new and not capturing a CUDA
     graph) and a small fixed tile under the Triton interpreter.
     """
@@ -194,12 +283,10 @@ def sparse24_mm(
         if _INTERPRET or not x.is_cuda:
             block = (16, 64, 1)
         else:
-            block = _TUNED.get((n, k, x.dtype, m <= 16))
+            block = _TUNED.get((n, k, x.dtype, _m_class(m)))
             if block is None:
                 block = DEFAULT_CONFIG if torch.cuda.is_current_stream_capturing() else tune_config(
                     n, k, x.dtype, m, x.device)
-    if len(block) == 2:
-        block = (block[0], block[1], 1)
     _launch(x2, values, meta, bias, y, m, n, k, block)
     return y.reshape(*lead, n)
 

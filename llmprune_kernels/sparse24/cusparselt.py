@@ -43,7 +43,17 @@ DEFAULT_CONFIG = CsltConfig()
 
 
 def compress(weight: torch.Tensor) -> torch.Tensor:
-    """cuSPARSELt's compressed form (opaque uint8) of a dense 2:4 CUDA weight."""
+    """cuSPARSELt's compressed form (opaque uint8) of a dense 2:4 CUDA weight.
+
+    Checked here rather than by the C++ op: an error raised inside our extension crashed the process
+    on the H100 machine (seen once, cause not isolated), so the op is only called with valid input.
+    """
+    if weight.dim() != 2 or not weight.is_cuda:
+        raise ValueError(f"cuSPARSELt compress needs a 2-D CUDA weight, got shape {tuple(weight.shape)} on {weight.device}")
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"cuSPARSELt 2:4 needs float16 or bfloat16 weights, got {weight.dtype}")
+    if not shape_ok(*weight.shape, weight.dtype):
+        raise ValueError(f"cuSPARSELt 2:4 needs out_features % 32 == 0 and in_features % 64 == 0, got {tuple(weight.shape)}")
     return torch.ops.llmprune_kernels.sparse24_cslt_compress(weight.contiguous())
 
 

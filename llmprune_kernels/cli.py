@@ -21,7 +21,7 @@ from llmprune_kernels.validation import SparsityConfig
 
 # CPU-friendly defaults: the README command finishes in a few minutes on 2 cores. The papers
 # (SparseGPT, Wanda) calibrate on 128 windows of 2048 tokens and evaluate at 2048.
-DEFAULT_NSAMPLES = 32
+DEFAULT_NSAMPLES = 16
 DEFAULT_SEQLEN = 512
 DEFAULT_EVAL_WINDOWS = 16
 

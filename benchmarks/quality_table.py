@@ -61,8 +61,10 @@ def run_row(dense_model, calib, eval_ids, key, method, sparsity, owl, args) -> d
         layer_sparsity, owl_report = owl_layer_sparsity(model, calib, cfg.sparsity, args.owl_m, args.owl_lambda,
                                                         device=args.device, batch_size=args.batch_size)
     options = {}
+    if method in ("sparsegpt", "sparsellm"):
+        options["backend"] = args.sparsegpt_backend
     if method == "sparsellm":
-        options = {"iterations": args.sparsellm_iterations}
+        options["iterations"] = args.sparsellm_iterations
     res = prune_model(model, calib, method, cfg, device=args.device, batch_size=args.batch_size,
                       layer_sparsity=layer_sparsity, options=options, measure_error=False, progress=not args.quiet)
     t_prune = time.perf_counter() - t0
@@ -103,10 +105,12 @@ def write_markdown(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2-135M)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows; 0 = all")
+    ap.add_argument("--sparsegpt-backend", default="auto", help="SparseGPT backend: auto, reference or ext")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--owl-m", type=float, default=5.0)
@@ -119,13 +123,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     out = Path(args.out)
-    settings = {k: getattr(args, k) for k in ("device", "nsamples", "seqlen", "eval_windows", "seed", "owl_m",
-                                               "owl_lambda", "sparsellm_iterations")}
-    model, tok = load_model(None)
+    settings = {k: getattr(args, k) for k in ("model", "device", "nsamples", "seqlen", "eval_windows", "seed", "owl_m",
+                                               "owl_lambda", "sparsellm_iterations", "sparsegpt_backend")}
+    model, tok = load_model(args.model)
     text = D.load_text(None, None)
     calib = D.calibration_windows(D.tokenize(tok, text.calibration, "calibration text"), args.nsamples, args.seqlen,
                                   args.seed)
-    eval_ids = D.eval_windows(D.tokenize(tok, text.evaluation, "evaluation text"), args.seqlen, args.eval_windows)
+    eval_ids = D.eval_windows(D.tokenize(tok, text.evaluation, "evaluation text"), args.seqlen,
+                             args.eval_windows or None)
     old = {}
     jpath = out.with_suffix(".json")
     if jpath.exists() and not args.redo:
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
         if prev.get("settings") == settings:
             old = prev.get("rows", {})
     result = {
-        "model": model_display_name(None), "settings": settings, "text_source": text.source,
+        "model": model_display_name(args.model), "settings": settings, "text_source": text.source,
         "eval_windows": int(eval_ids.shape[0]), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(), "host": host(), "rows": dict(old),
     }

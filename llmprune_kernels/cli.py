@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=_positive_int, default=DEFAULT_NSAMPLES,
                    help=f"calibration windows (default: {DEFAULT_NSAMPLES}; the papers use 128 windows of 2048 tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets (default: 0)")
+    from llmprune_kernels.owl import add_cli_arguments as _owl_arguments
+
+    _owl_arguments(p)  # --owl, --owl-m, --owl-lambda (OWL layer-wise sparsity, llmprune_kernels/owl.py)
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="method option passed to the pruner, repeatable (e.g. --option blocksize=128)")
     p.add_argument("--output", "-o", default=None, metavar="DIR",
@@ -176,8 +179,12 @@ def cmd_prune(args) -> int:
     if args.evaluate:
         dense, timings["eval_dense"] = _ppl(model, eval_ids, device, args)
         print(f"dense perplexity: {dense:.3f}", flush=True)
+    from llmprune_kernels.owl import cli_layer_sparsity
+
+    layer_sparsity, owl_report = cli_layer_sparsity(args, model, calib, config, device)
     result = prune_model(model, calib, args.method, config, device=device, batch_size=args.batch_size,
-                         options=options, measure_error=args.measure_error, progress=not args.quiet)
+                         layer_sparsity=layer_sparsity, options=options, measure_error=args.measure_error,
+                         progress=not args.quiet)
     timings["prune"] = result.total_time_s
     if args.evaluate:
         pruned, timings["eval_pruned"] = _ppl(model, eval_ids, device, args)
@@ -186,6 +193,9 @@ def cmd_prune(args) -> int:
                           sparsity={"sparsity": config.sparsity, "n": config.n, "m": config.m, "label": config.label},
                           data=data_info, prune_result=result, dense_ppl=dense, pruned_ppl=pruned,
                           timings=timings, output_dir=args.output)
+    report.update(owl_report)  # OWL: M, lambda, outlier ratios, per-layer sparsity
+    if result.method_report:  # GBLM gradient memory, SparseLLM per-block objective histories / NaN fallbacks
+        report["method_report"] = result.method_report
     if args.output:
         from llmprune_kernels.save import save_model
 

@@ -119,3 +119,48 @@ def test_owl_in_pipeline_exact_mean():
         layer = int(s.name.split("layers.")[1].split(".")[0])
         assert s.sparsity == math.floor(s.shape[1] * layer_sparsity[layer]) / s.shape[1]
     assert abs(res.overall_sparsity - 0.6) < 0.02  # per-row floor; the allocation itself is exact
+
+
+@pytest.fixture(scope="module")
+def tiny_cli_dir(tmp_path_factory):
+    from llmprune_kernels.save import save_model
+    from tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cli_global")
+    save_model(tiny_model("llama"), tiny_tokenizer(), root / "model")
+    (root / "text.txt").write_text(SAMPLE_TEXT * 30)
+    return root
+
+
+def _cli(root, *extra):
+    return ["prune", str(root / "model"), "--text", str(root / "text.txt"), "--nsamples", "4", "--seqlen", "32",
+            "--device", "cpu", "-q", "--no-eval", *extra]
+
+
+def test_cli_owl_gblm_sparsellm_reports(tiny_cli_dir, tmp_path):
+    import json
+
+    from llmprune_kernels.cli import main
+
+    rep = tmp_path / "owl.json"
+    assert main(_cli(tiny_cli_dir, "--method", "wanda", "--sparsity", "0.6", "--owl", "--owl-m", "3",
+                     "--owl-lambda", "0.1", "--report", str(rep))) == 0
+    owl = json.loads(rep.read_text())["owl"]
+    assert owl["M"] == 3.0 and owl["lambda"] == 0.1 and len(owl["layer_sparsity"]) == len(owl["outlier_ratios_percent"])
+    assert abs(owl["weighted_mean_sparsity"] - 0.6) < 1e-12
+    rep = tmp_path / "gblm.json"
+    assert main(_cli(tiny_cli_dir, "--method", "gblm", "--pattern", "2:4", "--report", str(rep))) == 0
+    r = json.loads(rep.read_text())
+    assert r["method_report"]["memory_bytes"]["accumulator_bytes"] > 0 and all(s["nm_ok"] for s in r["linears"])
+    rep = tmp_path / "sparsellm.json"
+    assert main(_cli(tiny_cli_dir, "--method", "sparsellm", "--sparsity", "0.5", "--option", "iterations=2",
+                     "--option", "local='wanda'", "--report", str(rep))) == 0
+    r = json.loads(rep.read_text())
+    assert r["options"]["iterations"] == 2 and r["method_report"]["sparsellm"]["options"]["local"] == "wanda"
+    assert r["method_report"]["sparsellm"]["options"]["alpha"] == 5.0
+
+
+def test_cli_owl_rejects_pattern(tiny_cli_dir):
+    from llmprune_kernels.cli import main
+
+    assert main(_cli(tiny_cli_dir, "--method", "wanda", "--pattern", "2:4", "--owl")) == 2

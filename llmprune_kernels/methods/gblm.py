@@ -4,7 +4,8 @@ Gradient norms come, in this order of precedence, from the option ``gradient`` (
 Linear), the option ``gradients`` (a mapping or ``GradientNorms`` keyed by full module name, looked up by
 ``layer_name``), or ``model_info``: the pipeline calls ``prepare_model`` first, which computes them from
 the calibration windows (``llmprune_kernels.gradients``; options ``gblm_scale`` (100) and
-``gblm_grad_dtype`` ("float16" as the reference, or "float32")).
+``gblm_grad_dtype`` ("float16" as the reference, or "float32"), ``gblm_accumulate_device`` (where the
+fp32 accumulator lives; default the weights' device, "cpu" keeps it off the GPU as the reference does)).
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class GBLMPruner(LayerPruner):
         try:
             return collect_gradient_norms(
                 model, list(calibration), scale=float(options.get("gblm_scale", 100.0)), store_dtype=store,
+                accumulate_device=options.get("gblm_accumulate_device"),
                 progress=bool(options.get("progress", False)),
             )
         finally:

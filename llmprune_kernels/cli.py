@@ -23,7 +23,7 @@ from llmprune_kernels.validation import SparsityConfig
 # (SparseGPT, Wanda) calibrate on 128 windows of 2048 tokens and evaluate at 2048.
 DEFAULT_NSAMPLES = 16
 DEFAULT_SEQLEN = 512
-DEFAULT_EVAL_WINDOWS = 16
+DEFAULT_EVAL_WINDOWS = 8
 
 
 def _positive_int(text: str) -> int:

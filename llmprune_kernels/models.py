@@ -85,11 +85,18 @@ def model_display_name(source: str | os.PathLike | None) -> str:
     return f"{EMBEDDED_NAME} (embedded GGUF)" if source is None else str(source)
 
 
+def _dtype_kwarg() -> str:
+    """transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def _load_dir(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **{_dtype_kwarg(): dtype if dtype is not None else "auto"})
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -107,7 +114,7 @@ def _load_gguf(path: Path, use_cache: bool) -> tuple[nn.Module, Any]:
         except Exception as exc:  # a corrupt cache must not block loading: rebuild it
             log.warning("ignoring unreadable model cache %s (%s); converting the GGUF again", cached, exc)
     log.info("dequantizing %s (first load only; cached in %s)", path, cached)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **{_dtype_kwarg(): torch.float32})
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if use_cache:
         try:

@@ -99,3 +99,40 @@ def test_unknown_architecture_error_names_the_class():
 
     with pytest.raises(ValueError, match=r"cannot find the decoder layers of WeirdLM \(model_type=None\)"):
         models.find_decoder_layers(WeirdLM())
+
+
+def test_gguf_is_converted_once_then_served_from_cache(tmp_path, monkeypatch):
+    """The (slow) GGUF dequantization runs once; later loads read the cached safetensors directory."""
+    import transformers
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    calls = []
+    real_model_fp = transformers.AutoModelForCausalLM.from_pretrained
+    real_tok_fp = transformers.AutoTokenizer.from_pretrained
+
+    def fake_model(path, *args, gguf_file=None, **kwargs):
+        if gguf_file is None:
+            return real_model_fp(path, *args, **kwargs)
+        calls.append(gguf_file)
+        model = tiny_model("llama")
+        model.config.quantization_config = {"quant_method": "gguf", "gguf_file": gguf_file}
+        return model
+
+    def fake_tok(path, *args, gguf_file=None, **kwargs):
+        return tiny_tokenizer() if gguf_file is not None else real_tok_fp(path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tok)
+    first, tok1 = models.load_model(gguf)
+    second, tok2 = models.load_model(gguf)
+    assert calls == ["tiny.Q4_1.gguf"]  # converted once
+    cached = models.gguf_cache_dir(gguf)
+    assert (cached / "config.json").exists() and any(cached.glob("*.safetensors"))
+    assert not hasattr(second.config, "quantization_config")
+    for (k, v), v2 in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(v, v2), k
+    assert tok2("hello")["input_ids"] == tok1("hello")["input_ids"]
+    models.load_model(gguf, use_cache=False)
+    assert len(calls) == 2  # use_cache=False converts again

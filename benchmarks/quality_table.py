@@ -65,6 +65,7 @@ def run_row(dense_model, calib, eval_ids, key, method, sparsity, owl, args) -> d
         options["backend"] = args.sparsegpt_backend
     if method == "sparsellm":
         options["iterations"] = args.sparsellm_iterations
+        options["local"] = args.sparsellm_local
     res = prune_model(model, calib, method, cfg, device=args.device, batch_size=args.batch_size,
                       layer_sparsity=layer_sparsity, options=options, measure_error=False, progress=not args.quiet)
     t_prune = time.perf_counter() - t0
@@ -116,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--owl-m", type=float, default=5.0)
     ap.add_argument("--owl-lambda", type=float, default=0.08)
     ap.add_argument("--sparsellm-iterations", type=int, default=4)
+    ap.add_argument("--sparsellm-local", default="sparsegpt", help="SparseLLM's local pruner: sparsegpt or wanda")
     ap.add_argument("--only", default=None, help="comma-separated row keys (default: all)")
     ap.add_argument("--out", default="benchmarks/results/quality_smollm2")
     ap.add_argument("--redo", action="store_true")
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     out = Path(args.out)
     settings = {k: getattr(args, k) for k in ("model", "device", "nsamples", "seqlen", "eval_windows", "seed", "owl_m",
-                                               "owl_lambda", "sparsellm_iterations", "sparsegpt_backend")}
+                                               "owl_lambda", "sparsellm_iterations", "sparsellm_local", "sparsegpt_backend")}
     model, tok = load_model(args.model)
     text = D.load_text(None, None)
     calib = D.calibration_windows(D.tokenize(tok, text.calibration, "calibration text"), args.nsamples, args.seqlen,

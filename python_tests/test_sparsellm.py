@@ -103,6 +103,18 @@ def test_nan_falls_back_to_local_pruner(monkeypatch):
         assert torch.isfinite(getattr(block, role).weight).all()
 
 
+def test_too_few_tokens_keeps_local_result():
+    block = make_block("relu")
+    ref = copy.deepcopy(block)
+    X = block_inputs(n=2, seq=16)  # 32 tokens < intermediate width 64
+    sparsellm_ffn_(ref, X, SparsityConfig(0.5), SparseLLMOptions(iterations=1, backend="reference"))
+    rep = sparsellm_ffn_(block, X, SparsityConfig(0.5), SparseLLMOptions(iterations=4, backend="reference"),
+                         name="layers.1")
+    assert len(rep["sparsellm_history"]) == 1 and "under-determined" in rep["sparsellm_warning"]
+    for role in ("up", "down"):
+        assert torch.equal(getattr(block, role).weight, getattr(ref, role).weight)
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"alpha": -1.0}, "alpha"),
     ({"iterations": 0}, "iterations"),

@@ -10,7 +10,8 @@ weights.
 
 Options: ``local`` ("sparsegpt" default, or "wanda"), ``alpha``, ``beta``, ``gamma`` (default by family:
 5.0 LLaMA family, 0.1 OPT), ``iterations`` (4), ``s_steps``, ``s_lr``, and the SparseGPT options
-``percdamp``, ``blocksize``, ``backend``.
+``percdamp``, ``blocksize``, ``backend``; ``min_tokens_factor`` (1.0: with fewer calibration tokens than
+the block's widest dimension the least-squares steps are skipped and the local pruner's result is kept).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ ROLES = {
     "relu": {"fc1": "up", "fc2": "down"},
 }
 _OPTION_NAMES = ("alpha", "beta", "gamma", "iterations", "local", "percdamp", "blocksize", "backend", "s_steps",
-                 "s_lr", "s_chunk")
+                 "s_lr", "s_chunk", "min_tokens_factor")
 
 
 def ffn_kind(model: nn.Module) -> str:

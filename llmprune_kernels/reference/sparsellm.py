@@ -31,6 +31,10 @@ Defaults: alpha = beta = gamma = 5.0 for the LLaMA family and 0.1 for OPT (refer
 reference runs 8 (LLaMA) or 10 (OPT) iterations; our default is 4 (project choice: cost on CPU; the
 objective history is reported so the effect of more iterations is visible).
 
+Under-determined guard: the least-squares weight updates interpolate the calibration tokens when there
+are fewer tokens than the block's widths (measured on SmolLM2 with 512 tokens: perplexity 6.7e8); then
+only the first iteration (the local pruner) runs, and the report says why.
+
 NaN guard: if any weight or auxiliary variable becomes NaN or Inf, or the local pruner fails on the
 least-squares weights, the block falls back to the first iteration's result (the local pruner alone) and
 the report says so, with the iteration and the reason.
@@ -65,6 +69,7 @@ class SparseLLMOptions:
     s_steps: int = 2  # SwiGLU gate step: gradient steps per iteration (reference: 2)
     s_lr: float = 0.01  # and their step size (reference: 0.01)
     s_chunk: int = 1000  # tokens per chunk of the gate step (memory only: tokens are independent)
+    min_tokens_factor: float = 1.0  # need tokens > factor * max(hidden, intermediate) for the least squares
 
     def resolved(self, kind: str) -> "SparseLLMOptions":
         d = FAMILY_DEFAULT[kind]
@@ -80,6 +85,8 @@ class SparseLLMOptions:
             raise ValueError(f"SparseLLM iterations={self.iterations!r} is invalid; allowed: an integer >= 1")
         if self.local not in LOCAL_PRUNERS:
             raise ValueError(f"SparseLLM local pruner {self.local!r} is unknown; allowed: {', '.join(LOCAL_PRUNERS)}")
+        if not self.min_tokens_factor >= 0:
+            raise ValueError(f"SparseLLM min_tokens_factor={self.min_tokens_factor!r} is invalid; allowed: >= 0")
         if not (isinstance(self.s_steps, int) and self.s_steps >= 0) or not self.s_lr > 0 or self.s_chunk < 1:
             raise ValueError(f"SparseLLM gate step s_steps={self.s_steps}, s_lr={self.s_lr}, s_chunk={self.s_chunk} "
                              "is invalid; allowed: s_steps >= 0, s_lr > 0, s_chunk >= 1")
@@ -198,12 +205,20 @@ def sparsellm_ffn_(
             val += a * (s - _lin(X, Wc["gate"], None)).pow(2).sum()
         return float(val)
 
-    Xinv = torch.linalg.pinv(X)  # (hidden, tokens), computed once
+    tokens, widest = X.shape[0], max(hidden, block.down.in_features)
+    iterations = opts.iterations
+    underdetermined = None
+    if iterations > 1 and tokens <= opts.min_tokens_factor * widest:
+        iterations = 1
+        underdetermined = (f"{name}: {tokens} calibration tokens <= {opts.min_tokens_factor:g} x the block width "
+                           f"{widest}: the least-squares updates would be under-determined; the block keeps the "
+                           f"local pruner's ({opts.local}) result. Give more calibration tokens.")
+    Xinv = torch.linalg.pinv(X) if iterations > 1 else None  # (hidden, tokens), computed once
     history: list[dict[str, float]] = []
     first: dict[str, torch.Tensor] | None = None
     fallback: dict[str, Any] | None = None
     eye = torch.eye(block.down.in_features, dtype=torch.float32, device=X.device)
-    for it in range(opts.iterations):
+    for it in range(iterations):
         try:
             if it > 0:
                 # Weights by least squares on the auxiliary variables.
@@ -253,6 +268,8 @@ def sparsellm_ffn_(
         "sparsellm_nan_fallback": fallback,
         "sparsellm_seconds": round(time.perf_counter() - t0, 3),
     }
+    if underdetermined is not None:
+        report["sparsellm_warning"] = underdetermined
     if fallback is not None:
         report["sparsellm_warning"] = (
             f"{name}: SparseLLM hit non-finite values at iteration {fallback['iteration']} "

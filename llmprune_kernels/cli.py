@@ -57,7 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="model dtype (default: the checkpoint's; GGUF loads as float32)")
     p.add_argument("--text", nargs="+", metavar="FILE", default=None,
                    help="text file(s) for calibration; their last 20%% is held out for evaluation unless "
-                        "--eval-text is given (default: Python's pydoc topics, every 5th topic held out)")
+                        "--eval-text is given (default: Python's pydoc topics, whole topics, ~20%% held out)")
     p.add_argument("--eval-text", nargs="+", metavar="FILE", default=None, help="text file(s) for evaluation")
     p.add_argument("--eval-seqlen", type=_positive_int, default=None,
                    help="evaluation window length in tokens (default: --seqlen)")

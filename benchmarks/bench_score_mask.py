@@ -36,14 +36,17 @@ from llmprune_kernels.ops.score_mask import score_and_mask
 from llmprune_kernels.reference.wanda import mask_from_score, wanda_score
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # LLaMA-7B q/k/v/o, gate/up (out x in), down
-RESULTS: dict = {"score_mask": [], "modes": [], "tuning": [], "act_norm": []}
+RESULTS: dict = {"score_mask": [], "modes": [], "tuning": [], "select": [], "act_norm": []}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_results(env_info):
     yield
-    if not torch.cuda.is_available():
-        return
+    if torch.cuda.is_available():
+        dump_results(env_info)
+
+
+def dump_results(env_info: dict) -> None:
     gpu = torch.cuda.get_device_name(0)
     slug = "h100" if "H100" in gpu else "".join(ch if ch.isalnum() else "_" for ch in gpu.lower())
     out = os.environ.get("LLMPRUNE_BENCH_OUT", f"benchmarks/results/score_mask_{slug}.json")
@@ -182,7 +185,7 @@ def test_modes(benchmark, mode):
 
 def _variants(cols: int) -> list[dict]:
     """Launch variants of the unstructured kernel for one row width ({} = the defaults)."""
-    search = [{"digit": 2}, {"digit": 2, "pair": False}, {"pair": False}, {"float": False}]
+    search = [{"digit": 2}, {"digit": 2, "pair": False}, {"pair": False}, {"float": False}] + HIST_VARIANTS[:2]
     if cols <= 4096:
         return [{}] + search + [{"warps_per_row": 4}, {"warps_per_row": 1, "rows_per_prog": 2}, {"cap": 128}]
     if cols <= 16384:
@@ -215,6 +218,43 @@ def test_tuning_sweep(benchmark, shape):
     best = min((r for r in rows if "ms" in r and "nm" not in r), key=lambda r: r["ms"])
     entry["best_unstructured"] = best
     RESULTS["tuning"].append(entry)
+    benchmark.extra_info.update(entry)
+    benchmark.pedantic(_sync(lambda: score_and_mask(w, norm, cfg, check=False)), rounds=5, warmup_rounds=1)
+
+
+# 8-bit / 11-bit digit histogram selection (``select="hist8"``) with a few warp counts and rows per program
+HIST_VARIANTS = [{"select": "hist8"}, {"select": "hist8", "hist_bits": 11},
+                 {"select": "hist8", "elems_per_warp": 512}, {"select": "hist8", "hist_bits": 11, "elems_per_warp": 512},
+                 {"select": "hist8", "elems_per_warp": 2048}, {"select": "hist8", "rows_per_prog": 2}]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_select_variants(benchmark, shape, env_info):
+    """Old (bitwise radix, "radix1") vs new (digit histogram, "hist8") selection at 50%, fp16: every
+    variant's mask is checked equal to the reference at full size before it is timed."""
+    w, norm = setup(shape)
+    cfg = SparsityConfig(0.5)
+    ref_fn = lambda: mask_from_score(wanda_score(w, norm), cfg)  # noqa: E731
+    ref = ref_fn()
+    rows = []
+    for tune in [{"select": "radix1"}] + HIST_VARIANTS:
+        try:
+            assert torch.equal(score_and_mask(w, norm, cfg, _tune=tune), ref), f"mask differs for {tune}"
+            rows.append({"tune": tune, "ms": ms(lambda: score_and_mask(w, norm, cfg, check=False, _tune=tune))})
+        except Exception as exc:  # e.g. a variant that does not compile on this Triton: record, go on
+            rows.append({"tune": tune, "error": repr(exc)[:300]})
+    mask_buf = torch.empty_like(w, dtype=torch.bool)
+    floor, ref_ms = ms(lambda: copy_floor(w, norm, mask_buf)), ms(ref_fn, rep=300)
+    for r in rows:
+        if "ms" in r:
+            r["over_copy_floor"] = r["ms"] / floor
+            r["reference_over"] = ref_ms / r["ms"]
+    timed = [r for r in rows if "ms" in r]
+    entry = {"shape": list(shape), "dtype": "float16", "pattern": "50%", "copy_floor_ms": floor,
+             "reference_ms": ref_ms, "variants": rows,
+             "best": min(timed, key=lambda r: r["ms"]) if timed else None}
+    RESULTS["select"].append(entry)
+    dump_results(env_info)  # after every shape: a run cut short by a timeout still leaves its figures
     benchmark.extra_info.update(entry)
     benchmark.pedantic(_sync(lambda: score_and_mask(w, norm, cfg, check=False)), rounds=5, warmup_rounds=1)
 

@@ -129,6 +129,44 @@ def test_launch_variants(tune):
     check(quantized(3, 300, levels=4), torch.ones(300, device=DEV), SparsityConfig(0.45), **tune)
 
 
+HIST = [dict(select="hist8"), dict(select="hist8", hist_bits=11, rows_per_prog=2)]
+
+
+@pytest.mark.parametrize("cols", [13, 576, 1536])
+@pytest.mark.parametrize("dtype,tune", [(d, HIST[0]) for d in DTYPES] + [(torch.float16, HIST[1])],
+                         ids=["hist8_fp16", "hist8_bf16", "hist8_fp32", "hist11_r2_fp16"])
+def test_hist_select_equals_reference(cols, dtype, tune):
+    """Digit-histogram selection: random rows, an all-zero row, a row of ties; k = 0, cols/2, cols - 1."""
+    w = torch.randn(3, cols, device=DEV).to(dtype)
+    w[1] = 0
+    w[2] = quantized(1, cols, levels=4, dtype=dtype)[0]
+    norm = torch.rand(cols, device=DEV) * 3
+    for s in [0.0, 0.5, (cols - 1) / cols + 1e-4]:
+        check(w, norm, SparsityConfig(s), **tune)
+
+
+@pytest.mark.parametrize("tune", HIST, ids=["hist8", "hist11_r2"])
+def test_hist_select_special_values_and_outputs(tune):
+    """NaN / Inf / subnormal / signed-zero scores, GBLM and RIA scores, packed bits and in-place zeroing."""
+    w = torch.randn(4, 40, device=DEV)
+    w[0, [3, 7, 30]] = float("nan")
+    w[1, [2, 9]] = float("inf")
+    w[2, ::3] = 1e-40
+    w[3, ::2] = -0.0
+    norm = torch.rand(40, device=DEV)
+    for s in [0.5, 0.95]:
+        check(w, norm, SparsityConfig(s), **tune)
+    wh = torch.randn(3, 99, device=DEV).half()
+    nh = torch.rand(99, device=DEV)
+    check(wh, nh, SparsityConfig(0.5), grad=torch.rand_like(wh) * 0.1, **tune)
+    check(wh, nh, SparsityConfig(0.5), ria=True, **tune)
+    ref = mask_from_score(wanda_score(wh, nh), SparsityConfig(0.3))
+    w2 = wh.clone()
+    mask, bits = score_and_mask(w2, nh, SparsityConfig(0.3), inplace=True, packed=True, _tune=tune)
+    assert torch.equal(mask, ref) and torch.equal(bits, pack_mask_bits(ref))
+    assert torch.equal(w2, wh.masked_fill(ref, 0))
+
+
 @pytest.mark.parametrize("gdtype", [torch.float16, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", [SparsityConfig(0.5), SparsityConfig(n=2, m=4)])
 def test_gblm_equals_reference(gdtype, pattern):
@@ -250,7 +288,9 @@ def test_llama7b_shapes_cuda(shape, pattern):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("tune", [dict(max_block=16384), dict(max_block=4096), dict(cap=32),
-                                  dict(digit=2), dict(pair=False), dict(float=False)])
+                                  dict(digit=2), dict(pair=False), dict(float=False), dict(select="radix1"),
+                                  dict(select="hist8"), dict(select="hist8", hist_bits=11),
+                                  dict(select="hist8", rows_per_prog=2, num_warps=8)])
 def test_tuning_variants_cuda(tune):
     for cols in [4096, 11008, 28672]:
         w = torch.randn(32, cols, device="cuda").half()
@@ -265,3 +305,18 @@ def test_gblm_ria_full_size_cuda(pattern):
     norm = torch.rand(11008, device="cuda")
     check(w, norm, pattern, grad=torch.rand_like(w) * 0.05)
     check(w, norm, pattern, ria=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tune", HIST + [dict(select="hist8", elems_per_warp=512), dict(select="hist8", hist_max_block=32768)],
+                         ids=["hist8", "hist11_r2", "hist8_epw512", "hist8_at_32768"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hist_select_full_width_cuda(tune, dtype):
+    for cols in [4096, 11008, 28672]:
+        w = torch.randn(48, cols, device="cuda").to(dtype)
+        w[3] = 0
+        norm = torch.rand(cols, device="cuda") * 4
+        for s in [0.0, 0.1, 0.5, 0.9, (cols - 1) / cols + 1e-6]:
+            check(w, norm, SparsityConfig(s), **tune)
+        check(quantized(48, cols, dtype=dtype, device="cuda"), torch.ones(cols, device="cuda"), SparsityConfig(0.5),
+              **tune)

@@ -9,6 +9,10 @@ order-preserving int32 key and selects:
   are compacted into a small scratch buffer and ranked pairwise (or searched bit by bit; full-row passes
   if the bucket is larger, e.g. rows full of ties). Then the tie rule: prune every key < t and the first (k - count(< t)) keys == t
   in column order (lower column index first), which is exactly "stable ascending sort, prune the first k".
+* unstructured, ``select="hist8"`` (``LLMPRUNE_SCORE_MASK_SELECT=hist8``): the same k-th key t and count(< t)
+  from four dependent rounds of 8-bit digits (``tl.histogram`` of the keys that match the prefix found so
+  far, then a cumulative sum over the bins) instead of ~30 one-bit counting steps; rows up to
+  ``HIST_MAX_BLOCK`` padded columns. Opt-in until an H100 sweep (bench ``test_select_variants``) decides.
 * N:M: the rank of each element inside its group of M (smaller key, or equal key and lower index, counts).
 
 Rows up to ``MAX_BLOCK`` columns stay in registers; longer rows are streamed in chunks (same algorithm,
@@ -46,6 +50,15 @@ ROWS_PER_PROG = 1  # rows per program
 ROW_ELEMS_PER_WARP = 2048  # a row gets one warp per this many (padded) columns: 64 keys per thread
 DIGIT_BITS = 1  # radix bits per dependent step of the high-half search (2: fewer steps, 1.5x the compares)
 PAIRWISE_MAX_BLOCK = 16384  # rank the bucket's keys pairwise (not 16 more search steps) up to this row width
+# Selection of the in-register unstructured kernel: "radix1" = bitwise search (_rows_kernel, the H100-tuned
+# default so far), "hist8" = four 8-bit-digit histogram rounds (_rows_hist_kernel). The environment variable
+# lets a whole run switch without code changes; ``_tune={"select": ...}`` switches one call.
+SELECT = os.environ.get("LLMPRUNE_SCORE_MASK_SELECT", "radix1")
+if SELECT not in ("radix1", "hist8"):
+    raise ValueError(f"LLMPRUNE_SCORE_MASK_SELECT={SELECT!r}; allowed: 'radix1', 'hist8'")
+HIST_BITS = 8  # hist8: radix digit width (8: 4 rounds of 256 bins; 11: 3 rounds of 2048 bins)
+HIST_ELEMS_PER_WARP = 1024  # hist8: a row gets one warp per this many (padded) columns: 32 keys per thread
+HIST_MAX_BLOCK = 16384  # hist8 up to this padded width; longer rows (32768: > 128 registers, spills) keep radix1
 _MODES = {"wanda": 0, "gblm": 1, "ria": 2}
 _INT_MAX = 2**31 - 1
 
@@ -277,6 +290,75 @@ if HAS_TRITON:
                      mask=(bcol < (n_cols + 7) // 8) & (rows < n_rows))
         if ZERO_W:
             tl.store(w_ptr + rows * stride_w + col, tl.zeros([W, R, C], dtype=w_ptr.dtype.element_ty), mask=prune)
+
+    @triton.jit
+    def _rows_hist_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr,
+                          n_rows, n_cols, k, stride_w, stride_g, stride_m, stride_b,
+                          MODE: tl.constexpr, GPROMO: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+                          DB: tl.constexpr, NB: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr,
+                          ZERO_W: tl.constexpr):
+        """Unstructured, 8-bit-digit radix select: R rows per program, each row a [BLOCK] slice in registers.
+
+        Four dependent rounds instead of ~30 one-bit counting steps: round j takes the histogram
+        (``tl.histogram``, one per row via bin offsets r * 256) of digit j of the keys whose higher digits
+        equal the prefix found so far, then a cumulative sum over the 256 bins gives the digit of the
+        k-th smallest key and the count of keys below its bin. After round 4 t is exact and ``base`` =
+        count(key < t); the tie rule then prunes the first (k - base) keys == t in column order.
+        """
+        r1 = (tl.program_id(0) * R + tl.arange(0, R)).to(tl.int64)
+        rows = r1[:, None]
+        col = tl.arange(0, BLOCK)[None, :]
+        valid = (col < n_cols) & (rows < n_rows)
+        if MODE == 2:
+            rs = tl.load(rs_ptr + rows, mask=rows < n_rows, other=1.0)
+        else:
+            rs = 1.0
+        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows * stride_w + col, rows * stride_g + col, col, valid,
+                   MODE, GPROMO)
+        key = _keys(s, valid)
+        roff = (tl.arange(0, R) * NB)[:, None]
+        bin_id = tl.arange(0, NB)[None, :]
+        t = tl.zeros([R], tl.int32)
+        base = tl.zeros([R], tl.int32)
+        neq = tl.zeros([R], tl.int32)
+        for j in tl.static_range((32 + DB - 1) // DB):
+            sh = 32 - DB * (j + 1)  # digit j = key bits [sh, sh + DB), the last digit may be shorter
+            if sh < 0:
+                sh = 0
+            if j == 0:  # signed key >> sh, offset by half the bins, orders as the key does
+                digit = (key >> sh) + (1 << (31 - sh))
+                live = valid
+            else:
+                digit = (key >> sh) & (NB - 1)
+                live = valid & ((key >> (32 - DB * j)) == (t >> (32 - DB * j))[:, None])
+            h = tl.reshape(tl.histogram(tl.reshape(digit + roff, [R * BLOCK]), R * NB,
+                                        mask=tl.reshape(live, [R * BLOCK])), [R, NB])
+            cum = tl.cumsum(h, axis=1)
+            # the k-th smallest lies in the first bin whose inclusive count reaches k (bin 0 when k = 0)
+            b = tl.sum((base[:, None] + cum < k).to(tl.int32), axis=1)
+            base += tl.sum(tl.where(bin_id < b[:, None], h, 0), axis=1)
+            neq = tl.sum(tl.where(bin_id == b[:, None], h, 0), axis=1)  # last round: count(key == t)
+            if j == 0:
+                t = (b - (1 << (31 - sh))) << sh
+            else:
+                t = t | (b << sh)
+        tb = t[:, None]
+        need = k - base
+        if tl.min(tl.where(neq == need, 1, 0), axis=0) == 1:  # every key == t is pruned: no rank needed
+            prune = valid & (key <= tb)
+        else:
+            eq = (valid & (key == tb)).to(tl.int32)
+            rank = tl.cumsum(eq, axis=1) - eq  # equal keys before this column
+            prune = valid & ((key < tb) | ((eq != 0) & (rank < need[:, None])))
+        if WRITE_MASK:
+            tl.store(mask_ptr + rows * stride_m + col, prune.to(tl.uint8), mask=valid)
+        if WRITE_BITS:
+            byte = tl.sum(tl.reshape(prune.to(tl.int32) << (col % 8), [R, BLOCK // 8, 8]), axis=2)
+            bcol = tl.arange(0, BLOCK // 8)[None, :]
+            tl.store(bits_ptr + rows * stride_b + bcol, byte.to(tl.uint8),
+                     mask=(bcol < (n_cols + 7) // 8) & (rows < n_rows))
+        if ZERO_W:
+            tl.store(w_ptr + rows * stride_w + col, tl.zeros([R, BLOCK], dtype=w_ptr.dtype.element_ty), mask=prune)
 
     @triton.jit
     def _chunk_key(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, c0, n_cols, stride_w, stride_g,
@@ -519,6 +601,19 @@ def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
         _row_topk_chunked_kernel[(rows,)](
             w, g, f, cs, rs, out, bits, scratch, cols, k, w.stride(0), g.stride(0), out.stride(0), bits.stride(0),
             BLOCK=block, CAP=cap, num_warps=tune.get("num_warps", 8), **flags)
+        return
+    if tune.get("select", SELECT) == "hist8" and block <= tune.get("hist_max_block", HIST_MAX_BLOCK):
+        r = tune.get("rows_per_prog", 1)
+        db = tune.get("hist_bits", HIST_BITS)
+        warps = max(1, min(32, r * block // tune.get("elems_per_warp", HIST_ELEMS_PER_WARP)))
+        try:
+            _rows_hist_kernel[(triton.cdiv(rows, r),)](
+                w, g, f, cs, rs, out, bits, rows, cols, k, w.stride(0), g.stride(0), out.stride(0), bits.stride(0),
+                R=r, BLOCK=block, DB=db, NB=1 << db, num_warps=tune.get("num_warps", warps), **flags)
+        except OutOfResources:  # as below: stream the row instead
+            if "max_block" in tune:
+                raise
+            _launch_rows(w, g, f, cs, rs, out, bits, k, flags, {**tune, "max_block": block // 2})
         return
     c = min(block, 32 * (16 // w.element_size()))  # one warp's lanes, 16-byte loads each
     wpr = tune.get("warps_per_row", max(1, block // ROW_ELEMS_PER_WARP))

@@ -145,6 +145,7 @@ def test_llama7b_total(env_info):
               f"({est['speedup_fast_inverse']:.0f}x)")
     RESULTS["llama7b_linear_total_estimate"] = totals
     RESULTS["env"] = env_info
+    RESULTS["cuda_kernel"] = os.environ.get("LLMPRUNE_SPARSEGPT_CUDA_KERNEL", "warp")
     RESULTS["method"] = __doc__
     out = os.environ.get("LLMPRUNE_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results",
                                                             "sparsegpt_h100.json"))

@@ -247,6 +247,8 @@ def test_unusable_hessian_raises_naming_layer(device):
     H = -torch.eye(16, device=device)  # not positive definite at any damping of the form p * mean(diag)
     with pytest.raises(RuntimeError, match="down_proj.*Cholesky"):
         ops.sparsegpt_prune(W, H, UNSTRUCTURED, max_retries=2, backend="ext", name="down_proj")
+    with pytest.raises(RuntimeError, match="down_proj.*Cholesky"):
+        sparsegpt_prune(W, H, UNSTRUCTURED, max_retries=2, name="down_proj")
     Hnan = torch.eye(16, device=device)
     Hnan[3, 3] = float("inf")
     with pytest.raises(ValueError, match="down_proj.*NaN or Inf"):

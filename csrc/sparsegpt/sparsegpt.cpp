@@ -3,14 +3,6 @@
 // the column loop (CPU here, CUDA in sparsegpt_kernel.cu), then one GEMM for the later columns.
 // Every ATen call mirrors the reference (llmprune_kernels/reference/sparsegpt.py) so results are identical.
 
-// The column loop must round like the reference (separate multiply and subtract): forbid contraction
-// into fused multiply-add, which compilers may otherwise emit on targets that have it.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
 #include "sparsegpt/sparsegpt.h"
 
 #include <ATen/Parallel.h>
@@ -66,7 +58,7 @@ void block_update_cpu(at::Tensor& W, const at::Tensor& Hinv, at::Tensor& mask, a
   const float* H1 = Hp + i1 * cols + i1;
 
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<float> w(count), score(std::max<int64_t>(prunem, 1));
+    std::vector<float> w(count), prod(count), score(std::max<int64_t>(prunem, 1));
     for (int64_t r = r0; r < r1; ++r) {
       float* Wr = Wp + r * cols + i1;
       bool* Mr = Mp + r * cols + i1;
@@ -88,11 +80,11 @@ void block_update_cpu(at::Tensor& W, const at::Tensor& Hinv, at::Tensor& mask, a
         const float diff = wi - q;
         loss += (diff * diff) / (d * d);
         const float e = diff / d;
-        float* wj = w.data();
-        for (int64_t j = i + 1; j < count; ++j) {
-          const float p = e * h[j];
-          wj[j] = wj[j] - p;
-        }
+        // Product and difference in two loops, rounded separately like the reference's outer product and
+        // subtraction: a compiler may fuse a*b - c within one expression into an FMA where the target has
+        // one, but not across loops.
+        for (int64_t j = i + 1; j < count; ++j) prod[j] = e * h[j];
+        for (int64_t j = i + 1; j < count; ++j) w[j] = w[j] - prod[j];
         w[i] = q;
         Er[i] = e;
       }
@@ -143,24 +135,25 @@ bool factor_inverse(const at::Tensor& Hd, bool fast, at::Tensor& U) {
   return at::isfinite(U).all().item<bool>();
 }
 
-// Upper Cholesky factor of (H + damp I)^-1; on failure retries with percdamp x10 (0 -> 0.01).
+// Upper Cholesky factor of (H + damp I)^-1; on failure retries with percdamp x10 (0 -> 0.01). When every
+// attempt fails it returns an undefined tensor and retries = -1: bad calibration data is an outcome the
+// caller reports (the Python wrapper raises naming the layer), not an exception thrown through here.
 std::tuple<at::Tensor, double, int64_t> inverse_hessian_factor(const at::Tensor& H, double percdamp,
-                                                               int64_t max_retries, bool fast,
-                                                               const std::string& name) {
+                                                               int64_t max_retries, bool fast) {
   const at::Tensor mean_diag = at::mean(at::diag(H));
+  double last_damp = 0.0;
   for (int64_t attempt = 0; attempt <= max_retries; ++attempt) {
     const at::Tensor damp = mean_diag * percdamp;
+    last_damp = damp.item<double>();
     at::Tensor Hd = H.clone();
     Hd.diagonal().add_(damp);
     at::Tensor U;
     if (factor_inverse(Hd, fast, U)) {
-      return {U, damp.item<double>(), attempt};
+      return {U, last_damp, attempt};
     }
     percdamp = percdamp > 0 ? percdamp * 10 : 0.01;
   }
-  TORCH_CHECK(false, name, ": Cholesky factorisation failed after ", max_retries,
-              " retries with growing damping; the Hessian is not usable");
-  return {at::Tensor(), 0.0, 0};
+  return {at::Tensor(), last_damp, -1};
 }
 
 void check_finite_hessian(const at::Tensor& H, const std::string& name) {
@@ -224,8 +217,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, double, int64_t> prune(
   const at::Tensor dead = at::diag(H).eq(0);
   H.diagonal().masked_fill_(dead, 1);
   W.masked_fill_(dead.reshape({1, cols}), 0);
-  auto [Hinv, damp, retries] = inverse_hessian_factor(H, percdamp, max_retries, fast_inverse, name);
+  auto [Hinv, damp, retries] = inverse_hessian_factor(H, percdamp, max_retries, fast_inverse);
   H.reset();
+  if (retries < 0) {
+    return {W.to(weight.scalar_type()), at::zeros({rows, cols}, weight.options().dtype(at::kBool)),
+            at::zeros({rows}, fopts), damp, retries};
+  }
   // LAPACK / cuSOLVER return a column-major factor. The GEMM below uses it as is (the reference's exact
   // call); the column loops read a row-major copy.
   const at::Tensor Hrow = Hinv.contiguous();

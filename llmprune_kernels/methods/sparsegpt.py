@@ -26,7 +26,7 @@ class SparseGPTPruner(LayerPruner):
         self.max_retries = int(options.get("max_retries", 4))
         self.tf32 = bool(options.get("tf32", False))
         self.fast_inverse = bool(options.get("fast_inverse", False))
-        self.backend = ops.resolve_backend(options.get("backend", "auto"), layer.weight.device)
+        self.backend = ops.resolve_backend(options.get("backend", "auto"), layer.weight.device, self.blocksize)
         n = layer.in_features
         self.H = torch.zeros(n, n, dtype=torch.float32, device=layer.weight.device)
         self.nsamples = 0

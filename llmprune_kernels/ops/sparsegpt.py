@@ -34,12 +34,19 @@ def ext_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" or (torch.device(device).type == "cuda" and _ext.ext_with_cuda())
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """``auto`` -> ``ext`` where it is built for the device, else ``reference``; ``ext`` must be available."""
+CUDA_MAX_BLOCKSIZE = 128  # the CUDA kernel keeps the block's Hinv slice in shared memory
+
+
+def resolve_backend(backend: str, device: torch.device | str, blocksize: int = 128) -> str:
+    """``auto`` -> ``ext`` where it is built for the device (and, on CUDA, blocksize <= 128), else
+    ``reference``; ``ext`` must be available."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown SparseGPT backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    cuda_too_wide = torch.device(device).type == "cuda" and blocksize > CUDA_MAX_BLOCKSIZE
     if backend == "auto":
-        return "ext" if ext_available(device) else "reference"
+        return "ext" if ext_available(device) and not cuda_too_wide else "reference"
+    if backend == "ext" and cuda_too_wide:
+        raise ValueError(f"the CUDA SparseGPT kernel supports blocksize <= {CUDA_MAX_BLOCKSIZE}, got {blocksize}")
     if backend == "ext" and not ext_available(device):
         why = _ext.EXT_ERROR or f"_C lacks sparsegpt_prune for {torch.device(device).type}"
         raise RuntimeError(f"SparseGPT backend 'ext' is not available on {device}: {why}")
@@ -121,7 +128,7 @@ def sparsegpt_prune(
         raise ValueError(f"blocksize {blocksize!r} must be a positive integer")
     if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
         raise ValueError(f"percdamp {percdamp!r} must be a finite number >= 0")
-    used = resolve_backend(backend, weight.device)
+    used = resolve_backend(backend, weight.device, blocksize)
     if fast_inverse and used != "ext":
         raise ValueError("fast_inverse needs the 'ext' backend (the reference follows the published code)")
     with tf32_matmul(tf32):
@@ -135,5 +142,10 @@ def sparsegpt_prune(
         W, mask, losses, damp, retries = torch.ops.llmprune_kernels.sparsegpt_prune(
             weight.detach(), H.detach().float(), float(0.0 if config.is_nm else config.sparsity),
             config.n, config.m, blocksize, float(percdamp), max_retries, name, bool(fast_inverse),
+        )
+    if retries < 0:  # same outcome and message as the reference's inverse_hessian_factor
+        raise RuntimeError(
+            f"{name}: Cholesky factorisation failed after {max_retries} retries with growing damping (last "
+            f"damping {damp:g}); the Hessian is not usable"
         )
     return ref.SparseGPTResult(W, mask, losses, float(damp), int(retries)), used

@@ -74,11 +74,13 @@ class SparseGPTResult:
         return float(self.losses.sum())
 
 
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float, max_retries: int = 4) -> tuple[torch.Tensor, float, int]:
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float, max_retries: int = 4,
+                           name: str = "layer") -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor of ``(H + damp*I)^-1`` with ``damp = percdamp * mean(diag H)``; see module doc."""
     mean_diag = torch.mean(torch.diag(H))
     for attempt in range(max_retries + 1):
         damp = percdamp * mean_diag
+        last = float(damp)
         Hd = H.clone()
         Hd.diagonal().add_(damp)
         L, info = torch.linalg.cholesky_ex(Hd)
@@ -88,8 +90,8 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float, max_retries: int = 
                 return U, float(damp), attempt
         percdamp = percdamp * 10 if percdamp > 0 else 0.01
     raise RuntimeError(
-        f"Cholesky factorisation failed after {max_retries} retries with growing damping (last percdamp "
-        f"{percdamp / 10 if percdamp > 0.01 else percdamp:g}); the Hessian is not usable"
+        f"{name}: Cholesky factorisation failed after {max_retries} retries with growing damping (last "
+        f"damping {last:g}); the Hessian is not usable"
     )
 
 
@@ -124,7 +126,7 @@ def sparsegpt_prune(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv, damp, retries = inverse_hessian_factor(H, percdamp, max_retries)
+    Hinv, damp, retries = inverse_hessian_factor(H, percdamp, max_retries, name)
     del H
 
     mask = torch.zeros(rows, columns, dtype=torch.bool, device=W.device)

@@ -125,8 +125,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     out = Path(args.out)
-    settings = {k: getattr(args, k) for k in ("model", "device", "nsamples", "seqlen", "eval_windows", "seed", "owl_m",
-                                               "owl_lambda", "sparsellm_iterations", "sparsellm_local", "sparsegpt_backend")}
+    settings = {k: getattr(args, k) for k in (
+        "model", "device", "nsamples", "seqlen", "eval_windows", "seed", "owl_m", "owl_lambda", "sparsellm_iterations",
+        "sparsellm_local", "sparsegpt_backend")}
     model, tok = load_model(args.model)
     text = D.load_text(None, None)
     calib = D.calibration_windows(D.tokenize(tok, text.calibration, "calibration text"), args.nsamples, args.seqlen,

@@ -150,7 +150,8 @@ def collect_gradient_norms(
                 out = model(input_ids=ids, labels=ids, use_cache=False)
                 loss = out.loss
                 if not torch.isfinite(loss):
-                    raise ValueError(f"calibration sample {i}: causal-LM loss is {loss.item()}; gradients need a finite loss")
+                    raise ValueError(f"calibration sample {i}: causal-LM loss is {loss.item()}; "
+                                     "gradients need a finite loss")
                 loss.backward()
             losses.append(float(loss.detach()))
         if not losses:

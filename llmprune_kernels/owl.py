@@ -167,7 +167,8 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--owl-m", type=float, default=OWL_M,
                         help=f"OWL outlier threshold M: scores above M x the layer mean (default {OWL_M:g})")
     parser.add_argument("--owl-lambda", type=float, default=OWL_LAMBDA,
-                        help=f"OWL lambda: layer sparsities spread over [s - lambda, s + lambda] (default {OWL_LAMBDA:g})")
+                        help="OWL lambda: layer sparsities spread over a window 2*lambda wide around --sparsity "
+                             f"(default {OWL_LAMBDA:g})")
 
 
 def cli_layer_sparsity(args, model: nn.Module, calibration, config, device) -> tuple[list[float] | None, dict]:
@@ -175,7 +176,8 @@ def cli_layer_sparsity(args, model: nn.Module, calibration, config, device) -> t
     if not getattr(args, "owl", False):
         return None, {}
     if config.is_nm:
-        raise ValueError(f"--owl allocates unstructured sparsity per layer; it cannot be combined with --pattern {config.label}")
+        raise ValueError(f"--owl allocates unstructured sparsity per layer; it cannot be combined with "
+                         f"--pattern {config.label}")
     if calibration is None:
         raise ValueError("--owl needs calibration windows (its outlier ratios come from Wanda scores)")
     return owl_layer_sparsity(model, calibration, config.sparsity, args.owl_m, args.owl_lambda, device=device,

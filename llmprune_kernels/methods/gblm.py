@@ -32,7 +32,8 @@ def _lookup_gradient(options: dict[str, Any]) -> torch.Tensor:
         )
     grads = getattr(grads, "norms", grads)
     if name not in grads:
-        raise ValueError(f"{name}: no gradient norm for this layer; the gradients hold e.g. {next(iter(grads), None)!r}")
+        raise ValueError(f"{name}: no gradient norm for this layer; the gradients hold e.g. "
+                         f"{next(iter(grads), None)!r}")
     return grads[name]
 
 

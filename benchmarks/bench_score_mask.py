@@ -222,16 +222,17 @@ def test_tuning_sweep(benchmark, shape):
     benchmark.pedantic(_sync(lambda: score_and_mask(w, norm, cfg, check=False)), rounds=5, warmup_rounds=1)
 
 
-# 8-bit / 11-bit digit histogram selection (``select="hist8"``) with a few warp counts and rows per program
-HIST_VARIANTS = [{"select": "hist8"}, {"select": "hist8", "hist_bits": 11},
-                 {"select": "hist8", "elems_per_warp": 512}, {"select": "hist8", "hist_bits": 11, "elems_per_warp": 512},
-                 {"select": "hist8", "elems_per_warp": 2048}, {"select": "hist8", "rows_per_prog": 2}]
+# Digit-histogram selection: "hist8" (every round on the whole row; 8- or 11-bit digits) and "hist11c" (11-bit
+# digits, rounds after the first on the compacted top-digit bucket), with a few warp counts / rows per program
+HIST_VARIANTS = [{"select": "hist11c"}, {"select": "hist8"}, {"select": "hist8", "hist_bits": 11},
+                 {"select": "hist8", "elems_per_warp": 512}, {"select": "hist11c", "elems_per_warp": 512},
+                 {"select": "hist11c", "elems_per_warp": 2048}, {"select": "hist11c", "rows_per_prog": 2}]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_select_variants(benchmark, shape, env_info):
-    """Old (bitwise radix, "radix1") vs new (digit histogram, "hist8") selection at 50%, fp16: every
-    variant's mask is checked equal to the reference at full size before it is timed."""
+    """Old (bitwise radix, "radix1") vs new (digit histogram, "hist8" / "hist11c") selection at 50%, fp16:
+    every variant's mask is checked equal to the reference at full size before it is timed."""
     w, norm = setup(shape)
     cfg = SparsityConfig(0.5)
     ref_fn = lambda: mask_from_score(wanda_score(w, norm), cfg)  # noqa: E731

@@ -129,14 +129,18 @@ def test_launch_variants(tune):
     check(quantized(3, 300, levels=4), torch.ones(300, device=DEV), SparsityConfig(0.45), **tune)
 
 
-HIST = [dict(select="hist8"), dict(select="hist8", hist_bits=11, rows_per_prog=2)]
+HIST = [dict(select="hist8"), dict(select="hist11c"), dict(select="hist8", hist_bits=11, rows_per_prog=2),
+        dict(select="hist11c", cap=16, rows_per_prog=2)]
+HIST_IDS = ["hist8", "hist11c", "hist8_11bit_r2", "hist11c_overflow_r2"]
 
 
 @pytest.mark.parametrize("cols", [13, 576, 1536])
-@pytest.mark.parametrize("dtype,tune", [(d, HIST[0]) for d in DTYPES] + [(torch.float16, HIST[1])],
-                         ids=["hist8_fp16", "hist8_bf16", "hist8_fp32", "hist11_r2_fp16"])
+@pytest.mark.parametrize("dtype,tune", [(d, HIST[0]) for d in DTYPES] + [(d, HIST[1]) for d in DTYPES]
+                         + [(torch.float16, HIST[2]), (torch.bfloat16, HIST[3])],
+                         ids=[f"{n}_{d}" for n in HIST_IDS[:2] for d in ["fp16", "bf16", "fp32"]] + HIST_IDS[2:])
 def test_hist_select_equals_reference(cols, dtype, tune):
-    """Digit-histogram selection: random rows, an all-zero row, a row of ties; k = 0, cols/2, cols - 1."""
+    """Digit-histogram selection: random rows, an all-zero row, a row of ties; k = 0, cols/2, cols - 1.
+    hist11c with cap=16: top-digit buckets larger than the scratch buffer take the whole-row rounds."""
     w = torch.randn(3, cols, device=DEV).to(dtype)
     w[1] = 0
     w[2] = quantized(1, cols, levels=4, dtype=dtype)[0]
@@ -145,7 +149,7 @@ def test_hist_select_equals_reference(cols, dtype, tune):
         check(w, norm, SparsityConfig(s), **tune)
 
 
-@pytest.mark.parametrize("tune", HIST, ids=["hist8", "hist11_r2"])
+@pytest.mark.parametrize("tune", HIST[:2], ids=HIST_IDS[:2])
 def test_hist_select_special_values_and_outputs(tune):
     """NaN / Inf / subnormal / signed-zero scores, GBLM and RIA scores, packed bits and in-place zeroing."""
     w = torch.randn(4, 40, device=DEV)
@@ -308,8 +312,9 @@ def test_gblm_ria_full_size_cuda(pattern):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tune", HIST + [dict(select="hist8", elems_per_warp=512), dict(select="hist8", hist_max_block=32768)],
-                         ids=["hist8", "hist11_r2", "hist8_epw512", "hist8_at_32768"])
+@pytest.mark.parametrize("tune", HIST + [dict(select="hist11c", elems_per_warp=512),
+                                         dict(select="hist11c", hist_max_block=32768)],
+                         ids=HIST_IDS + ["hist11c_epw512", "hist11c_at_32768"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hist_select_full_width_cuda(tune, dtype):
     for cols in [4096, 11008, 28672]:

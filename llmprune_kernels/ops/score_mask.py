@@ -53,9 +53,10 @@ PAIRWISE_MAX_BLOCK = 16384  # rank the bucket's keys pairwise (not 16 more searc
 # Selection of the in-register unstructured kernel: "radix1" = bitwise search (_rows_kernel, the H100-tuned
 # default so far), "hist8" = four 8-bit-digit histogram rounds (_rows_hist_kernel). The environment variable
 # lets a whole run switch without code changes; ``_tune={"select": ...}`` switches one call.
+# "hist11c" = 11-bit digits, rounds after the first on the compacted top-digit bucket.
 SELECT = os.environ.get("LLMPRUNE_SCORE_MASK_SELECT", "radix1")
-if SELECT not in ("radix1", "hist8"):
-    raise ValueError(f"LLMPRUNE_SCORE_MASK_SELECT={SELECT!r}; allowed: 'radix1', 'hist8'")
+if SELECT not in ("radix1", "hist8", "hist11c"):
+    raise ValueError(f"LLMPRUNE_SCORE_MASK_SELECT={SELECT!r}; allowed: 'radix1', 'hist8', 'hist11c'")
 HIST_BITS = 8  # hist8: radix digit width (8: 4 rounds of 256 bins; 11: 3 rounds of 2048 bins)
 HIST_ELEMS_PER_WARP = 1024  # hist8: a row gets one warp per this many (padded) columns: 32 keys per thread
 HIST_MAX_BLOCK = 16384  # hist8 up to this padded width; longer rows (32768: > 128 registers, spills) keep radix1
@@ -292,18 +293,52 @@ if HAS_TRITON:
             tl.store(w_ptr + rows * stride_w + col, tl.zeros([W, R, C], dtype=w_ptr.dtype.element_ty), mask=prune)
 
     @triton.jit
-    def _rows_hist_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr,
+    def _hist_rounds(key, valid, t, base, neq, k, J0: tl.constexpr, J1: tl.constexpr, R: tl.constexpr,
+                     N: tl.constexpr, DB: tl.constexpr, NB: tl.constexpr):
+        """Radix rounds J0..J1-1 of DB-bit digits on a [R, N] key tile: (t, base = count(< t), neq = count(== t)).
+
+        Round j: histogram (``tl.histogram``, one per row via bin offsets r * NB) of digit j of the keys whose
+        higher digits equal the prefix t found so far; a cumulative sum over the bins gives the digit of the
+        k-th smallest key, the count of keys below its bin (added to base) and the count inside it (neq).
+        """
+        roff = (tl.arange(0, R) * NB)[:, None]
+        bin_id = tl.arange(0, NB)[None, :]
+        for j in tl.static_range(J0, J1):
+            sh = 32 - DB * (j + 1)  # digit j = key bits [sh, sh + DB), the last digit may be shorter
+            if sh < 0:
+                sh = 0
+            if j == 0:  # signed key >> sh, offset by half the bins, orders as the key does
+                digit = (key >> sh) + (1 << (31 - sh))
+                live = valid
+            else:
+                digit = (key >> sh) & (NB - 1)
+                live = valid & ((key >> (32 - DB * j)) == (t >> (32 - DB * j))[:, None])
+            h = tl.reshape(tl.histogram(tl.reshape(digit + roff, [R * N]), R * NB,
+                                        mask=tl.reshape(live, [R * N])), [R, NB])
+            cum = tl.cumsum(h, axis=1)
+            # the k-th smallest lies in the first bin whose inclusive count reaches k (bin 0 when k = 0)
+            b = tl.sum((base[:, None] + cum < k).to(tl.int32), axis=1)
+            base += tl.sum(tl.where(bin_id < b[:, None], h, 0), axis=1)
+            neq = tl.sum(tl.where(bin_id == b[:, None], h, 0), axis=1)
+            if j == 0:
+                t = (b - (1 << (31 - sh))) << sh
+            else:
+                t = t | (b << sh)
+        return t, base, neq
+
+    @triton.jit
+    def _rows_hist_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
                           n_rows, n_cols, k, stride_w, stride_g, stride_m, stride_b,
                           MODE: tl.constexpr, GPROMO: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
-                          DB: tl.constexpr, NB: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr,
-                          ZERO_W: tl.constexpr):
-        """Unstructured, 8-bit-digit radix select: R rows per program, each row a [BLOCK] slice in registers.
+                          DB: tl.constexpr, NB: tl.constexpr, NR: tl.constexpr, CAP: tl.constexpr, WRITE_MASK: tl.constexpr,
+                          WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
+        """Unstructured, digit-histogram radix select: R rows per program, each row a [BLOCK] slice in registers.
 
-        Four dependent rounds instead of ~30 one-bit counting steps: round j takes the histogram
-        (``tl.histogram``, one per row via bin offsets r * 256) of digit j of the keys whose higher digits
-        equal the prefix found so far, then a cumulative sum over the 256 bins gives the digit of the
-        k-th smallest key and the count of keys below its bin. After round 4 t is exact and ``base`` =
-        count(key < t); the tie rule then prunes the first (k - base) keys == t in column order.
+        ceil(32 / DB) dependent rounds (``_hist_rounds``; 4 for DB=8, 3 for DB=11) instead of ~30 one-bit
+        counting steps. CAP > 0: only round 0 runs on the whole row; the keys of the chosen top-digit bucket
+        (with DB=11 about 6% of a row of Wanda scores) are compacted into scratch (CAP int32 per row) and the
+        later rounds run on them alone, or on the whole row when a bucket overflows (e.g. rows of ties).
+        Then t is exact, base = count(key < t), and the tie rule prunes the first (k - base) keys == t.
         """
         r1 = (tl.program_id(0) * R + tl.arange(0, R)).to(tl.int64)
         rows = r1[:, None]
@@ -316,32 +351,25 @@ if HAS_TRITON:
         s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows * stride_w + col, rows * stride_g + col, col, valid,
                    MODE, GPROMO)
         key = _keys(s, valid)
-        roff = (tl.arange(0, R) * NB)[:, None]
-        bin_id = tl.arange(0, NB)[None, :]
         t = tl.zeros([R], tl.int32)
         base = tl.zeros([R], tl.int32)
         neq = tl.zeros([R], tl.int32)
-        for j in tl.static_range((32 + DB - 1) // DB):
-            sh = 32 - DB * (j + 1)  # digit j = key bits [sh, sh + DB), the last digit may be shorter
-            if sh < 0:
-                sh = 0
-            if j == 0:  # signed key >> sh, offset by half the bins, orders as the key does
-                digit = (key >> sh) + (1 << (31 - sh))
-                live = valid
+        if CAP == 0:
+            t, base, neq = _hist_rounds(key, valid, t, base, neq, k, 0, NR, R, BLOCK, DB, NB)
+        else:
+            t, base, neq = _hist_rounds(key, valid, t, base, neq, k, 0, 1, R, BLOCK, DB, NB)
+            if tl.max(neq, axis=0) <= CAP:  # neq = the bucket's size
+                inb = valid & ((key >> (32 - DB)) == (t >> (32 - DB))[:, None])
+                pos = tl.cumsum(inb.to(tl.int32), axis=1) - 1
+                sp = scratch_ptr + rows * CAP
+                tl.store(sp + pos, key, mask=inb)
+                tl.debug_barrier()  # other threads' stores must be visible before the reload
+                lane = tl.arange(0, CAP)[None, :]
+                bvalid = lane < neq[:, None]
+                buf = tl.load(sp + lane, mask=bvalid, other=0x7FFFFFFF, cache_modifier=".cg")
+                t, base, neq = _hist_rounds(buf, bvalid, t, base, neq, k, 1, NR, R, CAP, DB, NB)
             else:
-                digit = (key >> sh) & (NB - 1)
-                live = valid & ((key >> (32 - DB * j)) == (t >> (32 - DB * j))[:, None])
-            h = tl.reshape(tl.histogram(tl.reshape(digit + roff, [R * BLOCK]), R * NB,
-                                        mask=tl.reshape(live, [R * BLOCK])), [R, NB])
-            cum = tl.cumsum(h, axis=1)
-            # the k-th smallest lies in the first bin whose inclusive count reaches k (bin 0 when k = 0)
-            b = tl.sum((base[:, None] + cum < k).to(tl.int32), axis=1)
-            base += tl.sum(tl.where(bin_id < b[:, None], h, 0), axis=1)
-            neq = tl.sum(tl.where(bin_id == b[:, None], h, 0), axis=1)  # last round: count(key == t)
-            if j == 0:
-                t = (b - (1 << (31 - sh))) << sh
-            else:
-                t = t | (b << sh)
+                t, base, neq = _hist_rounds(key, valid, t, base, neq, k, 1, NR, R, BLOCK, DB, NB)
         tb = t[:, None]
         need = k - base
         if tl.min(tl.where(neq == need, 1, 0), axis=0) == 1:  # every key == t is pruned: no rank needed
@@ -602,14 +630,19 @@ def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
             w, g, f, cs, rs, out, bits, scratch, cols, k, w.stride(0), g.stride(0), out.stride(0), bits.stride(0),
             BLOCK=block, CAP=cap, num_warps=tune.get("num_warps", 8), **flags)
         return
-    if tune.get("select", SELECT) == "hist8" and block <= tune.get("hist_max_block", HIST_MAX_BLOCK):
+    select = tune.get("select", SELECT)
+    if select in ("hist8", "hist11c") and block <= tune.get("hist_max_block", HIST_MAX_BLOCK):
         r = tune.get("rows_per_prog", 1)
-        db = tune.get("hist_bits", HIST_BITS)
+        compact = select == "hist11c"
+        db = tune.get("hist_bits", 11 if compact else HIST_BITS)
         warps = max(1, min(32, r * block // tune.get("elems_per_warp", HIST_ELEMS_PER_WARP)))
         try:
+            cap = tune.get("cap", block // 8) if compact else 0
+            scratch = torch.empty(triton.cdiv(rows, r) * r * max(cap, 1), dtype=torch.int32, device=w.device)
             _rows_hist_kernel[(triton.cdiv(rows, r),)](
-                w, g, f, cs, rs, out, bits, rows, cols, k, w.stride(0), g.stride(0), out.stride(0), bits.stride(0),
-                R=r, BLOCK=block, DB=db, NB=1 << db, num_warps=tune.get("num_warps", warps), **flags)
+                w, g, f, cs, rs, out, bits, scratch, rows, cols, k, w.stride(0), g.stride(0), out.stride(0),
+                bits.stride(0), R=r, BLOCK=block, DB=db, NB=1 << db, NR=-(-32 // db), CAP=cap,
+                num_warps=tune.get("num_warps", warps), **flags)
         except OutOfResources:  # as below: stream the row instead
             if "max_block" in tune:
                 raise

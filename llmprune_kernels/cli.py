@@ -13,7 +13,8 @@ import ast
 import logging
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -158,9 +159,9 @@ def _ppl(model, eval_ids, device, args) -> tuple[float, float]:
 
 
 def cmd_prune(args) -> int:
+    from llmprune_kernels.methods import get_method
     from llmprune_kernels.pipeline import prune_model
     from llmprune_kernels.report import build_report, write_json
-    from llmprune_kernels.methods import get_method
 
     t_start = time.perf_counter()
     config = SparsityConfig.parse(args.sparsity, args.pattern)

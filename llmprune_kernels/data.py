@@ -12,9 +12,10 @@ Wanda reference code); evaluation = consecutive non-overlapping ``seqlen`` windo
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

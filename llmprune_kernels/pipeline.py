@@ -21,8 +21,9 @@ Non-uniform sparsity (e.g. OWL) is a ``layer_sparsity`` mapping from decoder-lay
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn

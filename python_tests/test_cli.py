@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 
 from llmprune_kernels.cli import build_parser, main
 from llmprune_kernels.save import save_model
-from tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +128,11 @@ def test_console_script_is_installed():
 
 
 def test_report_json_is_strict(tmp_path):
+    from tiny_models import random_ids
+
     from llmprune_kernels.pipeline import prune_model
     from llmprune_kernels.report import build_report, write_json
     from llmprune_kernels.validation import SparsityConfig
-    from tiny_models import random_ids
 
     result = prune_model(tiny_model("llama"), random_ids(2, 16), "wanda", SparsityConfig(n=2, m=4), progress=False)
     report = build_report(model="tiny", method="wanda", prune_result=result, dense_ppl=12.5, pruned_ppl=float("inf"),

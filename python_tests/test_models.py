@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_model, tiny_tokenizer
 from torch import nn
 
 from llmprune_kernels import models
 from llmprune_kernels.save import save_model
-from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
 
 def test_embedded_gguf_is_found_without_importing_the_package():
@@ -63,7 +63,7 @@ def test_resolve_model_source_errors(tmp_path):
 def test_load_local_directory_and_dtype(tmp_path):
     model, tok = tiny_model("mistral"), tiny_tokenizer()
     out = save_model(model, tok, tmp_path / "m")
-    loaded, ltok = models.load_model(out)
+    loaded, _ = models.load_model(out)
     assert type(loaded).__name__ == "MistralForCausalLM" and not loaded.training
     assert loaded.dtype == torch.float32
     ids = random_ids(1, 10)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_model
 from torch import nn
 
 from llmprune_kernels import SparsityConfig
@@ -14,7 +15,6 @@ from llmprune_kernels.methods import available_methods, get_method
 from llmprune_kernels.methods.base import _REGISTRY, LayerPruner, register_method
 from llmprune_kernels.models import find_decoder_layers, linear_modules
 from llmprune_kernels.pipeline import capture_layer_inputs, prune_model, walk_layers
-from tiny_models import random_ids, tiny_model
 
 KINDS = ["llama", "qwen2", "mistral"]
 
@@ -48,7 +48,7 @@ def test_capture_gives_first_layer_input_and_call_kwargs(kind, device):
     assert [h.shape for h in cap.hidden] == [(2, 24, 64), (2, 24, 64), (1, 24, 64)]
     ins, _ = _dense_layer_io(model, ids.to(device))
     torch.testing.assert_close(torch.cat(cap.hidden), ins[0], rtol=0, atol=0)
-    args, kwargs = cap.call(0, 0)
+    _, kwargs = cap.call(0, 0)
     assert "position_embeddings" in kwargs  # transformers 5.x computes rotary embeddings once per model
     assert "past_key_values" not in kwargs
     # The model passes the same objects to every layer: recorded once, shared by both layers.

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
 from llmprune_kernels.save import save_model
-from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
 
 def _leftovers(parent):

@@ -169,3 +169,16 @@ def test_objective_non_increasing_on_real_smollm2_block():
     assert all(b <= a for a, b in zip(obj, obj[1:])), obj
     for lin in block.linears().values():
         assert torch.isfinite(lin.weight).all() and (lin.weight == 0).float().mean() >= 0.69
+
+
+def test_keep_best_never_worse_than_local_pruner():
+    block = make_block("swiglu")
+    X = block_inputs()
+    rep = sparsellm_ffn_(block, X, SparsityConfig(0.7), SparseLLMOptions(iterations=4, backend="reference"))
+    errs = [h["relative_output_error"] for h in rep["sparsellm_history"]]
+    chosen = rep["sparsellm_chosen_iteration"]
+    assert errs[chosen] == min(errs) and errs[chosen] <= errs[0]
+    with torch.no_grad():
+        Xf = X.reshape(-1, 32)
+        got = block.down(nn.functional.silu(block.gate(Xf)) * block.up(Xf))
+    assert got.shape == (512, 32) and torch.isfinite(got).all()

@@ -32,7 +32,8 @@ ROLES = {
     "relu": {"fc1": "up", "fc2": "down"},
 }
 _OPTION_NAMES = ("alpha", "beta", "gamma", "iterations", "local", "percdamp", "blocksize", "backend", "s_steps",
-                 "s_lr", "s_chunk", "min_tokens_factor")
+                 "s_lr", "s_chunk", "min_tokens_factor",
+                 "keep_best")
 
 
 def ffn_kind(model: nn.Module) -> str:

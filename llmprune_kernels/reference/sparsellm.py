@@ -31,6 +31,13 @@ Defaults: alpha = beta = gamma = 5.0 for the LLaMA family and 0.1 for OPT (refer
 reference runs 8 (LLaMA) or 10 (OPT) iterations; our default is 4 (project choice: cost on CPU; the
 objective history is reported so the effect of more iterations is visible).
 
+Best-iterate guard (``keep_best``, default on; our addition): the block keeps the iterate with the lowest
+relative block-output error ||Y - F_W(X)||^2 / ||Y||^2 on the calibration tokens, so it is never worse there
+than the local pruner (iteration 0). Measured on SmolLM2-135M at 70% with 4096 calibration tokens: without
+it, blocks whose dense output is dominated by a few huge activations (layers 11, 27-29) diverge within
+4 iterations (error 0.001 -> 6e7) while the auxiliary objective still decreases, and held-out perplexity
+reaches 9.5e7 (SparseGPT alone: 90).
+
 Under-determined guard: the least-squares weight updates interpolate the calibration tokens when there
 are fewer tokens than the block's widths (measured on SmolLM2 with 512 tokens: perplexity 6.7e8); then
 only the first iteration (the local pruner) runs, and the report says why.
@@ -70,6 +77,7 @@ class SparseLLMOptions:
     s_lr: float = 0.01  # and their step size (reference: 0.01)
     s_chunk: int = 1000  # tokens per chunk of the gate step (memory only: tokens are independent)
     min_tokens_factor: float = 1.0  # need tokens > factor * max(hidden, intermediate) for the least squares
+    keep_best: bool = True  # keep the iterate with the lowest block-output error on the calibration tokens
 
     def resolved(self, kind: str) -> "SparseLLMOptions":
         d = FAMILY_DEFAULT[kind]
@@ -217,6 +225,7 @@ def sparsellm_ffn_(
     history: list[dict[str, float]] = []
     first: dict[str, torch.Tensor] | None = None
     fallback: dict[str, Any] | None = None
+    best: tuple[int, float, dict[str, torch.Tensor]] | None = None
     eye = torch.eye(block.down.in_features, dtype=torch.float32, device=X.device)
     for it in range(iterations):
         try:
@@ -259,12 +268,18 @@ def sparsellm_ffn_(
             break
         err = float((Y - forward(W)).pow(2).sum()) / y_norm
         history.append({"iteration": it, "objective": objective(W), "relative_output_error": err})
+        if best is None or err < best[1]:
+            best = (it, err, {k: v.clone() for k, v in W.items()})
+    chosen = len(history) - 1
+    if opts.keep_best and fallback is None and best is not None:
+        chosen, W = best[0], best[2]
 
     for k, lin in lins.items():
         lin.weight.data.copy_(W[k].to(dtypes[k]))
     report: dict[str, Any] = {
         "sparsellm_options": {k: v for k, v in asdict(opts).items()},
         "sparsellm_history": history,
+        "sparsellm_chosen_iteration": chosen,
         "sparsellm_nan_fallback": fallback,
         "sparsellm_seconds": round(time.perf_counter() - t0, 3),
     }

@@ -226,7 +226,8 @@ def test_tuning_sweep(benchmark, shape):
 # digits, rounds after the first on the compacted top-digit bucket), with a few warp counts / rows per program
 HIST_VARIANTS = [{"select": "hist11c"}, {"select": "hist8"}, {"select": "hist8", "hist_bits": 11},
                  {"select": "hist8", "elems_per_warp": 512}, {"select": "hist11c", "elems_per_warp": 512},
-                 {"select": "hist11c", "elems_per_warp": 2048}, {"select": "hist11c", "rows_per_prog": 2}]
+                 {"select": "hist11c", "rows_per_prog": 2}, {"select": "sample"},
+                 {"select": "sample", "elems_per_warp": 512}]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

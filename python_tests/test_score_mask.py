@@ -130,13 +130,14 @@ def test_launch_variants(tune):
 
 
 HIST = [dict(select="hist8"), dict(select="hist11c"), dict(select="hist8", hist_bits=11, rows_per_prog=2),
-        dict(select="hist11c", cap=16, rows_per_prog=2)]
-HIST_IDS = ["hist8", "hist11c", "hist8_11bit_r2", "hist11c_overflow_r2"]
+        dict(select="hist11c", cap=16, rows_per_prog=2), dict(select="sample"), dict(select="sample", cap=32, rows_per_prog=2)]
+HIST_IDS = ["hist8", "hist11c", "hist8_11bit_r2", "hist11c_overflow_r2", "sample", "sample_overflow_r2"]
 
 
 @pytest.mark.parametrize("cols", [13, 576, 1536])
 @pytest.mark.parametrize("dtype,tune", [(d, HIST[0]) for d in DTYPES] + [(d, HIST[1]) for d in DTYPES]
-                         + [(torch.float16, HIST[2]), (torch.bfloat16, HIST[3])],
+                         + [(torch.float16, HIST[2]), (torch.bfloat16, HIST[3]), (torch.float32, HIST[4]),
+                            (torch.float16, HIST[5])],
                          ids=[f"{n}_{d}" for n in HIST_IDS[:2] for d in ["fp16", "bf16", "fp32"]] + HIST_IDS[2:])
 def test_hist_select_equals_reference(cols, dtype, tune):
     """Digit-histogram selection: random rows, an all-zero row, a row of ties; k = 0, cols/2, cols - 1.
@@ -149,7 +150,7 @@ def test_hist_select_equals_reference(cols, dtype, tune):
         check(w, norm, SparsityConfig(s), **tune)
 
 
-@pytest.mark.parametrize("tune", HIST[:2], ids=HIST_IDS[:2])
+@pytest.mark.parametrize("tune", HIST[:2] + HIST[4:5], ids=HIST_IDS[:2] + HIST_IDS[4:5])
 def test_hist_select_special_values_and_outputs(tune):
     """NaN / Inf / subnormal / signed-zero scores, GBLM and RIA scores, packed bits and in-place zeroing."""
     w = torch.randn(4, 40, device=DEV)

@@ -53,10 +53,12 @@ PAIRWISE_MAX_BLOCK = 16384  # rank the bucket's keys pairwise (not 16 more searc
 # Selection of the in-register unstructured kernel: "radix1" = bitwise search (_rows_kernel, the H100-tuned
 # default so far), "hist8" = four 8-bit-digit histogram rounds (_rows_hist_kernel). The environment variable
 # lets a whole run switch without code changes; ``_tune={"select": ...}`` switches one call.
-# "hist11c" = 11-bit digits, rounds after the first on the compacted top-digit bucket.
+# "hist11c" = 11-bit digits, rounds after the first on the compacted top-digit bucket. "sample" = no histogram
+# (tl.histogram's cost depends on the Triton version's lowering): a bracket of the k-th key from a 256/512-key
+# sample and one 7-candidate counting pass, its keys compacted and ranked pairwise; radix rounds if it misses.
 SELECT = os.environ.get("LLMPRUNE_SCORE_MASK_SELECT", "radix1")
-if SELECT not in ("radix1", "hist8", "hist11c"):
-    raise ValueError(f"LLMPRUNE_SCORE_MASK_SELECT={SELECT!r}; allowed: 'radix1', 'hist8', 'hist11c'")
+if SELECT not in ("radix1", "hist8", "hist11c", "sample"):
+    raise ValueError(f"LLMPRUNE_SCORE_MASK_SELECT={SELECT!r}; allowed: 'radix1', 'hist8', 'hist11c', 'sample'")
 HIST_BITS = 8  # hist8: radix digit width (8: 4 rounds of 256 bins; 11: 3 rounds of 2048 bins)
 HIST_ELEMS_PER_WARP = 1024  # hist8: a row gets one warp per this many (padded) columns: 32 keys per thread
 HIST_MAX_BLOCK = 16384  # hist8 up to this padded width; longer rows (32768: > 128 registers, spills) keep radix1
@@ -327,11 +329,44 @@ if HAS_TRITON:
         return t, base, neq
 
     @triton.jit
+    def _sample_bracket(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows, key, valid, n_rows, n_cols, k, stride_w, stride_g,
+                        MODE: tl.constexpr, GPROMO: tl.constexpr, R: tl.constexpr, S: tl.constexpr, D: tl.constexpr):
+        """Bracket [lo, hi) of the k-th smallest key from a sample, with exact counts, no histogram.
+
+        S evenly spaced columns are scored again and ranked pairwise; seven candidates at sample ranks
+        q + o * D (q = k * S / n_cols, o = -3..3) are counted on the whole row in one pass (independent
+        reductions). lo = the largest candidate with count(< lo) < k, hi = the smallest with count(< hi) >= k
+        (``nohi`` when none). Returns lo, hi, nohi, clo = count(< lo), nb = size of [lo, hi).
+        """
+        scol = (tl.arange(0, S)[None, :] * n_cols) // S
+        svalid = (rows < n_rows) & (scol < n_cols)
+        skey = _keys(_score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows * stride_w + scol, rows * stride_g + scol, scol,
+                            svalid, MODE, GPROMO), svalid)
+        sless = tl.sum((skey[:, None, :] < skey[:, :, None]).to(tl.int32), axis=2)  # [R, S] rank in the sample
+        q = (k * S) // n_cols
+        lo = tl.full([R], -2147483647 - 1, tl.int32)
+        clo = tl.zeros([R], tl.int32)
+        hi = tl.full([R], 2147483647, tl.int32)
+        chi = tl.zeros([R], tl.int32) + n_cols
+        nohi = tl.full([R], 1, tl.int32)
+        for o in tl.static_range(-3, 4):
+            c = tl.max(tl.where(sless <= q + o * D, skey, -2147483647 - 1), axis=1)
+            n = tl.sum((valid & (key < c[:, None])).to(tl.int32), axis=1)
+            below = n < k  # candidates grow with o: the accepted ones are a prefix, the rest a suffix
+            lo = tl.where(below, c, lo)
+            clo = tl.where(below, n, clo)
+            first_hi = (~below) & (nohi == 1)
+            hi = tl.where(first_hi, c, hi)
+            chi = tl.where(first_hi, n, chi)
+            nohi = tl.where(first_hi, 0, nohi)
+        return lo, hi, nohi, clo, chi - clo
+
+    @triton.jit
     def _rows_hist_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
                           n_rows, n_cols, k, stride_w, stride_g, stride_m, stride_b,
                           MODE: tl.constexpr, GPROMO: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
-                          DB: tl.constexpr, NB: tl.constexpr, NR: tl.constexpr, CAP: tl.constexpr, WRITE_MASK: tl.constexpr,
-                          WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
+                          DB: tl.constexpr, NB: tl.constexpr, NR: tl.constexpr, CAP: tl.constexpr, SAMPLE: tl.constexpr,
+                          WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
         """Unstructured, digit-histogram radix select: R rows per program, each row a [BLOCK] slice in registers.
 
         ceil(32 / DB) dependent rounds (``_hist_rounds``; 4 for DB=8, 3 for DB=11) instead of ~30 one-bit
@@ -354,7 +389,30 @@ if HAS_TRITON:
         t = tl.zeros([R], tl.int32)
         base = tl.zeros([R], tl.int32)
         neq = tl.zeros([R], tl.int32)
-        if CAP == 0:
+        if SAMPLE > 0:  # "sample": bracket from a sample, exact pairwise ranking of the bracket's keys
+            lo, hi, nohi, clo, nb = _sample_bracket(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows, key, valid, n_rows, n_cols,
+                                                    k, stride_w, stride_g, MODE, GPROMO, R, SAMPLE, max(1, SAMPLE // 40))
+            if tl.max(nb, axis=0) <= CAP:
+                inb = valid & (key >= lo[:, None]) & ((key < hi[:, None]) | (nohi[:, None] == 1))
+                pos = tl.cumsum(inb.to(tl.int32), axis=1) - 1
+                sp = scratch_ptr + rows * CAP
+                tl.store(sp + pos, key, mask=inb)
+                tl.debug_barrier()  # other threads' stores must be visible before the reload
+                lane = tl.arange(0, CAP)[None, :]
+                buf = tl.load(sp + lane, mask=lane < nb[:, None], other=0x7FFFFFFF, cache_modifier=".cg")
+                less = tl.zeros([R, CAP], tl.int32)
+                for j0 in tl.static_range(0, CAP, 32):
+                    lj = j0 + tl.arange(0, 32)[None, :]
+                    bj = tl.load(sp + lj, mask=lj < nb[:, None], other=0x7FFFFFFF, cache_modifier=".cg")
+                    less += tl.sum((bj[:, None, :] < buf[:, :, None]).to(tl.int32), axis=2)
+                # the k-th smallest is the largest key with fewer than k keys below it (lo itself when k = 0)
+                ok = (lane < nb[:, None]) & (clo[:, None] + less < k)
+                t = tl.max(tl.where(ok, buf, lo[:, None]), axis=1)
+                base = clo + tl.max(tl.where(ok, less, 0), axis=1)
+                neq = tl.sum(((lane < nb[:, None]) & (buf == t[:, None])).to(tl.int32), axis=1)
+            else:  # the bracket missed k or overflowed the buffer (e.g. rows of ties): radix rounds
+                t, base, neq = _hist_rounds(key, valid, t, base, neq, k, 0, NR, R, BLOCK, DB, NB)
+        elif CAP == 0:
             t, base, neq = _hist_rounds(key, valid, t, base, neq, k, 0, NR, R, BLOCK, DB, NB)
         else:
             t, base, neq = _hist_rounds(key, valid, t, base, neq, k, 0, 1, R, BLOCK, DB, NB)
@@ -631,17 +689,18 @@ def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
             BLOCK=block, CAP=cap, num_warps=tune.get("num_warps", 8), **flags)
         return
     select = tune.get("select", SELECT)
-    if select in ("hist8", "hist11c") and block <= tune.get("hist_max_block", HIST_MAX_BLOCK):
+    if select in ("hist8", "hist11c", "sample") and block <= tune.get("hist_max_block", HIST_MAX_BLOCK):
         r = tune.get("rows_per_prog", 1)
         compact = select == "hist11c"
+        samp = tune.get("sample", min(512, max(32, block // 16))) if select == "sample" else 0
         db = tune.get("hist_bits", 11 if compact else HIST_BITS)
         warps = max(1, min(32, r * block // tune.get("elems_per_warp", HIST_ELEMS_PER_WARP)))
         try:
-            cap = tune.get("cap", block // 8) if compact else 0
+            cap = tune.get("cap", block // 8 if compact else min(512, max(32, block // 16))) if compact or samp else 0
             scratch = torch.empty(triton.cdiv(rows, r) * r * max(cap, 1), dtype=torch.int32, device=w.device)
             _rows_hist_kernel[(triton.cdiv(rows, r),)](
                 w, g, f, cs, rs, out, bits, scratch, rows, cols, k, w.stride(0), g.stride(0), out.stride(0),
-                bits.stride(0), R=r, BLOCK=block, DB=db, NB=1 << db, NR=-(-32 // db), CAP=cap,
+                bits.stride(0), R=r, BLOCK=block, DB=db, NB=1 << db, NR=-(-32 // db), CAP=cap, SAMPLE=samp,
                 num_warps=tune.get("num_warps", warps), **flags)
         except OutOfResources:  # as below: stream the row instead
             if "max_block" in tune:

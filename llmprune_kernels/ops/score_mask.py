@@ -342,7 +342,13 @@ if HAS_TRITON:
         svalid = (rows < n_rows) & (scol < n_cols)
         skey = _keys(_score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows * stride_w + scol, rows * stride_g + scol, scol,
                             svalid, MODE, GPROMO), svalid)
-        sless = tl.sum((skey[:, None, :] < skey[:, :, None]).to(tl.int32), axis=2)  # [R, S] rank in the sample
+        sless = tl.zeros([R, S], tl.int32)  # rank in the sample, 32 keys at a time (re-scored: registers)
+        for j0 in tl.static_range(0, S, 32):
+            jcol = ((j0 + tl.arange(0, 32)[None, :]) * n_cols) // S
+            jvalid = (rows < n_rows) & (jcol < n_cols)
+            jkey = _keys(_score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows * stride_w + jcol, rows * stride_g + jcol, jcol,
+                                jvalid, MODE, GPROMO), jvalid)
+            sless += tl.sum((jkey[:, None, :] < skey[:, :, None]).to(tl.int32), axis=2)
         q = (k * S) // n_cols
         lo = tl.full([R], -2147483647 - 1, tl.int32)
         clo = tl.zeros([R], tl.int32)

@@ -267,7 +267,11 @@ def test_op_rejects_nonfinite_hessian_naming_layer(device):
         "except ValueError as exc:\n"
         "    print('VALUEERROR', exc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # Run from the folder holding the package this test imported (the installed one in CI), not the checkout.
+    import llmprune_kernels
+
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(llmprune_kernels.__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=pkg_parent)
     assert proc.returncode == 0, f"child exited with {proc.returncode}: {proc.stderr[-2000:]}"
     assert "VALUEERROR down_proj: Hessian contains NaN or Inf" in proc.stdout
 

@@ -89,3 +89,25 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         nan = int(torch.isnan(t).sum())
         inf = int(torch.isinf(t).sum())
         raise ValueError(f"{what} contains {nan} NaN and {inf} Inf values; pruning needs finite inputs")
+
+
+def calibration_batch(inp: torch.Tensor, in_features: int, name: str = "activations") -> tuple[torch.Tensor, int]:
+    """Check a calibration batch and flatten it to (tokens, in); returns it with its sequence count.
+
+    Takes (batch, seq, in) or (tokens, in); each leading batch entry is one calibration sequence (a 2-D
+    input counts as one), as the running means of Wanda's and SparseGPT's ``add_batch`` count them.
+    """
+    if inp.shape[-1] != in_features:
+        raise ValueError(f"{name} have width {inp.shape[-1]}, expected in_features={in_features}")
+    check_finite(inp, name)
+    return inp.reshape(-1, in_features), (inp.shape[0] if inp.dim() == 3 else 1)
+
+
+def check_act_norms(weight: torch.Tensor, act_norm_sq: torch.Tensor) -> None:
+    """Activation norms fit the weight, (in_features,), and are finite."""
+    if act_norm_sq.shape != (weight.shape[1],):
+        raise ValueError(
+            f"activation norms have shape {tuple(act_norm_sq.shape)}, expected ({weight.shape[1]},) for weight "
+            f"{tuple(weight.shape)}"
+        )
+    check_finite(act_norm_sq, "activation norms")

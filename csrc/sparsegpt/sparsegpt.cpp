@@ -30,6 +30,8 @@ inline void select_nm(const float* score, int64_t n, int64_t m, bool* pruned) {
   }
 }
 
+}  // namespace
+
 void check_block_args(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& mask, const at::Tensor& err,
                       const at::Tensor& losses, int64_t i1, int64_t count) {
   TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kFloat && W.is_contiguous(), "W must be contiguous fp32 2-D");
@@ -39,11 +41,11 @@ void check_block_args(const at::Tensor& W, const at::Tensor& Hinv, const at::Ten
               "mask must be a contiguous bool tensor shaped like W");
   TORCH_CHECK(err.scalar_type() == at::kFloat && err.is_contiguous() && err.size(0) == W.size(0) &&
                   err.size(1) == count, "err must be contiguous fp32 (rows x count)");
-  TORCH_CHECK(losses.scalar_type() == at::kFloat && losses.numel() == W.size(0), "losses must be fp32 (rows)");
-  TORCH_CHECK(i1 >= 0 && count > 0 && i1 + count <= W.size(1), "block out of range");
+  TORCH_CHECK(losses.scalar_type() == at::kFloat && losses.is_contiguous() && losses.numel() == W.size(0),
+              "losses must be contiguous fp32 (rows)");
+  TORCH_CHECK(count > 0 && i1 >= 0 && i1 + count <= W.size(1), "block [", i1, ", ", i1 + count, ") is outside the ",
+              W.size(1), " columns");
 }
-
-}  // namespace
 
 void block_update_cpu(at::Tensor& W, const at::Tensor& Hinv, at::Tensor& mask, at::Tensor& err,
                       at::Tensor& losses, int64_t i1, int64_t count, int64_t prunen, int64_t prunem) {

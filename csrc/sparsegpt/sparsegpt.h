@@ -17,6 +17,10 @@ namespace sparsegpt {
 // Rows are independent; each row runs the sequential loop over the block's columns. Every floating
 // operation is the single IEEE operation the reference performs (no fused multiply-add), so results match
 // the reference bit for bit.
+// Shapes, dtypes and layout of block_update's arguments (shared by the CPU and CUDA paths).
+void check_block_args(const at::Tensor& W, const at::Tensor& Hinv, const at::Tensor& mask, const at::Tensor& err,
+                      const at::Tensor& losses, int64_t i1, int64_t count);
+
 void block_update_cpu(at::Tensor& W, const at::Tensor& Hinv, at::Tensor& mask, at::Tensor& err,
                       at::Tensor& losses, int64_t i1, int64_t count, int64_t prunen, int64_t prunem);
 

@@ -223,17 +223,8 @@ void block_update_cuda(at::Tensor& W, const at::Tensor& Hinv, at::Tensor& mask, 
                        at::Tensor& losses, int64_t i1, int64_t count, int64_t prunen, int64_t prunem) {
   TORCH_CHECK(W.is_cuda() && Hinv.is_cuda() && mask.is_cuda() && err.is_cuda() && losses.is_cuda(),
               "block_update_cuda: all tensors must be on the GPU");
-  TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kFloat && W.is_contiguous(), "W must be contiguous fp32 2-D");
-  TORCH_CHECK(Hinv.scalar_type() == at::kFloat && Hinv.is_contiguous() && Hinv.size(0) == W.size(1) &&
-                  Hinv.size(1) == W.size(1), "Hinv must be contiguous fp32 (cols x cols)");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.sizes() == W.sizes(),
-              "mask must be a contiguous bool tensor shaped like W");
-  TORCH_CHECK(err.scalar_type() == at::kFloat && err.is_contiguous() && err.size(0) == W.size(0) &&
-                  err.size(1) == count, "err must be contiguous fp32 (rows x count)");
-  TORCH_CHECK(losses.scalar_type() == at::kFloat && losses.is_contiguous() && losses.numel() == W.size(0),
-              "losses must be contiguous fp32 (rows)");
-  TORCH_CHECK(count > 0 && count <= kCudaMaxBlock && i1 >= 0 && i1 + count <= W.size(1),
-              "block [", i1, ", ", i1 + count, ") invalid (at most ", kCudaMaxBlock, " columns)");
+  check_block_args(W, Hinv, mask, err, losses, i1, count);
+  TORCH_CHECK(count <= kCudaMaxBlock, "block of ", count, " columns; the CUDA kernel takes at most ", kCudaMaxBlock);
   const int64_t rows = W.size(0);
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(W.device());

@@ -24,7 +24,7 @@ import torch
 
 from llmprune_kernels import _ext
 from llmprune_kernels.reference import sparsegpt as ref
-from llmprune_kernels.validation import SparsityConfig, check_finite, check_nm, check_weight
+from llmprune_kernels.validation import SparsityConfig, calibration_batch, check_nm, check_weight
 
 BACKENDS = ("auto", "reference", "ext")
 
@@ -87,19 +87,11 @@ def tf32_matmul(enabled: bool) -> Iterator[None]:
 def hessian_add_batch(H: torch.Tensor, nsamples: int, inp: torch.Tensor, backend: str = "auto",
                       tf32: bool = False, name: str = "activations") -> int:
     """Add a calibration batch to the running Hessian ``H`` in place; returns the new sample count."""
-    if inp.shape[-1] != H.shape[0]:
-        raise ValueError(f"{name} have width {inp.shape[-1]}, expected in_features={H.shape[0]}")
-    check_finite(inp, name)
     with tf32_matmul(tf32):
         if resolve_backend(backend, H.device) == "ext":
+            calibration_batch(inp, H.shape[0], name)  # the same checks as the reference
             return int(torch.ops.llmprune_kernels.sparsegpt_add_batch(H, inp, nsamples))
-        batch = inp.shape[0] if inp.dim() == 3 else 1
-        x = inp.reshape(-1, H.shape[0]).t()
-        H *= nsamples / (nsamples + batch)
-        nsamples += batch
-        x = math.sqrt(2 / nsamples) * x.float()
-        H += x.matmul(x.t())
-        return nsamples
+        return ref.accumulate_hessian(H, nsamples, inp, name)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from llmprune_kernels.reference.wanda import mask_from_score
-from llmprune_kernels.validation import SparsityConfig, check_finite, check_weight
+from llmprune_kernels.validation import SparsityConfig, check_act_norms, check_weight
 
 
 def ria_factor(act_norm_sq: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -42,10 +42,5 @@ def ria_mask(
 ) -> torch.Tensor:
     """Boolean mask (True = pruned) of RIA pruning."""
     check_weight(weight)
-    if act_norm_sq.shape != (weight.shape[1],):
-        raise ValueError(
-            f"activation norms have shape {tuple(act_norm_sq.shape)}, expected ({weight.shape[1]},) for weight "
-            f"{tuple(weight.shape)}"
-        )
-    check_finite(act_norm_sq, "activation norms")
+    check_act_norms(weight, act_norm_sq)
     return mask_from_score(ria_score(weight, act_norm_sq, alpha), config)

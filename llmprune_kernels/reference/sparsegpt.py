@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from llmprune_kernels.selection import prune_lowest_global, prune_nm
-from llmprune_kernels.validation import SparsityConfig, check_finite, check_nm, check_weight
+from llmprune_kernels.validation import SparsityConfig, calibration_batch, check_nm, check_weight
 
 
 class HessianStats:
@@ -49,16 +49,19 @@ class HessianStats:
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor, name: str = "activations") -> None:
-        if inp.shape[-1] != self.in_features:
-            raise ValueError(f"{name} have width {inp.shape[-1]}, expected in_features={self.in_features}")
-        check_finite(inp, name)
-        batch = inp.shape[0] if inp.dim() == 3 else 1
-        x = inp.reshape(-1, self.in_features).t()
-        # Rescale the running sum so H stays the mean over all sequences seen so far.
-        self.H *= self.nsamples / (self.nsamples + batch)
-        self.nsamples += batch
-        x = math.sqrt(2 / self.nsamples) * x.float()
-        self.H += x.matmul(x.t())
+        self.nsamples = accumulate_hessian(self.H, self.nsamples, inp, name)
+
+
+@torch.no_grad()
+def accumulate_hessian(H: torch.Tensor, nsamples: int, inp: torch.Tensor, name: str = "activations") -> int:
+    """Add a batch to the running ``H = (2/n) * sum x x^T`` in place; returns the new sequence count n."""
+    x, batch = calibration_batch(inp, H.shape[0], name)
+    # Rescale the running sum so H stays the mean over all sequences seen so far.
+    H *= nsamples / (nsamples + batch)
+    nsamples += batch
+    x = math.sqrt(2 / nsamples) * x.t().float()
+    H += x.matmul(x.t())
+    return nsamples
 
 
 @dataclass

@@ -11,7 +11,7 @@ import math
 import torch
 
 from llmprune_kernels.selection import prune_lowest_per_row, prune_nm
-from llmprune_kernels.validation import SparsityConfig, check_finite, check_nm, check_weight
+from llmprune_kernels.validation import SparsityConfig, calibration_batch, check_act_norms, check_nm, check_weight
 
 
 class ActNormStats:
@@ -28,11 +28,8 @@ class ActNormStats:
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor, name: str = "activations") -> None:
-        if inp.shape[-1] != self.in_features:
-            raise ValueError(f"{name} have width {inp.shape[-1]}, expected in_features={self.in_features}")
-        check_finite(inp, name)
-        batch = inp.shape[0] if inp.dim() == 3 else 1
-        x = inp.reshape(-1, self.in_features).float()
+        x, batch = calibration_batch(inp, self.in_features, name)
+        x = x.float()
         self.scaler_row *= self.nsamples / (self.nsamples + batch)
         self.nsamples += batch
         self.scaler_row += torch.linalg.vector_norm(x, ord=2, dim=0) ** 2 / self.nsamples
@@ -54,12 +51,7 @@ def mask_from_score(score: torch.Tensor, config: SparsityConfig) -> torch.Tensor
 def wanda_mask(weight: torch.Tensor, act_norm_sq: torch.Tensor, config: SparsityConfig) -> torch.Tensor:
     """Boolean mask (True = pruned) of Wanda pruning."""
     check_weight(weight)
-    if act_norm_sq.shape != (weight.shape[1],):
-        raise ValueError(
-            f"activation norms have shape {tuple(act_norm_sq.shape)}, expected ({weight.shape[1]},) for weight "
-            f"{tuple(weight.shape)}"
-        )
-    check_finite(act_norm_sq, "activation norms")
+    check_act_norms(weight, act_norm_sq)
     return mask_from_score(wanda_score(weight, act_norm_sq), config)
 
 

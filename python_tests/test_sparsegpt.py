@@ -12,7 +12,7 @@ from torch import nn
 
 from llmprune_kernels.methods import get_method
 from llmprune_kernels.ops import sparsegpt as ops
-from llmprune_kernels.reference.sparsegpt import HessianStats, inverse_hessian_factor, sparsegpt_prune
+from llmprune_kernels.reference.sparsegpt import HessianStats, sparsegpt_prune
 from llmprune_kernels.validation import SparsityConfig
 
 UNSTRUCTURED = SparsityConfig(0.5)

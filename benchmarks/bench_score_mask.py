@@ -185,7 +185,7 @@ def test_modes(benchmark, mode):
 
 def _variants(cols: int) -> list[dict]:
     """Launch variants of the unstructured kernel for one row width ({} = the defaults)."""
-    search = [{"digit": 2}, {"digit": 2, "pair": False}, {"pair": False}, {"float": False}] + HIST_VARIANTS[:2]
+    search = [{"digit": 2}, {"digit": 2, "pair": False}, {"pair": False}, {"float": False}] + SAMPLE_VARIANTS[:1]
     if cols <= 4096:
         return [{}] + search + [{"warps_per_row": 4}, {"warps_per_row": 1, "rows_per_prog": 2}, {"cap": 128}]
     if cols <= 16384:
@@ -222,24 +222,22 @@ def test_tuning_sweep(benchmark, shape):
     benchmark.pedantic(_sync(lambda: score_and_mask(w, norm, cfg, check=False)), rounds=5, warmup_rounds=1)
 
 
-# Digit-histogram selection: "hist8" (every round on the whole row; 8- or 11-bit digits) and "hist11c" (11-bit
-# digits, rounds after the first on the compacted top-digit bucket), with a few warp counts / rows per program
-HIST_VARIANTS = [{"select": "hist11c"}, {"select": "hist8"}, {"select": "hist8", "hist_bits": 11},
-                 {"select": "hist8", "elems_per_warp": 512}, {"select": "hist11c", "elems_per_warp": 512},
-                 {"select": "hist11c", "rows_per_prog": 2}, {"select": "sample"},
-                 {"select": "sample", "elems_per_warp": 512}]
+# Sample-bracket selection ("sample", opt-in): defaults, one warp per 512 columns, and the bracket switched
+# off (its radix-search fallback alone on the [rows, BLOCK] tile), against the default bitwise radix ("radix1")
+SAMPLE_VARIANTS = [{"select": "sample"}, {"select": "sample", "elems_per_warp": 512},
+                   {"select": "sample", "bracket": False}]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_select_variants(benchmark, shape, env_info):
-    """Old (bitwise radix, "radix1") vs new (digit histogram, "hist8" / "hist11c") selection at 50%, fp16:
-    every variant's mask is checked equal to the reference at full size before it is timed."""
+    """Default (bitwise radix, "radix1") vs "sample" selection at 50%, fp16: every variant's mask is checked
+    equal to the reference at full size before it is timed."""
     w, norm = setup(shape)
     cfg = SparsityConfig(0.5)
     ref_fn = lambda: mask_from_score(wanda_score(w, norm), cfg)  # noqa: E731
     ref = ref_fn()
     rows = []
-    for tune in [{"select": "radix1"}] + HIST_VARIANTS:
+    for tune in [{"select": "radix1"}] + SAMPLE_VARIANTS:
         try:
             assert torch.equal(score_and_mask(w, norm, cfg, _tune=tune), ref), f"mask differs for {tune}"
             rows.append({"tune": tune, "ms": ms(lambda: score_and_mask(w, norm, cfg, check=False, _tune=tune))})

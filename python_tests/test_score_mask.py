@@ -129,19 +129,15 @@ def test_launch_variants(tune):
     check(quantized(3, 300, levels=4), torch.ones(300, device=DEV), SparsityConfig(0.45), **tune)
 
 
-HIST = [dict(select="hist8"), dict(select="hist11c"), dict(select="hist8", hist_bits=11, rows_per_prog=2),
-        dict(select="hist11c", cap=16, rows_per_prog=2), dict(select="sample"), dict(select="sample", cap=32, rows_per_prog=2)]
-HIST_IDS = ["hist8", "hist11c", "hist8_11bit_r2", "hist11c_overflow_r2", "sample", "sample_overflow_r2"]
+SAMPLE = [dict(select="sample"), dict(select="sample", cap=32, rows_per_prog=2)]
+SAMPLE_IDS = ["sample", "sample_cap32_r2"]
 
 
 @pytest.mark.parametrize("cols", [13, 576, 1536])
-@pytest.mark.parametrize("dtype,tune", [(d, HIST[0]) for d in DTYPES] + [(d, HIST[1]) for d in DTYPES]
-                         + [(torch.float16, HIST[2]), (torch.bfloat16, HIST[3]), (torch.float32, HIST[4]),
-                            (torch.float16, HIST[5])],
-                         ids=[f"{n}_{d}" for n in HIST_IDS[:2] for d in ["fp16", "bf16", "fp32"]] + HIST_IDS[2:])
-def test_hist_select_equals_reference(cols, dtype, tune):
-    """Digit-histogram selection: random rows, an all-zero row, a row of ties; k = 0, cols/2, cols - 1.
-    hist11c with cap=16: top-digit buckets larger than the scratch buffer take the whole-row rounds."""
+@pytest.mark.parametrize("dtype,tune", [(torch.float32, SAMPLE[0]), (torch.float16, SAMPLE[1])], ids=SAMPLE_IDS)
+def test_sample_select_equals_reference(cols, dtype, tune):
+    """Sample-bracket selection: random rows, an all-zero row, a row of ties; k = 0, cols/2, cols - 1.
+    cap=32: brackets larger than the scratch buffer take the radix search."""
     w = torch.randn(3, cols, device=DEV).to(dtype)
     w[1] = 0
     w[2] = quantized(1, cols, levels=4, dtype=dtype)[0]
@@ -150,9 +146,9 @@ def test_hist_select_equals_reference(cols, dtype, tune):
         check(w, norm, SparsityConfig(s), **tune)
 
 
-@pytest.mark.parametrize("tune", HIST[:2] + HIST[4:5], ids=HIST_IDS[:2] + HIST_IDS[4:5])
-def test_hist_select_special_values_and_outputs(tune):
+def test_sample_select_special_values_and_outputs():
     """NaN / Inf / subnormal / signed-zero scores, GBLM and RIA scores, packed bits and in-place zeroing."""
+    tune = SAMPLE[0]
     w = torch.randn(4, 40, device=DEV)
     w[0, [3, 7, 30]] = float("nan")
     w[1, [2, 9]] = float("inf")
@@ -161,6 +157,7 @@ def test_hist_select_special_values_and_outputs(tune):
     norm = torch.rand(40, device=DEV)
     for s in [0.5, 0.95]:
         check(w, norm, SparsityConfig(s), **tune)
+        check(w, norm, SparsityConfig(s), bracket=False, **tune)
     wh = torch.randn(3, 99, device=DEV).half()
     nh = torch.rand(99, device=DEV)
     check(wh, nh, SparsityConfig(0.5), grad=torch.rand_like(wh) * 0.1, **tune)
@@ -170,6 +167,50 @@ def test_hist_select_special_values_and_outputs(tune):
     mask, bits = score_and_mask(w2, nh, SparsityConfig(0.3), inplace=True, packed=True, _tune=tune)
     assert torch.equal(mask, ref) and torch.equal(bits, pack_mask_bits(ref))
     assert torch.equal(w2, wh.masked_fill(ref, 0))
+
+
+def paired(rows, cols, dtype=torch.float32, device=DEV, spread=True):
+    """Rows where every value appears exactly twice, in random column order. With equal norms a bracket of
+    the k-th score holds both copies, so a 1-key buffer always overflows. spread=False: all values within a
+    few ulps of 1.0 (one 16-bit key bucket)."""
+    half = cols // 2
+    if spread:
+        v = torch.randn(rows, half, device=device).abs()
+    else:
+        v = 1.0 + torch.arange(half, device=device).double().repeat(rows, 1) * 2**-23
+    v = v.repeat(1, 2)
+    perm = torch.argsort(torch.rand(rows, v.shape[1], device=device), dim=1)
+    return torch.gather(v, 1, perm).to(dtype)
+
+
+@pytest.mark.parametrize("tune", [dict(select="sample", cap=1), dict(select="sample", bracket=False),
+                                  dict(select="sample", bracket=False, rows_per_prog=2)],
+                         ids=["cap1_overflow", "no_bracket", "no_bracket_r2"])
+def test_sample_radix_fallback(tune):
+    """The sample kernel's bitwise radix search (bracket overflow, or the bracket switched off): rows of
+    paired values, quantized ties, an all-zero and a constant row; k = 0, 1, cols/2, cols - 1."""
+    cols = 96
+    w = torch.cat([paired(2, cols), paired(1, cols, spread=False), quantized(1, cols, levels=4, dtype=torch.float32),
+                   torch.zeros(1, cols, device=DEV), torch.full((1, cols), 0.25, device=DEV)])
+    ones = torch.ones(cols, device=DEV)
+    for k in [0, 1, cols // 2, cols - 1]:
+        check(w, ones, SparsityConfig(k / cols + 1e-6), **tune)
+    check(w.half(), torch.rand(cols, device=DEV), SparsityConfig(0.3), **tune)
+
+
+def test_chunked_low_bits_full_row_fallback():
+    """Streamed rows whose 16-bit key bucket overflows the buffer and holds ties: count(< t) must follow every
+    accepted low-bit step (it once kept the count of the last step only and pruned too many ties)."""
+    cols = 300
+    w = paired(1, cols, spread=False)
+    for k in [5, 101, 201, 298]:  # 5, 101, 201 failed before the fix
+        check(w, torch.ones(cols, device=DEV), SparsityConfig(k / cols + 1e-6), max_block=128, chunk=128, cap=16)
+
+
+def test_unknown_select_errors():
+    w = torch.randn(2, 16, device=DEV)
+    with pytest.raises(ValueError, match="select='hist8'; allowed: 'radix1', 'sample'"):
+        score_and_mask(w, torch.rand(16, device=DEV), SparsityConfig(0.5), _tune={"select": "hist8"})
 
 
 @pytest.mark.parametrize("gdtype", [torch.float16, torch.float32, torch.bfloat16])
@@ -293,9 +334,7 @@ def test_llama7b_shapes_cuda(shape, pattern):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("tune", [dict(max_block=16384), dict(max_block=4096), dict(cap=32),
-                                  dict(digit=2), dict(pair=False), dict(float=False), dict(select="radix1"),
-                                  dict(select="hist8"), dict(select="hist8", hist_bits=11),
-                                  dict(select="hist8", rows_per_prog=2, num_warps=8)])
+                                  dict(digit=2), dict(pair=False), dict(float=False), dict(select="radix1")])
 def test_tuning_variants_cuda(tune):
     for cols in [4096, 11008, 28672]:
         w = torch.randn(32, cols, device="cuda").half()
@@ -313,11 +352,13 @@ def test_gblm_ria_full_size_cuda(pattern):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tune", HIST + [dict(select="hist11c", elems_per_warp=512),
-                                         dict(select="hist11c", hist_max_block=32768)],
-                         ids=HIST_IDS + ["hist11c_epw512", "hist11c_at_32768"])
+@pytest.mark.parametrize("tune", SAMPLE + [dict(select="sample", elems_per_warp=512),
+                                           dict(select="sample", sample_max_block=32768),
+                                           dict(select="sample", bracket=False),
+                                           dict(select="sample", bracket=False, sample_max_block=32768)],
+                         ids=SAMPLE_IDS + ["sample_epw512", "sample_at_32768", "no_bracket", "no_bracket_at_32768"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_hist_select_full_width_cuda(tune, dtype):
+def test_sample_select_full_width_cuda(tune, dtype):
     for cols in [4096, 11008, 28672]:
         w = torch.randn(48, cols, device="cuda").to(dtype)
         w[3] = 0
@@ -326,3 +367,22 @@ def test_hist_select_full_width_cuda(tune, dtype):
             check(w, norm, SparsityConfig(s), **tune)
         check(quantized(48, cols, dtype=dtype, device="cuda"), torch.ones(cols, device="cuda"), SparsityConfig(0.5),
               **tune)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cols", [4096, 11008, 28672])
+def test_sample_radix_fallback_cuda(cols):
+    """Compiled bracket overflow: paired rows and a 1-key buffer (fallback on every row), 32-key buffer."""
+    ones = torch.ones(cols, device="cuda")
+    w = torch.cat([paired(16, cols, device="cuda"), paired(4, cols, device="cuda", spread=False)])
+    for tune in [dict(select="sample", cap=1, sample_max_block=32768), dict(select="sample", cap=32)]:
+        for s in [0.0, 0.5, (cols - 1) / cols + 1e-6]:
+            check(w, ones, SparsityConfig(s), **tune)
+            check(w[:16].half(), ones, SparsityConfig(s), **tune)
+
+
+@pytest.mark.cuda
+def test_chunked_low_bits_full_row_fallback_cuda():
+    w = paired(8, 40000, device="cuda", spread=False)  # longer than MAX_BLOCK: the chunked kernel
+    for s in [0.3, 0.5]:
+        check(w, torch.ones(40000, device="cuda"), SparsityConfig(s), cap=64)

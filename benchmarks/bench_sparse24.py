@@ -3,9 +3,11 @@
 Per LLaMA-7B shape (out x in), dtype and M: CUDA-graph replay times (the kernels, as a decode loop or
 a compiled model runs them) and eager times (plus Python dispatch), each over several weight copies so
 small-M calls read their weights from HBM, not L2. Also: torch's own ``to_sparse_semi_structured`` +
-``F.linear`` (eager), each of our paths alone, and an end-to-end LLaMA-7B-shaped model (random weights
-pruned 2:4) is measured by ``benchmarks/e2e_sparse24.py`` (separate processes), which adds its figures
-to the same JSON. Writes ``benchmarks/results/sparse24_h100.json`` (or $SPARSE24_RESULTS) and the
+``F.linear`` (eager), the decode kernel alone (``decode_graph``, M <= 64, with the config the tuner
+picked; its kind is recorded as ``decode_kernel``) and every decode candidate's tuning time
+(``decode_candidates``: do_bench medians, L2 flushed). An end-to-end LLaMA-7B-shaped model (random
+weights pruned 2:4) is measured by ``benchmarks/e2e_sparse24.py`` (separate processes), which adds its
+figures to the same JSON. Writes ``benchmarks/results/sparse24_h100.json`` (or $SPARSE24_RESULTS) and the
 tuning table next to it (``sparse24_tuning_h100.json``, or $SPARSE24_TABLE).
 Run: ``pytest benchmarks/bench_sparse24.py -s`` (needs a CUDA GPU).
 """
@@ -26,13 +28,15 @@ if not torch.cuda.is_available():
 
 from llmprune_kernels import backends  # noqa: E402
 from llmprune_kernels.nn import SparseLinear  # noqa: E402
+from llmprune_kernels.ops import sparse24_matmul as s24  # noqa: E402
 from llmprune_kernels.sparse24 import cusparselt as cslt  # noqa: E402
 from llmprune_kernels.sparse24 import dispatch  # noqa: E402
 from llmprune_kernels.sparse24.pack import pack_24  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # out x in: q/k/v/o, gate/up, down
-MS = [1, 4, 16, 64, 256, 2048, 8192]
-DTYPES = [torch.float16, torch.bfloat16]
+# $SPARSE24_MS / $SPARSE24_DTYPES narrow a run, e.g. SPARSE24_MS=1,4,16 SPARSE24_DTYPES=float16
+MS = [int(v) for v in os.environ.get("SPARSE24_MS", "1,4,16,64,256,2048,8192").split(",")]
+DTYPES = [getattr(torch, v) for v in os.environ.get("SPARSE24_DTYPES", "float16,bfloat16").split(",")]
 RESULTS: dict = {"cases": []}
 TABLE = dispatch.TuningTable()
 _SETUPS: dict = {}
@@ -88,7 +92,7 @@ def _safe_time(fns, **kw):
 
 
 @pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[str(d).removeprefix("torch.") for d in DTYPES])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
 def test_linear(benchmark, shape, dtype, m):
     dense, mods, torch_sparse = _setup(shape, dtype)
@@ -100,13 +104,16 @@ def test_linear(benchmark, shape, dtype, m):
             "dense_graph": _safe_time(dense_fns), "sparse_graph": _safe_time(sparse_fns),
             "dense_eager": _safe_time(dense_fns, graph=False), "sparse_eager": _safe_time(sparse_fns, graph=False),
         }
+        choice = mods[0].choose(m)
+        if choice.decode is not None:  # the decode kernel alone, as the tuner configured it
+            t["decode_graph"] = _safe_time([lambda s=s: s24.sparse24_mm(x, s.values, s.meta, None, shape[1],
+                                                                         block=choice.decode) for s in mods])
         if isinstance(torch_sparse, Exception):
             t["torch_semi_structured_eager"] = None
             torch_err = f"{type(torch_sparse).__name__}: {torch_sparse}"
         else:
             t["torch_semi_structured_eager"] = _safe_time([lambda: F.linear(x, torch_sparse)], graph=False)
             torch_err = None
-        choice = mods[0].choose(m)
         # correctness in the timed configuration
         ref = F.linear(x.float(), dense[0].float())
         err = float((mods[0](x).float() - ref).abs().max() / ref.abs().max().clamp_min(1))
@@ -121,6 +128,9 @@ def test_linear(benchmark, shape, dtype, m):
     case = {
         "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "m": m, "path": choice.path,
         "cslt_config": choice.cslt.as_dict() if choice.cslt else None, "times_ms": t,
+        "decode_config": list(choice.decode) if choice.decode else None,
+        "decode_kernel": s24.config_name(choice.decode) if choice.decode else None,
+        "speedup_decode_graph": ratio("dense_graph", "decode_graph") if "decode_graph" in t else None,
         "tuning_times_ms": choice.times_ms, "max_rel_err": err, "torch_semi_structured_error": torch_err,
         "speedup_graph": ratio("dense_graph", "sparse_graph"), "speedup_eager": ratio("dense_eager", "sparse_eager"),
         "speedup_torch_semi_structured_eager": ratio("dense_eager", "torch_semi_structured_eager"),
@@ -129,16 +139,27 @@ def test_linear(benchmark, shape, dtype, m):
     _write()  # after every case, so a time-out still leaves the measured part
     benchmark.extra_info.update(case)
     print(f"\n{shape} {case['dtype']} M={m}: path={choice.path} graph {case['speedup_graph']} eager "
-          f"{case['speedup_eager']} torch {case['speedup_torch_semi_structured_eager']}")
+          f"{case['speedup_eager']} torch {case['speedup_torch_semi_structured_eager']} decode "
+          f"{case['speedup_decode_graph']} ({case['decode_kernel']})")
     assert err < 5e-2
 
 
 def _write():
     RESULTS["env"] = env_info()
     RESULTS["tuning_table"] = {k: {str(b): c.to_json() for b, c in v.items()} for k, v in TABLE.entries.items()}
+    cands: dict = {}
+    for (n, k, dtype, m), times in s24.TUNE_TIMES.items():
+        per = cands.setdefault(dispatch.shape_key(n, k, dtype), {})
+        per[str(m)] = {s24.config_name(c): t for c, t in sorted(times.items(), key=lambda kv: kv[1])}
+    RESULTS["decode_candidates"] = cands
+    RESULTS["decode_candidate_errors"] = {f"{dispatch.shape_key(n, k, dt)} M={m} {s24.config_name(c)}": e
+                                          for (n, k, dt, m, c), e in s24.TUNE_ERRORS.items()}
     RESULTS["method"] = ("times are medians of CUDA-event timings; *_graph: one CUDA graph replaying the call "
                          "over several weight copies (> 2x L2 bytes); *_eager: the same loop in eager mode; "
-                         "speedup = dense time / sparse time")
+                         "speedup = dense time / sparse time; decode_graph: the decode kernel alone with the "
+                         "tuned config; decode_candidates: triton do_bench medians (ms, L2 flushed, one weight) "
+                         "of every decode config per shape and M; a sparse path is chosen only if >= "
+                         f"{dispatch.DISPATCH_MARGIN:.0%} faster than dense in tuning (close calls re-timed)")
     path = os.environ.get("SPARSE24_RESULTS", os.path.join(os.path.dirname(__file__), "results", "sparse24_h100.json"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

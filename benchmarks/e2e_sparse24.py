@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from llmprune_kernels.nn import SparseLinear, sparsify_
+from llmprune_kernels.ops import sparse24_matmul as s24
 from llmprune_kernels.sparse24 import dispatch
 
 
@@ -101,6 +102,11 @@ def main():
            "sparsify_s": time.perf_counter() - t0, "table_loaded": table is not None}
     sl = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
     res["n_sparse_linears"] = len(sl)
+    res["dispatch"] = {}  # per weight shape: the path (and decode kernel) at decode and prefill sizes
+    for mod in sl:
+        key = dispatch.shape_key(mod.out_features, mod.in_features, mod.values.dtype)
+        res["dispatch"][key] = {str(mm): (c.path + (f" ({s24.config_name(c.decode)})" if c.decode and c.path == "decode"
+                                                    else "")) for mm in (1, 2048) for c in [mod.choose(mm)]}
     res["linear_weight_bytes_dense"] = sum(m.weight.numel() * 2 for m in dense.model.layers.modules()
                                            if isinstance(m, nn.Linear))
     res["linear_state_bytes_sparse"] = nbytes(sl, ["values", "meta"])

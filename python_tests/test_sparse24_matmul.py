@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from llmprune_kernels.ops import sparse24_matmul as s24
 from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
 from llmprune_kernels.reference.sparse24_matmul import sparse24_linear_reference
 from llmprune_kernels.sparse24 import cusparselt as cslt
@@ -31,11 +32,13 @@ def check_close(got, x, packed, bias):
     assert err <= TOL[x.dtype], f"relative error {err:.3g} > {TOL[x.dtype]}"
 
 
-# Small sizes: these run under the Triton interpreter on CPU (seconds each).
+# Small sizes: these run under the Triton interpreter on CPU (well under a second each).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n, k, m, bias, block", [
     (48, 128, 1, True, (16, 64, 1)), (20, 76, 3, False, (16, 32, 2)), (64, 64, 17, True, (16, 64, 1)),
     (32, 200, 2, True, (32, 64, 3)),  # split-K with a ragged last slice
+    (33, 200, 3, True, (16, 32, 2, 4, 1, s24.KIND_DOT_SWAP)),  # W @ x.T, odd N, ragged K, split-K
+    (20, 76, 16, False, (64, 64, 1, 4, 1, s24.KIND_DOT_SWAP)),
 ])
 def test_decode_kernel_small(dtype, n, k, m, bias, block, tdevice):
     device = tdevice
@@ -45,22 +48,101 @@ def test_decode_kernel_small(dtype, n, k, m, bias, block, tdevice):
     check_close(sparse24_mm(x, p.values, p.meta, b, k, block=block), x, p, b)
 
 
+# (BLOCK_N, BLOCK_K columns, SPLIT_K): full tiles + a ragged tail, split-K, odd N, M up to 16, and a tile
+# whose [M, N, G] accumulator is reduced every tile (ACC3 off: 16 * 16 * 64 > 4096).
+STREAM_CASES = [
+    (33, 200, 1, True, (16, 64, 1)), (20, 76, 3, False, (8, 32, 2)), (48, 136, 16, True, (4, 32, 1)),
+    (17, 256, 16, True, (16, 256, 1)), (32, 200, 2, False, (16, 128, 3)),
+]
+
+
+@pytest.mark.parametrize("kind", [s24.KIND_SELECT, s24.KIND_EXPAND])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n, k, m, block", [
-    (48, 136, 1, (16, 8, 1)), (64, 256, 3, (32, 16, 3)), (20, 76, 4, (16, 4, 2)), (32, 200, 2, (32, 16, 1)),
-])
-def test_gemv_kernel_small(dtype, n, k, m, block, tdevice):
-    """The M <= 4 kernel (int32 value pairs, gathered x, split-K partials) against the reference."""
+@pytest.mark.parametrize("n, k, m, bias, block", STREAM_CASES)
+def test_stream_kernel_small(kind, dtype, n, k, m, bias, block, tdevice):
+    """The CUDA-core streaming kernels (select / expand) against the reference."""
     p = pack_24(random_24_weight(n, k, dtype, tdevice))
-    b = torch.randn(n, device=tdevice).to(dtype)
+    b = torch.randn(n, device=tdevice).to(dtype) if bias else None
     x = torch.randn(m, k, device=tdevice).to(dtype)
-    check_close(sparse24_mm(x, p.values, p.meta, b, k, block=block + (4, 1, 1)), x, p, b)
+    check_close(sparse24_mm(x, p.values, p.meta, b, k, block=block + (4, 1, kind)), x, p, b)
 
 
-def test_gemv_kernel_rejects_large_m_and_fp32(tdevice):
+def test_stream_kernel_misaligned_values(tdevice):
+    """Values whose int32 pair view is impossible (odd storage offset) are copied, not misread."""
+    p = pack_24(random_24_weight(16, 64, torch.float16, tdevice))
+    buf = torch.empty(p.values.numel() + 1, device=tdevice, dtype=torch.float16)
+    odd = buf[1:].view_as(p.values)
+    odd.copy_(p.values)
+    x = torch.randn(2, 64, device=tdevice).half()
+    check_close(sparse24_mm(x, odd, p.meta, None, 64, block=(16, 64, 1, 4, 1, s24.KIND_SELECT)), x, p, None)
+
+
+def test_decode_kernel_rejects_bad_configs(tdevice):
     p = pack_24(random_24_weight(32, 64, torch.float16, tdevice))
-    with pytest.raises(ValueError, match="M <= 4 and 16-bit"):
-        sparse24_mm(torch.randn(5, 64, device=tdevice).half(), p.values, p.meta, None, 64, block=(32, 8, 1, 4, 1, 1))
+    with pytest.raises(ValueError, match="M <= 16 and 16-bit"):
+        sparse24_mm(torch.randn(17, 64, device=tdevice).half(), p.values, p.meta, None, 64,
+                    block=(8, 32, 1, 4, 1, s24.KIND_SELECT))
+    p32 = pack_24(random_24_weight(32, 64, torch.float32, tdevice))
+    with pytest.raises(ValueError, match="M <= 16 and 16-bit"):
+        sparse24_mm(torch.randn(1, 64, device=tdevice), p32.values, p32.meta, None, 64,
+                    block=(8, 32, 1, 4, 1, s24.KIND_EXPAND))
+    with pytest.raises(ValueError, match="kind 1 is unknown"):
+        sparse24_mm(torch.randn(1, 64, device=tdevice).half(), p.values, p.meta, None, 64, block=(32, 64, 1, 4, 1, 1))
+
+
+def test_candidate_configs_are_well_formed(monkeypatch):
+    """Every tuning candidate names a known kernel with a legal tile; the stream kernels only for 16-bit
+    weights and small M, and every config has a readable name for the reports."""
+    monkeypatch.delenv("LLMPRUNE_SPARSE24_KINDS", raising=False)
+    for m in (1, 2, 4, 8, 16, 64):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            cands = s24.candidates(m, dtype)
+            assert len(cands) == len(set(cands)) and len(cands) <= 16
+            for cfg in cands:
+                bn, bk, split, warps, stages, kind = cfg
+                assert kind in s24.KIND_NAMES and split >= 1 and warps in (1, 2, 4, 8) and bk % 16 == 0
+                assert bn & (bn - 1) == 0 and bk & (bk - 1) == 0
+                if kind in (s24.KIND_SELECT, s24.KIND_EXPAND):
+                    assert dtype != torch.float32 and m <= s24.STREAM_TUNE_MAX_M
+                assert s24.config_name(cfg).startswith(s24.KIND_NAMES[kind])
+            kinds = {c[-1] for c in cands}
+            half = dtype != torch.float32
+            assert (s24.KIND_SELECT in kinds) == (half and m <= s24.SELECT_TUNE_MAX_M)
+            assert (s24.KIND_EXPAND in kinds) == (half and 2 <= m <= s24.STREAM_TUNE_MAX_M)
+            assert {s24.KIND_DOT, s24.KIND_DOT_SWAP} <= kinds
+
+
+def test_candidate_kinds_env_filter(monkeypatch):
+    monkeypatch.setenv("LLMPRUNE_SPARSE24_KINDS", "0,2")
+    assert {c[-1] for c in s24.candidates(1, torch.float16)} == {s24.KIND_DOT, s24.KIND_SELECT}
+    monkeypatch.setenv("LLMPRUNE_SPARSE24_KINDS", "3")
+    assert s24.candidates(1, torch.float16) == [s24.DEFAULT_CONFIG]  # nothing left: the default dot tile
+
+
+def test_every_fp16_candidate_runs_under_the_interpreter(tdevice):
+    """Each candidate config (big tiles, masks over a small weight) gives the reference result."""
+    n, k = 40, 264
+    p = pack_24(random_24_weight(n, k, torch.float16, tdevice))
+    b = torch.randn(n, device=tdevice).half()
+    for m in (1, 3):
+        x = torch.randn(m, k, device=tdevice).half()
+        for cfg in s24.candidates(m, torch.float16):
+            check_close(sparse24_mm(x, p.values, p.meta, b, k, block=cfg), x, p, b)
+
+
+def test_decode_runner_matches_sparse24_mm(tdevice):
+    """The bound per-M call SparseLinear keeps gives the same bits as a full sparse24_mm call."""
+    for cfg in [(16, 64, 1, 4, 1, s24.KIND_DOT), (16, 64, 2, 4, 1, s24.KIND_SELECT)]:
+        p = pack_24(random_24_weight(24, 128, torch.float16, tdevice))
+        b = torch.randn(24, device=tdevice).half()
+        run = s24.decode_runner(p.values, p.meta, b, 6, 128, cfg)
+        x = torch.randn(2, 3, 128, device=tdevice).half()
+        y = run(x)
+        assert y.shape == (2, 3, 24)
+        assert torch.equal(y, sparse24_mm(x, p.values, p.meta, b, 128, block=cfg))
+        assert torch.equal(run(x.reshape(6, 128)), y.reshape(6, 24))
+        with pytest.raises(TypeError, match="differs from the weight dtype"):
+            run(x.float())
 
 
 def test_decode_kernel_leading_dims_and_errors(tdevice):
@@ -85,16 +167,44 @@ def test_decode_custom_op_opcheck(tdevice):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (4096, 11008), (576, 1536)])
-@pytest.mark.parametrize("m", [1, 4, 16])
-def test_decode_kernel_full_size_cuda(dtype, n, k, m):
+@pytest.mark.parametrize("n, k", LLAMA_SHAPES + [(576, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 16])
+def test_every_candidate_full_size_cuda(dtype, n, k, m):
+    """Every config the tuner may pick, at the LLaMA-7B shapes, against the reference (without bias, as
+    the tuner runs them, so the compiled kernels are shared with the benchmark; one with bias)."""
     p = pack_24(random_24_weight(n, k, dtype, "cuda"))
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    blocks = [(16, 256, 1), (32, 256, 4)] + ([(32, 64, 2, 4, 1, 1)] if m <= 4 else [])  # gemv: M <= 4
-    for block in blocks:
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    for cfg in s24.candidates(m, dtype):
+        check_close(sparse24_mm(x, p.values, p.meta, None, k, block=cfg), x, p, None)
+    check_close(sparse24_mm(x, p.values, p.meta, b, k, block=s24.candidates(m, dtype)[-1]), x, p, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", [s24.KIND_SELECT, s24.KIND_EXPAND])
+@pytest.mark.parametrize("m", [8, 16])
+def test_stream_kernel_up_to_m16_cuda(kind, m):
+    """M above the tuning range still runs correctly (per-tile reduction for the larger accumulators)."""
+    n, k = 4096, 4096
+    p = pack_24(random_24_weight(n, k, torch.float16, "cuda"))
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    for block in [(8, 512, 1, 4, 1, kind), (16, 256, 2, 4, 1, kind)]:
         check_close(sparse24_mm(x, p.values, p.meta, None, k, block=block), x, p, None)
+
+
+@pytest.mark.cuda
+def test_tune_config_records_every_candidate():
+    n, k = 1024, 2048
+    cfg = s24.tune_config(n, k, torch.float16, 1, "cuda")
+    times = s24.TUNE_TIMES[(n, k, torch.float16, 1)]
+    assert cfg in times and times[cfg] == min(times.values())
+    assert set(times) <= set(s24.candidates(1, torch.float16)) and len(times) >= 8
+    assert s24.tuned_config(n, k, torch.float16, 1) == cfg
 
 
 needs_cslt = pytest.mark.skipif(not cslt.available(), reason="our cuSPARSELt op is not built / no GPU")

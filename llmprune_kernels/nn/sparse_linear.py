@@ -10,6 +10,11 @@ Forward is ``F.linear(x, W, bias)`` with ``W`` the masked dense weight, whatever
 The packed ``values`` / ``meta`` buffers are the state (``state_dict``); the cuSPARSELt-compressed copy
 and any dense copy are caches rebuilt by ``prepare()`` after a device or dtype move. Call ``prepare()``
 (``sparsify_`` does) before capturing a CUDA graph or ``torch.compile``.
+
+Eager CUDA calls take a fast path: the first call with a given M resolves the dispatch (table lookup,
+decode config, cached weights, launch arguments) into a small callable kept per M, so later calls only
+launch. The per-M cache is dropped on device / dtype moves, ``load_state_dict``, ``prepare()``, when
+``table`` / ``force_path`` / a weight attribute is reassigned, and when tuning results change.
 """
 from __future__ import annotations
 
@@ -19,10 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmprune_kernels.ops import sparse24_matmul as s24
 from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
 from llmprune_kernels.sparse24 import cusparselt as cslt
 from llmprune_kernels.sparse24 import dispatch
 from llmprune_kernels.sparse24.pack import Packed24, check_24, meta_width, pack_24, unpack_24
+
+
+_RUNNER_KEYS = frozenset({"values", "meta", "bias", "table", "force_path"})  # reassigning one drops the runners
+_MAX_RUNNERS = 64  # distinct M values kept (prefill lengths vary; decode repeats one M)
 
 
 class SparseLinear(nn.Module):
@@ -30,6 +40,8 @@ class SparseLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
+        self._runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}  # M -> bound eager CUDA call
+        self._epoch = dispatch.EPOCH
         if in_features % 4 != 0:
             raise ValueError(f"SparseLinear needs in_features to be a multiple of 4 for 2:4, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
@@ -70,12 +82,24 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
 
     # -- caches ---------------------------------------------------------------------------------
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _RUNNER_KEYS and "_runners" in self.__dict__:
+            self._runners.clear()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_runners"] = {}  # bound calls reference this instance's tensors: never copied or pickled
+        return state
+
     def _apply(self, fn, recurse=True):
         self._cache.clear()  # caches belong to the old device / dtype
+        self._runners.clear()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache.clear()
+        self._runners.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _table(self) -> dispatch.TuningTable:
@@ -107,9 +131,11 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def prepare(self, paths: set[str] | None = None) -> "SparseLinear":
         """Build the caches the dispatch table will need (or ``paths``), so no call pays setup later."""
+        self._runners.clear()
         if self.values.device.type != "cuda":
             self._dense()
             return self
+        self._table().install_decode_configs(self.out_features, self.in_features, self.values.dtype)
         if paths is None:
             paths = self._table().paths_for(self.out_features, self.in_features, self.values.dtype)
             paths |= {dispatch.default_choice(self.out_features, self.in_features, self.values.dtype, m,
@@ -127,6 +153,53 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects {self.in_features} input features, got shape {tuple(x.shape)}")
+        if x.is_cuda and not torch.compiler.is_compiling():
+            if self._epoch != dispatch.EPOCH:  # tuning results changed since the runners were built
+                self._runners.clear()
+                self._epoch = dispatch.EPOCH
+            m = x.numel() // self.in_features
+            run = self._runners.get(m)
+            if run is None:
+                run = self._runner(m)
+            return run(x)
+        return self._forward_general(x)
+
+    def _runner(self, m: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Resolve this M's dispatch into a bound call (kept unless built while a graph is captured)."""
+        if self.values.device.type != "cuda":  # a CUDA input to a CPU module: let F.linear report it
+            return self._forward_general
+        choice = self.choose(m)
+        n, k, bias = self.out_features, self.in_features, self.bias
+        capturing = torch.cuda.is_current_stream_capturing()
+        keep = True
+        if choice.path == "decode":
+            cfg = choice.decode or s24.tuned_config(n, k, self.values.dtype, m)
+            if cfg is None:  # not measured yet: measure now, unless capturing (no timing inside a graph)
+                keep = not capturing
+                cfg = s24.DEFAULT_CONFIG if capturing else s24.tune_config(n, k, self.values.dtype, m,
+                                                                          self.values.device)
+            run = s24.decode_runner(self.values, self.meta, bias, m, k, cfg)
+        elif choice.path == "cusparselt":
+            op, comp = torch.ops.llmprune_kernels.sparse24_cslt_linear.default, self._compressed()
+            c = choice.cslt or cslt.DEFAULT_CONFIG
+            args = (c.alg_id, c.split_k, c.split_k_mode, c.split_k_buffers)
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                y = op(x.reshape(m, k), comp, n, bias, *args)
+                return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+        else:
+            w = self._dense()
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                return F.linear(x, w, bias)
+        if keep:
+            if len(self._runners) >= _MAX_RUNNERS:
+                self._runners.clear()
+            self._runners[m] = run
+        return run
+
+    def _forward_general(self, x: torch.Tensor) -> torch.Tensor:
+        """CPU, torch.compile tracing, and anything the eager fast path does not cover."""
         m = x.numel() // self.in_features
         if not x.is_cuda and self.force_path != "decode":  # CPU: decode only when pinned (interpreter tests)
             return F.linear(x, self._dense(), self.bias)
@@ -134,7 +207,8 @@ class SparseLinear(nn.Module):
         if choice.path == "decode":
             if torch.compiler.is_compiling():
                 return torch.ops.llmprune_kernels.sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
-            return sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
+            return sparse24_mm(x, self.values, self.meta, self.bias, self.in_features,
+                               block=choice.decode if x.is_cuda else None)
         if choice.path == "cusparselt":
             x2 = x.reshape(m, self.in_features)
             y = cslt.linear(x2, self._compressed(), self.out_features, self.bias, choice.cslt or cslt.DEFAULT_CONFIG)

@@ -1,23 +1,33 @@
-"""Triton 2:4 decode kernel: ``y = x @ W.T (+ bias)`` reading our compressed values and metadata.
+"""Triton 2:4 decode kernels: ``y = x @ W.T (+ bias)`` reading our compressed values and metadata.
 
 Built for small M (decode, M <= 16), where a matmul is bound by reading the weight once: fp16/bf16 2:4
 moves 4.5 bytes per 4 weights (2 kept values + one 4-bit index nibble) instead of dense's 8, a 1.78x
-limit. Two kernels: for M <= 4 a gemv kernel (each group's two kept values read as one int32, the
-nibble picks the two x columns to gather, FMAs in fp32); for larger M a tensor-core kernel. Each dot-kernel program owns BLOCK_N output rows and a 1/SPLIT_K slice of K; it streams their compressed
-values + metadata, prefetching the next tile into registers while the current one is expanded to its
-dense form (four ``where`` selects per group, two ``join``s restore column order) and fed to ``tl.dot``
-with x padded to 16 rows. The prefetch matters: the loads feed register math, not ``tl.dot`` directly,
-so Triton's own pipeliner does not overlap them. SPLIT_K > 1 writes fp32 partials that a second
-small kernel sums (deterministic, unlike atomics). The tile config is measured once per weight shape
-(L2 flushed between runs). Larger M runs correctly with a second grid axis, but cuSPARSELt or dense
-win there (see SparseLinear dispatch).
+limit. Kernels ("kinds", measured per weight shape and M, the fastest is used):
+
+* dot (kind 0): each program owns BLOCK_N output rows and a 1/SPLIT_K slice of K and streams their
+  packed weight, expands each tile to dense in registers and feeds ``tl.dot`` (tensor cores) with x
+  padded to 16 rows. 16-bit weights are read as one int32 per group (its two kept values) next to the
+  group's metadata byte, and integer selects on that pair give each group's dense halves directly;
+* dot-swap (kind 4): the same with ``W @ x.T``, so a 64/128-row weight tile is the MMA's M side and
+  Hopper's wgmma can run it (split-K supplies the programs);
+* stream-select / stream-expand (kinds 2, 3; M <= 16, 16-bit): CUDA-core FMAs, see
+  :mod:`llmprune_kernels.ops.sparse24_gemv`.
+
+Common to all: whole tiles are loaded without per-column masks (16-byte vectors; the ragged last tile is
+a separate masked step) and one tile ahead of the math (register double buffering: Triton's pipeliner
+does not overlap loads that feed register math). SPLIT_K > 1 writes fp32 partials that a second small
+kernel sums in a fixed order (deterministic, unlike atomics). Larger M runs correctly with a second grid
+axis, but cuSPARSELt or dense win there (see SparseLinear dispatch).
 Reference: :func:`llmprune_kernels.reference.sparse24_matmul.sparse24_linear_reference`.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
+
+from llmprune_kernels.ops.sparse24_gemv import as_pairs, plan_stream
 
 try:
     import triton
@@ -32,41 +42,65 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if HAS_TRITON:
 
     @triton.jit
-    def _load_tile(v_ptr, m_ptr, offs_n, n_ok, stride_vn, stride_mn, k0, k_end,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_c[None, :],
-                    mask=n_ok[:, None] & (offs_c[None, :] < k_end // 2), other=0.0)
-        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        mb = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
-                     mask=n_ok[:, None] & (offs_b[None, :] * 8 < k_end), other=0)
-        return v, mb
+    def _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn, stride_mn, k0, k_end,
+                   FULL: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The packed weight and x [BLOCK_M, BLOCK_K] of one K tile.
+
+        ``PAIRS`` (16-bit weights): one int32 per group (its two kept values) and the group's metadata byte
+        (each byte loaded for both of its groups, so both tensors share one register layout), each
+        [BLOCK_N, BLOCK_K/4]; else values [BLOCK_N, BLOCK_K/2] and metadata bytes [BLOCK_N, BLOCK_K/8].
+        ``FULL``: the tile lies inside K or is skipped whole, so no mask varies along K and the loads stay
+        16-byte vectors (per-column masks split them into 2-byte loads); otherwise every column is masked
+        (the ragged last tile). Masked elements load as 0 and add nothing."""
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if PAIRS:
+            offs_c = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+            offs_b = offs_c // 2
+            c_end = k_end // 4
+        else:
+            offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            c_end = k_end // 2
+        if FULL:
+            # A dead tile masks whole rows (a scalar & a row mask trips the Triton interpreter).
+            live = k0 + BLOCK_K <= k_end
+            v_ok = (offs_n < tl.where(live, N, 0))[:, None]
+            b_ok = v_ok
+            x_ok = (offs_m < tl.where(live, M, 0))[:, None]
+        else:
+            n_ok = offs_n < N
+            m_ok = offs_m < M
+            v_ok = n_ok[:, None] & (offs_c[None, :] < c_end)
+            if PAIRS:
+                b_ok = v_ok
+            else:
+                b_ok = n_ok[:, None] & (offs_b[None, :] * 8 < k_end)
+            x_ok = m_ok[:, None] & (offs_k[None, :] < k_end)
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_c[None, :], mask=v_ok, other=0)
+        mb = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_b[None, :], mask=b_ok, other=0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_ok, other=0.0)
+        return v, mb, x
 
     @triton.jit
-    def _sparse24_mm_kernel(
-        x_ptr, v_ptr, m_ptr, b_ptr, y_ptr,
-        M, N, K, K_PER_SPLIT,
-        stride_xm, stride_vn, stride_mn, stride_ym, stride_ys,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n_ok = offs_n < N
-        m_ok = offs_m < M
-        k_start = pid_k * K_PER_SPLIT
-        k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        v_nxt, mb_nxt = _load_tile(v_ptr, m_ptr, offs_n, n_ok, stride_vn, stride_mn, k_start, k_end, BLOCK_N, BLOCK_K)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            v = v_nxt
-            mb = mb_nxt.to(tl.int32)
-            # Issue the next tile's loads before this tile's math (register double buffering).
-            v_nxt, mb_nxt = _load_tile(v_ptr, m_ptr, offs_n, n_ok, stride_vn, stride_mn, k0 + BLOCK_K, k_end,
-                                       BLOCK_N, BLOCK_K)
+    def _expand(v, mb, x, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The dense [BLOCK_N, BLOCK_K] weight tile (x's dtype) from one tile of ``_load_tile``."""
+        mb = mb.to(tl.int32)
+        if PAIRS:
+            # Integer selects on the int32 pair give each group's (d0, d1) and (d2, d3) halves directly.
+            t = mb >> ((tl.arange(0, BLOCK_K // 4) & 1) * 4)[None, :]  # tiles start at even groups
+            b0 = (t & 1) != 0
+            b1 = (t & 2) != 0
+            b2 = (t & 4) != 0
+            b3 = (t & 8) != 0
+            z = tl.zeros_like(v)
+            # i0 = (b1 b0) in {0, 1, 2}, i1 = (b3 b2) in {1, 2, 3}, i0 < i1; v = v0 | v1 << 16.
+            d01 = tl.where(b1, z, tl.where(b0, v << 16, tl.where(b3, v & 0xFFFF, v)))
+            d23 = tl.where(b1, v, tl.where(b3, tl.where(b2, v & -65536, (v >> 16) & 0xFFFF), z))
+            d0 = (d01 & 0xFFFF).to(tl.int16).to(x.dtype, bitcast=True)
+            d1 = (d01 >> 16).to(tl.int16).to(x.dtype, bitcast=True)
+            d2 = (d23 & 0xFFFF).to(tl.int16).to(x.dtype, bitcast=True)
+            d3 = (d23 >> 16).to(tl.int16).to(x.dtype, bitcast=True)
+        else:
             v0, v1 = tl.split(tl.reshape(v, [BLOCK_N, BLOCK_K // 4, 2]))
             # Metadata: one byte per two groups, low nibble first.
             nib = tl.reshape(tl.join(mb & 15, mb >> 4), [BLOCK_N, BLOCK_K // 4])
@@ -78,24 +112,77 @@ if HAS_TRITON:
             d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
             d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
             d3 = tl.where(i1 == 3, v1, zero)
-            # join(join(d0, d2), join(d1, d3)) flattens to d0, d1, d2, d3 per group.
-            w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BLOCK_N, BLOCK_K])
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_ok[:, None] & (offs_k[None, :] < k_end), other=0.0)
-            if IEEE:
-                # fp32 weights (and bf16 under the Triton interpreter, whose bf16 dot is wrong): fp32 math.
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        # join(join(d0, d2), join(d1, d3)) flattens to d0, d1, d2, d3 per group.
+        return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BLOCK_N, BLOCK_K])
+
+    @triton.jit
+    def _mma(acc, x, w, IEEE: tl.constexpr, SWAP: tl.constexpr):
+        """acc += x @ w.T ([BLOCK_M, BLOCK_N]), or with SWAP acc += w @ x.T ([BLOCK_N, BLOCK_M]: the weight
+        is the MMA's M side, so BLOCK_N >= 64 can use Hopper's wgmma)."""
+        if IEEE:
+            # fp32 weights (and bf16 under the Triton interpreter, whose bf16 dot is wrong): fp32 math.
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
             else:
-                acc = tl.dot(x, tl.trans(w), acc)
-        out_mask = m_ok[:, None] & n_ok[None, :]
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        elif SWAP:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        return acc
+
+    @triton.jit
+    def _sparse24_mm_kernel(
+        x_ptr, v_ptr, m_ptr, b_ptr, y_ptr,
+        M, N, K, K_PER_SPLIT,
+        stride_xm, stride_vn, stride_mn, stride_ym, stride_ys,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr, PAIRS: tl.constexpr,
+        SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_ok = offs_n < N
+        m_ok = offs_m < M
+        k_start = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+        k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K  # end of the whole tiles
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        v_nxt, mb_nxt, x_nxt = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn,
+                                          stride_mn, k_start, k_end, True, PAIRS, BLOCK_K)
+        for k0 in range(k_start, k_full, BLOCK_K):
+            v = v_nxt
+            mb = mb_nxt
+            x = x_nxt
+            # Issue the next tile's loads before this tile's math (register double buffering).
+            v_nxt, mb_nxt, x_nxt = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm,
+                                              stride_vn, stride_mn, k0 + BLOCK_K, k_end, True, PAIRS, BLOCK_K)
+            acc = _mma(acc, x, _expand(v, mb, x, PAIRS, BLOCK_N, BLOCK_K), IEEE, SWAP)
+        if k_full < k_end:  # the ragged last tile, masked per column
+            v, mb, x = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn, stride_mn,
+                                  k_full, k_end, False, PAIRS, BLOCK_K)
+            acc = _mma(acc, x, _expand(v, mb, x, PAIRS, BLOCK_N, BLOCK_K), IEEE, SWAP)
+        if SWAP:  # acc[n, m]: store through transposed offsets
+            out_off = offs_m[None, :] * stride_ym + offs_n[:, None]
+            out_mask = m_ok[None, :] & n_ok[:, None]
+            bias_b = offs_n[:, None]
+        else:
+            out_off = offs_m[:, None] * stride_ym + offs_n[None, :]
+            out_mask = m_ok[:, None] & n_ok[None, :]
+            bias_b = offs_n[None, :]
         if SPLIT_K == 1:
             if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=out_mask)
+                acc += tl.load(b_ptr + bias_b, mask=bias_b < N, other=0.0).to(tl.float32)
+            tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
         else:  # fp32 partial of this K slice
-            tl.store(y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask=out_mask)
+            tl.store(y_ptr + pid_k * stride_ys + out_off, acc, mask=out_mask)
 
     @triton.jit
     def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -110,75 +197,60 @@ if HAS_TRITON:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-    @triton.jit
-    def _sparse24_gemv_kernel(
-        x_ptr, w_ptr, m_ptr, y_ptr,
-        M, N, G, G_PER_SPLIT,
-        stride_xm, stride_wn, stride_mn, stride_ym, stride_ys,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-    ):
-        """M <= 4: no tensor cores, no dense expansion. Each group's two kept values arrive as one int32
-        (fp16/bf16 pair), its nibble picks the two x columns to gather (x stays in L1), two FMAs per row.
-        Writes fp32 partials of this program's K slice: ``y[pid_k, m, n]``."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        offs_m = tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        g_start = pid_k * G_PER_SPLIT
-        g_end = tl.minimum(G, g_start + G_PER_SPLIT)
-        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G], dtype=tl.float32)
-        offs_g = g_start + tl.arange(0, BLOCK_G)
-        ok = n_ok[:, None] & (offs_g[None, :] < g_end)
-        wv_nxt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_g[None, :], mask=ok, other=0)
-        mb_nxt = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_g[None, :] // 2, mask=ok, other=0)
-        for g0 in range(g_start, g_end, BLOCK_G):
-            wv = wv_nxt
-            mb = mb_nxt.to(tl.int32)
-            offs_g = g0 + tl.arange(0, BLOCK_G)
-            ok = n_ok[:, None] & (offs_g[None, :] < g_end)
-            nxt = offs_g + BLOCK_G  # prefetch the next tile while this one is used
-            ok_nxt = n_ok[:, None] & (nxt[None, :] < g_end)
-            wv_nxt = tl.load(w_ptr + offs_n[:, None] * stride_wn + nxt[None, :], mask=ok_nxt, other=0)
-            mb_nxt = tl.load(m_ptr + offs_n[:, None] * stride_mn + nxt[None, :] // 2, mask=ok_nxt, other=0)
-            nib = (mb >> ((offs_g[None, :] & 1) * 4)) & 15
-            col0 = offs_g[None, :] * 4 + (nib & 3)
-            col1 = offs_g[None, :] * 4 + (nib >> 2)
-            v0 = (wv & 0xFFFF).to(tl.uint16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
-            v1 = ((wv >> 16) & 0xFFFF).to(tl.uint16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
-            xm = x_ptr + offs_m[:, None, None] * stride_xm
-            okm = m_ok[:, None, None] & ok[None, :, :]
-            x0 = tl.load(xm + col0[None, :, :], mask=okm, other=0.0).to(tl.float32)
-            x1 = tl.load(xm + col1[None, :, :], mask=okm, other=0.0).to(tl.float32)
-            acc += v0[None, :, :] * x0 + v1[None, :, :] * x1
-        out = tl.sum(acc, axis=2)
-        tl.store(y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :], out,
-                 mask=m_ok[:, None] & n_ok[None, :])
-
-
-# Candidate configs, measured per weight shape and M class on first use:
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, kind) with kind 0 = dot kernel (any M; BLOCK_K in
-# columns) and kind 1 = gemv kernel (M <= 4, 16-bit dtypes; BLOCK_K here counts groups of 4 columns).
+# Decode kernels ("kinds"); a config is (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, kind), BLOCK_K in
+# input columns for every kind. Kind 1 (a gemv that gathered x per kept value from global memory and
+# always needed a second reduce launch) was replaced by the streaming kernels 2 and 3.
+KIND_DOT, KIND_SELECT, KIND_EXPAND, KIND_DOT_SWAP = 0, 2, 3, 4
+KIND_NAMES = {KIND_DOT: "dot", KIND_SELECT: "stream-select", KIND_EXPAND: "stream-expand", KIND_DOT_SWAP: "dot-swap"}
+# Candidates, measured per weight shape and M on first use. dot: x @ W.T on tensor cores (mma.sync),
+# any M and dtype. dot-swap: W @ x.T, so a 64/128-row weight tile is the MMA's M side (Hopper wgmma);
+# split-K gives it enough programs. stream (CUDA cores, 16-bit weights, runs any M <= 16): select is
+# measured for M <= 2, expand for 2 <= M <= 4; above that their FMAs need more issue slots per weight
+# group than the HBM stream leaves (main-loop SASS per group and candidate, compiled for sm_90 on a CPU:
+# benchmarks/results/sparse24_sass_sm90.json; e.g. M=1 select ~22, dot ~36, dot-swap ~27).
 DOT_CONFIGS = [
-    (16, 256, 1, 4, 1, 0), (16, 512, 1, 4, 1, 0), (32, 256, 1, 4, 1, 0), (16, 256, 2, 4, 1, 0),
-    (16, 256, 4, 4, 1, 0), (32, 256, 4, 4, 1, 0), (64, 128, 4, 4, 1, 0), (32, 512, 2, 8, 1, 0),
+    (16, 256, 1, 4, 1, 0), (16, 512, 1, 4, 1, 0), (16, 256, 2, 4, 1, 0), (16, 256, 4, 4, 1, 0),
+    (32, 256, 4, 4, 1, 0),
 ]
-GEMV_CONFIGS = [
-    (32, 64, 1, 4, 1, 1), (32, 64, 2, 4, 1, 1), (32, 64, 4, 4, 1, 1), (16, 128, 2, 4, 1, 1),
-    (64, 32, 2, 4, 1, 1), (16, 64, 4, 4, 1, 1), (32, 128, 4, 8, 1, 1), (64, 64, 4, 8, 1, 1),
+SWAP_CONFIGS = [(64, 128, 4, 4, 1, 4), (64, 128, 2, 4, 1, 4), (128, 128, 4, 8, 1, 4)]
+STREAM_CONFIGS = [
+    (8, 1024, 1, 4, 1, 2), (16, 512, 1, 4, 1, 2), (4, 1024, 1, 2, 1, 2), (16, 1024, 1, 8, 1, 2),
+    (8, 1024, 2, 4, 1, 2), (16, 256, 1, 4, 1, 3), (8, 512, 1, 4, 1, 3),
 ]
-CONFIGS = DOT_CONFIGS  # kept name: the dot candidates
+SELECT_TUNE_MAX_M, STREAM_TUNE_MAX_M = 2, 4
 DEFAULT_CONFIG = (16, 256, 2, 4, 1, 0)
 _TUNED: dict[tuple, tuple] = {}
+TUNE_TIMES: dict[tuple, dict[tuple, float]] = {}  # every candidate's time (ms) per tuned key, for reports
+TUNE_ERRORS: dict[tuple, str] = {}  # (n, k, dtype, m, config) -> why that candidate could not run
+
+
+def candidates(m: int, dtype: torch.dtype) -> list[tuple]:
+    """The configs ``tune_config`` measures for M rows of ``dtype`` (only the kinds listed in
+    $LLMPRUNE_SPARSE24_KINDS, e.g. "0,4", when it is set: the GPU runner drops kinds that fail a preflight)."""
+    cands = list(DOT_CONFIGS) + list(SWAP_CONFIGS)
+    if dtype in (torch.float16, torch.bfloat16):
+        cands += [c for c in STREAM_CONFIGS if (m <= SELECT_TUNE_MAX_M if c[-1] == KIND_SELECT
+                                                else 2 <= m <= STREAM_TUNE_MAX_M)]
+    kinds = os.environ.get("LLMPRUNE_SPARSE24_KINDS")
+    if kinds:
+        allowed = {int(v) for v in kinds.split(",") if v.strip()}
+        cands = [c for c in cands if c[-1] in allowed] or [DEFAULT_CONFIG]
+    return cands
+
+
+def config_name(config) -> str:
+    """A readable label, e.g. ``stream-select bn8 bk1024 s1 w4``."""
+    bn, bk, split, warps, _, kind = _norm(config)
+    return f"{KIND_NAMES.get(kind, kind)} bn{bn} bk{bk} s{split} w{warps}"
 
 
 def _m_class(m: int) -> int:
-    return 1 if m == 1 else 4 if m <= 4 else 16 if m <= 16 else 64
+    """Decode configs are tuned per power-of-two M (the dispatch buckets)."""
+    return 1 << max(0, m - 1).bit_length()
 
 
 def _norm(config) -> tuple:
-    c = tuple(config)
+    c = tuple(int(v) for v in config)
     if len(c) == 2:
         c = c + (1,)
     if len(c) == 3:
@@ -188,68 +260,103 @@ def _norm(config) -> tuple:
     return c
 
 
-def _launch(x2, values, meta, bias, y, m, n, k, config):
+def _plan(values, meta, bias, m, n, k, config):
+    """Bind one decode launch for ``m`` rows: returns ``run(x2 [m, k], y [m, n])``. Everything but x and y
+    is resolved here once (``decode_runner`` keeps the plan, so an eager call only launches)."""
     bn, bk, split, warps, stages, kind = _norm(config)
-    kw = {} if (_INTERPRET or not x2.is_cuda) else {"num_warps": warps, "num_stages": stages}
-    if kind == 1:
-        if m > 4 or values.element_size() != 2:
-            raise ValueError(f"the gemv kernel takes M <= 4 and 16-bit weights, got M={m}, {values.dtype}")
-        g = k // 4
-        g_per_split = triton.cdiv(triton.cdiv(g, split), bk) * bk
-        split = triton.cdiv(g, g_per_split)
-        w32 = values.view(torch.int32)  # each int32 = the two kept values of one group
-        part = torch.empty(split, m, n, device=y.device, dtype=torch.float32)
-        _sparse24_gemv_kernel[(triton.cdiv(n, bn), split)](
-            x2, w32, meta, part, m, n, g, g_per_split,
-            x2.stride(0), w32.stride(0), meta.stride(0), part.stride(1), part.stride(0),
-            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, BLOCK_G=bk, **kw)
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            part, bias if bias is not None else part, y, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None,
-            BLOCK=block)
-        return
+    kw = {} if (_INTERPRET or not values.is_cuda) else {"num_warps": warps, "num_stages": stages}
+    if kind in (KIND_SELECT, KIND_EXPAND):
+        return plan_stream(values, meta, bias, m, n, k, bn, bk // 4, split, kind == KIND_EXPAND, kw,
+                           _splitk_reduce_kernel)
+    if kind not in (KIND_DOT, KIND_DOT_SWAP):
+        raise ValueError(f"decode kernel kind {kind} is unknown; allowed: {KIND_NAMES}")
+    if bk % 16 or bk < 16:
+        raise ValueError(f"the dot kernels need BLOCK_K to be a multiple of 16, got {bk}")
     block_m = 16
-    ieee = x2.dtype == torch.float32 or (x2.dtype == torch.bfloat16 and not x2.is_cuda)
+    ieee = values.dtype == torch.float32 or (values.dtype == torch.bfloat16 and not values.is_cuda)
+    pairs = values.element_size() == 2
+    v = as_pairs(values) if pairs else values
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_per_split)  # never launch an empty K slice
     grid = (triton.cdiv(n, bn), triton.cdiv(m, block_m), split)
+    kern = _sparse24_mm_kernel[grid]
+    common = dict(IEEE=ieee, PAIRS=pairs, SWAP=kind == KIND_DOT_SWAP, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **kw)
+    has_bias = bias is not None
     if split == 1:
-        _sparse24_mm_kernel[grid](
-            x2, values, meta, bias if bias is not None else values, y, m, n, k, k_per_split,
-            x2.stride(0), values.stride(0), meta.stride(0), y.stride(0), 0,
-            HAS_BIAS=bias is not None, IEEE=ieee, SPLIT_K=1, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **kw)
-        return
-    part = torch.empty(split, m, n, device=y.device, dtype=torch.float32)
-    _sparse24_mm_kernel[grid](
-        x2, values, meta, values, part, m, n, k, k_per_split,
-        x2.stride(0), values.stride(0), meta.stride(0), part.stride(1), part.stride(0),
-        HAS_BIAS=False, IEEE=ieee, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **kw)
-    block = 1024
-    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-        part, bias if bias is not None else part, y, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
+        b = bias if has_bias else values
+
+        def run(x2, y):
+            kern(x2, v, meta, b, y, m, n, k, k_per_split, x2.stride(0), v.stride(0), meta.stride(0), y.stride(0), 0,
+                 HAS_BIAS=has_bias, SPLIT_K=1, **common)
+        return run
+    reduce = _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)]
+
+    def run_split(x2, y):
+        part = torch.empty(split, m, n, device=y.device, dtype=torch.float32)
+        kern(x2, v, meta, values, part, m, n, k, k_per_split, x2.stride(0), v.stride(0), meta.stride(0),
+             part.stride(1), part.stride(0), HAS_BIAS=False, SPLIT_K=split, **common)
+        reduce(part, bias if has_bias else part, y, m * n, n, SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=1024)
+    return run_split
+
+
+def _launch(x2, values, meta, bias, y, m, n, k, config):
+    _plan(values, meta, bias, m, n, k, config)(x2, y)
+
+
+def decode_runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, m: int, in_features: int,
+                  config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f(x) = x @ W.T (+ bias)`` for inputs of exactly ``m`` rows (any leading shape), with every launch
+    argument bound now: SparseLinear's eager path keeps one per M so a call does no lookups or checks
+    beyond the input's dtype."""
+    n, k, dt = values.shape[0], in_features, values.dtype
+    run = _plan(values, meta, bias, m, n, k, config)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not dt:
+            raise TypeError(f"x dtype {x.dtype} differs from the weight dtype {dt}")
+        x2 = x.reshape(m, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = x2.new_empty((m, n))
+        run(x2, y)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+    return call
 
 
 def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -> tuple:
-    """Measure every candidate config (L2 flushed between runs, triton.testing.do_bench) and cache the best."""
+    """Measure every candidate config (L2 flushed before each run, median of triton.testing.do_bench) and
+    cache the fastest per (shape, dtype, power-of-two M); all times are kept in ``TUNE_TIMES``."""
     key = (n, k, dtype, _m_class(m))
     if key in _TUNED:
         return _TUNED[key]
     from llmprune_kernels.sparse24.dispatch import random_24_weight
     from llmprune_kernels.sparse24.pack import pack_24
 
+    m = _m_class(m)
     p = pack_24(random_24_weight(n, k, dtype, device))
     x = torch.randn(m, k, device=device, dtype=dtype)
     y = torch.empty(m, n, device=device, dtype=dtype)
     times = {}
-    cands = DOT_CONFIGS + (GEMV_CONFIGS if m <= 4 and dtype in (torch.float16, torch.bfloat16) else [])
-    for cfg in cands:
+    for cfg in candidates(m, dtype):
         try:
             times[cfg] = triton.testing.do_bench(
-                lambda cfg=cfg: _launch(x, p.values, p.meta, None, y, m, n, k, cfg), warmup=5, rep=25)
-        except Exception:  # e.g. out of shared memory / registers for this shape: does not compete
-            continue
+                lambda cfg=cfg: _launch(x, p.values, p.meta, None, y, m, n, k, cfg), warmup=5, rep=25,
+                return_mode="median")
+        except Exception as exc:  # e.g. out of shared memory for this shape: does not compete (kept for reports)
+            TUNE_ERRORS[(*key, cfg)] = f"{type(exc).__name__}: {exc}"[:300]
+    TUNE_TIMES[key] = times
     _TUNED[key] = min(times, key=times.get) if times else DEFAULT_CONFIG
     return _TUNED[key]
+
+
+def tuned_config(n: int, k: int, dtype: torch.dtype, m: int) -> tuple | None:
+    """The config measured for this shape and M (None if not tuned in this process)."""
+    return _TUNED.get((n, k, dtype, _m_class(m)))
+
+
+def set_tuned_config(n: int, k: int, dtype: torch.dtype, m: int, config) -> None:
+    """Install a config (e.g. from a saved tuning table) so calls do not re-measure."""
+    _TUNED[(n, k, dtype, _m_class(m))] = _norm(config)
 
 
 def sparse24_mm(
@@ -259,9 +366,9 @@ def sparse24_mm(
     """``x [..., in] @ W.T (+ bias)`` for the packed 2:4 weight ``(values [out, in/2], meta)``.
 
     ``block=(BLOCK_N, BLOCK_K, SPLIT_K[, num_warps, num_stages[, kind]])`` fixes the kernel and tile
-    (kind 1 = the gemv kernel, M <= 4, BLOCK_K in groups of 4 columns); otherwise the
-    measured config for this shape is used on a GPU (measured now if new and not capturing a CUDA
-    graph) and a small fixed tile under the Triton interpreter.
+    (``KIND_NAMES``; BLOCK_K in input columns); otherwise the measured config for this shape and M is used
+    on a GPU (measured now if new and not capturing a CUDA graph) and a small fixed dot tile under the
+    Triton interpreter.
     """
     if not HAS_TRITON:
         raise RuntimeError("sparse24_mm needs triton; install it or use SparseLinear's dense / reference path")

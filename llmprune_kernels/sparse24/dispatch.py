@@ -2,10 +2,13 @@
 
 Paths: ``decode`` (our Triton kernel on the packed weight, small M), ``cusparselt`` (our extension's
 cached-plan cuSPARSELt op, large M) and ``dense`` (a dense copy of the masked weight, where sparse would
-lose). M is rounded up to a power-of-two bucket; each bucket's path is the fastest one measured on
-this GPU when the model is sparsified (``tune_shape``), or comes from a saved JSON table.
+lose). M is rounded up to a power-of-two bucket; each bucket's path is measured on this GPU when the
+model is sparsified (``tune_shape``), or comes from a saved JSON table (which also holds the decode
+kernel's measured config, so a loaded table needs no re-measuring).
 Timing replays a CUDA graph over several weight copies (more bytes than L2 holds), so a decode-sized
 call is measured reading its weight from HBM, as it does in a real model.
+A sparse path is chosen only when it beats dense by ``DISPATCH_MARGIN`` (``choose_path``): timing
+noise (and picking the minimum over many noisy candidates) must not select a path slower than dense.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from llmprune_kernels.ops import sparse24_matmul as s24
 from llmprune_kernels.ops.sparse24_matmul import HAS_TRITON, sparse24_mm
 from llmprune_kernels.sparse24 import cusparselt as cslt
 from llmprune_kernels.sparse24.pack import pack_24
@@ -26,6 +30,14 @@ from llmprune_kernels.sparse24.pack import pack_24
 PATHS = ("dense", "decode", "cusparselt")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 DECODE_MAX_M = 64  # the decode kernel is a candidate up to here; it is designed for M <= 16
+# A sparse path must be at least 3% faster than dense in tuning, else dense runs. Repeated H100 timings
+# of one call differ by a few percent, and the cuSPARSELt time is the minimum over up to 16 algorithms
+# (biased low), so without a margin a path measured 2% "faster" could be slower in use (seen: 0.93x).
+DISPATCH_MARGIN = 0.03
+# Close calls (best sparse within [1 - RETIME_WINDOW, 1 + DISPATCH_MARGIN] of dense) are re-timed,
+# dense and that path alternating, before choosing.
+RETIME_WINDOW = 0.10
+EPOCH = 0  # bumped whenever tuning results change, so SparseLinear drops its per-M dispatch cache
 
 
 def bucket(m: int) -> int:
@@ -42,18 +54,50 @@ def shape_key(out_features: int, in_features: int, dtype: torch.dtype) -> str:
 
 @dataclass
 class Choice:
+    """One bucket's path; ``decode``: the decode kernel config measured for it (``sparse24_mm``'s block)."""
+
     path: str
     cslt: cslt.CsltConfig | None = None
     times_ms: dict[str, float] = field(default_factory=dict)
+    decode: tuple | None = None
 
     def to_json(self) -> dict:
-        return {"path": self.path, "cslt": self.cslt.as_dict() if self.cslt else None, "times_ms": self.times_ms}
+        d = {"path": self.path, "cslt": self.cslt.as_dict() if self.cslt else None, "times_ms": self.times_ms}
+        if self.decode is not None:
+            d["decode"] = list(self.decode)
+            d["decode_kernel"] = s24.config_name(self.decode)  # for readers of the JSON
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Choice":
         if d["path"] not in PATHS:
             raise ValueError(f"tuning table path {d['path']!r} is unknown; allowed: {PATHS}")
-        return cls(d["path"], cslt.CsltConfig(**d["cslt"]) if d.get("cslt") else None, dict(d.get("times_ms", {})))
+        return cls(d["path"], cslt.CsltConfig(**d["cslt"]) if d.get("cslt") else None, dict(d.get("times_ms", {})),
+                   tuple(d["decode"]) if d.get("decode") else None)
+
+
+def choose_path(times: dict[str, float], margin: float = DISPATCH_MARGIN) -> str:
+    """The path to run, from measured times (ms; inf or absent = could not run): the fastest sparse path if
+    it is at least ``margin`` (a fraction) faster than dense, else dense. Ties go to the earlier path in
+    ``PATHS`` order, so the choice does not depend on dict order."""
+    sparse = [(t, PATHS.index(p), p) for p, t in times.items() if p != "dense" and math.isfinite(t)]
+    if not sparse:
+        return "dense"
+    t_best, _, best = min(sparse)
+    dense = times.get("dense", math.inf)
+    if not math.isfinite(dense):
+        return best
+    return best if t_best <= dense * (1.0 - margin) else "dense"
+
+
+def close_call(times: dict[str, float], margin: float = DISPATCH_MARGIN, window: float = RETIME_WINDOW) -> str | None:
+    """The best sparse path when its time is too close to dense's to trust one measurement, else None."""
+    sparse = {p: t for p, t in times.items() if p != "dense" and math.isfinite(t)}
+    dense = times.get("dense", math.inf)
+    if not sparse or not math.isfinite(dense):
+        return None
+    best = min(sparse, key=sparse.get)
+    return best if dense * (1.0 - window) <= sparse[best] <= dense * (1.0 + margin) else None
 
 
 class TuningTable:
@@ -84,10 +128,19 @@ class TuningTable:
 
     @classmethod
     def load(cls, path: str) -> "TuningTable":
+        global EPOCH
         with open(path) as f:
             data = json.load(f)
         entries = {k: {int(b): Choice.from_json(c) for b, c in v.items()} for k, v in data["entries"].items()}
+        EPOCH += 1
         return cls(entries, data.get("device_name"))
+
+    def install_decode_configs(self, out_features: int, in_features: int, dtype: torch.dtype) -> None:
+        """Make the decode configs this table holds for the shape the ones ``sparse24_mm`` uses (also
+        under torch.compile, whose op call passes no config), so no call measures them again."""
+        for b, c in self.entries.get(shape_key(out_features, in_features, dtype), {}).items():
+            if c.decode is not None:
+                s24.set_tuned_config(out_features, in_features, dtype, b, c.decode)
 
 
 DEFAULT_TABLE = TuningTable()
@@ -154,10 +207,21 @@ def weight_copies(nbytes_sparse: int, device) -> int:
     return max(1, min(8, math.ceil(2 * l2 / max(nbytes_sparse, 1))))
 
 
+def _retime(cands: dict[str, list], reps: int, rounds: int = 3) -> dict[str, float]:
+    """Median over ``rounds`` of alternating measurements of each path (drift hits all paths alike)."""
+    got: dict[str, list[float]] = {p: [] for p in cands}
+    for _ in range(rounds):
+        for p, fns in cands.items():
+            got[p].append(time_ms(fns, reps=reps, trials=5))
+    return {p: statistics.median(v) for p, v in got.items()}
+
+
 @torch.no_grad()
 def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="cuda",
                buckets=BUCKETS, reps: int = 10) -> dict[int, Choice]:
-    """Measure every applicable path for each M bucket on random 2:4 weights of this shape."""
+    """Measure every applicable path for each M bucket on random 2:4 weights of this shape and choose
+    with ``choose_path`` (close calls re-timed first). The decode kernel's config is measured per bucket
+    (``tune_config``) and kept in the Choice."""
     device = torch.device(device)
     dense = [random_24_weight(out_features, in_features, dtype, device)]
     packed = [pack_24(dense[0])]
@@ -167,36 +231,52 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
         packed.append(pack_24(dense[-1]))
     use_cslt = cslt.available() and cslt.shape_ok(out_features, in_features, dtype)
     comp = [cslt.compress(w) for w in dense] if use_cslt else []
+    name = shape_key(out_features, in_features, dtype)
     choices = {}
     for m in buckets:
         x = torch.randn(m, in_features, device=device, dtype=dtype)
-        cands = {"dense": [lambda w=w: F.linear(x, w) for w in dense]}
+        cands = {"dense": [lambda w=w, x=x: F.linear(x, w) for w in dense]}
+        dcfg = None
         if HAS_TRITON and m <= DECODE_MAX_M:
-            cands["decode"] = [lambda p=p: sparse24_mm(x, p.values, p.meta, None, in_features) for p in packed]
+            try:
+                dcfg = s24.tune_config(out_features, in_features, dtype, m, device)
+                cands["decode"] = [lambda p=p, x=x, c=dcfg: sparse24_mm(x, p.values, p.meta, None, in_features,
+                                                                         block=c) for p in packed]
+            except Exception as exc:  # no decode config runs this shape: the path does not compete
+                print(f"sparse24 tuning: decode config search failed for {name} M={m}: {exc}")
         times, cfg = {}, None
         if use_cslt:
             try:
                 cfg, times["cusparselt"], _ = cslt.search(
                     x, comp, out_features, lambda fns: time_ms(fns, reps=reps, trials=3))
+                cands["cusparselt"] = [lambda c=c, x=x, g=cfg: cslt.linear(x, c, out_features, None, g) for c in comp]
             except RuntimeError as exc:
-                print(f"sparse24 tuning: cusparselt failed for {shape_key(out_features, in_features, dtype)} M={m}: {exc}")
+                print(f"sparse24 tuning: cusparselt failed for {name} M={m}: {exc}")
         for path, fns in cands.items():
+            if path in times:
+                continue
             try:
                 times[path] = time_ms(fns, reps=reps)
             except Exception as exc:  # a path that cannot run this shape simply does not compete
                 times[path] = float("inf")
-                print(f"sparse24 tuning: {path} failed for {shape_key(out_features, in_features, dtype)} M={m}: {exc}")
-        best = min(times, key=times.get)
-        choices[m] = Choice(best, cfg if best == "cusparselt" else None, times)
+                print(f"sparse24 tuning: {path} failed for {name} M={m}: {exc}")
+        close = close_call(times)
+        if close is not None:  # re-measure dense and the contender alternately, without selection bias
+            times.update(_retime({"dense": cands["dense"], close: cands[close]}, reps))
+        best = choose_path(times)
+        choices[m] = Choice(best, cfg if best == "cusparselt" else None, times,
+                            dcfg if "decode" in cands else None)
     return choices
 
 
 def tune(shapes, table: TuningTable | None = None, device="cuda", buckets=BUCKETS) -> TuningTable:
     """Tune every ``(out, in, dtype)`` in ``shapes`` not yet in ``table`` (default: the process table)."""
+    global EPOCH
     table = DEFAULT_TABLE if table is None else table
     table.device_name = torch.cuda.get_device_name(torch.device(device))
     for out_features, in_features, dtype in shapes:
         key = shape_key(out_features, in_features, dtype)
         if key not in table.entries:
             table.entries[key] = tune_shape(out_features, in_features, dtype, device, buckets)
+            EPOCH += 1
     return table

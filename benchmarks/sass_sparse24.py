@@ -1,0 +1,117 @@
+"""Static cost of every 2:4 decode candidate on sm_90, without a GPU: compile for Hopper, read the SASS.
+
+For each tuning candidate (``sparse24_matmul.candidates``) and M in {1, 2, 4, 16}: registers, spills, shared
+memory, and the main loop's instruction count per weight group (4 input columns) per thread, with its
+mix (loads, selects, FMAs, shared-memory traffic, barriers). At decode sizes the kernel must issue its
+instructions faster than HBM delivers the weight: an H100 SM issues 128 thread-instructions per cycle
+and receives about 2.4 groups per cycle at 2.5 TB/s, so a loop needs well under ~50 instructions per
+group to stay bandwidth-bound. This says nothing about latency hiding; GPU timings decide.
+Writes ``benchmarks/results/sparse24_sass_sm90.json``. Run: ``python benchmarks/sass_sparse24.py``
+(needs Triton's bundled CUDA tools; about a minute per dtype on a CPU).
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from llmprune_kernels.ops import sparse24_gemv as sg
+from llmprune_kernels.ops import sparse24_matmul as s24
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _compile(fn, types: dict, consts: dict, warps: int, div16: list[str]):
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
+
+
+def _sass_stats(compiled) -> dict:
+    d = tempfile.mkdtemp()
+    cub = os.path.join(d, "k.cubin")
+    with open(cub, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cub], capture_output=True, text=True,
+                         check=True).stdout
+    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cub], capture_output=True, text=True,
+                          check=True).stdout
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/", ln)]
+    addr = [int(re.match(r"\s*/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    body = []
+    for i, ln in enumerate(lines):  # the first backward branch closes the main loop
+        m = re.search(r"BRA\s+0x([0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < addr[i]:
+            body = [lines[j] for j in range(len(lines)) if int(m.group(1), 16) <= addr[j] <= addr[i]]
+            break
+    ops = collections.Counter()
+    for ln in body:
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", ln)
+        if m:
+            ops[m.group(2).split(".")[0]] += 1
+    reg = re.search(r"REG:(\d+)", res)
+    local = re.search(r"LOCAL:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    return {"registers": int(reg.group(1)) if reg else None, "spill_bytes": int(local.group(1)) if local else None,
+            "stack_bytes": int(stack.group(1)) if stack else None, "shared_bytes": compiled.metadata.shared,
+            "loop_instructions": len(body), "loop_mix": dict(ops.most_common(12))}
+
+
+def candidate_stats(cfg: tuple, m: int, dtype: torch.dtype) -> dict:
+    bn, bk, _, warps, _, kind = cfg
+    tt = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    scalars = ["M", "N", "K", "K_PER_SPLIT", "G", "G_PER_SPLIT", "stride_xm", "stride_vn", "stride_wn", "stride_mn",
+               "stride_ym", "stride_ys"]
+    types = {n: "i32" for n in scalars}
+    types.update(x_ptr=f"*{tt}", v_ptr="*i32", w_ptr="*i32", m_ptr="*u8", b_ptr=f"*{tt}", y_ptr=f"*{tt}")
+    div16 = ["x_ptr", "v_ptr", "w_ptr", "m_ptr", "b_ptr", "y_ptr", "K_PER_SPLIT", "G_PER_SPLIT", "stride_xm",
+             "stride_vn", "stride_wn", "stride_mn", "stride_ym"]
+    if kind in (s24.KIND_SELECT, s24.KIND_EXPAND):
+        fn, bg, bm = sg._sparse24_stream_kernel, bk // 4, triton.next_power_of_2(m)
+        consts = {"HAS_BIAS": False, "SPLIT_K": 1, "EXPAND": kind == s24.KIND_EXPAND,
+                  "ACC3": bm * bn * bg <= 1024 * warps, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_G": bg}
+    else:
+        fn = s24._sparse24_mm_kernel
+        consts = {"HAS_BIAS": False, "IEEE": False, "SPLIT_K": 1, "PAIRS": True, "SWAP": kind == s24.KIND_DOT_SWAP,
+                  "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}
+    div16 = [n for n in div16 if n in fn.arg_names]
+    st = _sass_stats(_compile(fn, types, consts, warps, div16))
+    groups_per_thread = bn * bk // 4 / (32 * warps)
+    st["loop_instructions_per_group"] = round(st["loop_instructions"] / groups_per_thread, 1)
+    st["tile_bytes"] = int(bn * bk // 4 * 4.5)
+    return st
+
+
+def main() -> None:
+    out = {"target": "sm_90", "triton": triton.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "method": __doc__.split("\n\n")[1].replace("\n", " "), "candidates": {}}
+    for dtype in (torch.float16, torch.bfloat16):
+        for m in (1, 2, 4, 16):
+            for cfg in s24.candidates(m, dtype):
+                key = f"{str(dtype).removeprefix('torch.')} M={m} {s24.config_name(cfg)}"
+                try:
+                    out["candidates"][key] = candidate_stats(cfg, m, dtype)
+                except Exception as exc:  # noqa: BLE001 - report it and go on
+                    out["candidates"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                print(key, out["candidates"][key].get("loop_instructions_per_group"), file=sys.stderr)
+    path = os.path.join(os.path.dirname(__file__), "results", "sparse24_sass_sm90.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

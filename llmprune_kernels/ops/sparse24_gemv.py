@@ -163,8 +163,8 @@ def as_pairs(values: torch.Tensor) -> torch.Tensor:
 
 
 def plan_stream(values, meta, bias, m, n, k, bn, bg, split, expand, kw, reduce_kernel):
-    """Bind one streaming-kernel launch for ``m`` rows: returns ``run(x2 [m, k], y [m, n])``;
-    ``reduce_kernel`` sums split-K partials."""
+    """Bind one streaming-kernel launch for ``m`` rows: returns ``run(x, sx, y)`` (x rows ``sx`` apart,
+    contiguous ``y [m, n]``); ``reduce_kernel`` sums split-K partials."""
     if m > MAX_M or values.element_size() != 2:
         raise ValueError(f"the streaming decode kernel takes M <= {MAX_M} and 16-bit weights, got M={m}, "
                          f"{values.dtype}")
@@ -177,19 +177,19 @@ def plan_stream(values, meta, bias, m, n, k, bn, bg, split, expand, kw, reduce_k
     w32 = as_pairs(values)
     kern = _sparse24_stream_kernel[(triton.cdiv(n, bn), split)]
     common = dict(EXPAND=bool(expand), ACC3=acc3, BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=bg, **kw)
-    has_bias = bias is not None
+    has_bias, swn, smn = bias is not None, w32.stride(0), meta.stride(0)
     if split == 1:
         b = bias if has_bias else values
 
-        def run(x2, y):
-            kern(x2, w32, meta, b, y, m, n, g, g_per_split, x2.stride(0), w32.stride(0), meta.stride(0),
-                 y.stride(0), 0, HAS_BIAS=has_bias, SPLIT_K=1, **common)
+        def run(x2, sx, y):
+            kern(x2, w32, meta, b, y, m, n, g, g_per_split, sx, swn, smn, n, 0, HAS_BIAS=has_bias, SPLIT_K=1,
+                 **common)
         return run
     reduce = reduce_kernel[(triton.cdiv(m * n, 1024),)]
 
-    def run_split(x2, y):
+    def run_split(x2, sx, y):
         part = torch.empty(split, m, n, device=y.device, dtype=torch.float32)
-        kern(x2, w32, meta, values, part, m, n, g, g_per_split, x2.stride(0), w32.stride(0), meta.stride(0),
-             part.stride(1), part.stride(0), HAS_BIAS=False, SPLIT_K=split, **common)
+        kern(x2, w32, meta, values, part, m, n, g, g_per_split, sx, swn, smn, n, m * n, HAS_BIAS=False,
+             SPLIT_K=split, **common)
         reduce(part, bias if has_bias else part, y, m * n, n, SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=1024)
     return run_split

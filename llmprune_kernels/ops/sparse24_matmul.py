@@ -261,8 +261,9 @@ def _norm(config) -> tuple:
 
 
 def _plan(values, meta, bias, m, n, k, config):
-    """Bind one decode launch for ``m`` rows: returns ``run(x2 [m, k], y [m, n])``. Everything but x and y
-    is resolved here once (``decode_runner`` keeps the plan, so an eager call only launches)."""
+    """Bind one decode launch for ``m`` rows: returns ``run(x, sx, y)`` for x rows ``sx`` elements apart
+    (unit column stride) and a contiguous ``y [m, n]``. Everything else is resolved here once
+    (``decode_runner`` keeps the plan, so an eager call only allocates y and launches)."""
     bn, bk, split, warps, stages, kind = _norm(config)
     kw = {} if (_INTERPRET or not values.is_cuda) else {"num_warps": warps, "num_stages": stages}
     if kind in (KIND_SELECT, KIND_EXPAND):
@@ -281,45 +282,43 @@ def _plan(values, meta, bias, m, n, k, config):
     grid = (triton.cdiv(n, bn), triton.cdiv(m, block_m), split)
     kern = _sparse24_mm_kernel[grid]
     common = dict(IEEE=ieee, PAIRS=pairs, SWAP=kind == KIND_DOT_SWAP, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **kw)
-    has_bias = bias is not None
+    has_bias, svn, smn = bias is not None, v.stride(0), meta.stride(0)
     if split == 1:
         b = bias if has_bias else values
 
-        def run(x2, y):
-            kern(x2, v, meta, b, y, m, n, k, k_per_split, x2.stride(0), v.stride(0), meta.stride(0), y.stride(0), 0,
-                 HAS_BIAS=has_bias, SPLIT_K=1, **common)
+        def run(x2, sx, y):
+            kern(x2, v, meta, b, y, m, n, k, k_per_split, sx, svn, smn, n, 0, HAS_BIAS=has_bias, SPLIT_K=1, **common)
         return run
     reduce = _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)]
 
-    def run_split(x2, y):
+    def run_split(x2, sx, y):
         part = torch.empty(split, m, n, device=y.device, dtype=torch.float32)
-        kern(x2, v, meta, values, part, m, n, k, k_per_split, x2.stride(0), v.stride(0), meta.stride(0),
-             part.stride(1), part.stride(0), HAS_BIAS=False, SPLIT_K=split, **common)
+        kern(x2, v, meta, values, part, m, n, k, k_per_split, sx, svn, smn, n, m * n,
+             HAS_BIAS=False, SPLIT_K=split, **common)
         reduce(part, bias if has_bias else part, y, m * n, n, SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=1024)
     return run_split
 
 
 def _launch(x2, values, meta, bias, y, m, n, k, config):
-    _plan(values, meta, bias, m, n, k, config)(x2, y)
+    _plan(values, meta, bias, m, n, k, config)(x2, x2.stride(0), y)
 
 
 def decode_runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, m: int, in_features: int,
                   config) -> Callable[[torch.Tensor], torch.Tensor]:
     """``f(x) = x @ W.T (+ bias)`` for inputs of exactly ``m`` rows (any leading shape), with every launch
-    argument bound now: SparseLinear's eager path keeps one per M so a call does no lookups or checks
-    beyond the input's dtype."""
+    argument bound now: SparseLinear's eager path keeps one per M so a call only checks the input's dtype
+    and layout, allocates the output and launches."""
     n, k, dt = values.shape[0], in_features, values.dtype
     run = _plan(values, meta, bias, m, n, k, config)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if x.dtype is not dt:
             raise TypeError(f"x dtype {x.dtype} differs from the weight dtype {dt}")
-        x2 = x.reshape(m, k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        y = x2.new_empty((m, n))
-        run(x2, y)
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = x.new_empty((*x.shape[:-1], n))
+        run(x, k, y)  # contiguous: rows k apart whatever the leading shape
+        return y
     return call
 
 

@@ -6,7 +6,8 @@ mix (loads, selects, FMAs, shared-memory traffic, barriers). At decode sizes the
 instructions faster than HBM delivers the weight: an H100 SM issues 128 thread-instructions per cycle
 and receives about 2.4 groups per cycle at 2.5 TB/s, so a loop needs well under ~50 instructions per
 group to stay bandwidth-bound. This says nothing about latency hiding; GPU timings decide.
-Writes ``benchmarks/results/sparse24_sass_sm90.json``. Run: ``python benchmarks/sass_sparse24.py``
+Writes ``benchmarks/results/sparse24_sass_sm90_triton<version>.json`` (the Triton version matters: 3.6,
+on the H100 machine, lays out some kernels differently from 3.9). Run: ``python benchmarks/sass_sparse24.py``
 (needs Triton's bundled CUDA tools; about a minute per dtype on a CPU).
 """
 from __future__ import annotations
@@ -100,14 +101,17 @@ def main() -> None:
            "method": __doc__.split("\n\n")[1].replace("\n", " "), "candidates": {}}
     for dtype in (torch.float16, torch.bfloat16):
         for m in (1, 2, 4, 16):
-            for cfg in s24.candidates(m, dtype):
+            extra = [(16, 256, 1, 4, 1, s24.KIND_EXPAND), (8, 512, 1, 4, 1, s24.KIND_EXPAND)] if m in (2, 4) else []
+            for cfg in s24.candidates(m, dtype) + extra:
                 key = f"{str(dtype).removeprefix('torch.')} M={m} {s24.config_name(cfg)}"
+                key += " (not tuned)" if cfg in extra else ""
                 try:
                     out["candidates"][key] = candidate_stats(cfg, m, dtype)
                 except Exception as exc:  # noqa: BLE001 - report it and go on
                     out["candidates"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 print(key, out["candidates"][key].get("loop_instructions_per_group"), file=sys.stderr)
-    path = os.path.join(os.path.dirname(__file__), "results", "sparse24_sass_sm90.json")
+    name = f"sparse24_sass_sm90_triton{'.'.join(triton.__version__.split('.')[:2])}.json"
+    path = os.environ.get("SASS_OUT", os.path.join(os.path.dirname(__file__), "results", name))
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print(path)

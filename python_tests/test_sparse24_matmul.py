@@ -91,8 +91,8 @@ def test_decode_kernel_rejects_bad_configs(tdevice):
 
 
 def test_candidate_configs_are_well_formed(monkeypatch):
-    """Every tuning candidate names a known kernel with a legal tile; the stream kernels only for 16-bit
-    weights and small M, and every config has a readable name for the reports."""
+    """Every tuning candidate names a known kernel with a legal tile; the stream kernel only for 16-bit
+    weights and M <= 2 (expand is not tuned), and every config has a readable name for the reports."""
     monkeypatch.delenv("LLMPRUNE_SPARSE24_KINDS", raising=False)
     for m in (1, 2, 4, 8, 16, 64):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -106,10 +106,8 @@ def test_candidate_configs_are_well_formed(monkeypatch):
                     assert dtype != torch.float32 and m <= s24.STREAM_TUNE_MAX_M
                 assert s24.config_name(cfg).startswith(s24.KIND_NAMES[kind])
             kinds = {c[-1] for c in cands}
-            half = dtype != torch.float32
-            assert (s24.KIND_SELECT in kinds) == (half and m <= s24.SELECT_TUNE_MAX_M)
-            assert (s24.KIND_EXPAND in kinds) == (half and 2 <= m <= s24.STREAM_TUNE_MAX_M)
-            assert {s24.KIND_DOT, s24.KIND_DOT_SWAP} <= kinds
+            assert (s24.KIND_SELECT in kinds) == (dtype != torch.float32 and m <= s24.STREAM_TUNE_MAX_M)
+            assert {s24.KIND_DOT, s24.KIND_DOT_SWAP} <= kinds and s24.KIND_EXPAND not in kinds
 
 
 def test_candidate_kinds_env_filter(monkeypatch):

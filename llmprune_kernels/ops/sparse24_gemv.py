@@ -1,4 +1,4 @@
-"""Triton 2:4 streaming decode kernel on CUDA cores for M <= 16 (``kind 2`` of ``sparse24_mm``'s configs).
+"""Triton 2:4 streaming decode kernels on CUDA cores for M <= 16 (kinds 2 = select, 3 = expand, of ``sparse24_mm``).
 
 At decode sizes a 2:4 matmul is one pass over the packed weight in HBM (4.5 bytes per 4 fp16/bf16 weights
 against dense's 8, a 1.78x limit), so the kernel is built around that stream and keeps everything else out
@@ -6,21 +6,22 @@ of the hot loop: no gathers of x from global memory by metadata index, no shared
 weight, and no second launch unless split-K is asked for. Each program owns BLOCK_N output rows and walks
 K in tiles of BLOCK_G groups (4 columns):
 
-* per row, the tile's value pairs as one int32 per group and its metadata bytes (each byte serves two
-  groups), in the same ``[1, BLOCK_N, BLOCK_G]`` shape so both keep the values' register layout; full
-  tiles carry no per-column mask, so the value loads stay 16-byte vectors; x as its 4 per-group columns
-  ``[BLOCK_M, BLOCK_G]`` (small, L1/L2 resident; only these are re-laid out). All of it is issued one tile
-  ahead (register double buffering): Triton's pipeliner does not overlap loads that feed register math;
+* per row, the tile's value pairs as one int32 per group (16-byte loads: full tiles carry no per-column
+  mask) and its metadata bytes, loaded 2 bytes a thread so the nibbles land in the values' registers
+  (``_two_byte_aligned``); x as its 4 per-group columns ``[BLOCK_M, BLOCK_G]`` (small, L1/L2 resident;
+  only these are re-laid out). All of it is issued one tile ahead (register double buffering): Triton's
+  pipeliner does not overlap loads that feed register math;
 * ``SELECT``: per kept value, the nibble's bits pick the x column with two ``where`` (i0 in {0,1,2},
   i1 in {1,2,3}), then 2 FMAs per group and x row. ``EXPAND``: the 4 dense weights of each group are
-  rebuilt once (cost independent of M), then 4 FMAs per group and x row: cheaper from about M = 3 up.
-  fp32 math; bf16 widens by a shift, fp16 by a convert;
+  rebuilt once (cost independent of M), then 4 FMAs per group and x row. fp32 math; bf16 widens by a
+  shift, fp16 by a convert;
 * the output (+ bias) is stored directly with SPLIT_K = 1; SPLIT_K > 1 (weights with few rows) writes fp32
   partials that ``sparse24_matmul``'s reduce kernel sums in a fixed order (deterministic).
 
-Tensor cores are not used: at M <= 4 a CUDA-core FMA per kept value is cheaper than expanding the tile
-for ``tl.dot``; the dot kernel in ``sparse24_matmul`` covers larger M. The config is picked per weight
-shape by measurement alongside the other decode kernels (``sparse24_matmul.tune_config``).
+Both run any M <= 16, but the FMAs grow with M while a tensor-core kernel's cost does not: from the sm_90
+SASS (benchmarks/sass_sparse24.py) SELECT's main loop costs about 23 instructions per weight group at
+M = 1 and 30 at M = 2, EXPAND 43 and more, the wgmma dot-swap kernel 22-25 at any M. So only SELECT at
+M <= 2 is a tuning candidate; the measurement per weight shape (``sparse24_matmul.tune_config``) decides.
 """
 from __future__ import annotations
 
@@ -39,9 +40,21 @@ MAX_M = 16
 if HAS_TRITON:
 
     @triton.jit
+    def _two_byte_aligned(offs, k_end):
+        """``offs`` (contiguous metadata byte offsets), seen by Triton as only 2-byte aligned.
+
+        A thread's 16-byte value load holds 4 groups (4 int32 pairs) = 2 metadata bytes. Loaded as they
+        are, the bytes would come as 16-byte vectors (32 groups a thread) and Triton would re-lay out the
+        values to match (through shared memory, every tile). The select never takes its second arm
+        (``k_end >= 0``), but it caps the provable alignment, so each thread loads exactly its 2 bytes and
+        the nibbles land in the values' registers."""
+        return tl.where(k_end >= 0, offs, offs + 2)
+
+    @triton.jit
     def _stream_load(x_ptr, w_ptr, m_ptr, offs_m, M, rows, N, stride_xm, stride_wn, stride_mn, g0, g_end,
                      FULL: tl.constexpr, BLOCK_G: tl.constexpr):
-        """One tile: value pairs (int32) and metadata bytes ``[1, BLOCK_N, BLOCK_G]``, x columns ``[BLOCK_M, BLOCK_G]``.
+        """One tile: value pairs (int32) ``[1, BLOCK_N, BLOCK_G]``, metadata bytes ``[1, BLOCK_N, BLOCK_G/2]``,
+        x columns ``[BLOCK_M, BLOCK_G]``.
 
         ``FULL``: the tile lies inside K or is skipped whole, so no mask varies along K (16-byte vector
         loads); otherwise every group is masked (the ragged last tile). Masked elements load as 0."""
@@ -56,7 +69,12 @@ if HAS_TRITON:
             w_ok = (rows < N) & (g3 < g_end)
             x_ok = (offs_m < M)[:, None] & (offs_g[None, :] < g_end)
         w = tl.load(w_ptr + rows * stride_wn + g3, mask=w_ok, other=0)
-        mb = tl.load(m_ptr + rows * stride_mn + g3 // 2, mask=w_ok, other=0)  # byte g//2 serves groups g, g^1
+        b3 = _two_byte_aligned((g0 // 2 + tl.arange(0, BLOCK_G // 2))[None, None, :], g_end)
+        if FULL:
+            b_ok = w_ok
+        else:
+            b_ok = (rows < N) & (b3 * 2 < g_end)
+        mb = tl.load(m_ptr + rows * stride_mn + b3, mask=b_ok, other=0)  # byte b: groups 2b (low nibble), 2b+1
         xp = x_ptr + offs_m[:, None] * stride_xm + offs_g[None, :] * 4
         x0 = tl.load(xp, mask=x_ok, other=0.0)
         x1 = tl.load(xp + 1, mask=x_ok, other=0.0)
@@ -65,7 +83,7 @@ if HAS_TRITON:
         return w, mb, x0, x1, x2, x3
 
     @triton.jit
-    def _stream_math(acc, w, mb, x0, x1, x2, x3, sh, EXPAND: tl.constexpr):
+    def _stream_math(acc, w, mb, x0, x1, x2, x3, EXPAND: tl.constexpr):
         """``acc [BLOCK_M, BLOCK_N, BLOCK_G] +=`` each group's contribution, fp32."""
         if x0.dtype == tl.bfloat16:  # bf16 -> fp32 is a 16-bit shift
             v0 = (w << 16).to(tl.float32, bitcast=True)
@@ -73,7 +91,8 @@ if HAS_TRITON:
         else:
             v0 = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             v1 = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        t = mb.to(tl.int32) >> sh  # this group's nibble in bits 0-3: i0 = bits 0-1, i1 = bits 2-3
+        mb = mb.to(tl.int32)
+        t = tl.reshape(tl.join(mb & 15, mb >> 4), w.shape)  # each group's nibble: i0 = bits 0-1, i1 = bits 2-3
         x0 = x0.to(tl.float32)[:, None, :]
         x1 = x1.to(tl.float32)[:, None, :]
         x2 = x2.to(tl.float32)[:, None, :]
@@ -114,7 +133,6 @@ if HAS_TRITON:
         rows = offs_n[None, :, None]
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        sh = ((tl.arange(0, BLOCK_G) & 1) * 4)[None, None, :]  # tiles start at even groups
         g_start = pid_k * G_PER_SPLIT
         g_end = tl.minimum(G, g_start + G_PER_SPLIT)
         g_full = g_start + (g_end - g_start) // BLOCK_G * BLOCK_G  # end of the whole tiles
@@ -130,18 +148,18 @@ if HAS_TRITON:
                                                              stride_xm, stride_wn, stride_mn, g0 + BLOCK_G, g_end,
                                                              True, BLOCK_G)
             if ACC3:
-                acc = _stream_math(acc, w, mb, x0, x1, x2, x3, sh, EXPAND)
+                acc = _stream_math(acc, w, mb, x0, x1, x2, x3, EXPAND)
             else:  # too many registers for that: reduce every tile
                 out += tl.sum(_stream_math(tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G], dtype=tl.float32),
-                                           w, mb, x0, x1, x2, x3, sh, EXPAND), axis=2)
+                                           w, mb, x0, x1, x2, x3, EXPAND), axis=2)
         if g_full < g_end:  # the ragged last tile, masked per group
             w, mb, x0, x1, x2, x3 = _stream_load(x_ptr, w_ptr, m_ptr, offs_m, M, rows, N, stride_xm,
                                                  stride_wn, stride_mn, g_full, g_end, False, BLOCK_G)
             if ACC3:
-                acc = _stream_math(acc, w, mb, x0, x1, x2, x3, sh, EXPAND)
+                acc = _stream_math(acc, w, mb, x0, x1, x2, x3, EXPAND)
             else:
                 out += tl.sum(_stream_math(tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G], dtype=tl.float32),
-                                           w, mb, x0, x1, x2, x3, sh, EXPAND), axis=2)
+                                           w, mb, x0, x1, x2, x3, EXPAND), axis=2)
         if ACC3:
             out += tl.sum(acc, axis=2)
         out_mask = m_ok[:, None] & n_ok[None, :]

@@ -40,26 +40,27 @@ except ImportError:  # pragma: no cover - triton is an optional dependency
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if HAS_TRITON:
+    from llmprune_kernels.ops.sparse24_gemv import _two_byte_aligned
 
     @triton.jit
     def _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn, stride_mn, k0, k_end,
                    FULL: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr):
         """The packed weight and x [BLOCK_M, BLOCK_K] of one K tile.
 
-        ``PAIRS`` (16-bit weights): one int32 per group (its two kept values) and the group's metadata byte
-        (each byte loaded for both of its groups, so both tensors share one register layout), each
-        [BLOCK_N, BLOCK_K/4]; else values [BLOCK_N, BLOCK_K/2] and metadata bytes [BLOCK_N, BLOCK_K/8].
+        ``PAIRS`` (16-bit weights): one int32 per group (its two kept values) [BLOCK_N, BLOCK_K/4], else the
+        values [BLOCK_N, BLOCK_K/2]; metadata bytes [BLOCK_N, BLOCK_K/8] (PAIRS: 2 bytes a thread, the groups
+        of its value load, see ``_two_byte_aligned``).
         ``FULL``: the tile lies inside K or is skipped whole, so no mask varies along K and the loads stay
         16-byte vectors (per-column masks split them into 2-byte loads); otherwise every column is masked
         (the ragged last tile). Masked elements load as 0 and add nothing."""
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         if PAIRS:
             offs_c = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-            offs_b = offs_c // 2
+            offs_b = _two_byte_aligned(offs_b, k_end)
             c_end = k_end // 4
         else:
             offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             c_end = k_end // 2
         if FULL:
             # A dead tile masks whole rows (a scalar & a row mask trips the Triton interpreter).
@@ -71,10 +72,7 @@ if HAS_TRITON:
             n_ok = offs_n < N
             m_ok = offs_m < M
             v_ok = n_ok[:, None] & (offs_c[None, :] < c_end)
-            if PAIRS:
-                b_ok = v_ok
-            else:
-                b_ok = n_ok[:, None] & (offs_b[None, :] * 8 < k_end)
+            b_ok = n_ok[:, None] & (offs_b[None, :] * 8 < k_end)
             x_ok = m_ok[:, None] & (offs_k[None, :] < k_end)
         v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_c[None, :], mask=v_ok, other=0)
         mb = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_b[None, :], mask=b_ok, other=0)
@@ -87,7 +85,7 @@ if HAS_TRITON:
         mb = mb.to(tl.int32)
         if PAIRS:
             # Integer selects on the int32 pair give each group's (d0, d1) and (d2, d3) halves directly.
-            t = mb >> ((tl.arange(0, BLOCK_K // 4) & 1) * 4)[None, :]  # tiles start at even groups
+            t = tl.reshape(tl.join(mb & 15, mb >> 4), [BLOCK_N, BLOCK_K // 4])  # each group's nibble
             b0 = (t & 1) != 0
             b1 = (t & 2) != 0
             b2 = (t & 4) != 0
@@ -204,20 +202,18 @@ KIND_DOT, KIND_SELECT, KIND_EXPAND, KIND_DOT_SWAP = 0, 2, 3, 4
 KIND_NAMES = {KIND_DOT: "dot", KIND_SELECT: "stream-select", KIND_EXPAND: "stream-expand", KIND_DOT_SWAP: "dot-swap"}
 # Candidates, measured per weight shape and M on first use. dot: x @ W.T on tensor cores (mma.sync),
 # any M and dtype. dot-swap: W @ x.T, so a 64/128-row weight tile is the MMA's M side (Hopper wgmma);
-# split-K gives it enough programs. stream (CUDA cores, 16-bit weights, runs any M <= 16): select is
-# measured for M <= 2, expand for 2 <= M <= 4; above that their FMAs need more issue slots per weight
-# group than the HBM stream leaves (main-loop SASS per group and candidate, compiled for sm_90 on a CPU:
-# benchmarks/results/sparse24_sass_sm90.json; e.g. M=1 select ~22, dot ~36, dot-swap ~27).
-DOT_CONFIGS = [
-    (16, 256, 1, 4, 1, 0), (16, 512, 1, 4, 1, 0), (16, 256, 2, 4, 1, 0), (16, 256, 4, 4, 1, 0),
-    (32, 256, 4, 4, 1, 0),
+# split-K gives it enough programs. stream-select (CUDA cores, 16-bit weights) is measured for M <= 2:
+# above that its FMAs need more issue slots per weight group than the HBM stream leaves; stream-expand
+# (kind 3) runs any M <= 16 but is not measured: its main loop never beats dot-swap's. Main-loop SASS per
+# weight group and candidate, compiled for sm_90 on a CPU: benchmarks/results/sparse24_sass_sm90_triton*.json
+# (Triton 3.6, the H100 machine's: select ~23 at M=1, ~30 at M=2; dot-swap 22-25; dot 36-46; expand 43-67).
+DOT_CONFIGS = [(32, 256, 1, 4, 1, 0), (16, 256, 2, 4, 1, 0), (32, 256, 4, 4, 1, 0)]
+SWAP_CONFIGS = [
+    (64, 128, 4, 4, 1, 4), (64, 64, 4, 4, 1, 4), (64, 128, 8, 4, 1, 4), (128, 128, 2, 8, 1, 4), (128, 64, 4, 8, 1, 4),
 ]
-SWAP_CONFIGS = [(64, 128, 4, 4, 1, 4), (64, 128, 2, 4, 1, 4), (128, 128, 4, 8, 1, 4)]
-STREAM_CONFIGS = [
-    (8, 1024, 1, 4, 1, 2), (16, 512, 1, 4, 1, 2), (4, 1024, 1, 2, 1, 2), (16, 1024, 1, 8, 1, 2),
-    (8, 1024, 2, 4, 1, 2), (16, 256, 1, 4, 1, 3), (8, 512, 1, 4, 1, 3),
-]
-SELECT_TUNE_MAX_M, STREAM_TUNE_MAX_M = 2, 4
+STREAM_CONFIGS = [(8, 1024, 1, 4, 1, 2), (16, 512, 1, 4, 1, 2), (4, 1024, 1, 2, 1, 2), (16, 1024, 1, 8, 1, 2),
+                  (8, 1024, 2, 4, 1, 2)]
+STREAM_TUNE_MAX_M = 2
 DEFAULT_CONFIG = (16, 256, 2, 4, 1, 0)
 _TUNED: dict[tuple, tuple] = {}
 TUNE_TIMES: dict[tuple, dict[tuple, float]] = {}  # every candidate's time (ms) per tuned key, for reports
@@ -228,9 +224,8 @@ def candidates(m: int, dtype: torch.dtype) -> list[tuple]:
     """The configs ``tune_config`` measures for M rows of ``dtype`` (only the kinds listed in
     $LLMPRUNE_SPARSE24_KINDS, e.g. "0,4", when it is set: the GPU runner drops kinds that fail a preflight)."""
     cands = list(DOT_CONFIGS) + list(SWAP_CONFIGS)
-    if dtype in (torch.float16, torch.bfloat16):
-        cands += [c for c in STREAM_CONFIGS if (m <= SELECT_TUNE_MAX_M if c[-1] == KIND_SELECT
-                                                else 2 <= m <= STREAM_TUNE_MAX_M)]
+    if dtype in (torch.float16, torch.bfloat16) and m <= STREAM_TUNE_MAX_M:
+        cands += STREAM_CONFIGS
     kinds = os.environ.get("LLMPRUNE_SPARSE24_KINDS")
     if kinds:
         allowed = {int(v) for v in kinds.split(",") if v.strip()}

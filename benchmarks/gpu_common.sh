@@ -17,6 +17,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$W:/tmp/site
 # The first GGUF half stays on the machine for the next call (which carries the second half).
 [ -f .carry/gguf_a ] && cp .carry/gguf_a /tmp/gguf_a
+# Real SmolLM2 layer-0 weights and Hessians (computed on a CPU) for the SparseGPT tests; see test_sparsegpt.py.
+[ -f .carry/sparsegpt_smollm2_layer0.pt ] && cp .carry/sparsegpt_smollm2_layer0.pt /tmp/
+[ -f /tmp/sparsegpt_smollm2_layer0.pt ] && export LLMPRUNE_SMOLLM2_LAYER0=/tmp/sparsegpt_smollm2_layer0.pt
 
 build_ext() {
   if [ -f $W/.built ] && [ -z "$(find csrc setup.py -newer $W/.built)" ]; then

@@ -5,13 +5,15 @@
 #   fast     the whole fast suite on CUDA (pytest -m "not slow"), junit + failures with short tracebacks
 #   slow     the slow tests on CUDA (SmolLM2 on the GPU; needs `model`)
 #   sgpt     SparseGPT: CUDA tests (warp and thread kernels) and bench -> sparsegpt_h100.json
-#   score    score-and-mask: CUDA tests of the selection variants and the variant sweep -> score_mask_select_h100.json
+#   score    score-and-mask selection-variant sweep -> score_mask_select_h100.json (its CUDA tests are in `fast`)
 #   quality  the issue-7 quality table (benchmarks/run_quality_gpu.sh; needs `model`)
 # 2:4 inference has its own runner (benchmarks/run_sparse24_gpu.sh).
-# Next session's plan (each line one `run` call, <= 600 s):
-#   carry [".whl", ".carry/gguf_a"]: MODE="build sgpt score" bash benchmarks/run_gpu_suite.sh
-#   carry [".whl", ".carry/gguf_b"]: MODE="build model fast slow" bash benchmarks/run_gpu_suite.sh
-#   carry [".whl"]:                  MODE="tests bench e2e" bash benchmarks/run_sparse24_gpu.sh
+# Next session's plan (each line one `run` call, <= 600 s; `fast` holds every CUDA test of every kernel):
+#   carry [".whl", ".carry/gguf_a", ".carry/sparsegpt_smollm2_layer0.pt"]:
+#        MODE="build fast" FAST_TIMEOUT=480 bash benchmarks/run_gpu_suite.sh
+#   carry [".whl", ".carry/gguf_b"]:  MODE="build model slow score" bash benchmarks/run_gpu_suite.sh
+#   carry [".whl"]:                   MODE="bench e2e" bash benchmarks/run_sparse24_gpu.sh
+#   then, if device time is left:     MODE="build sgpt" bash benchmarks/run_gpu_suite.sh
 # Timeouts: FAST_TIMEOUT, SLOW_TIMEOUT, SGPT_TIMEOUT, SCORE_TIMEOUT (seconds); SCORE_K picks the score-mask benches.
 source benchmarks/gpu_common.sh
 MODE=" ${MODE:-build fast} "
@@ -33,8 +35,6 @@ if has slow; then
   echo "slow suite rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_slow.txt | tail -20
 fi
 if has sgpt; then
-  # The real SmolLM2 layer-0 weights and Hessians (computed on a CPU) when carried; see test_sparsegpt.py.
-  [ -f $REPO/.carry/sparsegpt_smollm2_layer0.pt ] && export LLMPRUNE_SMOLLM2_LAYER0=$REPO/.carry/sparsegpt_smollm2_layer0.pt
   T="$PYT python_tests/test_sparsegpt.py -q"
   timeout ${SGPT_TEST_TIMEOUT:-220} $T -k "cuda" > $OUT/sgpt_tests.txt 2>&1; echo "sparsegpt cuda tests rc=$?"; tail -3 $OUT/sgpt_tests.txt
   LLMPRUNE_SPARSEGPT_CUDA_KERNEL=thread timeout 90 $T -m "not slow" -k "cuda and ext" 2>&1 | tail -2
@@ -42,8 +42,6 @@ if has sgpt; then
     benchmarks/bench_sparsegpt.py 2>&1 | grep -v "^$" | tail -30
 fi
 if has score; then
-  timeout 150 $PYT python_tests/test_score_mask.py -q -k "cuda" > $OUT/score_tests.txt 2>&1
-  echo "score_mask cuda tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" $OUT/score_tests.txt | tail -20
   LLMPRUNE_BENCH_OUT=$OUT/score_mask_select_h100.json timeout ${SCORE_TIMEOUT:-200} python -m pytest -q -s \
     -p no:cacheprovider benchmarks/bench_score_mask.py -k "${SCORE_K:-select_variants}" 2>&1 | grep -v "^$" | tail -30
 fi

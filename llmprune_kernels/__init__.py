@@ -14,7 +14,8 @@ from llmprune_kernels.validation import SparsityConfig
 from llmprune_kernels.data import calibration_windows, eval_windows, get_calibration_and_eval, load_text
 from llmprune_kernels.evaluate import perplexity
 from llmprune_kernels.models import find_decoder_layers, load_model
-from llmprune_kernels.pipeline import PruneResult, capture_layer_inputs, prune_model, walk_layers
+from llmprune_kernels.layerwise import capture_layer_inputs, walk_layers
+from llmprune_kernels.pipeline import PruneResult, prune_model
 from llmprune_kernels.report import build_report, write_json
 from llmprune_kernels.save import save_model
 

@@ -100,7 +100,7 @@ def collect_outlier_ratios(
     layer's Linears collect Wanda's input norms on the way.
     """
     from llmprune_kernels.models import linear_modules
-    from llmprune_kernels.pipeline import capture_layer_inputs, walk_layers
+    from llmprune_kernels.layerwise import capture_layer_inputs, walk_layers
     from llmprune_kernels.reference.wanda import ActNormStats, wanda_score
 
     if not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):

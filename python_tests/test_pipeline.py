@@ -11,10 +11,11 @@ from tiny_models import random_ids, tiny_model
 from torch import nn
 
 from llmprune_kernels import SparsityConfig
+from llmprune_kernels.layerwise import capture_layer_inputs, walk_layers
 from llmprune_kernels.methods import available_methods, get_method
 from llmprune_kernels.methods.base import _REGISTRY, LayerPruner, register_method
 from llmprune_kernels.models import find_decoder_layers, linear_modules
-from llmprune_kernels.pipeline import capture_layer_inputs, prune_model, walk_layers
+from llmprune_kernels.pipeline import prune_model
 
 KINDS = ["llama", "qwen2", "mistral"]
 

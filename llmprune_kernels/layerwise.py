@@ -1,0 +1,211 @@
+"""Sequential layer-wise execution of a transformers causal LM with bounded device memory.
+
+``capture_layer_inputs``: run the calibration windows through the embeddings only (every decoder layer
+temporarily replaced by a recorder) to get the first layer's hidden states and the exact positional and
+keyword arguments the model passes to EACH decoder layer (position embeddings, attention mask, position
+ids, ... whatever this transformers version uses). Recorded kwargs are shared between layers when the
+model passes the same objects (the usual case), so per-layer masks (sliding-window layers) cost memory
+only where they really differ.
+``walk_layers``: for each decoder layer in order, move it alone to the compute device and hand it to the
+caller with its inputs; afterwards recompute its outputs with whatever weights it now has, and feed them
+to the next layer. The rest of the model stays where it is (usually the CPU).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune_kernels.models import decoder_layers_parent, find_decoder_layers
+from llmprune_kernels.validation import check_finite
+
+class _StopForward(Exception):
+    """Raised by the last recorder to end the capture forward early (nothing after it is needed)."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records its call, returns the input unchanged."""
+
+    def __init__(self, index: int, sink: list, last: bool) -> None:
+        super().__init__()
+        self.index, self.sink, self.last = index, sink, last
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        self.sink.append((hidden, rest, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+def _same_call(a: tuple, b: tuple) -> bool:
+    """Two recorded (args, kwargs) are the same call when they hold the very same objects."""
+    (a_args, a_kw), (b_args, b_kw) = a, b
+    return (len(a_args) == len(b_args) and all(x is y for x, y in zip(a_args, b_args))
+            and a_kw.keys() == b_kw.keys() and all(a_kw[k] is b_kw[k] for k in a_kw))
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
+@dataclass
+class CapturedInputs:
+    """First-layer hidden states per calibration batch and each layer's call arguments per batch."""
+
+    hidden: list[torch.Tensor]
+    calls: list[list[tuple[tuple, dict]]]  # calls[batch][k] = (args, kwargs), k a distinct call
+    layer_call: list[list[int]]  # layer_call[batch][layer] = index into calls[batch]
+
+    def call(self, batch: int, layer: int) -> tuple[tuple, dict]:
+        return self.calls[batch][self.layer_call[batch][layer]]
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    offload: bool = False,
+) -> CapturedInputs:
+    """Run ``input_ids`` (n, seqlen) up to the decoder layers; see the module docstring.
+
+    Only the non-layer parts next to the decoder layers (embeddings, rotary embedding, norms) are
+    moved to ``device``, and moved back afterwards. ``offload`` keeps hidden states on the CPU.
+    """
+    device = torch.device(device)
+    if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"calibration ids must be a 2-D int64 tensor (n, seqlen), got {tuple(input_ids.shape)} "
+                         f"{input_ids.dtype}")
+    if input_ids.shape[0] < 1:
+        raise ValueError("calibration ids hold no windows; allowed: at least one window")
+    _, layers = find_decoder_layers(model)
+    parent = decoder_layers_parent(model)
+    moved = [(m, _module_device(m)) for name, m in parent.named_children() if m is not layers]
+    originals = list(layers)
+    sink: list = []
+    hidden, calls, layer_call = [], [], []
+    try:
+        for m, _ in moved:
+            m.to(device)
+        for i in range(len(layers)):
+            layers[i] = _Recorder(i, sink, last=i == len(layers) - 1)
+        for batch in input_ids.split(batch_size):
+            sink.clear()
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            if len(sink) != len(layers):
+                raise RuntimeError(f"{type(model).__name__} called {len(sink)} of its {len(layers)} decoder layers "
+                                   f"during capture; the pipeline needs every layer called once per forward")
+            h0 = sink[0][0]
+            _check_finite_fast(h0, "first decoder layer inputs (embeddings)")
+            hidden.append(h0.cpu() if offload else h0)
+            distinct: list[tuple[tuple, dict]] = []
+            idx = []
+            for _, args, kwargs in sink:
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+                call = (args, kwargs)
+                j = next((j for j, c in enumerate(distinct) if _same_call(c, call)), None)
+                if j is None:
+                    distinct.append(call)
+                    j = len(distinct) - 1
+                idx.append(j)
+            calls.append(distinct)
+            layer_call.append(idx)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        for m, dev in moved:
+            if dev is not None:
+                m.to(dev)
+        sink.clear()
+    return CapturedInputs(hidden, calls, layer_call)
+
+
+def _check_finite_fast(t: torch.Tensor, what: str) -> None:
+    """``check_finite`` at the cost of one reduction: NaN/Inf make the fp32 sum non-finite.
+
+    Only when the sum is not finite (a NaN/Inf, or an fp32 overflow of huge values) is the exact,
+    allocating check run, which then raises with the counts or passes.
+    """
+    if not bool(torch.isfinite(torch.sum(t, dtype=torch.float32))):
+        check_finite(t, what)
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    # transformers 5.x decoder layers return the hidden states; 4.x returned a tuple (hidden, ...).
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class LayerStep:
+    """One decoder layer on the compute device together with its calibration inputs."""
+
+    def __init__(self, index: int, name: str, layer: nn.Module, inputs: list[torch.Tensor],
+                 calls: list[tuple[tuple, dict]], device: torch.device, offload: bool) -> None:
+        self.index, self.name, self.layer = index, name, layer
+        self.inputs, self.calls, self.device, self.offload = inputs, calls, device, offload
+        self.outputs: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def forward(self, hooks: Mapping[nn.Module, Callable] | None = None, keep: bool = False) -> list[torch.Tensor]:
+        """Run every calibration batch through the layer with optional forward hooks on submodules.
+
+        ``keep`` stores the outputs as the inputs of the next layer.
+        """
+        handles = [m.register_forward_hook(fn) for m, fn in (hooks or {}).items()]
+        outs = []
+        try:
+            for h, (args, kwargs) in zip(self.inputs, self.calls):
+                out = _layer_output(self.layer(h.to(self.device), *args, **kwargs))
+                if keep:
+                    _check_finite_fast(out, f"outputs of decoder layer {self.name}")
+                    outs.append(out.cpu() if self.offload else out)
+        finally:
+            for hd in handles:
+                hd.remove()
+        if keep:
+            self.outputs = outs
+        return outs
+
+    def propagate(self, hooks: Mapping[nn.Module, Callable] | None = None) -> None:
+        """Recompute the layer's outputs with its current weights; they feed the next layer."""
+        self.forward(hooks, keep=True)
+
+
+def walk_layers(model: nn.Module, captured: CapturedInputs, device: torch.device | str = "cpu",
+                offload: bool = False) -> Iterator[LayerStep]:
+    """Yield a ``LayerStep`` per decoder layer, in order, with the layer alone on ``device``.
+
+    When the caller resumes the loop, the step's outputs are recomputed (unless it already called
+    ``propagate``) and the layer goes back to its original device.
+    """
+    device = torch.device(device)
+    path, layers = find_decoder_layers(model)
+    inputs = captured.hidden
+    nbatch = len(inputs)
+    for i, layer in enumerate(layers):
+        home = _module_device(layer)
+        layer.to(device)
+        calls = [captured.call(b, i) for b in range(nbatch)]
+        step = LayerStep(i, f"{path}.{i}", layer, inputs, calls, device, offload)
+        try:
+            yield step
+            if step.outputs is None:
+                step.propagate()
+        finally:
+            if home is not None:
+                layer.to(home)
+        inputs = step.outputs

@@ -12,63 +12,19 @@ on the H100 machine, lays out some kernels differently from 3.9). Run: ``python 
 """
 from __future__ import annotations
 
-import collections
 import datetime
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sass_tools import compile_kernel, sass_stats  # noqa: E402
 
 from llmprune_kernels.ops import sparse24_gemv as sg
 from llmprune_kernels.ops import sparse24_matmul as s24
-
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-def _compile(fn, types: dict, consts: dict, warps: int, div16: list[str]):
-    sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
-
-
-def _sass_stats(compiled) -> dict:
-    d = tempfile.mkdtemp()
-    cub = os.path.join(d, "k.cubin")
-    with open(cub, "wb") as f:
-        f.write(compiled.asm["cubin"])
-    res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cub], capture_output=True, text=True,
-                         check=True).stdout
-    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cub], capture_output=True, text=True,
-                          check=True).stdout
-    lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/", ln)]
-    addr = [int(re.match(r"\s*/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
-    body = []
-    for i, ln in enumerate(lines):  # the first backward branch closes the main loop
-        m = re.search(r"BRA\s+0x([0-9a-f]+)", ln)
-        if m and int(m.group(1), 16) < addr[i]:
-            body = [lines[j] for j in range(len(lines)) if int(m.group(1), 16) <= addr[j] <= addr[i]]
-            break
-    ops = collections.Counter()
-    for ln in body:
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", ln)
-        if m:
-            ops[m.group(2).split(".")[0]] += 1
-    reg = re.search(r"REG:(\d+)", res)
-    local = re.search(r"LOCAL:(\d+)", res)
-    stack = re.search(r"STACK:(\d+)", res)
-    return {"registers": int(reg.group(1)) if reg else None, "spill_bytes": int(local.group(1)) if local else None,
-            "stack_bytes": int(stack.group(1)) if stack else None, "shared_bytes": compiled.metadata.shared,
-            "loop_instructions": len(body), "loop_mix": dict(ops.most_common(12))}
-
 
 def candidate_stats(cfg: tuple, m: int, dtype: torch.dtype) -> dict:
     bn, bk, _, warps, _, kind = cfg
@@ -88,7 +44,7 @@ def candidate_stats(cfg: tuple, m: int, dtype: torch.dtype) -> dict:
         consts = {"HAS_BIAS": False, "IEEE": False, "SPLIT_K": 1, "PAIRS": True, "SWAP": kind == s24.KIND_DOT_SWAP,
                   "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}
     div16 = [n for n in div16 if n in fn.arg_names]
-    st = _sass_stats(_compile(fn, types, consts, warps, div16))
+    st = sass_stats(compile_kernel(fn, types, consts, warps, div16))
     groups_per_thread = bn * bk // 4 / (32 * warps)
     st["loop_instructions_per_group"] = round(st["loop_instructions"] / groups_per_thread, 1)
     st["tile_bytes"] = int(bn * bk // 4 * 4.5)

@@ -188,46 +188,61 @@ def _scratch(rows: int, rows_per_prog: int, cap: int, device) -> torch.Tensor:
                        device=device)
 
 
-def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
-    """Unstructured: rows in registers (``select`` radix1 or sample), or streamed in chunks when too long."""
-    rows, cols = w.shape
+def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
+    """Launch parameters of an unstructured select for rows of ``cols`` columns (all but pointers and flags).
+
+    ``kernel``, ``rows_per_prog``, scratch ``cap`` per row, padded ``block``, the selection ``consts``
+    (constexprs) and ``num_warps``; ``chunked`` when the row is streamed. Shared with benchmarks/sass_score_mask.py
+    so that static costs are those of the real launch.
+    """
     select = tune.get("select", SELECT)
     if select not in SELECTS:
         raise ValueError(f"select={select!r}; allowed: {', '.join(map(repr, SELECTS))}")
-    ptrs = (w, g, f, cs, rs, out, bits)
-    strides = (w.stride(0), g.stride(0), out.stride(0), bits.stride(0))
     max_block = tune.get("max_block", MAX_BLOCK)
     block = max(16, _next_pow2(cols))
     if block > max_block:  # stream the row in chunks
         block = min(tune.get("chunk", CHUNK), max_block)
         cap = tune.get("cap", 512)
-        _row_topk_chunked_kernel[(rows,)](*ptrs, _scratch(rows, 1, cap, w.device), cols, k, *strides,
-                                          BLOCK=block, CAP=cap, num_warps=tune.get("num_warps", 8), **flags)
+        return dict(kernel=_row_topk_chunked_kernel, chunked=True, rows_per_prog=1, cap=cap, block=block,
+                    consts=dict(BLOCK=block, CAP=cap), num_warps=tune.get("num_warps", 8))
+    if select == "sample" and block <= tune.get("sample_max_block", SAMPLE_MAX_BLOCK):
+        r = tune.get("rows_per_prog", 1)
+        samp = tune.get("sample", min(512, max(32, block // 16)))
+        cap = tune.get("cap", min(512, max(32, block // 16)))
+        warps = max(1, min(32, r * block // tune.get("elems_per_warp", SAMPLE_ELEMS_PER_WARP)))
+        return dict(kernel=_rows_sample_kernel, chunked=False, rows_per_prog=r, cap=cap, block=block,
+                    consts=dict(R=r, BLOCK=block, CAP=cap, SAMPLE=samp, BRACKET=tune.get("bracket", True)),
+                    num_warps=tune.get("num_warps", warps))
+    c = min(block, 32 * (16 // element_size))  # one warp's lanes, 16-byte loads each
+    wpr = tune.get("warps_per_row", max(1, block // ROW_ELEMS_PER_WARP))
+    r = tune.get("rows_per_prog", ROWS_PER_PROG)
+    pair = tune.get("pair", block <= PAIRWISE_MAX_BLOCK)
+    cap = tune.get("cap", (64 if block <= 4096 else 128 if block <= 16384 else 256) if pair else 128)
+    cap = max(cap, 32) if pair else cap  # the pairwise ranking reads the bucket 32 keys at a time
+    return dict(kernel=_rows_kernel, chunked=False, rows_per_prog=r, cap=cap, block=block,
+                consts=dict(W=block // c, R=r, C=c, CAP=cap, FLOAT=tune.get("float", FLOAT_COMPARE),
+                            DIGIT=tune.get("digit", DIGIT_BITS), PAIR=pair),
+                num_warps=tune.get("num_warps", r * wpr))
+
+
+def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
+    """Unstructured: rows in registers (``select`` radix1 or sample), or streamed in chunks when too long."""
+    rows, cols = w.shape
+    cfg = _rows_config(cols, w.element_size(), tune)
+    ptrs = (w, g, f, cs, rs, out, bits)
+    strides = (w.stride(0), g.stride(0), out.stride(0), bits.stride(0))
+    r = cfg["rows_per_prog"]
+    if cfg["chunked"]:
+        cfg["kernel"][(rows,)](*ptrs, _scratch(rows, 1, cfg["cap"], w.device), cols, k, *strides, **cfg["consts"],
+                               num_warps=cfg["num_warps"], **flags)
         return
     try:
-        if select == "sample" and block <= tune.get("sample_max_block", SAMPLE_MAX_BLOCK):
-            r = tune.get("rows_per_prog", 1)
-            samp = tune.get("sample", min(512, max(32, block // 16)))
-            cap = tune.get("cap", min(512, max(32, block // 16)))
-            warps = max(1, min(32, r * block // tune.get("elems_per_warp", SAMPLE_ELEMS_PER_WARP)))
-            _rows_sample_kernel[(triton.cdiv(rows, r),)](
-                *ptrs, _scratch(rows, r, cap, w.device), rows, cols, k, *strides, R=r, BLOCK=block, CAP=cap,
-                SAMPLE=samp, BRACKET=tune.get("bracket", True), num_warps=tune.get("num_warps", warps), **flags)
-        else:
-            c = min(block, 32 * (16 // w.element_size()))  # one warp's lanes, 16-byte loads each
-            wpr = tune.get("warps_per_row", max(1, block // ROW_ELEMS_PER_WARP))
-            r = tune.get("rows_per_prog", ROWS_PER_PROG)
-            pair = tune.get("pair", block <= PAIRWISE_MAX_BLOCK)
-            cap = tune.get("cap", (64 if block <= 4096 else 128 if block <= 16384 else 256) if pair else 128)
-            cap = max(cap, 32) if pair else cap  # the pairwise ranking reads the bucket 32 keys at a time
-            _rows_kernel[(triton.cdiv(rows, r),)](
-                *ptrs, _scratch(rows, r, cap, w.device), rows, cols, k, *strides, W=block // c, R=r, C=c, CAP=cap,
-                num_warps=tune.get("num_warps", r * wpr), FLOAT=tune.get("float", FLOAT_COMPARE),
-                DIGIT=tune.get("digit", DIGIT_BITS), PAIR=pair, **flags)
+        cfg["kernel"][(triton.cdiv(rows, r),)](*ptrs, _scratch(rows, r, cfg["cap"], w.device), rows, cols, k,
+                                               *strides, **cfg["consts"], num_warps=cfg["num_warps"], **flags)
     except OutOfResources:  # raised before anything runs (compile/launch): stream the row instead
         if "max_block" in tune:
             raise
-        _launch_rows(w, g, f, cs, rs, out, bits, k, flags, {**tune, "max_block": block // 2})
+        _launch_rows(w, g, f, cs, rs, out, bits, k, flags, {**tune, "max_block": cfg["block"] // 2})
 
 
 def _launch_nm(w, g, f, cs, rs, out, bits, config, flags, tune):

@@ -56,7 +56,9 @@ SELECT = os.environ.get("LLMPRUNE_SCORE_MASK_SELECT", "radix1")
 if SELECT not in SELECTS:
     raise ValueError(f"LLMPRUNE_SCORE_MASK_SELECT={SELECT!r}; allowed: {', '.join(map(repr, SELECTS))}")
 SAMPLE_ELEMS_PER_WARP = 1024  # sample: a row gets one warp per this many (padded) columns: 32 keys per thread
-SAMPLE_MAX_BLOCK = 16384  # sample up to this padded width; longer rows keep radix1 (32768 untimed)
+# sample up to this padded width; longer rows keep radix1. 4096: at 16384 every sample launch tried spills
+# under Triton 3.6 (benchmarks/results/score_mask_sass_sm90_triton3.6.json); 32768 untimed
+SAMPLE_MAX_BLOCK = 4096
 _MODES = {"wanda": 0, "gblm": 1, "ria": 2}
 
 

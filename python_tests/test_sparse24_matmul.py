@@ -165,6 +165,23 @@ def test_decode_custom_op_opcheck(tdevice):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_decode_custom_op_backward(tdevice):
+    """Gradients for x and bias through the op equal those of the dense Linear (the weight is frozen); this is
+    what torch.compile traces when the bias is a Parameter that requires grad."""
+    p = pack_24(random_24_weight(32, 64, torch.float32, tdevice))
+    x = torch.randn(2, 3, 64, device=tdevice, requires_grad=True)
+    b = torch.randn(32, device=tdevice, requires_grad=True)
+    y = torch.ops.llmprune_kernels.sparse24_mm(x, p.values, p.meta, b, 64)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x2, b2 = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, unpack_24(p), b2).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+    torch.library.opcheck(torch.ops.llmprune_kernels.sparse24_mm.default, (x, p.values, p.meta, b, 64),
+                          test_utils=("test_autograd_registration",))
+
+
 LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
 

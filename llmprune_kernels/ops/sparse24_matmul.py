@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from llmprune_kernels.ops.sparse24_gemv import as_pairs, plan_stream
+from llmprune_kernels.sparse24.pack import expand_24
 
 try:
     import triton
@@ -403,3 +404,21 @@ if HAS_TRITON:
     @sparse24_mm_op.register_fake
     def _(x, values, meta, bias, in_features):
         return x.new_empty(*x.shape[:-1], values.shape[0])
+
+    def _setup_context(ctx, inputs, output):
+        x, values, meta, bias, in_features = inputs
+        ctx.save_for_backward(values, meta)
+        ctx.in_features = in_features
+
+    def _backward(ctx, grad):
+        """Gradients for x and bias (the packed weight is frozen: pruned weights are not trained here)."""
+        values, meta = ctx.saved_tensors
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad @ expand_24(values, meta, ctx.in_features)
+        if ctx.needs_input_grad[3]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, None, None, gb, None
+
+    # torch.compile traces a backward whenever an input (e.g. the bias Parameter) requires grad.
+    sparse24_mm_op.register_autograd(_backward, setup_context=_setup_context)

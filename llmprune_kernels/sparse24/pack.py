@@ -124,9 +124,15 @@ def unpack_24(packed: Packed24) -> torch.Tensor:
     if bool((idx[..., 0] >= idx[..., 1]).any()):
         r, g = (int(v) for v in (idx[..., 0] >= idx[..., 1]).nonzero()[0])
         raise ValueError(f"corrupt 2:4 metadata at row {r}, group {g}: kept indices {idx[r, g].tolist()} are not increasing")
-    dense = torch.zeros(out, inp // 4, 4, dtype=packed.values.dtype, device=packed.values.device)
-    dense.scatter_(2, idx, packed.values.reshape(out, inp // 4, 2))
-    return dense.reshape(out, inp)
+    return expand_24(packed.values, packed.meta, inp)
+
+
+def expand_24(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Dense ``[out, in]`` weight from packed values and metadata, unchecked (traceable: autograd, compile)."""
+    out = values.shape[0]
+    dense = torch.zeros(out, in_features // 4, 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(2, meta_indices(meta, in_features), values.reshape(out, in_features // 4, 2))
+    return dense.reshape(out, in_features)
 
 
 def mask_24(packed: Packed24) -> torch.Tensor:

@@ -32,16 +32,19 @@ def compile_kernel(fn, types: dict, consts: dict, warps: int, div16: list[str], 
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages, **options})
 
 
+def _disassemble(compiled, *commands: tuple[str, ...]) -> list[str]:
+    """stdout of each bundled CUDA tool command (e.g. ``("cuobjdump", "-sass")``) run on the kernel's cubin."""
+    with tempfile.TemporaryDirectory() as d:
+        cub = os.path.join(d, "k.cubin")
+        with open(cub, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        return [subprocess.run([os.path.join(BIN, tool), *args, cub], capture_output=True, text=True,
+                               check=True).stdout for tool, *args in commands]
+
+
 def sass_listing(compiled) -> tuple[str, list[str]]:
     """(``cuobjdump -res-usage`` text, SASS instruction lines) of a compiled kernel."""
-    d = tempfile.mkdtemp()
-    cub = os.path.join(d, "k.cubin")
-    with open(cub, "wb") as f:
-        f.write(compiled.asm["cubin"])
-    res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cub], capture_output=True, text=True,
-                         check=True).stdout
-    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cub], capture_output=True, text=True,
-                          check=True).stdout
+    res, sass = _disassemble(compiled, ("cuobjdump", "-res-usage"), ("cuobjdump", "-sass"))
     return res, [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/", ln)]
 
 
@@ -54,13 +57,7 @@ def annotated_listing(compiled) -> tuple[str, list[str], list[tuple]]:
     A chain is ((file, line), ...) from the kernel's own line outward-in to the innermost inlined callee's;
     branch targets are rewritten from labels to ``0x<address>`` so that ``loops`` reads them.
     """
-    res, _ = sass_listing(compiled)
-    d = tempfile.mkdtemp()
-    cub = os.path.join(d, "k.cubin")
-    with open(cub, "wb") as f:
-        f.write(compiled.asm["cubin"])
-    dis = subprocess.run([os.path.join(BIN, "nvdisasm"), "-gi", cub], capture_output=True, text=True,
-                         check=True).stdout
+    res, dis = _disassemble(compiled, ("cuobjdump", "-res-usage"), ("nvdisasm", "-gi"))
     text = dis[dis.index(f".text.{compiled.metadata.name}:"):]
     lines, chains, labels, block, chain = [], [], {}, [], ()
     pending = []

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 if torch.cuda.is_available():
     import triton
-    import triton.language as tl
     import triton.testing
+    from copy_floor_kernel import BLOCK as CF_BLOCK, WARPS as CF_WARPS, copy_floor_kernel
 
 from llmprune_kernels import ActNormStats, SparsityConfig
 from llmprune_kernels.ops.act_norm import TritonActNormStats, act_norm_update_
@@ -68,22 +68,10 @@ def llama7b_totals() -> dict:
     return totals
 
 
-if torch.cuda.is_available():
-
-    @triton.jit
-    def _copy_floor_kernel(w_ptr, f_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
-        """The score-and-mask kernel's bytes with no selection: read W and the norm row, write a bool."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = cols < n_cols
-        w = tl.load(w_ptr + row * n_cols + cols, mask=m, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + cols, mask=m, other=0.0)
-        tl.store(out_ptr + row * n_cols + cols, (w < f).to(tl.uint8), mask=m)
-
-
 def copy_floor(w: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> None:
     rows, cols = w.shape
-    _copy_floor_kernel[(rows, triton.cdiv(cols, 2048))](w, f, out.view(torch.uint8), cols, BLOCK=2048, num_warps=4)
+    copy_floor_kernel[(rows, triton.cdiv(cols, CF_BLOCK))](w, f, out.view(torch.uint8), cols, BLOCK=CF_BLOCK,
+                                                           num_warps=CF_WARPS)
 
 
 def ms(fn, rep: int = 200) -> float:

@@ -28,6 +28,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sass_tools as st  # noqa: E402
+from copy_floor_kernel import BLOCK as CF_BLOCK, WARPS as CF_WARPS, copy_floor_kernel  # noqa: E402
 
 from llmprune_kernels.ops import score_mask as sm  # noqa: E402
 from llmprune_kernels.ops import score_mask_radix, score_mask_sample  # noqa: E402
@@ -148,23 +149,12 @@ def variant(cols: int, tune: dict) -> dict:
     return out
 
 
-@triton.jit
-def _copy_floor_kernel(w_ptr, f_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
-    """bench_score_mask's ``_copy_floor_kernel`` (defined there only when CUDA is present), same body."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = cols < n_cols
-    w = tl.load(w_ptr + row * n_cols + cols, mask=m, other=0.0).to(tl.float32)
-    f = tl.load(f_ptr + cols, mask=m, other=0.0)
-    tl.store(out_ptr + row * n_cols + cols, (w < f).to(tl.uint8), mask=m)
-
-
 def copy_floor(cols: int) -> dict:
     """The benchmark's copy kernel (read W and the norms, write a bool; 2048 columns, 4 warps a program)."""
-    fn = _copy_floor_kernel
+    fn = copy_floor_kernel
     c = st.compile_kernel(fn, {"w_ptr": "*fp16", "f_ptr": "*fp32", "out_ptr": "*u8", "n_cols": "i32"},
-                          {"BLOCK": 2048}, 4, ["w_ptr", "f_ptr", "out_ptr", "n_cols"], stages=3)
-    return {"kernel": fn.__name__, **analyse(c, fn, set(), 4 * triton.cdiv(cols, 2048))}
+                          {"BLOCK": CF_BLOCK}, CF_WARPS, ["w_ptr", "f_ptr", "out_ptr", "n_cols"], stages=3)
+    return {"kernel": fn.__name__, **analyse(c, fn, set(), CF_WARPS * triton.cdiv(cols, CF_BLOCK))}
 
 
 def main() -> None:

@@ -49,6 +49,18 @@ if HAS_TRITON:
         return tl.where(valid, k, 0x7FFFFFFF)  # padding is never below any candidate
 
     @triton.jit
+    def _tile_keys(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, rows, col, valid, n_rows, stride_w, stride_g,
+                   MODE: tl.constexpr, GPROMO: tl.constexpr):
+        """(rs, keys) of a tile of whole rows: RIA's row sums (1.0 in the other modes) and the scores' keys."""
+        if MODE == 2:
+            rs = tl.load(rs_ptr + rows, mask=rows < n_rows, other=1.0)
+        else:
+            rs = 1.0
+        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows * stride_w + col, rows * stride_g + col, col, valid,
+                   MODE, GPROMO)
+        return rs, _keys(s, valid)
+
+    @triton.jit
     def _tsum(x):
         """Per-row sum of a [W, R, C] tile: C across a warp's lanes, W in registers (or across a few warps)."""
         return tl.sum(tl.sum(x, axis=2), axis=0)

@@ -14,7 +14,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from llmprune_kernels.ops.score_mask_common import _keys, _row_excl_scan, _score, _tsum, _write
+    from llmprune_kernels.ops.score_mask_common import _keys, _row_excl_scan, _score, _tile_keys, _tsum, _write
 
     @triton.jit
     def _tile_select(key, valid, k, sp, R: tl.constexpr, CAP: tl.constexpr, FLOAT: tl.constexpr,
@@ -172,13 +172,8 @@ if HAS_TRITON:
         rows = r1[None, :, None]
         col = (tl.arange(0, W)[:, None] * C + tl.arange(0, C)[None, :])[:, None, :]
         valid = (col < n_cols) & (rows < n_rows)
-        if MODE == 2:
-            rs = tl.load(rs_ptr + rows, mask=rows < n_rows, other=1.0)
-        else:
-            rs = 1.0
-        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows * stride_w + col, rows * stride_g + col, col, valid,
-                   MODE, GPROMO)
-        key = _keys(s, valid)
+        _, key = _tile_keys(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, rows, col, valid, n_rows, stride_w, stride_g,
+                            MODE, GPROMO)
         sp = scratch_ptr + r1 * CAP
         if FLOAT:
             # float order == key order for finite non-negative normal scores (and zeros); else integer compares

@@ -14,7 +14,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from llmprune_kernels.ops.score_mask_common import _keys, _score
+    from llmprune_kernels.ops.score_mask_common import _keys, _score, _tile_keys
     from llmprune_kernels.ops.score_mask_radix import _rows_radix_search
 
     @triton.jit
@@ -95,13 +95,8 @@ if HAS_TRITON:
         rows = r1[:, None]
         col = tl.arange(0, BLOCK)[None, :]
         valid = (col < n_cols) & (rows < n_rows)
-        if MODE == 2:
-            rs = tl.load(rs_ptr + rows, mask=rows < n_rows, other=1.0)
-        else:
-            rs = 1.0
-        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows * stride_w + col, rows * stride_g + col, col, valid,
-                   MODE, GPROMO)
-        key = _keys(s, valid)
+        rs, key = _tile_keys(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, rows, col, valid, n_rows, stride_w, stride_g,
+                             MODE, GPROMO)
         if BRACKET:
             lo, hi, nohi, clo, nb = _sample_bracket(w_ptr, g_ptr, f_ptr, cs_ptr, rs, rows, key, valid, n_rows, n_cols,
                                                     k, stride_w, stride_g, MODE, GPROMO, R, SAMPLE,

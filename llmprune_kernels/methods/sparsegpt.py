@@ -2,8 +2,9 @@
 
 Options: ``blocksize`` (128), ``percdamp`` (0.01), ``max_retries`` (4, Cholesky retries with 10x damping),
 ``backend`` ("auto": the C++/CUDA extension when built for the layer's device, else the reference;
-"reference"; "ext"), ``tf32`` (False; see ``ops.sparsegpt`` for its tolerance), ``fast_inverse`` (False;
-extension only, see ``ops.sparsegpt.sparsegpt_prune``), ``layer_name`` (for errors).
+"reference"; "ext"), ``tf32`` (False; see ``ops.sparsegpt`` for its tolerance), ``fast_inverse`` (None = on
+where the extension runs on CUDA; False = the reference's bit-identical factor; see
+``ops.sparsegpt.sparsegpt_prune``), ``layer_name`` (for errors).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class SparseGPTPruner(LayerPruner):
         self.percdamp = float(options.get("percdamp", 0.01))
         self.max_retries = int(options.get("max_retries", 4))
         self.tf32 = bool(options.get("tf32", False))
-        self.fast_inverse = bool(options.get("fast_inverse", False))
+        fast = options.get("fast_inverse")
+        self.fast_inverse = None if fast is None else bool(fast)
         self.backend = ops.resolve_backend(options.get("backend", "auto"), layer.weight.device, self.blocksize)
         n = layer.in_features
         self.H = torch.zeros(n, n, dtype=torch.float32, device=layer.weight.device)
@@ -39,7 +41,7 @@ class SparseGPTPruner(LayerPruner):
         if self.nsamples == 0:
             raise ValueError(f"{self.name}: no calibration data reached this layer")
         t0 = time.perf_counter()
-        res, used = ops.sparsegpt_prune(
+        res, used, fast = ops.sparsegpt_prune_info(
             self.layer.weight.data, self.H, self.config, self.blocksize, self.percdamp, self.max_retries,
             self.backend, self.tf32, self.name, self.fast_inverse,
         )
@@ -50,7 +52,7 @@ class SparseGPTPruner(LayerPruner):
             "sparsegpt_damp_retries": res.retries,
             "sparsegpt_backend": used,
             "sparsegpt_tf32": self.tf32,
-            "sparsegpt_fast_inverse": self.fast_inverse,
+            "sparsegpt_fast_inverse": fast,
             "sparsegpt_seconds": time.perf_counter() - t0,
         }
 

@@ -3,12 +3,15 @@
 ``torch.ops.llmprune_kernels.sparsegpt_prune`` runs the whole ``fasterprune`` in C++: dead columns, damping
 with Cholesky retries, the inverse-Hessian factor (ATen linalg: LAPACK on CPU, cuSOLVER on CUDA), and per
 block of columns one kernel that runs the sequential column loop with rows in parallel, then one GEMM for
-the later columns. It equals ``reference.sparsegpt.sparsegpt_prune``: same masks, and in fp32 with TF32 off
-the same weights up to rounding (bit-identical in practice: same ATen calls, the same IEEE operations in
-the column loop, no fused multiply-add).
+the later columns. With ``fast_inverse=False`` it equals ``reference.sparsegpt.sparsegpt_prune``: same
+masks, and in fp32 with TF32 off the same weights (bit-identical in practice: same ATen calls, the same
+IEEE operations in the column loop, no fused multiply-add). On CUDA the default computes the
+inverse-Hessian factor in fp64 from one factorisation (``fast_inverse``, see ``sparsegpt_prune``): faster,
+and closer to SparseGPT in exact arithmetic than the fp32 reference, whose rounding flips mask entries on
+real layers.
 
-TF32 (``tf32=True``) lets the fp32 GEMMs (Hessian accumulation, lazy block updates, and the fast inverse's
-GEMMs) run in TF32 on CUDA; the column loop and the Cholesky factorisations stay fp32. Measured on the H100
+TF32 (``tf32=True``) lets the fp32 GEMMs (Hessian accumulation, lazy block updates) run in TF32 on CUDA;
+the column loop and the factorisations keep their precision. Measured on the H100
 at LLaMA-7B shapes (benchmarks/results/sparsegpt_h100.json): 5-9% faster per layer, 0.05% (4096 columns)
 to 1.7% (11008 columns) of mask entries differ from the fp32 result, weights differ by 2-13% in relative
 Frobenius norm (mostly the flipped entries), and the SparseGPT loss changes by less than 1e-4 relative.
@@ -94,6 +97,16 @@ def hessian_add_batch(H: torch.Tensor, nsamples: int, inp: torch.Tensor, backend
         return ref.accumulate_hessian(H, nsamples, inp, name)
 
 
+def resolve_fast_inverse(fast_inverse: bool | None, backend: str, device: torch.device | str) -> bool:
+    """``None`` -> the fp64 one-factorisation inverse where the extension runs on CUDA (the speed target),
+    else the reference's factor; ``True`` needs the extension."""
+    if fast_inverse is None:
+        return backend == "ext" and torch.device(device).type == "cuda"
+    if fast_inverse and backend != "ext":
+        raise ValueError("fast_inverse needs the 'ext' backend (the reference follows the published code)")
+    return bool(fast_inverse)
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
@@ -105,19 +118,40 @@ def sparsegpt_prune(
     backend: str = "auto",
     tf32: bool = False,
     name: str = "layer",
-    fast_inverse: bool = False,
+    fast_inverse: bool | None = None,
 ) -> tuple[ref.SparseGPTResult, str]:
     """SparseGPT of one layer; returns the result (weight in the input dtype, mask, losses, damping, retries)
     and the backend that ran (``ext`` or ``reference``). Inputs are not modified.
 
-    ``fast_inverse`` (extension only): the inverse-Hessian factor from one Cholesky factorisation of the
-    reversed matrix and a triangular inverse by GEMMs, instead of the reference's three LAPACK / cuSOLVER
-    calls. The same matrix in exact arithmetic and 1.3-1.8x faster per layer on the H100, but not
-    bit-identical: on well-conditioned Hessians weights agree to ~1e-6 and masks exactly (CPU tests); on
-    the benchmark's rank-deficient 11008-column Hessian (8192 tokens) 0.2-0.9% of mask entries differ and
-    weights move 4-8% (relative Frobenius), with the SparseGPT loss within 5e-5 relative: both factors are
-    equally valid fp32 roundings of an ill-conditioned inverse.
+    ``fast_inverse`` (extension only; ``None``: on for CUDA, off elsewhere): the inverse-Hessian factor from
+    one fp64 Cholesky factorisation of the reversed matrix and a triangular inverse by GEMMs, rounded to
+    fp32 once, instead of the reference's three fp32 LAPACK / cuSOLVER calls. The same matrix in exact
+    arithmetic, 3-4x faster at 11008 columns on the H100, and closer to the exact result than the reference:
+    against SparseGPT run in fp64 (``reference.sparsegpt_prune(..., compute_dtype=torch.float64)``) its
+    weights differ by <= 2e-6 relative where the reference's differ by up to 1.2e-5 (python_tests,
+    near-singular Hessian). It is not bit-identical to the reference: on large ill-conditioned layers
+    (the benchmark's 11008 columns from 8192 tokens) masks differ at near-ties, and a flip changes the later
+    updates (benchmarks/results/sparsegpt_h100.json gives the fractions and the loss change).
+    ``fast_inverse=False`` reproduces the reference bit for bit (same ATen calls).
     """
+    return sparsegpt_prune_info(weight, H, config, blocksize, percdamp, max_retries, backend, tf32, name,
+                                fast_inverse)[:2]
+
+
+@torch.no_grad()
+def sparsegpt_prune_info(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    config: SparsityConfig,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    max_retries: int = 4,
+    backend: str = "auto",
+    tf32: bool = False,
+    name: str = "layer",
+    fast_inverse: bool | None = None,
+) -> tuple[ref.SparseGPTResult, str, bool]:
+    """``sparsegpt_prune`` that also says whether the fast inverse ran."""
     check_weight(weight)
     if H.device != weight.device:
         raise ValueError(f"{name}: Hessian is on {H.device} but the weight on {weight.device}")
@@ -126,11 +160,10 @@ def sparsegpt_prune(
     if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
         raise ValueError(f"percdamp {percdamp!r} must be a finite number >= 0")
     used = resolve_backend(backend, weight.device, blocksize)
-    if fast_inverse and used != "ext":
-        raise ValueError("fast_inverse needs the 'ext' backend (the reference follows the published code)")
+    fast_inverse = resolve_fast_inverse(fast_inverse, used, weight.device)
     with tf32_matmul(tf32):
         if used == "reference":
-            return ref.sparsegpt_prune(weight, H, config, blocksize, percdamp, max_retries, name), used
+            return ref.sparsegpt_prune(weight, H, config, blocksize, percdamp, max_retries, name), used, False
         ref.check_hessian(H, weight.shape[1], name)
         if config.is_nm:
             check_nm(config.n, config.m, weight.shape[1])
@@ -145,4 +178,4 @@ def sparsegpt_prune(
             f"{name}: Cholesky factorisation failed after {max_retries} retries with growing damping (last "
             f"damping {damp:g}); the Hessian is not usable"
         )
-    return ref.SparseGPTResult(W, mask, losses, float(damp), int(retries)), used
+    return ref.SparseGPTResult(W, mask, losses, float(damp), int(retries)), used, fast_inverse

@@ -114,8 +114,14 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     max_retries: int = 4,
     name: str = "layer",
+    compute_dtype: torch.dtype = torch.float32,
 ) -> SparseGPTResult:
-    """SparseGPT ``fasterprune`` on ``weight`` (out, in) with Hessian ``H`` (in, in); inputs are not modified."""
+    """SparseGPT ``fasterprune`` on ``weight`` (out, in) with Hessian ``H`` (in, in); inputs are not modified.
+
+    ``compute_dtype``: fp32 as published; fp64 gives a near-exact-arithmetic oracle for judging how far
+    fp32 implementations (this one included) round away from the algorithm's exact result."""
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compute_dtype {compute_dtype} not allowed (torch.float32, torch.float64)")
     check_weight(weight)
     rows, columns = weight.shape
     check_hessian(H, columns, name)
@@ -123,8 +129,8 @@ def sparsegpt_prune(
         check_nm(config.n, config.m, columns)
         if blocksize % config.m:
             raise ValueError(f"blocksize {blocksize} must be a multiple of M={config.m} for N:M pruning")
-    W = weight.detach().float().contiguous().clone()
-    H = H.float().contiguous().clone()
+    W = weight.detach().to(compute_dtype).contiguous().clone()
+    H = H.to(compute_dtype).contiguous().clone()
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -133,7 +139,7 @@ def sparsegpt_prune(
     del H
 
     mask = torch.zeros(rows, columns, dtype=torch.bool, device=W.device)
-    losses = torch.zeros(rows, device=W.device)
+    losses = torch.zeros(rows, device=W.device, dtype=compute_dtype)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1

@@ -1,0 +1,364 @@
+// 2:4 decode matmul y = x @ W.T (+ bias) on the sparse tensor cores: mma.sp::ordered_metadata.m16n8k32.
+//
+// The weight is the sparse A operand (16 output features per MMA), x^T is B (tokens = MMA N: one n8 MMA
+// for M <= 8, two for M <= 16), fp32 accumulation. The weight comes re-laid out in fragment order
+// (llmprune_kernels/ops/sparse24_mmasp.py: a_frag [RB, NC*8, 32, 8], e_frag [RB, NC, 32, 4]), so each lane
+// streams one 16-byte load per k-step for its A registers and one 16-byte load per 256 columns for its
+// metadata words; everything is read once from HBM (L1 not allocated).
+//
+// Grid: (row tiles, splits). A CTA of `warps` warps owns warps * rows_per_warp row blocks of 16 and the
+// 256-column chunks [s*NC/splits, (s+1)*NC/splits) of K; its x slice sits in shared memory (zero rows
+// beyond M and zero columns beyond K) and feeds B through ldmatrix.x4. A registers are loaded two chunks
+// ahead of the MMAs. The `splits` CTAs of a row tile form one thread-block cluster: each writes its fp32
+// partial tile to shared memory, and cluster rank q sums all partials (distributed shared memory, rank
+// order) for 1/splits of the tile's rows, adds the bias and stores y. One launch, no workspace, no atomics.
+// The CPU emulator llmprune_kernels/reference/sparse24_mmasp.py mirrors every index computed here.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+namespace llmprune {
+namespace sparse24_mmasp {
+
+namespace cg = cooperative_groups;
+
+constexpr int kChunk = 256;  // input columns per metadata load (8 k-steps of 32)
+
+struct Params {
+  const uint4* a;     // [RB, NC*8, 32] 16-byte A fragments
+  const uint4* e;     // [RB, NC, 32] 16-byte metadata words
+  const void* x;      // [M, K], row stride x_stride elements
+  const void* bias;   // [R] or nullptr
+  void* y;            // [M, R] contiguous
+  int M, K, R, RB, NC, splits, kslice;
+  long long x_stride;
+};
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&b)[4], const void* smem_row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(addr)
+               : "memory");
+}
+
+template <bool BF16, int SEL>
+__device__ __forceinline__ void mma_sp(float (&d)[4], const uint4& a, const uint32_t (&b)[4], uint32_t e) {
+  if constexpr (BF16) {
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e), "n"(SEL));
+  } else {
+    asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e), "n"(SEL));
+  }
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int w) {
+  return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// One chunk's A fragments and metadata of the warp's WR row blocks.
+template <int WR>
+struct Frag {
+  uint4 a[WR][8];
+  uint4 e[WR];
+};
+
+template <int WR>
+__device__ __forceinline__ void load_chunk(Frag<WR>& f, const Params& p, int rb0, int c, int lane) {
+#pragma unroll
+  for (int i = 0; i < WR; ++i) {
+    const int rb = rb0 + i;
+    if (rb < p.RB) {
+      const uint4* ap = p.a + (static_cast<size_t>(rb) * p.NC * 8 + static_cast<size_t>(c) * 8) * 32 + lane;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) f.a[i][k] = ld_stream(ap + k * 32);
+      f.e[i] = ld_stream(p.e + (static_cast<size_t>(rb) * p.NC + c) * 32 + lane);
+    }
+  }
+}
+
+template <bool BF16, int NT, int WR>
+__device__ __forceinline__ void mma_chunk(float (&acc)[WR][NT][4], const Frag<WR>& f, const char* xs_lane,
+                                          int stride_bytes) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    uint32_t b[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) ldmatrix_x4(b[nt], xs_lane + nt * 8 * stride_bytes + kk * 64);
+#pragma unroll
+    for (int i = 0; i < WR; ++i) {
+      const uint32_t e = word(f.e[i], kk >> 1);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        if (kk & 1) {
+          mma_sp<BF16, 1>(acc[i][nt], f.a[i][kk], b[nt], e);
+        } else {
+          mma_sp<BF16, 0>(acc[i][nt], f.a[i][kk], b[nt], e);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, bool BF16, int NT, int WR>
+__global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int s = blockIdx.y;
+  const int c0 = static_cast<int>(static_cast<long long>(s) * p.NC / p.splits);
+  const int c1 = static_cast<int>(static_cast<long long>(s + 1) * p.NC / p.splits);
+  const int stride = p.kslice * kChunk + 8;  // halves; 16 * odd bytes: conflict-free ldmatrix rows
+  const int xs_bytes = (NT * 8 * stride * 2 + 15) & ~15;
+  T* xs = reinterpret_cast<T*>(smem);
+  float* part = reinterpret_cast<float*>(smem + xs_bytes);
+  const int rows_cta = warps * WR * 16;
+  const int rb0 = (blockIdx.x * warps + warp) * WR;
+  const bool active = rb0 < p.RB;  // warp-uniform
+
+  // A for the first two chunks goes out before anything waits.
+  Frag<WR> f0, f1;
+  if (active && c0 < c1) load_chunk<WR>(f0, p, rb0, c0, lane);
+  if (active && c0 + 1 < c1) load_chunk<WR>(f1, p, rb0, c0 + 1, lane);
+
+  // x slice [NT*8, (c1-c0)*256] -> shared memory in 8-byte units (K % 4 == 0), zeros outside [M, K).
+  {
+    const int units = p.kslice * (kChunk / 4);
+    const int live_units = (c1 - c0) * (kChunk / 4);
+    const T* x = reinterpret_cast<const T*>(p.x);
+    for (int idx = threadIdx.x; idx < NT * 8 * units; idx += blockDim.x) {
+      const int n = idx / units, u = idx - n * units;
+      const int k = c0 * kChunk + u * 4;
+      uint2 v = make_uint2(0u, 0u);
+      if (n < p.M && u < live_units && k < p.K) v = *reinterpret_cast<const uint2*>(x + n * p.x_stride + k);
+      *reinterpret_cast<uint2*>(xs + n * stride + u * 4) = v;
+    }
+  }
+  __syncthreads();
+
+  float acc[WR][NT][4];
+#pragma unroll
+  for (int i = 0; i < WR; ++i)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][nt][r] = 0.f;
+
+  if (active) {
+    // ldmatrix.x4: lane 8j + r gives row r of matrix j = x[nt*8 + r][k-step + 8j .. +8].
+    const char* xs_lane = reinterpret_cast<const char*>(xs + (lane & 7) * stride + 8 * (lane >> 3));
+    const int stride_bytes = stride * 2;
+    for (int c = c0; c < c1; c += 2) {
+      mma_chunk<BF16, NT, WR>(acc, f0, xs_lane + (c - c0) * kChunk * 2, stride_bytes);
+      if (c + 2 < c1) load_chunk<WR>(f0, p, rb0, c + 2, lane);
+      if (c + 1 < c1) {
+        mma_chunk<BF16, NT, WR>(acc, f1, xs_lane + (c + 1 - c0) * kChunk * 2, stride_bytes);
+        if (c + 3 < c1) load_chunk<WR>(f1, p, rb0, c + 3, lane);
+      }
+    }
+  }
+
+  // Partial tile [rows_cta, NT*8] fp32: D element r of lane (g, t) is row g + 8*(r/2), column 2t + r%2.
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < WR; ++i)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int row = (warp * WR + i) * 16 + g + 8 * (r >> 1);
+        part[row * (NT * 8) + nt * 8 + 2 * t + (r & 1)] = acc[i][nt][r];
+      }
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const bool clustered = p.splits > 1;
+  if (clustered) cluster.sync(); else __syncthreads();
+  const int q = clustered ? static_cast<int>(cluster.block_rank()) : 0;
+  const int r0 = q * rows_cta / p.splits, r1 = (q + 1) * rows_cta / p.splits, nrows = r1 - r0;
+  const T* bias = reinterpret_cast<const T*>(p.bias);
+  T* y = reinterpret_cast<T*>(p.y);
+  for (int idx = threadIdx.x; idx < nrows * p.M; idx += blockDim.x) {
+    const int n = idx / nrows, row = r0 + (idx - n * nrows);
+    const int grow = blockIdx.x * rows_cta + row;
+    if (grow >= p.R) continue;
+    float v = 0.f;
+    for (int k = 0; k < p.splits; ++k) {
+      const float* pk = clustered ? cluster.map_shared_rank(part, k) : part;
+      v += pk[row * (NT * 8) + n];
+    }
+    if (bias != nullptr) v += to_float<T>(bias[grow]);
+    y[static_cast<size_t>(n) * p.R + grow] = from_float<T>(v);
+  }
+  if (clustered) cluster.sync();  // keep every rank's partials alive until all reads are done
+}
+
+template <typename T, bool BF16, int NT, int WR>
+void launch(const Params& p, int warps, dim3 grid, size_t smem, cudaStream_t stream) {
+  auto kernel = mmasp_kernel<T, BF16, NT, WR>;
+  static size_t smem_set = 48 * 1024;  // per template instance; only ever raised
+  if (smem > smem_set) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    smem_set = smem;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(warps * 32, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = p.splits;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.splits > 1 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
+template <typename T, bool BF16>
+void dispatch(const Params& p, int nt, int wr, int warps, dim3 grid, size_t smem, cudaStream_t stream) {
+  if (nt == 1 && wr == 1) launch<T, BF16, 1, 1>(p, warps, grid, smem, stream);
+  else if (nt == 1) launch<T, BF16, 1, 2>(p, warps, grid, smem, stream);
+  else if (wr == 1) launch<T, BF16, 2, 1>(p, warps, grid, smem, stream);
+  else launch<T, BF16, 2, 2>(p, warps, grid, smem, stream);
+}
+
+at::Tensor mmasp_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const at::Tensor& e_frag, int64_t out_features,
+                        const std::optional<at::Tensor>& bias, int64_t warps, int64_t rows_per_warp, int64_t splits) {
+  TORCH_CHECK(x_in.is_cuda() && a_frag.is_cuda() && e_frag.is_cuda(), "sparse24_mmasp_linear: tensors must be on CUDA");
+  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [M, in], got ", x_in.dim(), " dims");
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "x must be float16 or bfloat16, got ", dt);
+  TORCH_CHECK(a_frag.scalar_type() == dt, "a_frag dtype ", a_frag.scalar_type(), " differs from x's ", dt);
+  TORCH_CHECK(e_frag.scalar_type() == at::kInt, "e_frag must be int32, got ", e_frag.scalar_type());
+  const int64_t M = x_in.size(0), K = x_in.size(1), R = out_features;
+  TORCH_CHECK(M >= 1 && M <= 16, "M (rows of x) must be in 1..16, got ", M);
+  TORCH_CHECK(K > 0 && K % 4 == 0, "in_features must be a positive multiple of 4, got ", K);
+  TORCH_CHECK(R > 0, "out_features must be positive, got ", R);
+  const int64_t RB = (R + 15) / 16, NC = (K + kChunk - 1) / kChunk;
+  TORCH_CHECK(a_frag.dim() == 4 && a_frag.size(0) == RB && a_frag.size(1) == NC * 8 && a_frag.size(2) == 32 &&
+                  a_frag.size(3) == 8 && a_frag.is_contiguous(),
+              "a_frag must be contiguous [", RB, ", ", NC * 8, ", 32, 8] for out=", R, ", in=", K, ", got ", a_frag.sizes());
+  TORCH_CHECK(e_frag.dim() == 4 && e_frag.size(0) == RB && e_frag.size(1) == NC && e_frag.size(2) == 32 &&
+                  e_frag.size(3) == 4 && e_frag.is_contiguous(),
+              "e_frag must be contiguous [", RB, ", ", NC, ", 32, 4], got ", e_frag.sizes());
+  TORCH_CHECK(warps == 4 || warps == 8, "warps must be 4 or 8, got ", warps);
+  TORCH_CHECK(rows_per_warp == 1 || rows_per_warp == 2, "rows_per_warp must be 1 or 2, got ", rows_per_warp);
+  TORCH_CHECK(splits == 1 || splits == 2 || splits == 4 || splits == 8, "splits must be 1, 2, 4 or 8, got ", splits);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == dt && bias->dim() == 1 && bias->size(0) == R,
+                "bias must be a CUDA ", dt, " vector of ", R, " elements");
+  }
+  c10::cuda::CUDAGuard guard(x_in.device());
+  // 8-byte loads of x rows: unit stride, 8-byte aligned start and row stride.
+  at::Tensor x = x_in;
+  if (x.stride(1) != 1 || (x.stride(0) * 2) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 != 0) {
+    x = x_in.contiguous().clone();
+  }
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, R}, x.options());
+
+  const int nt = M <= 8 ? 1 : 2;
+  const int kslice = static_cast<int>((NC + splits - 1) / splits);
+  const int stride = kslice * kChunk + 8;
+  const size_t xs_bytes = (static_cast<size_t>(nt) * 8 * stride * 2 + 15) & ~static_cast<size_t>(15);
+  const int rows_cta = static_cast<int>(warps * rows_per_warp * 16);
+  const size_t smem = xs_bytes + static_cast<size_t>(rows_cta) * nt * 8 * 4;
+  TORCH_CHECK(smem <= 227 * 1024, "shared memory ", smem, " bytes exceeds 227 KiB (in=", K, ", splits=", splits,
+              "): use more splits");
+  Params p;
+  p.a = reinterpret_cast<const uint4*>(a_frag.data_ptr());
+  p.e = reinterpret_cast<const uint4*>(e_frag.data_ptr());
+  p.x = x.data_ptr();
+  p.bias = b.defined() ? b.data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.M = static_cast<int>(M);
+  p.K = static_cast<int>(K);
+  p.R = static_cast<int>(R);
+  p.RB = static_cast<int>(RB);
+  p.NC = static_cast<int>(NC);
+  p.splits = static_cast<int>(splits);
+  p.kslice = kslice;
+  p.x_stride = x.stride(0);
+  const int tiles = static_cast<int>((RB + warps * rows_per_warp - 1) / (warps * rows_per_warp));
+  const dim3 grid(tiles, static_cast<unsigned>(splits), 1);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (dt == at::kHalf) {
+    dispatch<__half, false>(p, nt, static_cast<int>(rows_per_warp), static_cast<int>(warps), grid, smem, stream);
+  } else {
+    dispatch<__nv_bfloat16, true>(p, nt, static_cast<int>(rows_per_warp), static_cast<int>(warps), grid, smem, stream);
+  }
+  return y;
+}
+
+// Diagnostics: one warp runs a single mma.sp with the given per-lane registers.
+template <bool BF16>
+__global__ void probe_kernel(const uint32_t* a, const uint32_t* b, const uint32_t* e, int sel, float* d) {
+  const int lane = threadIdx.x;
+  const uint4 av = make_uint4(a[lane * 4], a[lane * 4 + 1], a[lane * 4 + 2], a[lane * 4 + 3]);
+  uint32_t bv[4] = {b[lane * 4], b[lane * 4 + 1], b[lane * 4 + 2], b[lane * 4 + 3]};
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (sel == 0) mma_sp<BF16, 0>(acc, av, bv, e[lane]);
+  else mma_sp<BF16, 1>(acc, av, bv, e[lane]);
+  for (int r = 0; r < 4; ++r) d[lane * 4 + r] = acc[r];
+}
+
+at::Tensor mmasp_probe(const at::Tensor& a, const at::Tensor& b, const at::Tensor& e, int64_t selector, bool bf16) {
+  TORCH_CHECK(a.is_cuda() && b.is_cuda() && e.is_cuda(), "probe tensors must be on CUDA");
+  TORCH_CHECK(a.scalar_type() == at::kInt && b.scalar_type() == at::kInt && e.scalar_type() == at::kInt,
+              "probe registers must be int32");
+  TORCH_CHECK(a.numel() == 128 && b.numel() == 128 && e.numel() == 32, "probe needs a/b [32, 4] and e [32]");
+  TORCH_CHECK(selector == 0 || selector == 1, "selector must be 0 or 1, got ", selector);
+  c10::cuda::CUDAGuard guard(a.device());
+  auto ac = a.contiguous(), bc = b.contiguous(), ec = e.contiguous();
+  at::Tensor d = at::empty({32, 4}, a.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto* ap = reinterpret_cast<const uint32_t*>(ac.data_ptr());
+  const auto* bp = reinterpret_cast<const uint32_t*>(bc.data_ptr());
+  const auto* ep = reinterpret_cast<const uint32_t*>(ec.data_ptr());
+  if (bf16) probe_kernel<true><<<1, 32, 0, stream>>>(ap, bp, ep, static_cast<int>(selector), d.data_ptr<float>());
+  else probe_kernel<false><<<1, 32, 0, stream>>>(ap, bp, ep, static_cast<int>(selector), d.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return d;
+}
+
+}  // namespace sparse24_mmasp
+}  // namespace llmprune
+
+TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
+  m.def("sparse24_mmasp_linear(Tensor x, Tensor a_frag, Tensor e_frag, int out_features, Tensor? bias, int warps, "
+        "int rows_per_warp, int splits) -> Tensor");
+  m.def("sparse24_mmasp_probe(Tensor a, Tensor b, Tensor e, int selector, bool bf16) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmprune_kernels, CUDA, m) {
+  m.impl("sparse24_mmasp_linear", &llmprune::sparse24_mmasp::mmasp_linear);
+  m.impl("sparse24_mmasp_probe", &llmprune::sparse24_mmasp::mmasp_probe);
+}

@@ -1,0 +1,211 @@
+"""2:4 decode matmul on the sparse tensor cores (``mma.sp``), CUDA C++ in ``csrc/sparse24/sparse24_mmasp.cu``.
+
+``y = x @ W.T (+ bias)`` for small M (decode, M <= 16) with W 2:4-sparse fp16 / bf16. Roles are swapped:
+the weight is the sparse A operand of ``mma.sp.m16n8k32`` (16 output features per MMA), x^T is B (tokens
+are the MMA's N: one n8 MMA for M <= 8, two for M <= 16), fp32 accumulation.
+
+The packed weight (:mod:`llmprune_kernels.sparse24.pack`) is re-laid out once into *fragment order* so the
+kernel streams it with coalesced 16-byte loads and no index math:
+
+* ``a_frag [ceil(out/16), Kp/32, 32, 8]`` (weight dtype), ``Kp`` = in_features rounded up to 256: for row
+  block b, k-step s (32 input columns = groups 8s..8s+7 of 4) and lane ``L = 4g + t`` the 8 values of the
+  lane's four A registers: reg ``2*gh + rh`` holds the two kept values of row ``16b + g + 8rh``, group
+  ``8s + 4gh + t`` (PTX sparse A fragment: rows g / g+8, compressed columns 2t / 2t+8). One 16-byte load a
+  lane a k-step; a warp's k-step is 512 contiguous bytes.
+* ``e_frag [ceil(out/16), Kp/256, 32, 4]`` (int32 bit patterns of the uint32 metadata words): for 256-column
+  chunk c, lane ``L = 4g + t``, word w: k-step ``s = 8c + 2w + (t >> 1)`` (the MMA of an even k-step reads
+  the words of lanes t = 0, 1 with sparsity selector 0, an odd one those of t = 2, 3 with selector 1), half
+  ``h = t & 1``: bits ``4j..4j+3`` = nibble of row ``16b + g``, group ``8s + 4h + j``; bits ``16+4j..`` =
+  the same for row ``16b + g + 8``. One 16-byte load a lane every 8 k-steps.
+* The nibble is ours (``i0 | i1 << 2``, ``i0 < i1``): PTX's metadata encoding, ordered as
+  ``mma.sp::ordered_metadata`` requires. Padding (rows to 16, columns to 256) holds zeros with nibble 0b0100.
+
+``from_mmasp_layout`` is the exact inverse. :mod:`llmprune_kernels.reference.sparse24_mmasp` emulates the
+kernel lane by lane on the CPU (the oracle for this layout); ``mmasp_linear`` calls the CUDA op.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llmprune_kernels import _ext
+from llmprune_kernels.sparse24.pack import Packed24, meta_indices, meta_width
+
+ROWS = 16  # output features per MMA (row block)
+KSTEP = 32  # input columns per MMA
+CHUNK = 256  # input columns per metadata load (8 k-steps)
+MAX_M = 16  # two n8 MMAs
+PAD_NIBBLE = 0b0100  # kept indices (0, 1): a valid ordered nibble for padded groups (their values are 0)
+WARPS = (4, 8)
+ROWS_PER_WARP = (1, 2)
+SPLITS = (1, 2, 4, 8)  # split-K CTAs of one thread-block cluster (8 = portable cluster limit)
+
+
+@dataclass
+class MmaspLayout:
+    """A 2:4 weight in fragment order (see the module docstring); ``shape`` is the dense (out, in)."""
+
+    a_frag: torch.Tensor  # [ceil(out/16), Kp/32, 32, 8], weight dtype
+    e_frag: torch.Tensor  # [ceil(out/16), Kp/256, 32, 4], int32
+    shape: tuple[int, int]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a_frag.dtype
+
+    def to(self, *args, **kwargs) -> "MmaspLayout":
+        a = self.a_frag.to(*args, **kwargs)
+        return MmaspLayout(a, self.e_frag.to(device=a.device), self.shape)
+
+    def nbytes(self) -> int:
+        return self.a_frag.numel() * self.a_frag.element_size() + self.e_frag.numel() * 4
+
+
+def padded_dims(out_features: int, in_features: int) -> tuple[int, int]:
+    """(row blocks of 16, 256-column chunks) of the padded weight."""
+    return math.ceil(out_features / ROWS), math.ceil(in_features / CHUNK)
+
+
+def _check_packed(packed: Packed24) -> None:
+    out, inp = packed.shape
+    if inp % 4 or inp <= 0 or out <= 0:
+        raise ValueError(f"mma.sp layout needs in_features a positive multiple of 4 and out_features > 0, got {(out, inp)}")
+    if packed.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"mma.sp runs float16 or bfloat16 weights, got {packed.dtype}")
+    if tuple(packed.values.shape) != (out, inp // 2) or tuple(packed.meta.shape) != (out, meta_width(inp)):
+        raise ValueError(f"packed values {tuple(packed.values.shape)} / meta {tuple(packed.meta.shape)} do not match shape {(out, inp)}")
+
+
+@torch.no_grad()
+def to_mmasp_layout(packed: Packed24) -> MmaspLayout:
+    """Re-lay out a :class:`Packed24` into fragment order (one-time, any device)."""
+    _check_packed(packed)
+    out, inp = packed.shape
+    rb, nc = padded_dims(out, inp)
+    rp, gp = rb * ROWS, nc * CHUNK // 4
+    dev = packed.values.device
+    vals = torch.zeros(rp, gp, 2, dtype=packed.dtype, device=dev)
+    vals[:out, : inp // 4] = packed.values.reshape(out, inp // 4, 2)
+    idx = meta_indices(packed.meta, inp)  # [out, G, 2] int64
+    nib = torch.full((rp, gp), PAD_NIBBLE, dtype=torch.int64, device=dev)
+    nib[:out, : inp // 4] = idx[..., 0] | (idx[..., 1] << 2)
+    ks = nc * CHUNK // KSTEP
+    # row = 16b + 8rh + g, group = 8s + 4gh + t  ->  [b, s, lane = 4g + t, reg = 2gh + rh, slot]
+    v = vals.reshape(rb, 2, 8, ks, 2, 4, 2).permute(0, 3, 2, 5, 4, 1, 6)
+    a_frag = v.reshape(rb, ks, 32, 8).contiguous()
+    # group = 64c + 16w + 8sel + 4h + j, lane t = 2sel + h; bits 16rh + 4j
+    n = nib.reshape(rb, 2, 8, nc, 4, 2, 2, 4).permute(0, 3, 2, 5, 6, 4, 1, 7)  # b c g sel h w rh j
+    shift = (16 * torch.arange(2, device=dev)[:, None] + 4 * torch.arange(4, device=dev)[None, :])
+    words = (n << shift).sum(dim=(-2, -1))  # [b, c, g, sel, h, w], < 2**32
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return MmaspLayout(a_frag, words.reshape(rb, nc, 32, 4).contiguous(), (out, inp))
+
+
+def _check_layout(layout: MmaspLayout) -> tuple[int, int, int, int]:
+    out, inp = layout.shape
+    rb, nc = padded_dims(out, inp)
+    if tuple(layout.a_frag.shape) != (rb, nc * CHUNK // KSTEP, 32, 8):
+        raise ValueError(f"a_frag has shape {tuple(layout.a_frag.shape)}; expected {(rb, nc * 8, 32, 8)} for {(out, inp)}")
+    if layout.e_frag.dtype != torch.int32 or tuple(layout.e_frag.shape) != (rb, nc, 32, 4):
+        raise ValueError(f"e_frag has shape {tuple(layout.e_frag.shape)} and dtype {layout.e_frag.dtype}; "
+                         f"expected {(rb, nc, 32, 4)} int32 for {(out, inp)}")
+    return out, inp, rb, nc
+
+
+def layout_nibbles(layout: MmaspLayout) -> torch.Tensor:
+    """The padded weight's metadata nibbles ``[rb*16, nc*64]`` (int64) decoded from ``e_frag``."""
+    _, _, rb, nc = _check_layout(layout)
+    w = layout.e_frag.to(torch.int64) & 0xFFFFFFFF
+    w = w.reshape(rb, nc, 8, 2, 2, 4)  # b c g sel h w
+    shift = (16 * torch.arange(2, device=w.device)[:, None] + 4 * torch.arange(4, device=w.device)[None, :])
+    n = (w[..., None, None] >> shift) & 0xF  # b c g sel h w rh j
+    return n.permute(0, 6, 2, 1, 5, 3, 4, 7).reshape(rb * ROWS, nc * 64)
+
+
+@torch.no_grad()
+def from_mmasp_layout(layout: MmaspLayout) -> Packed24:
+    """Exact inverse of :func:`to_mmasp_layout`."""
+    out, inp, rb, nc = _check_layout(layout)
+    ks = nc * CHUNK // KSTEP
+    v = layout.a_frag.reshape(rb, ks, 8, 4, 2, 2, 2).permute(0, 5, 2, 1, 4, 3, 6)  # b rh g s gh t slot
+    vals = v.reshape(rb * ROWS, nc * 64, 2)[:out, : inp // 4].reshape(out, inp // 2).contiguous()
+    nib = layout_nibbles(layout)[:out, : inp // 4]
+    i0, i1 = nib & 3, nib >> 2
+    if bool((i0 >= i1).any()):
+        r, g = (int(t) for t in (i0 >= i1).nonzero()[0])
+        raise ValueError(f"corrupt mma.sp metadata at row {r}, group {g}: nibble {int(nib[r, g]):#06b} is not ordered")
+    if (inp // 4) % 2:
+        nib = torch.nn.functional.pad(nib, (0, 1))
+    nib = nib.reshape(out, -1, 2)
+    meta = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8).contiguous()
+    return Packed24(vals, meta, (out, inp))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch configuration and the CUDA op
+# ---------------------------------------------------------------------------------------------------------------
+
+def available() -> bool:
+    """The CUDA op was compiled in (CUDA build of ``_C``) and a GPU is visible."""
+    return _ext.ext_with_cuda() and torch.cuda.is_available() and hasattr(torch.ops.llmprune_kernels,
+                                                                          "sparse24_mmasp_linear")
+
+
+def check_config(config: tuple[int, int, int]) -> tuple[int, int, int]:
+    warps, rpw, splits = (int(v) for v in config)
+    if warps not in WARPS or rpw not in ROWS_PER_WARP or splits not in SPLITS:
+        raise ValueError(f"mma.sp config (warps, rows_per_warp, splits) = {config}; allowed warps {WARPS}, "
+                         f"rows_per_warp {ROWS_PER_WARP}, splits {SPLITS}")
+    return warps, rpw, splits
+
+
+def default_config(out_features: int, in_features: int, m: int = 1, sms: int = 132) -> tuple[int, int, int]:
+    """(warps, rows_per_warp, splits): 8 warps of one row block; the fewest split-K CTAs (a cluster) that
+    give at least two CTAs per SM, never more splits than 256-column chunks."""
+    rb, nc = padded_dims(out_features, in_features)
+    warps, rpw = 8, 1
+    tiles = math.ceil(rb / (warps * rpw))
+    splits = 1
+    while splits < SPLITS[-1] and tiles * splits < 2 * sms and splits * 2 <= nc:
+        splits *= 2
+    return warps, rpw, splits
+
+
+def mmasp_linear(x: torch.Tensor, layout: MmaspLayout, bias: torch.Tensor | None = None,
+                 config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` through the mma.sp kernel; x ``[..., in]`` with at most 16 rows in all."""
+    out, inp, _, _ = _check_layout(layout)
+    if x.shape[-1] != inp:
+        raise ValueError(f"x has {x.shape[-1]} input features; the weight has {inp}")
+    if x.dtype != layout.dtype:
+        raise ValueError(f"x dtype {x.dtype} differs from the weight's {layout.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, inp)
+    if x2.shape[0] > MAX_M or x2.shape[0] < 1:
+        raise ValueError(f"mma.sp decode kernel takes 1..{MAX_M} rows, got {x2.shape[0]}")
+    if not available():
+        raise RuntimeError("the mma.sp op needs the CUDA build of llmprune_kernels._C and a GPU")
+    cfg = check_config(config if config is not None else default_config(out, inp, x2.shape[0]))
+    y = torch.ops.llmprune_kernels.sparse24_mmasp_linear(x2.contiguous(), layout.a_frag, layout.e_frag, out, bias, *cfg)
+    return y.reshape(*lead, out)
+
+
+def probe(a_regs: torch.Tensor, b_regs: torch.Tensor, e: torch.Tensor, selector: int, bf16: bool) -> torch.Tensor:
+    """One warp's single ``mma.sp`` with the given registers (diagnostics): a/b ``[32, 4]`` and e ``[32]``
+    int32 bit patterns per lane; returns d ``[32, 4]`` fp32 per lane."""
+    return torch.ops.llmprune_kernels.sparse24_mmasp_probe(a_regs, b_regs, e, int(selector), bool(bf16))
+
+
+if hasattr(torch.library, "register_fake"):
+    def _register_fake() -> None:
+        @torch.library.register_fake("llmprune_kernels::sparse24_mmasp_linear")
+        def _(x, a_frag, e_frag, out_features, bias, warps, rows_per_warp, splits):
+            return x.new_empty(x.shape[0], out_features)
+
+    try:
+        if hasattr(torch.ops.llmprune_kernels, "sparse24_mmasp_linear"):
+            _register_fake()
+    except (RuntimeError, AttributeError):  # op not compiled in (CPU build)
+        pass

@@ -2,10 +2,10 @@
 
 Run on a CUDA machine:  pytest benchmarks/bench_sparsegpt.py --benchmark-json=raw.json
 Per shape (out x in: 4096x4096 q/k/v/o, 11008x4096 gate/up, 4096x11008 down) and pattern (unstructured
-50%, 2:4): the reference ``fasterprune`` (one timed call, 1-3 s); the extension's CUDA default (fp64
-one-factorisation inverse, k-th-value block masks; median of 3 after a warm-up); the bit-identical path
-(``fast_inverse=False``: the reference's three-call factor); TF32; the default with the reference's stable
-sort for the block masks (same result, timed to show the selection's gain); and the reference's
+50%, 2:4): the reference ``fasterprune`` (median of 3 calls of 1-3 s: a Python loop bound by the host
+CPU, whose speed varied by 1.6x between H100 runs); the extension's CUDA default (fp64 one-factorisation
+inverse, trailing updates deferred over groups of 4 blocks; median of 3 after a warm-up); the
+bit-identical path (``fast_inverse=False``: the reference's three-call factor); TF32; and the reference's
 inverse-Hessian factor alone. Weights are random fp16, the Hessian comes from 8192 random calibration
 tokens (rank-deficient at 11008 columns: the hardest case for agreement); every call includes the whole
 ``fasterprune`` (dead columns, damping, Cholesky, blocks) with a synchronize. Recorded: whether the
@@ -80,7 +80,10 @@ def test_sparsegpt_layer(benchmark, shape, pattern):
     W = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
     H = _hessian(cols)
 
-    ref_s, ref = _timed(lambda: sparsegpt_prune(W, H, config))
+    # The reference is a Python loop bound by the host CPU, whose speed varied by 1.6x between H100 runs:
+    # the median of three calls.
+    ref_runs = [_timed(lambda: sparsegpt_prune(W, H, config)) for _ in range(3)]
+    ref_s, ref = statistics.median(t for t, _ in ref_runs), ref_runs[-1][1]
     inv_s = statistics.median(_timed(lambda: inverse_hessian_factor(H.clone(), 0.01))[0] for _ in range(3))
 
     def ext_default():
@@ -98,11 +101,6 @@ def test_sparsegpt_layer(benchmark, shape, pattern):
 
     exact_s, exact = median_of(lambda: ops.sparsegpt_prune(W, H, config, backend="ext", fast_inverse=False)[0])
     tf32_s, tf32 = median_of(lambda: ops.sparsegpt_prune(W, H, config, backend="ext", tf32=True)[0])
-    os.environ["LLMPRUNE_SPARSEGPT_BLOCK_SELECT"] = "sort"  # the reference's stable sort for block masks
-    try:
-        sort_s, by_sort = median_of(lambda: ops.sparsegpt_prune(W, H, config, backend="ext")[0])
-    finally:
-        del os.environ["LLMPRUNE_SPARSEGPT_BLOCK_SELECT"]
     u_ref, u_fast = _factor_errors(cols)
 
     scale = float(ref.weight.float().abs().max())
@@ -110,17 +108,16 @@ def test_sparsegpt_layer(benchmark, shape, pattern):
         "shape": [rows, cols],
         "pattern": pattern,
         "reference_s": ref_s,
+        "reference_runs_s": [t for t, _ in ref_runs],
         "ext_s": ext_s,
         "speedup": ref_s / ext_s,
         "ext_exact_s": exact_s,
         "speedup_exact": ref_s / exact_s,
         "ext_tf32_s": tf32_s,
         "speedup_tf32": ref_s / tf32_s,
-        "ext_sort_select_s": sort_s,
         "inverse_factor_s": inv_s,
         "exact_masks_equal_reference": bool(torch.equal(exact.mask, ref.mask)),
         "exact_max_weight_diff_rel": float((exact.weight.float() - ref.weight.float()).abs().max()) / scale,
-        "sort_select_same_result": bool(torch.equal(by_sort.mask, ext.mask) and torch.equal(by_sort.weight, ext.weight)),
         "default_mask_fraction_differing": float((ext.mask != ref.mask).float().mean()),
         "default_weight_diff_rel_fro": _rel_fro(ext.weight, ref.weight),
         "default_loss_rel_change": (ext.loss - ref.loss) / ref.loss,
@@ -135,11 +132,11 @@ def test_sparsegpt_layer(benchmark, shape, pattern):
     RESULTS["layers"].append(row)
     print(f"\n{rows}x{cols} {pattern}: reference {ref_s * 1e3:.0f} ms, ext {ext_s * 1e3:.1f} ms "
           f"({row['speedup']:.0f}x), exact factor {exact_s * 1e3:.1f} ms ({row['speedup_exact']:.0f}x), tf32 "
-          f"{tf32_s * 1e3:.1f} ms, sort select {sort_s * 1e3:.1f} ms, reference inverse factor {inv_s * 1e3:.1f} ms; "
+          f"{tf32_s * 1e3:.1f} ms, reference inverse factor {inv_s * 1e3:.1f} ms; "
           f"exact masks equal {row['exact_masks_equal_reference']}, default masks differ "
           f"{row['default_mask_fraction_differing']:.1e}, factor err ref {u_ref:.1e} / default {u_fast:.1e}")
     # A benchmark of a wrong result is worthless.
-    assert row["exact_masks_equal_reference"] and row["sort_select_same_result"]
+    assert row["exact_masks_equal_reference"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -197,15 +197,11 @@ def test_ext_equals_reference(device, rows, cols, config, dead):
         assert bool((ext.weight[:, list(dead)] == 0).all())
 
 
-@pytest.mark.parametrize("select", ["kth", "sort"])
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
-def test_block_mask_ties_equal_reference(device, monkeypatch, select, sparsity):
-    """Blocks full of equal scores (a few weight values, equal Hessian diagonal): the k-th-value block mask
-    (default) and the stable sort (LLMPRUNE_SPARSEGPT_BLOCK_SELECT=sort) both prune the lower flat index
-    first, like the reference."""
+def test_block_mask_ties_equal_reference(device, sparsity):
+    """Blocks full of equal scores (a few weight values, equal Hessian diagonal): both extension paths prune
+    the lower flat index first, like the reference."""
     _need_ext(device)
-    if select == "sort":
-        monkeypatch.setenv("LLMPRUNE_SPARSEGPT_BLOCK_SELECT", "sort")
     gen = torch.Generator().manual_seed(3)
     values = torch.tensor([0.5, -0.5, 1.0, -1.0, 2.0])
     W = values[torch.randint(0, 5, (24, 200), generator=gen)].to(device)

@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -19,14 +18,7 @@ namespace sparsegpt {
 
 namespace {
 
-// How the unstructured block mask finds its k lowest scores (LLMPRUNE_SPARSEGPT_BLOCK_SELECT, read per
-// call so one process can time both): "topk" (default) or "sort" (the reference's stable sort). Same mask.
 constexpr int64_t kLazyBlocks = 4;  // blocks per deferred trailing update on the fast path
-
-bool use_sort_select() {
-  const char* v = std::getenv("LLMPRUNE_SPARSEGPT_BLOCK_SELECT");
-  return v != nullptr && std::string(v) == "sort";
-}
 
 // Ranks of the m scores under the tie rule (stable ascending): prune those with rank < n.
 inline void select_nm(const float* score, int64_t n, int64_t m, bool* pruned) {
@@ -113,7 +105,7 @@ namespace {
 // costs n^3 at triangular-solve speed.
 at::Tensor lower_triangular_inverse(const at::Tensor& L) {
   const int64_t n = L.size(0);
-  if (n <= 256) {  // small triangular solves are slow on cuSOLVER/cuBLAS (H100: 4.9 ms of leaves at 1024)
+  if (n <= 1024) {
     return at::linalg_solve_triangular(L, at::eye(n, L.options()), /*upper=*/false);
   }
   const int64_t h = n / 2;
@@ -149,23 +141,6 @@ bool factor_inverse(const at::Tensor& Hd, bool fast, at::Tensor& U) {
     U = U2;
   }
   return at::isfinite(U).all().item<bool>();
-}
-
-// Mask of exactly the k lowest scores of a block, ties broken by flat index (the reference's stable sort),
-// without sorting: t = the k-th smallest score (the largest of an unordered top-k; at::kthvalue runs one
-// CTA per slice on CUDA, 2.4 ms for a 4096 x 128 block on the H100); everything below t, then the first
-// k - #(< t) scores equal to t.
-at::Tensor lowest_k_mask(const at::Tensor& score, int64_t k) {
-  const at::Tensor flat = score.flatten();
-  if (use_sort_select()) {
-    const at::Tensor idx = std::get<1>(at::sort(flat, /*stable=*/true, 0, false)).slice(0, 0, k);
-    return at::zeros({flat.numel()}, score.options().dtype(at::kBool)).index_fill_(0, idx, true).view(score.sizes());
-  }
-  const at::Tensor t = std::get<0>(at::topk(flat, k, 0, /*largest=*/false, /*sorted=*/false)).max();
-  const at::Tensor below = flat.lt(t);
-  const at::Tensor at_t = flat.eq(t);
-  const at::Tensor need = below.sum().neg_().add_(k);  // how many of the scores equal to t are pruned
-  return below.logical_or_(at_t.logical_and(at_t.cumsum(0).le(need))).view(score.sizes());
 }
 
 // Upper Cholesky factor of (H + damp I)^-1; on failure retries with percdamp x10 (0 -> 0.01). When every
@@ -277,7 +252,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, double, int64_t> prune(
         const at::Tensor d1 = at::diag(Hinv.slice(0, i1, i2).slice(1, i1, i2));
         const at::Tensor score = W.slice(1, i1, i2).pow(2) / d1.reshape({1, -1}).pow(2);
         const int64_t k = static_cast<int64_t>(std::floor(static_cast<double>(score.numel()) * sparsity));
-        if (k > 0) mask.slice(1, i1, i2).copy_(lowest_k_mask(score, k));
+        if (k > 0) {
+          // A stable sort, as the reference: an unordered top-k threshold (at::topk) measured slower on the
+          // H100 (its multi-block select synchronises with the host), at::kthvalue far slower.
+          const at::Tensor idx = std::get<1>(at::sort(score.flatten(), /*stable=*/true, 0, false)).slice(0, 0, k);
+          at::Tensor flat = at::zeros({score.numel()}, mask.options());
+          flat.index_fill_(0, idx, true);
+          mask.slice(1, i1, i2).copy_(flat.view({rows, count}));
+        }
       }
       at::Tensor err = at::empty({rows, count}, fopts);
 #ifdef LLMPRUNE_WITH_CUDA

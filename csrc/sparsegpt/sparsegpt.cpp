@@ -100,24 +100,23 @@ void block_update_cpu(at::Tensor& W, const at::Tensor& Hinv, at::Tensor& mask, a
 
 namespace {
 
-// Inverse of a lower-triangular matrix by halves, [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]:
-// about 2n^3/3 flops, nearly all in two GEMMs per level, where a triangular solve against the identity
-// costs n^3 at triangular-solve speed.
-at::Tensor lower_triangular_inverse(const at::Tensor& L) {
+// Inverse of a lower-triangular matrix by halves, [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]],
+// written into ``out`` (n x n, zero above the diagonal): about 2n^3/3 flops, nearly all in two GEMMs per
+// level, where a triangular solve against the identity costs n^3 at triangular-solve speed.
+void lower_triangular_inverse_into(const at::Tensor& L, at::Tensor out) {
   const int64_t n = L.size(0);
   if (n <= 1024) {
-    return at::linalg_solve_triangular(L, at::eye(n, L.options()), /*upper=*/false);
+    out.copy_(at::linalg_solve_triangular(L, at::eye(n, L.options()), /*upper=*/false));
+    return;
   }
   const int64_t h = n / 2;
-  const at::Tensor Ai = lower_triangular_inverse(L.slice(0, 0, h).slice(1, 0, h));
-  const at::Tensor Ci = lower_triangular_inverse(L.slice(0, h).slice(1, h));
-  at::Tensor out = at::zeros({n, n}, L.options());
-  out.slice(0, 0, h).slice(1, 0, h).copy_(Ai);
-  out.slice(0, h).slice(1, h).copy_(Ci);
+  const at::Tensor Ai = out.slice(0, 0, h).slice(1, 0, h);
+  const at::Tensor Ci = out.slice(0, h).slice(1, h);
+  lower_triangular_inverse_into(L.slice(0, 0, h).slice(1, 0, h), Ai);
+  lower_triangular_inverse_into(L.slice(0, h).slice(1, h), Ci);
   at::Tensor lower_left = out.slice(0, h).slice(1, 0, h);
   at::mm_out(lower_left, Ci, at::mm(L.slice(0, h).slice(1, 0, h), Ai));
   lower_left.neg_();
-  return out;
 }
 
 // The reference's upper Cholesky factor of Hd^-1 (cholesky, cholesky_inverse, cholesky upper), or the
@@ -132,7 +131,9 @@ bool factor_inverse(const at::Tensor& Hd, bool fast, at::Tensor& U) {
     auto [L, info] = at::linalg_cholesky_ex(Hd.to(at::kDouble).flip({0, 1}), /*upper=*/false,
                                             /*check_errors=*/false);
     if (info.item<int64_t>() != 0) return false;
-    U = lower_triangular_inverse(L).flip({0, 1}).to(at::kFloat);
+    at::Tensor Linv = at::zeros_like(L);
+    lower_triangular_inverse_into(L, Linv);
+    U = Linv.to(at::kFloat).flip({0, 1});
   } else {
     auto [L, info] = at::linalg_cholesky_ex(Hd, /*upper=*/false, /*check_errors=*/false);
     if (info.item<int64_t>() != 0) return false;

@@ -8,7 +8,7 @@
 //
 // Grid: (row tiles, splits). A CTA of `warps` warps owns warps * rows_per_warp row blocks of 16 and the
 // 256-column chunks [s*NC/splits, (s+1)*NC/splits) of K; its x slice sits in shared memory (zero rows
-// beyond M and zero columns beyond K) and feeds B through ldmatrix.x4. A registers are loaded two chunks
+// beyond M and zero columns beyond K, copied with cp.async) and feeds B through ldmatrix.x4. A registers are loaded two chunks
 // ahead of the MMAs. The `splits` CTAs of a row tile form one thread-block cluster: each writes its fp32
 // partial tile to shared memory, and cluster rank q sums all partials (distributed shared memory, rank
 // order) for 1/splits of the tile's rows, adds the bias and stores y. One launch, no workspace, no atomics.
@@ -48,6 +48,12 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
+}
+
+// 8-byte global -> shared copy; src_bytes = 0 writes zeros without reading.
+__device__ __forceinline__ void cp_async8(void* smem_dst, const void* src, int src_bytes) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&b)[4], const void* smem_row) {
@@ -130,6 +136,9 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[WR][NT][4], const Frag<WR
 
 template <typename T, bool BF16, int NT, int WR>
 __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // thread-block clusters need sm_90 (the host side refuses older GPUs)
+#else
   extern __shared__ __align__(16) unsigned char smem[];
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int s = blockIdx.y;
@@ -149,6 +158,7 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
   if (active && c0 + 1 < c1) load_chunk<WR>(f1, p, rb0, c0 + 1, lane);
 
   // x slice [NT*8, (c1-c0)*256] -> shared memory in 8-byte units (K % 4 == 0), zeros outside [M, K).
+  // cp.async: every copy is in flight at once (a loop of plain loads would wait on each L2 round trip).
   {
     const int units = p.kslice * (kChunk / 4);
     const int live_units = (c1 - c0) * (kChunk / 4);
@@ -156,10 +166,16 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
     for (int idx = threadIdx.x; idx < NT * 8 * units; idx += blockDim.x) {
       const int n = idx / units, u = idx - n * units;
       const int k = c0 * kChunk + u * 4;
-      uint2 v = make_uint2(0u, 0u);
-      if (n < p.M && u < live_units && k < p.K) v = *reinterpret_cast<const uint2*>(x + n * p.x_stride + k);
-      *reinterpret_cast<uint2*>(xs + n * stride + u * 4) = v;
+      T* dst = xs + n * stride + u * 4;
+      if (n < p.M) {
+        const bool in = u < live_units && k < p.K;
+        const T* src = in ? x + n * p.x_stride + k : x;  // a valid address even when nothing is read
+        cp_async8(dst, src, in ? 8 : 0);
+      } else {
+        *reinterpret_cast<uint2*>(dst) = make_uint2(0u, 0u);
+      }
     }
+    asm volatile("cp.async.wait_all;" ::: "memory");
   }
   __syncthreads();
 
@@ -217,6 +233,7 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
     y[static_cast<size_t>(n) * p.R + grow] = from_float<T>(v);
   }
   if (clustered) cluster.sync();  // keep every rank's partials alive until all reads are done
+#endif
 }
 
 template <typename T, bool BF16, int NT, int WR>
@@ -277,6 +294,9 @@ at::Tensor mmasp_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const 
                 "bias must be a CUDA ", dt, " vector of ", R, " elements");
   }
   c10::cuda::CUDAGuard guard(x_in.device());
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x_in.get_device()));
+  TORCH_CHECK(major >= 9, "sparse24_mmasp_linear needs sm_90 or newer (thread-block clusters), got sm_", major, "x");
   // 8-byte loads of x rows: unit stride, 8-byte aligned start and row stride.
   at::Tensor x = x_in;
   if (x.stride(1) != 1 || (x.stride(0) * 2) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 != 0) {

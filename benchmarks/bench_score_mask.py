@@ -214,18 +214,25 @@ def test_tuning_sweep(benchmark, shape):
 # off (its radix-search fallback alone on the [rows, BLOCK] tile), against the default bitwise radix ("radix1")
 SAMPLE_VARIANTS = [{"select": "sample"}, {"select": "sample", "elems_per_warp": 512},
                    {"select": "sample", "bracket": False}]
+# Interpolation bracket ("interp", opt-in): default (one warp per 1024 padded columns), half and twice the
+# warps. sample (timed 3-4x slower than radix1 on the H100,
+# results/score_mask_select_h100.json of 2026-11-23) is timed again only with LLMPRUNE_BENCH_SAMPLE=1:
+# each variant is a Triton compile per width, slow on the H100 machine
+INTERP_VARIANTS = [{"select": "interp"}, {"select": "interp", "elems_per_warp": 2048},
+                   {"select": "interp", "elems_per_warp": 512}]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_select_variants(benchmark, shape, env_info):
-    """Default (bitwise radix, "radix1") vs "sample" selection at 50%, fp16: every variant's mask is checked
-    equal to the reference at full size before it is timed."""
+    """Default (bitwise radix, "radix1") vs "interp" (and "sample") selection at 50%, fp16: every variant's mask
+    is checked equal to the reference at full size before it is timed."""
     w, norm = setup(shape)
     cfg = SparsityConfig(0.5)
     ref_fn = lambda: mask_from_score(wanda_score(w, norm), cfg)  # noqa: E731
     ref = ref_fn()
     rows = []
-    for tune in [{"select": "radix1"}] + SAMPLE_VARIANTS:
+    extra = SAMPLE_VARIANTS if os.environ.get("LLMPRUNE_BENCH_SAMPLE") == "1" else []
+    for tune in [{"select": "radix1"}] + INTERP_VARIANTS + extra:
         try:
             assert torch.equal(score_and_mask(w, norm, cfg, _tune=tune), ref), f"mask differs for {tune}"
             rows.append({"tune": tune, "ms": ms(lambda: score_and_mask(w, norm, cfg, check=False, _tune=tune))})

@@ -1,13 +1,15 @@
 """Static cost of the unstructured score-and-mask selections on sm_90, without a GPU: compile for Hopper, read the SASS.
 
-Each variant (radix1, sample, sample with bracket=False; fp16, Wanda, bool mask written, as the benchmark's
-``kernel`` figure) is compiled with exactly the launch parameters of ``score_mask._rows_config`` for the
-LLaMA row widths 4096, 11008 and 28672. Reported: registers, spill (stack) bytes and STL/LDL count, shared
-memory, SASS instruction count, SHFL / REDUX / BAR counts, the loops left in the code, and an estimate of the
-warp-instructions issued per row on the common path: every instruction once (loops times their trip count
-from the source's ``range(N)``), except the divergence handlers after the kernel's body and the rare
+Each variant (radix1, sample, sample with bracket=False, interp at one warp per 1024 and 2048 columns; fp16,
+Wanda, bool mask written, as the benchmark's ``kernel`` figure) is compiled with exactly the launch parameters
+of ``score_mask._rows_config`` for the LLaMA row widths 4096, 11008 and 28672. Reported: registers, spill
+(stack) bytes and STL/LDL count, shared memory, SASS instruction count, SHFL / REDUX / BAR counts, the loops
+left in the code, and an estimate of the warp-instructions issued per row on the common path: every
+instruction once (loops times their trip count from the source's ``range(N)``, or for a while loop the
+``# expected trips: N`` its line states), except the divergence handlers after the kernel's body and the rare
 branches (odd tiles with Inf/NaN/subnormal scores, bucket or bracket overflow, the ranked tie path when all
-ties are pruned), attributed through the line table (``nvdisasm -gi``); times the warps of a row. A copy of
+ties are pruned; interp: its tie-rank scan and integer-compare rows), attributed through the line table
+(``nvdisasm -gi``); times the warps of a row. A copy of
 the same bytes (the benchmark's ``copy_floor`` kernel) is costed the same way. ``issue_bound_ms``: those
 instructions at the H100 SXM's peak issue rate (132 SMs x 4 schedulers x 1.98 GHz), a lower bound that
 ignores the latency of the dependent reduction chain, which is what the H100 timings show dominates.
@@ -31,7 +33,7 @@ import sass_tools as st  # noqa: E402
 from copy_floor_kernel import BLOCK as CF_BLOCK, WARPS as CF_WARPS, copy_floor_kernel  # noqa: E402
 
 from llmprune_kernels.ops import score_mask as sm  # noqa: E402
-from llmprune_kernels.ops import score_mask_radix, score_mask_sample  # noqa: E402
+from llmprune_kernels.ops import score_mask_interp, score_mask_radix, score_mask_sample  # noqa: E402
 
 ISSUE_PER_MS = 132 * 4 * 1.98e9 / 1e3  # warp-instructions per ms at peak issue (H100 SXM, boost clock)
 TYPES = dict(w_ptr="*fp16", g_ptr="*fp16", f_ptr="*fp32", cs_ptr="*fp16", rs_ptr="*fp16", mask_ptr="*u8",
@@ -64,7 +66,7 @@ def _span(mod, start: str, stop: str, after: str = "") -> set:
 
 def rare_lines(kernel, consts: dict) -> set:
     """Source lines (at the kernel's level or one call deep) whose instructions run only on rare rows."""
-    r, s = score_mask_radix, score_mask_sample
+    r, s, q = score_mask_radix, score_mask_sample, score_mask_interp
     if kernel is sm._rows_kernel:
         rare = _span(r, "        else:", "return t, cnt", after="if tl.max(nb, axis=0) <= CAP")  # bucket overflow
         if consts["FLOAT"]:
@@ -76,12 +78,17 @@ def rare_lines(kernel, consts: dict) -> set:
             return ({first} | _span(s, "eq = (valid & (key == tb))", "prune = valid & ((key < tb)")
                     | _span(r, "def _rows_radix_search", "return t, cnt"))  # only called on overflow
         return _lines(s, "prune = valid & (key <= tb)")
+    if kernel is sm._rows_interp_kernel:  # the ranked tie path; integer compares (NaN/negative/subnormal rows)
+        rare = _span(q, "            eq = (valid & (key == t))", "prune = valid & ((key < t)")
+        if consts["FLOAT"]:
+            rare |= _lines(q, "sp, BLOCK, CAP, False)")
+        return rare
     return set()
 
 
 def _trip_count(chain: tuple) -> int | None:
     """N of the innermost ``for ... in range(N)`` enclosing the loop body's innermost source line."""
-    mods = {os.path.basename(m.__file__): m for m in (score_mask_radix, score_mask_sample, sm)}
+    mods = {os.path.basename(m.__file__): m for m in (score_mask_radix, score_mask_sample, score_mask_interp, sm)}
     ours = [c for c in chain if c[0] in mods]  # the innermost of our own lines (Triton's reductions are inlined)
     if not ours:
         return None
@@ -89,7 +96,8 @@ def _trip_count(chain: tuple) -> int | None:
     src = inspect.getsource(mods[name]).splitlines()
     ind = len(src[line - 1]) - len(src[line - 1].lstrip())
     for j in range(line - 2, -1, -1):
-        m = re.match(r"(\s*)for \w+ in range\((\d+)\)", src[j])
+        m = (re.match(r"(\s*)for \w+ in range\((\d+)\)", src[j])  # a while loop states its expected trips
+             or re.match(r"(\s*)while .*# expected trips: (\d+)", src[j]))
         if m and len(m.group(1)) < ind:
             return int(m.group(2))
     return None
@@ -168,13 +176,17 @@ def main() -> None:
            "method": __doc__.split("\n\n")[1].replace("\n", " "), "dtype": "float16", "mode": "wanda, bool mask",
            "variants": {}}
     variants = [("radix1", {"select": "radix1"}), ("sample", {"select": "sample"}),
-                ("sample bracket=False", {"select": "sample", "bracket": False})]
+                ("sample bracket=False", {"select": "sample", "bracket": False}),
+                ("interp", {"select": "interp"}), ("interp epw=2048", {"select": "interp", "elems_per_warp": 2048})]
+    only = os.environ.get("SASS_ONLY")  # e.g. "interp,copy_floor": cost only variants whose name starts so
     for cols in (4096, 11008, 28672):
         todo = [("copy_floor", None)] + variants
         if cols > sm.SAMPLE_MAX_BLOCK:  # the launcher keeps radix1 here; cost sample anyway, marked as such
             todo += [(f"{n} (sample_max_block=32768, not launched by default)", {**t, "sample_max_block": 32768})
-                     for n, t in variants[1:]]
+                     for n, t in variants[1:3]]
         for name, tune in todo:
+            if only and not name.startswith(tuple(only.split(","))):
+                continue
             key = f"cols={cols} {name}"
             try:
                 st_ = copy_floor(cols) if tune is None else variant(cols, tune)
@@ -182,7 +194,8 @@ def main() -> None:
                 out["variants"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 print(key, out["variants"][key], file=sys.stderr)
                 continue
-            if tune is not None and cols > sm.SAMPLE_MAX_BLOCK and "sample_max_block" not in tune:
+            if tune is not None and tune.get("select") == "sample" and cols > sm.SAMPLE_MAX_BLOCK \
+                    and "sample_max_block" not in tune:
                 st_["note"] = f"launcher uses {st_['kernel']} at this width"
             st_["shapes"] = {}
             for shape in SHAPES[cols]:

@@ -10,6 +10,8 @@ H100-tuned defaults; the kernels live in
   to ``MAX_BLOCK`` columns in registers, longer rows streamed in chunks);
 * ``score_mask_sample``: the opt-in ``select="sample"`` (``LLMPRUNE_SCORE_MASK_SELECT=sample``): bracket
   of the k-th key from a sample of the row, radix search when the bracket overflows; not yet timed;
+* ``score_mask_interp``: the opt-in ``select="interp"``: two interpolated pivots per full-row count narrow a
+  bracket of the k-th key to a few keys (~4-6 counts instead of 15 bit steps), then a pairwise rank;
 * ``score_mask_nm``: N:M, the rank of each element inside its group of M.
 
 Cost on H100 (benchmarks/results/score_mask_h100.json): N:M runs at 1.3-1.4x of a plain copy of the same
@@ -32,6 +34,7 @@ if HAS_TRITON:
     import triton
     from triton.runtime.errors import OutOfResources
 
+    from llmprune_kernels.ops.score_mask_interp import _rows_interp_kernel
     from llmprune_kernels.ops.score_mask_nm import _nm_kernel
     from llmprune_kernels.ops.score_mask_radix import _row_topk_chunked_kernel, _rows_kernel
     from llmprune_kernels.ops.score_mask_sample import _rows_sample_kernel
@@ -51,7 +54,7 @@ PAIRWISE_MAX_BLOCK = 16384  # rank the bucket's keys pairwise (not 16 more searc
 # Unstructured selection: "radix1" = bitwise search (_rows_kernel, the H100-tuned default), "sample" =
 # sample bracket (_rows_sample_kernel, opt-in until timed). The environment variable switches a whole run
 # without code changes; ``_tune={"select": ...}`` switches one call.
-SELECTS = ("radix1", "sample")
+SELECTS = ("radix1", "sample", "interp")
 SELECT = os.environ.get("LLMPRUNE_SCORE_MASK_SELECT", "radix1")
 if SELECT not in SELECTS:
     raise ValueError(f"LLMPRUNE_SCORE_MASK_SELECT={SELECT!r}; allowed: {', '.join(map(repr, SELECTS))}")
@@ -59,6 +62,9 @@ SAMPLE_ELEMS_PER_WARP = 1024  # sample: a row gets one warp per this many (padde
 # sample up to this padded width; longer rows keep radix1. 4096: at 16384 every sample launch tried spills
 # under Triton 3.6 (benchmarks/results/score_mask_sass_sm90_triton3.6.json); 32768 untimed
 SAMPLE_MAX_BLOCK = 4096
+INTERP_ELEMS_PER_WARP = 1024  # interp: a row gets one warp per this many (padded) columns: 32 keys per thread
+INTERP_MAX_BLOCK = 32768  # interp up to this padded width (one row in registers); longer rows stream (chunked)
+INTERP_CAP = 64  # interp: the bracket is narrowed to at most this many keys, then ranked pairwise
 _MODES = {"wanda": 0, "gblm": 1, "ria": 2}
 
 
@@ -215,6 +221,13 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
         return dict(kernel=_rows_sample_kernel, chunked=False, rows_per_prog=r, cap=cap, block=block,
                     consts=dict(R=r, BLOCK=block, CAP=cap, SAMPLE=samp, BRACKET=tune.get("bracket", True)),
                     num_warps=tune.get("num_warps", warps))
+    if select == "interp" and block <= tune.get("interp_max_block", INTERP_MAX_BLOCK):
+        cap = tune.get("cap", INTERP_CAP)
+        warps = tune.get("num_warps", max(1, min(32, block // tune.get("elems_per_warp", INTERP_ELEMS_PER_WARP))))
+        # scratch per row: CAP bracket keys, then the slot counter
+        return dict(kernel=_rows_interp_kernel, chunked=False, rows_per_prog=1, cap=cap + 1, block=block,
+                    consts=dict(BLOCK=block, CAP=cap, FLOAT=tune.get("float", FLOAT_COMPARE)),
+                    num_warps=warps)
     c = min(block, 32 * (16 // element_size))  # one warp's lanes, 16-byte loads each
     wpr = tune.get("warps_per_row", max(1, block // ROW_ELEMS_PER_WARP))
     r = tune.get("rows_per_prog", ROWS_PER_PROG)

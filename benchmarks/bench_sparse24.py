@@ -4,7 +4,8 @@ Per LLaMA-7B shape (out x in), dtype and M: CUDA-graph replay times (the kernels
 a compiled model runs them) and eager times (plus Python dispatch), each over several weight copies so
 small-M calls read their weights from HBM, not L2. Also: torch's own ``to_sparse_semi_structured`` +
 ``F.linear`` (eager), the decode kernel alone (``decode_graph``, M <= 64, with the config the tuner
-picked; its kind is recorded as ``decode_kernel``) and every decode candidate's tuning time
+picked; its kind is recorded as ``decode_kernel``), the mma.sp kernel alone (``mmasp_graph``, M <= 16, with
+the tuned config ``mmasp_config``) and every decode candidate's tuning time
 (``decode_candidates``: do_bench medians, L2 flushed). An end-to-end LLaMA-7B-shaped model (random
 weights pruned 2:4) is measured by ``benchmarks/e2e_sparse24.py`` (separate processes), which adds its
 figures to the same JSON. Writes ``benchmarks/results/sparse24_h100.json`` (or $SPARSE24_RESULTS) and the
@@ -28,7 +29,8 @@ if not torch.cuda.is_available():
 
 from llmprune_kernels import backends  # noqa: E402
 from llmprune_kernels.nn import SparseLinear  # noqa: E402
-from llmprune_kernels.ops import sparse24_matmul as s24  # noqa: E402
+from llmprune_kernels.ops import sparse24_matmul as s24
+from llmprune_kernels.ops import sparse24_mmasp as mm  # noqa: E402
 from llmprune_kernels.sparse24 import cusparselt as cslt  # noqa: E402
 from llmprune_kernels.sparse24 import dispatch  # noqa: E402
 from llmprune_kernels.sparse24.pack import pack_24  # noqa: E402
@@ -108,6 +110,9 @@ def test_linear(benchmark, shape, dtype, m):
         if choice.decode is not None:  # the decode kernel alone, as the tuner configured it
             t["decode_graph"] = _safe_time([lambda s=s: s24.sparse24_mm(x, s.values, s.meta, None, shape[1],
                                                                          block=choice.decode) for s in mods])
+        if choice.mmasp is not None and m <= mm.MAX_M:  # the mma.sp kernel alone, as the tuner configured it
+            t["mmasp_graph"] = _safe_time([lambda s=s: mm.mmasp_linear(x, s._mmasp_layout(), None, choice.mmasp)
+                                           for s in mods])
         if isinstance(torch_sparse, Exception):
             t["torch_semi_structured_eager"] = None
             torch_err = f"{type(torch_sparse).__name__}: {torch_sparse}"
@@ -131,6 +136,8 @@ def test_linear(benchmark, shape, dtype, m):
         "decode_config": list(choice.decode) if choice.decode else None,
         "decode_kernel": s24.config_name(choice.decode) if choice.decode else None,
         "speedup_decode_graph": ratio("dense_graph", "decode_graph") if "decode_graph" in t else None,
+        "mmasp_config": list(choice.mmasp) if choice.mmasp else None,
+        "speedup_mmasp_graph": ratio("dense_graph", "mmasp_graph") if "mmasp_graph" in t else None,
         "tuning_times_ms": choice.times_ms, "max_rel_err": err, "torch_semi_structured_error": torch_err,
         "speedup_graph": ratio("dense_graph", "sparse_graph"), "speedup_eager": ratio("dense_eager", "sparse_eager"),
         "speedup_torch_semi_structured_eager": ratio("dense_eager", "torch_semi_structured_eager"),
@@ -140,7 +147,8 @@ def test_linear(benchmark, shape, dtype, m):
     benchmark.extra_info.update(case)
     print(f"\n{shape} {case['dtype']} M={m}: path={choice.path} graph {case['speedup_graph']} eager "
           f"{case['speedup_eager']} torch {case['speedup_torch_semi_structured_eager']} decode "
-          f"{case['speedup_decode_graph']} ({case['decode_kernel']})")
+          f"{case['speedup_decode_graph']} ({case['decode_kernel']}) mmasp {case['speedup_mmasp_graph']} "
+          f"{case['mmasp_config']}")
     assert err < 5e-2
 
 

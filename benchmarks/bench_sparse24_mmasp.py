@@ -69,6 +69,8 @@ def run(out_path: str, dtypes, shapes, ms, budget_s: float = 240.0) -> dict:
 
             times = {}
             for cfg in configs:
+                if not mm.config_fits(m, n_in, cfg):  # the op would refuse it (by a C++ exception)
+                    continue
                 try:
                     times[cfg] = time_ms(fns(cfg))
                 except Exception as exc:  # record and go on: one config failing must not stop the sweep

@@ -40,7 +40,7 @@ if [[ "$MODE" == *" diag "* ]]; then
 fi
 if [[ "$MODE" == *" tests "* || "$MODE" == *" bench "* ]]; then
   good=""
-  for kind in 4 2 0; do  # dot-swap, stream-select, dot (stream-expand is not a tuning candidate)
+  for kind in ${PREFLIGHT_KINDS:-4 2 0}; do  # dot-swap, stream-select, dot (stream-expand is not a tuning candidate)
     timeout $(limit 90 $((E2E_RESERVE + 200))) python benchmarks/preflight_sparse24.py $kind && good="$good${good:+,}$kind"
   done
   export LLMPRUNE_SPARSE24_KINDS=${good:-0}

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from llmprune_kernels.nn import SparseLinear, sparsify_
 from llmprune_kernels.ops import sparse24_matmul as s24
+from llmprune_kernels.ops import sparse24_mmasp as mmasp
 from llmprune_kernels.sparse24 import cusparselt as cslt
 from llmprune_kernels.sparse24 import dispatch
 from llmprune_kernels.sparse24.checkpoint import (
@@ -105,6 +106,7 @@ def test_tuning_table_json_round_trip(tmp_path):
             1: dispatch.Choice("decode", None, {"dense": 0.02, "decode": 0.01}, (8, 1024, 1, 4, 1, 2)),
             2048: dispatch.Choice("cusparselt", cslt.CsltConfig(3, 1, -1, -1), {"cusparselt": 0.1}),
             64: dispatch.Choice("dense"),
+            16: dispatch.Choice("mmasp", None, {"dense": 0.02, "mmasp": 0.012}, None, (8, 2, 4)),
         }}, device_name="test")
     path = tmp_path / "sub" / "table.json"
     table.save(str(path))
@@ -118,7 +120,13 @@ def test_tuning_table_json_round_trip(tmp_path):
     assert back.lookup(64, 128, torch.float16, 33).path == "dense"  # bucket 64
     assert back.lookup(64, 128, torch.float16, 4) is None  # unmeasured bucket -> defaults
     assert back.lookup(64, 128, torch.bfloat16, 1) is None
-    assert back.paths_for(64, 128, torch.float16) == {"decode", "cusparselt", "dense"}
+    assert back.lookup(64, 128, torch.float16, 9).mmasp == (8, 2, 4)  # bucket 16
+    assert back.paths_for(64, 128, torch.float16) == {"decode", "cusparselt", "dense", "mmasp"}
+    bad = json.load(open(path))
+    bad["entries"]["64x128:float16"]["16"]["mmasp"] = [3, 1, 1]
+    json.dump(bad, open(path, "w"))
+    with pytest.raises(ValueError, match="warps"):
+        dispatch.TuningTable.load(str(path))
     assert [dispatch.bucket(m) for m in (1, 3, 16, 17, 8192, 10000)] == [1, 4, 16, 32, 8192, 8192]
 
 
@@ -277,7 +285,8 @@ def test_checkpoint_rejects_other_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- CUDA paths
-CUDA_PATHS = ["dense", "decode"] + (["cusparselt"] if cslt.available() else [])
+CUDA_PATHS = (["dense", "decode"] + (["cusparselt"] if cslt.available() else [])
+              + (["mmasp"] if mmasp.available() else []))
 
 
 @pytest.mark.cuda

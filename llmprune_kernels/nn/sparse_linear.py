@@ -4,11 +4,11 @@ Forward is ``F.linear(x, W, bias)`` with ``W`` the masked dense weight, whatever
 
 * CPU: the masked dense matmul (the reference), so CI checks the semantics;
 * CUDA: per M bucket, the path measured fastest for this weight shape at ``sparsify_`` time (or read
-  from a saved tuning table): our Triton decode kernel (small M), our cached-plan cuSPARSELt op
-  (large M), or a dense copy of the masked weight where sparse would lose.
+  from a saved tuning table): our mma.sp CUDA kernel or our Triton decode kernel (small M), our
+  cached-plan cuSPARSELt op (large M), or a dense copy of the masked weight where sparse would lose.
 
-The packed ``values`` / ``meta`` buffers are the state (``state_dict``); the cuSPARSELt-compressed copy
-and any dense copy are caches rebuilt by ``prepare()`` after a device or dtype move. Call ``prepare()``
+The packed ``values`` / ``meta`` buffers are the state (``state_dict``); the cuSPARSELt-compressed copy,
+the mma.sp fragment-order copy and any dense copy are caches rebuilt by ``prepare()`` after a device or dtype move. Call ``prepare()``
 (``sparsify_`` does) before capturing a CUDA graph or ``torch.compile``.
 
 Eager CUDA calls take a fast path: the first call with a given M resolves the dispatch (table lookup,
@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmprune_kernels.ops import sparse24_matmul as s24
+from llmprune_kernels.ops import sparse24_mmasp as mmasp
 from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
 from llmprune_kernels.sparse24 import cusparselt as cslt
 from llmprune_kernels.sparse24 import dispatch
@@ -110,8 +111,9 @@ class SparseLinear(nn.Module):
         dev = self.values.device
         if dev.type != "cuda":
             return dispatch.PINNED["dense"]
-        if self.force_path is not None:
-            return dispatch.PINNED[self.force_path]
+        if self.force_path is not None:  # mma.sp takes M <= 16: dense above
+            too_many = self.force_path == "mmasp" and m > mmasp.MAX_M
+            return dispatch.PINNED["dense" if too_many else self.force_path]
         c = self._table().lookup(self.out_features, self.in_features, self.values.dtype, m)
         return c if c is not None else dispatch.default_choice(
             self.out_features, self.in_features, self.values.dtype, m, dev)
@@ -127,6 +129,12 @@ class SparseLinear(nn.Module):
         if c is None:
             c = self._cache["cslt"] = cslt.compress(unpack_24(self.packed()))
         return c
+
+    def _mmasp_layout(self) -> mmasp.MmaspLayout:
+        L = self._cache.get("mmasp")
+        if L is None:
+            L = self._cache["mmasp"] = mmasp.to_mmasp_layout(self.packed())
+        return L
 
     @torch.no_grad()
     def prepare(self, paths: set[str] | None = None) -> "SparseLinear":
@@ -147,6 +155,8 @@ class SparseLinear(nn.Module):
         if "cusparselt" in paths and cslt.available() and cslt.shape_ok(self.out_features, self.in_features,
                                                                          self.values.dtype):
             self._compressed()
+        if "mmasp" in paths and mmasp.available() and self.values.dtype in (torch.float16, torch.bfloat16):
+            self._mmasp_layout()
         return self
 
     # -- forward --------------------------------------------------------------------------------
@@ -179,6 +189,15 @@ class SparseLinear(nn.Module):
                 cfg = s24.DEFAULT_CONFIG if capturing else s24.tune_config(n, k, self.values.dtype, m,
                                                                           self.values.device)
             run = s24.decode_runner(self.values, self.meta, bias, m, k, cfg)
+        elif choice.path == "mmasp":
+            op, L = torch.ops.llmprune_kernels.sparse24_mmasp_linear.default, self._mmasp_layout()
+            cfg = choice.mmasp or mmasp.default_config(n, k, m)
+            if not mmasp.config_fits(m, k, cfg):
+                raise ValueError(f"mma.sp config {cfg} does not fit in_features={k}, M={m}")
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                y = op(x.reshape(m, k), L.a_frag, L.e_frag, n, bias, *cfg)
+                return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
         elif choice.path == "cusparselt":
             op, comp = torch.ops.llmprune_kernels.sparse24_cslt_linear.default, self._compressed()
             c = choice.cslt or cslt.DEFAULT_CONFIG
@@ -209,6 +228,14 @@ class SparseLinear(nn.Module):
                 return torch.ops.llmprune_kernels.sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
             return sparse24_mm(x, self.values, self.meta, self.bias, self.in_features,
                                block=choice.decode if x.is_cuda else None)
+        if choice.path == "mmasp":
+            cfg = choice.mmasp or mmasp.default_config(self.out_features, self.in_features, m)
+            if torch.compiler.is_compiling():
+                L = self._mmasp_layout()
+                y = torch.ops.llmprune_kernels.sparse24_mmasp_linear(x.reshape(m, self.in_features), L.a_frag,
+                                                                     L.e_frag, self.out_features, self.bias, *cfg)
+                return y.reshape(*x.shape[:-1], self.out_features)
+            return mmasp.mmasp_linear(x, self._mmasp_layout(), self.bias, cfg)
         if choice.path == "cusparselt":
             x2 = x.reshape(m, self.in_features)
             y = cslt.linear(x2, self._compressed(), self.out_features, self.bias, choice.cslt or cslt.DEFAULT_CONFIG)

@@ -161,6 +161,25 @@ def check_config(config: tuple[int, int, int]) -> tuple[int, int, int]:
     return warps, rpw, splits
 
 
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CTA may use on sm_90
+
+
+def smem_bytes(m: int, in_features: int, config: tuple[int, int, int]) -> int:
+    """Shared memory of one CTA (the x slice plus the fp32 partial tile), as the op computes it."""
+    warps, rpw, splits = check_config(config)
+    _, nc = padded_dims(16, in_features)
+    nt = 1 if m <= 8 else 2
+    stride = math.ceil(nc / splits) * 256 + 8
+    xs = (nt * 8 * stride * 2 + 15) // 16 * 16
+    return xs + warps * rpw * 16 * nt * 8 * 4
+
+
+def config_fits(m: int, in_features: int, config: tuple[int, int, int]) -> bool:
+    """The launch fits the GPU's shared memory (checked here: an exception thrown by the C++ op can take the
+    process down on some torch builds, so the op must never see a config it would refuse)."""
+    return smem_bytes(m, in_features, config) <= SMEM_LIMIT
+
+
 def default_config(out_features: int, in_features: int, m: int = 1, sms: int = 132) -> tuple[int, int, int]:
     """(warps, rows_per_warp, splits): 8 warps of one row block; the fewest split-K CTAs (a cluster) that
     give at least two CTAs per SM, never more splits than 256-column chunks."""
@@ -188,6 +207,14 @@ def mmasp_linear(x: torch.Tensor, layout: MmaspLayout, bias: torch.Tensor | None
     if not available():
         raise RuntimeError("the mma.sp op needs the CUDA build of llmprune_kernels._C and a GPU")
     cfg = check_config(config if config is not None else default_config(out, inp, x2.shape[0]))
+    if not config_fits(x2.shape[0], inp, cfg):
+        raise ValueError(f"mma.sp config {cfg} needs {smem_bytes(x2.shape[0], inp, cfg)} bytes of shared memory "
+                         f"for in_features={inp}, M={x2.shape[0]} (limit {SMEM_LIMIT}): use more splits")
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (out,) or bias.device != x.device):
+        raise ValueError(f"bias must be a {x.dtype} vector of {out} on {x.device}, got {bias.dtype} "
+                         f"{tuple(bias.shape)} on {bias.device}")
+    if not x.is_cuda or layout.a_frag.device != x.device:
+        raise ValueError(f"x ({x.device}) and the weight ({layout.a_frag.device}) must be on one CUDA device")
     y = torch.ops.llmprune_kernels.sparse24_mmasp_linear(x2.contiguous(), layout.a_frag, layout.e_frag, out, bias, *cfg)
     return y.reshape(*lead, out)
 

@@ -1,7 +1,8 @@
 """Which 2:4 path runs a ``SparseLinear`` for M input rows: measured per weight shape, cached in a table.
 
-Paths: ``decode`` (our Triton kernel on the packed weight, small M), ``cusparselt`` (our extension's
-cached-plan cuSPARSELt op, large M) and ``dense`` (a dense copy of the masked weight, where sparse would
+Paths: ``decode`` (our Triton kernel on the packed weight, small M), ``mmasp`` (our CUDA kernel on the
+sparse tensor cores, M <= 16, sm_90; :mod:`llmprune_kernels.ops.sparse24_mmasp`), ``cusparselt`` (our
+extension's cached-plan cuSPARSELt op, large M) and ``dense`` (a dense copy of the masked weight, where sparse would
 lose). M is rounded up to a power-of-two bucket; each bucket's path is measured on this GPU when the
 model is sparsified (``tune_shape``), or comes from a saved JSON table (which also holds the decode
 kernel's measured config, so a loaded table needs no re-measuring).
@@ -23,11 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from llmprune_kernels.ops import sparse24_matmul as s24
+from llmprune_kernels.ops import sparse24_mmasp as mmasp
 from llmprune_kernels.ops.sparse24_matmul import HAS_TRITON, sparse24_mm
 from llmprune_kernels.sparse24 import cusparselt as cslt
 from llmprune_kernels.sparse24.pack import pack_24
 
-PATHS = ("dense", "decode", "cusparselt")
+PATHS = ("dense", "decode", "cusparselt", "mmasp")
+# mma.sp launch configs (warps, rows_per_warp, splits) measured per bucket besides the shape's default: the
+# winners of the H100 sweep (benchmarks/results/sparse24_mmasp_h100.json)
+MMASP_CONFIGS = ((4, 1, 2), (4, 1, 4), (8, 1, 2), (8, 1, 4), (8, 2, 4))
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 DECODE_MAX_M = 64  # the decode kernel is a candidate up to here; it is designed for M <= 16
 # A sparse path must be at least 3% faster than dense in tuning, else dense runs. Repeated H100 timings
@@ -54,18 +59,22 @@ def shape_key(out_features: int, in_features: int, dtype: torch.dtype) -> str:
 
 @dataclass
 class Choice:
-    """One bucket's path; ``decode``: the decode kernel config measured for it (``sparse24_mm``'s block)."""
+    """One bucket's path; ``decode``: the decode kernel config measured for it (``sparse24_mm``'s block);
+    ``mmasp``: the mma.sp launch config (warps, rows_per_warp, splits) measured for it."""
 
     path: str
     cslt: cslt.CsltConfig | None = None
     times_ms: dict[str, float] = field(default_factory=dict)
     decode: tuple | None = None
+    mmasp: tuple | None = None
 
     def to_json(self) -> dict:
         d = {"path": self.path, "cslt": self.cslt.as_dict() if self.cslt else None, "times_ms": self.times_ms}
         if self.decode is not None:
             d["decode"] = list(self.decode)
             d["decode_kernel"] = s24.config_name(self.decode)  # for readers of the JSON
+        if self.mmasp is not None:
+            d["mmasp"] = list(self.mmasp)
         return d
 
     @classmethod
@@ -73,7 +82,8 @@ class Choice:
         if d["path"] not in PATHS:
             raise ValueError(f"tuning table path {d['path']!r} is unknown; allowed: {PATHS}")
         return cls(d["path"], cslt.CsltConfig(**d["cslt"]) if d.get("cslt") else None, dict(d.get("times_ms", {})),
-                   tuple(d["decode"]) if d.get("decode") else None)
+                   tuple(d["decode"]) if d.get("decode") else None,
+                   mmasp.check_config(d["mmasp"]) if d.get("mmasp") else None)
 
 
 def choose_path(times: dict[str, float], margin: float = DISPATCH_MARGIN) -> str:
@@ -148,9 +158,12 @@ PINNED = {p: Choice(p) for p in PATHS}  # shared constants: forward never builds
 
 
 def default_choice(out_features: int, in_features: int, dtype: torch.dtype, m: int, device: torch.device) -> Choice:
-    """Without a measurement: decode for M <= 16, cuSPARSELt above when it can run, else dense."""
+    """Without a measurement: mma.sp (else the Triton decode kernel) for M <= 16, cuSPARSELt above when it
+    can run, else dense."""
     if device.type != "cuda":
         return PINNED["dense"]
+    if m <= mmasp.MAX_M and mmasp.available() and dtype in (torch.float16, torch.bfloat16) and in_features % 4 == 0:
+        return PINNED["mmasp"]
     if m <= 16 and HAS_TRITON:
         return PINNED["decode"]
     if cslt.available() and cslt.shape_ok(out_features, in_features, dtype):
@@ -231,6 +244,8 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
         packed.append(pack_24(dense[-1]))
     use_cslt = cslt.available() and cslt.shape_ok(out_features, in_features, dtype)
     comp = [cslt.compress(w) for w in dense] if use_cslt else []
+    use_mmasp = mmasp.available() and dtype in (torch.float16, torch.bfloat16) and in_features % 4 == 0
+    layouts = [mmasp.to_mmasp_layout(p) for p in packed] if use_mmasp else []
     name = shape_key(out_features, in_features, dtype)
     choices = {}
     for m in buckets:
@@ -244,7 +259,13 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
                                                                          block=c) for p in packed]
             except Exception as exc:  # no decode config runs this shape: the path does not compete
                 print(f"sparse24 tuning: decode config search failed for {name} M={m}: {exc}")
-        times, cfg = {}, None
+        times, cfg, mcfg = {}, None, None
+        if use_mmasp and m <= mmasp.MAX_M:
+            try:
+                mcfg, times["mmasp"] = _tune_mmasp(layouts, x, out_features, reps)
+                cands["mmasp"] = [lambda L=L, x=x, c=mcfg: mmasp.mmasp_linear(x, L, None, c) for L in layouts]
+            except Exception as exc:  # the path does not compete
+                print(f"sparse24 tuning: mmasp failed for {name} M={m}: {exc}")
         if use_cslt:
             try:
                 cfg, times["cusparselt"], _ = cslt.search(
@@ -265,8 +286,20 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
             times.update(_retime({"dense": cands["dense"], close: cands[close]}, reps))
         best = choose_path(times)
         choices[m] = Choice(best, cfg if best == "cusparselt" else None, times,
-                            dcfg if "decode" in cands else None)
+                            dcfg if "decode" in cands else None, mcfg)
     return choices
+
+
+def _tune_mmasp(layouts, x, out_features: int, reps: int) -> tuple[tuple, float]:
+    """The fastest fitting mma.sp config for ``x``'s M (the shape's default and ``MMASP_CONFIGS``)."""
+    m, k = x.shape
+    configs = dict.fromkeys((mmasp.default_config(out_features, k, m),) + MMASP_CONFIGS)
+    times = {}
+    for c in configs:
+        if mmasp.config_fits(m, k, c):
+            times[c] = time_ms([lambda L=L, c=c: mmasp.mmasp_linear(x, L, None, c) for L in layouts], reps=reps)
+    best = min(times, key=times.get)
+    return best, times[best]
 
 
 def tune(shapes, table: TuningTable | None = None, device="cuda", buckets=BUCKETS) -> TuningTable:

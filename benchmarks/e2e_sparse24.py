@@ -106,11 +106,12 @@ def main():
     for mod in sl:
         key = dispatch.shape_key(mod.out_features, mod.in_features, mod.values.dtype)
         res["dispatch"][key] = {str(mm): (c.path + (f" ({s24.config_name(c.decode)})" if c.decode and c.path == "decode"
-                                                    else "")) for mm in (1, 2048) for c in [mod.choose(mm)]}
+                                                    else f" {list(c.mmasp)}" if c.mmasp and c.path == "mmasp" else "")) for mm in (1, 2048) for c in [mod.choose(mm)]}
     res["linear_weight_bytes_dense"] = sum(m.weight.numel() * 2 for m in dense.model.layers.modules()
                                            if isinstance(m, nn.Linear))
     res["linear_state_bytes_sparse"] = nbytes(sl, ["values", "meta"])
-    res["linear_cache_bytes_sparse"] = sum(t.numel() * t.element_size() for m in sl for t in m._cache.values())
+    res["linear_cache_bytes_sparse"] = sum(t.nbytes() if hasattr(t, "a_frag") else t.numel() * t.element_size()
+                                           for m in sl for t in m._cache.values())
     prompt = torch.randint(0, 32000, (1, 2048), device="cuda")
     short = prompt[:, :128]
     n = a.new_tokens

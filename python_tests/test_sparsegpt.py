@@ -229,15 +229,14 @@ def _assert_exact(fast, ref, truth):
 @pytest.mark.parametrize("rows,cols,config,dead", CASES + [(16, 1100, UNSTRUCTURED, (3,)), (16, 1104, NM24, ())])
 def test_fast_inverse_equals_exact_result(device, rows, cols, config, dead):
     """The CUDA default (fp64 one-factorisation inverse, trailing updates deferred over groups of 4 blocks:
-    the 1100-column cases) gives the exact result's masks (here also the reference's) and weights at least
-    as close to it as the reference's own."""
+    the 1100-column cases) gives the exact result's masks and weights at least as close to it as the
+    reference's own (on the H100 the fp32 reference's 2:4 masks of the 1104-column case differ from the
+    exact result's)."""
     _need_ext(device)
     W, H = _layer(rows, cols, device=device, dead=dead)
     truth = sparsegpt_prune(W, H, config, compute_dtype=torch.float64)
     fast, _ = ops.sparsegpt_prune(W, H, config, backend="ext", fast_inverse=True)
-    ref = sparsegpt_prune(W, H, config)
-    assert torch.equal(ref.mask, truth.mask)
-    _assert_exact(fast, ref, truth)
+    _assert_exact(fast, sparsegpt_prune(W, H, config), truth)
 
 
 def test_fast_inverse_is_the_cuda_default():

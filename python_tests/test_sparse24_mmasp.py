@@ -191,3 +191,30 @@ def test_cuda_graph_and_strided_input():
         _close(y, F.linear(x.float(), w.float()), dtype)
     xs = torch.randn(3, 8200, device="cuda").to(dtype)[:, 2:4098]  # row stride 8200, start offset 4 bytes
     _close(mm.mmasp_linear(xs, lay), F.linear(xs.float(), w.float()), dtype)
+
+
+def test_backward_formula_cpu():
+    """The op's autograd formula (dense weight rebuilt from the layout): grad_x = grad @ W, grad_b = sum."""
+    from types import SimpleNamespace
+
+    w = random_24_weight(40, 300, torch.float16, "cpu")
+    lay = mm.to_mmasp_layout(pack_24(w))
+    grad = torch.randn(5, 40).half()
+    ctx = SimpleNamespace(saved_tensors=(lay.a_frag, lay.e_frag), shape=(40, 300),
+                          needs_input_grad=(True, False, False, False, True, False, False, False))
+    gx, *rest = mm._backward(ctx, grad)
+    assert torch.equal(gx, grad @ w)
+    assert torch.equal(rest[3], grad.sum(0)) and all(g is None for i, g in enumerate(rest) if i != 3)
+
+
+@pytest.mark.cuda
+def test_cuda_backward_through_op():
+    dtype = torch.float16
+    w, lay = _cuda_case((256, 1024), dtype)
+    x = torch.randn(8, 1024, device="cuda").to(dtype).requires_grad_()
+    b = torch.randn(256, device="cuda").to(dtype).requires_grad_()
+    (mm.mmasp_linear(x, lay, b).float() ** 2).sum().backward()
+    xr, br = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    (F.linear(xr, w, br).float() ** 2).sum().backward()
+    _close(x.grad, xr.grad, dtype)
+    _close(b.grad, br.grad, dtype)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from llmprune_kernels import _ext
-from llmprune_kernels.sparse24.pack import Packed24, meta_indices, meta_width
+from llmprune_kernels.sparse24.pack import Packed24, meta_indices, meta_width, unpack_24
 
 ROWS = 16  # output features per MMA (row block)
 KSTEP = 32  # input columns per MMA
@@ -225,11 +225,34 @@ def probe(a_regs: torch.Tensor, b_regs: torch.Tensor, e: torch.Tensor, selector:
     return torch.ops.llmprune_kernels.sparse24_mmasp_probe(a_regs, b_regs, e, int(selector), bool(bf16))
 
 
+def _setup_context(ctx, inputs, output) -> None:
+    x, a_frag, e_frag, out_features, bias, *_ = inputs
+    ctx.save_for_backward(a_frag, e_frag)
+    ctx.shape = (out_features, x.shape[1])
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """Gradients for x and bias (the weight is frozen: pruned weights are not trained here), from the dense
+    weight rebuilt from the fragment-order layout."""
+    a_frag, e_frag = ctx.saved_tensors
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = grad @ unpack_24(from_mmasp_layout(MmaspLayout(a_frag, e_frag, ctx.shape)))
+    if ctx.needs_input_grad[4]:
+        gb = grad.sum(0)
+    return gx, None, None, None, gb, None, None, None
+
+
 if hasattr(torch.library, "register_fake"):
     def _register_fake() -> None:
         @torch.library.register_fake("llmprune_kernels::sparse24_mmasp_linear")
         def _(x, a_frag, e_frag, out_features, bias, warps, rows_per_warp, splits):
             return x.new_empty(x.shape[0], out_features)
+
+        # Without it, backward through the op (a SparseLinear in a model being fine-tuned or differentiated,
+        # e.g. for GBLM gradients) would silently give no gradient for x.
+        torch.library.register_autograd("llmprune_kernels::sparse24_mmasp_linear", _backward,
+                                        setup_context=_setup_context)
 
     try:
         if hasattr(torch.ops.llmprune_kernels, "sparse24_mmasp_linear"):

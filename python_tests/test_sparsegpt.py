@@ -253,6 +253,10 @@ def test_fast_inverse_is_the_cuda_default():
     assert ops.resolve_fast_inverse(None, "reference", "cuda") is False
     with pytest.raises(ValueError, match="fast_inverse"):
         ops.resolve_fast_inverse(True, "reference", "cpu")
+    if ops.ext_available("cpu"):  # the result says which factor ran
+        W, H = _layer(8, 64, device=torch.device("cpu"))
+        assert not ops.sparsegpt_prune(W, H, UNSTRUCTURED, backend="ext")[0].fast_inverse
+        assert ops.sparsegpt_prune(W, H, UNSTRUCTURED, backend="ext", fast_inverse=True)[0].fast_inverse
 
 
 @pytest.mark.parametrize("blocksize", [32, 128])

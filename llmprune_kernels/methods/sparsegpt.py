@@ -41,7 +41,7 @@ class SparseGPTPruner(LayerPruner):
         if self.nsamples == 0:
             raise ValueError(f"{self.name}: no calibration data reached this layer")
         t0 = time.perf_counter()
-        res, used, fast = ops.sparsegpt_prune_info(
+        res, used = ops.sparsegpt_prune(
             self.layer.weight.data, self.H, self.config, self.blocksize, self.percdamp, self.max_retries,
             self.backend, self.tf32, self.name, self.fast_inverse,
         )
@@ -52,7 +52,7 @@ class SparseGPTPruner(LayerPruner):
             "sparsegpt_damp_retries": res.retries,
             "sparsegpt_backend": used,
             "sparsegpt_tf32": self.tf32,
-            "sparsegpt_fast_inverse": fast,
+            "sparsegpt_fast_inverse": res.fast_inverse,
             "sparsegpt_seconds": time.perf_counter() - t0,
         }
 

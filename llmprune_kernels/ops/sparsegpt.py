@@ -132,26 +132,9 @@ def sparsegpt_prune(
     near-singular Hessian). It is not bit-identical to the reference: on large ill-conditioned layers
     (the benchmark's 11008 columns from 8192 tokens) masks differ at near-ties, and a flip changes the later
     updates (benchmarks/results/sparsegpt_h100.json gives the fractions and the loss change).
-    ``fast_inverse=False`` reproduces the reference bit for bit (same ATen calls).
+    ``fast_inverse=False`` reproduces the reference bit for bit (same ATen calls). The result's
+    ``fast_inverse`` says which factor ran.
     """
-    return sparsegpt_prune_info(weight, H, config, blocksize, percdamp, max_retries, backend, tf32, name,
-                                fast_inverse)[:2]
-
-
-@torch.no_grad()
-def sparsegpt_prune_info(
-    weight: torch.Tensor,
-    H: torch.Tensor,
-    config: SparsityConfig,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    max_retries: int = 4,
-    backend: str = "auto",
-    tf32: bool = False,
-    name: str = "layer",
-    fast_inverse: bool | None = None,
-) -> tuple[ref.SparseGPTResult, str, bool]:
-    """``sparsegpt_prune`` that also says whether the fast inverse ran."""
     check_weight(weight)
     if H.device != weight.device:
         raise ValueError(f"{name}: Hessian is on {H.device} but the weight on {weight.device}")
@@ -163,7 +146,7 @@ def sparsegpt_prune_info(
     fast_inverse = resolve_fast_inverse(fast_inverse, used, weight.device)
     with tf32_matmul(tf32):
         if used == "reference":
-            return ref.sparsegpt_prune(weight, H, config, blocksize, percdamp, max_retries, name), used, False
+            return ref.sparsegpt_prune(weight, H, config, blocksize, percdamp, max_retries, name), used
         ref.check_hessian(H, weight.shape[1], name)
         if config.is_nm:
             check_nm(config.n, config.m, weight.shape[1])
@@ -178,4 +161,4 @@ def sparsegpt_prune_info(
             f"{name}: Cholesky factorisation failed after {max_retries} retries with growing damping (last "
             f"damping {damp:g}); the Hessian is not usable"
         )
-    return ref.SparseGPTResult(W, mask, losses, float(damp), int(retries)), used, fast_inverse
+    return ref.SparseGPTResult(W, mask, losses, float(damp), int(retries), fast_inverse), used

@@ -71,6 +71,7 @@ class SparseGPTResult:
     losses: torch.Tensor  # per output row: sum over columns of (w - q)^2 / Hinv[i,i]^2 / 2
     damp: float  # damping added to the diagonal (absolute)
     retries: int  # Cholesky retries with larger damping
+    fast_inverse: bool = False  # the extension's fp64 one-factorisation inverse ran (ops.sparsegpt)
 
     @property
     def loss(self) -> float:

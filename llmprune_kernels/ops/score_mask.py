@@ -241,7 +241,8 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
 
 
 def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
-    """Unstructured: rows in registers (``select`` radix1 or sample), or streamed in chunks when too long."""
+    """Unstructured: rows in registers (``select`` radix1, sample or interp), or streamed in chunks when too
+    long."""
     rows, cols = w.shape
     cfg = _rows_config(cols, w.element_size(), tune)
     ptrs = (w, g, f, cs, rs, out, bits)

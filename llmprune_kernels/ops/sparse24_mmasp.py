@@ -153,6 +153,11 @@ def available() -> bool:
                                                                           "sparse24_mmasp_linear")
 
 
+def supports(dtype: torch.dtype, in_features: int) -> bool:
+    """The op is built and can run a weight of this dtype and width (fp16 / bf16, width a multiple of 4)."""
+    return available() and dtype in (torch.float16, torch.bfloat16) and in_features % 4 == 0
+
+
 def check_config(config: tuple[int, int, int]) -> tuple[int, int, int]:
     warps, rpw, splits = (int(v) for v in config)
     if warps not in WARPS or rpw not in ROWS_PER_WARP or splits not in SPLITS:

@@ -2,8 +2,8 @@
 
 Paths: ``decode`` (our Triton kernel on the packed weight, small M), ``mmasp`` (our CUDA kernel on the
 sparse tensor cores, M <= 16, sm_90; :mod:`llmprune_kernels.ops.sparse24_mmasp`), ``cusparselt`` (our
-extension's cached-plan cuSPARSELt op, large M) and ``dense`` (a dense copy of the masked weight, where sparse would
-lose). M is rounded up to a power-of-two bucket; each bucket's path is measured on this GPU when the
+extension's cached-plan cuSPARSELt op, large M) and ``dense`` (a dense copy of the masked weight, where
+sparse would lose). M is rounded up to a power-of-two bucket; each bucket's path is measured on this GPU when the
 model is sparsified (``tune_shape``), or comes from a saved JSON table (which also holds the decode
 kernel's measured config, so a loaded table needs no re-measuring).
 Timing replays a CUDA graph over several weight copies (more bytes than L2 holds), so a decode-sized
@@ -162,7 +162,7 @@ def default_choice(out_features: int, in_features: int, dtype: torch.dtype, m: i
     can run, else dense."""
     if device.type != "cuda":
         return PINNED["dense"]
-    if m <= mmasp.MAX_M and mmasp.available() and dtype in (torch.float16, torch.bfloat16) and in_features % 4 == 0:
+    if m <= mmasp.MAX_M and mmasp.supports(dtype, in_features):
         return PINNED["mmasp"]
     if m <= 16 and HAS_TRITON:
         return PINNED["decode"]
@@ -244,7 +244,7 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
         packed.append(pack_24(dense[-1]))
     use_cslt = cslt.available() and cslt.shape_ok(out_features, in_features, dtype)
     comp = [cslt.compress(w) for w in dense] if use_cslt else []
-    use_mmasp = mmasp.available() and dtype in (torch.float16, torch.bfloat16) and in_features % 4 == 0
+    use_mmasp = mmasp.supports(dtype, in_features)
     layouts = [mmasp.to_mmasp_layout(p) for p in packed] if use_mmasp else []
     name = shape_key(out_features, in_features, dtype)
     choices = {}

@@ -85,6 +85,14 @@ def _setup(shape, dtype):
     return _SETUPS[key]
 
 
+def _safe_pair(dense_fns, sparse_fns, **kw):
+    try:
+        return tuple(dispatch.time_ms_interleaved([dense_fns, sparse_fns], trials=9, **kw))
+    except Exception as exc:
+        print(f"  timing failed: {type(exc).__name__}: {exc}")
+        return None, None
+
+
 def _safe_time(fns, **kw):
     try:
         return dispatch.time_ms(fns, **kw)
@@ -102,10 +110,9 @@ def test_linear(benchmark, shape, dtype, m):
     with torch.no_grad():
         dense_fns = [lambda w=w: F.linear(x, w) for w in dense]
         sparse_fns = [lambda s=s: s(x) for s in mods]
-        t = {
-            "dense_graph": _safe_time(dense_fns), "sparse_graph": _safe_time(sparse_fns),
-            "dense_eager": _safe_time(dense_fns, graph=False), "sparse_eager": _safe_time(sparse_fns, graph=False),
-        }
+        t = {}  # dense and sparse timed in turn within every trial: clock drift cannot favour either
+        t["dense_graph"], t["sparse_graph"] = _safe_pair(dense_fns, sparse_fns)
+        t["dense_eager"], t["sparse_eager"] = _safe_pair(dense_fns, sparse_fns, graph=False)
         choice = mods[0].choose(m)
         if choice.decode is not None:  # the decode kernel alone, as the tuner configured it
             t["decode_graph"] = _safe_time([lambda s=s: s24.sparse24_mm(x, s.values, s.meta, None, shape[1],
@@ -163,7 +170,8 @@ def _write():
     RESULTS["decode_candidate_errors"] = {f"{dispatch.shape_key(n, k, dt)} M={m} {s24.config_name(c)}": e
                                           for (n, k, dt, m, c), e in s24.TUNE_ERRORS.items()}
     RESULTS["method"] = ("times are medians of CUDA-event timings; *_graph: one CUDA graph replaying the call "
-                         "over several weight copies (> 2x L2 bytes); *_eager: the same loop in eager mode; "
+                         "over several weight copies (> 2x L2 bytes); *_eager: the same loop in eager mode; dense and sparse "
+                         "replayed in turn within each of 9 trials (medians), so drift weighs on both alike; "
                          "speedup = dense time / sparse time; decode_graph: the decode kernel alone with the "
                          "tuned config; decode_candidates: triton do_bench medians (ms, L2 flushed, one weight) "
                          "of every decode config per shape and M; a sparse path is chosen only if >= "

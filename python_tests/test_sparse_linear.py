@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 
 import pytest
 import torch
@@ -162,26 +163,31 @@ def test_close_call_window():
 
 def test_tune_shape_retimes_close_calls(monkeypatch):
     """tune_shape's orchestration with a fake timer: the decode config is kept per bucket, a close call
-    is re-measured (dense and the contender alternately) and the margin decides."""
+    is re-measured (dense and the contender interleaved) and the margin decides."""
     first = {"dense": 1.0, "decode": 0.99}  # bucket 1: within the window -> re-timed, then 0.90 wins
     retimed = {"dense": [1.0, 1.02, 0.98], "decode": [0.90, 0.91, 0.89]}
     calls = []
 
+    def which(fns):
+        return "decode" if "sparse24_mm" in fns[0].__code__.co_names else "dense"
+
     def fake_time(fns, reps=10, graph=True, trials=5):
-        path = "decode" if "sparse24_mm" in fns[0].__code__.co_names else "dense"
-        calls.append(path)
-        n_before = calls[:-1].count(path)
-        if n_before == 0:
-            return first[path]
-        return retimed[path][n_before - 1]
+        calls.append(which(fns))
+        return first[calls[-1]]
+
+    def fake_interleaved(groups, reps=20, graph=True, trials=5):
+        paths = [which(fns) for fns in groups]
+        calls.append(tuple(paths))
+        return [statistics.median(retimed[p]) for p in paths]
 
     monkeypatch.setattr(dispatch, "time_ms", fake_time)
+    monkeypatch.setattr(dispatch, "time_ms_interleaved", fake_interleaved)
     monkeypatch.setattr(dispatch, "weight_copies", lambda nbytes, device: 1)
     monkeypatch.setattr(dispatch.cslt, "available", lambda: False)
     monkeypatch.setattr(s24, "tune_config", lambda n, k, dtype, m, device: (8, 1024, 1, 4, 1, 2))
     choices = dispatch.tune_shape(64, 128, torch.float16, "cpu", buckets=(1,))
     c = choices[1]
-    assert calls == ["dense", "decode"] + ["dense", "decode"] * 3
+    assert calls == ["dense", "decode", ("dense", "decode")]
     assert c.path == "decode" and c.decode == (8, 1024, 1, 4, 1, 2)
     assert c.times_ms == {"dense": 1.0, "decode": 0.90}  # medians of the re-timing
     calls.clear()
@@ -223,6 +229,18 @@ def test_compile_aot_eager_cpu():
     x = torch.randn(5, 64)
     compiled = torch.compile(sl, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), sl(x))
+
+
+def test_compile_with_cold_dense_cache_cpu():
+    # A path that never needed the dense weight (mma.sp above its M limit) reaches it first inside
+    # torch.compile: the traced expansion must not guard on the metadata's values.
+    sl = SparseLinear.from_linear(linear_24(32, 64))
+    sl._cache.clear()
+    x = torch.randn(5, 64)
+    compiled = torch.compile(sl, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    assert "dense" not in sl._cache  # nothing cached from inside the trace
+    assert torch.equal(y, sl(x))
 
 
 # ---------------------------------------------------------------------------------- checkpoints

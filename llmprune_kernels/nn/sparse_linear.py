@@ -29,7 +29,7 @@ from llmprune_kernels.ops import sparse24_mmasp as mmasp
 from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
 from llmprune_kernels.sparse24 import cusparselt as cslt
 from llmprune_kernels.sparse24 import dispatch
-from llmprune_kernels.sparse24.pack import Packed24, check_24, meta_width, pack_24, unpack_24
+from llmprune_kernels.sparse24.pack import Packed24, check_24, expand_24, meta_width, pack_24, unpack_24
 
 
 _RUNNER_KEYS = frozenset({"values", "meta", "bias", "table", "force_path"})  # reassigning one drops the runners
@@ -121,6 +121,8 @@ class SparseLinear(nn.Module):
     def _dense(self) -> torch.Tensor:
         w = self._cache.get("dense")
         if w is None:
+            if torch.compiler.is_compiling():  # traced: no data-dependent validation, no cache side effect
+                return expand_24(self.values, self.meta, self.in_features)
             w = self._cache["dense"] = unpack_24(self.packed())
         return w
 
@@ -148,8 +150,8 @@ class SparseLinear(nn.Module):
             paths = self._table().paths_for(self.out_features, self.in_features, self.values.dtype)
             paths |= {dispatch.default_choice(self.out_features, self.in_features, self.values.dtype, m,
                                               self.values.device).path for m in (1, 4096)}
-            if self.force_path:
-                paths.add(self.force_path)
+            if self.force_path:  # a pinned mma.sp path runs dense above its M limit
+                paths |= {self.force_path, "dense"} if self.force_path == "mmasp" else {self.force_path}
         if "dense" in paths:
             self._dense()
         if "cusparselt" in paths and cslt.available() and cslt.shape_ok(self.out_features, self.in_features,

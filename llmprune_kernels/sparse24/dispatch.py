@@ -19,6 +19,7 @@ import os
 import statistics
 import tempfile
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -171,13 +172,12 @@ def default_choice(out_features: int, in_features: int, dtype: torch.dtype, m: i
     return PINNED["dense"]
 
 
-def time_ms(fns, reps: int = 20, graph: bool = True, trials: int = 5) -> float:
-    """Median time of one call, cycling through ``fns``; replayed as a CUDA graph when ``graph``."""
+def _replayer(fns, reps: int, graph: bool) -> Callable[[], None]:
+    """``reps`` calls cycling through ``fns`` (warmed up), as one CUDA graph replay when ``graph``."""
     fns = list(fns)
     for f in fns:  # warm-up: Triton autotune, cuSPARSELt plan creation, allocator
         f()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     if graph:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -196,14 +196,28 @@ def time_ms(fns, reps: int = 20, graph: bool = True, trials: int = 5) -> float:
                 fns[i % len(fns)]()
     run()
     torch.cuda.synchronize()
-    times = []
+    return run
+
+
+def time_ms_interleaved(groups, reps: int = 20, graph: bool = True, trials: int = 5) -> list[float]:
+    """Median time of one call for each list of ``fns`` in ``groups``, the groups replayed in turn within
+    every trial, so clock and power drift over the run weigh on all of them alike."""
+    runs = [_replayer(fns, reps, graph) for fns in groups]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(trials):
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return statistics.median(times)
+        for run, t in zip(runs, times):
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            t.append(start.elapsed_time(end) / reps)
+    return [statistics.median(t) for t in times]
+
+
+def time_ms(fns, reps: int = 20, graph: bool = True, trials: int = 5) -> float:
+    """Median time of one call, cycling through ``fns``; replayed as a CUDA graph when ``graph``."""
+    return time_ms_interleaved([fns], reps=reps, graph=graph, trials=trials)[0]
 
 
 def random_24_weight(out_features: int, in_features: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -221,12 +235,9 @@ def weight_copies(nbytes_sparse: int, device) -> int:
 
 
 def _retime(cands: dict[str, list], reps: int, rounds: int = 3) -> dict[str, float]:
-    """Median over ``rounds`` of alternating measurements of each path (drift hits all paths alike)."""
-    got: dict[str, list[float]] = {p: [] for p in cands}
-    for _ in range(rounds):
-        for p, fns in cands.items():
-            got[p].append(time_ms(fns, reps=reps, trials=5))
-    return {p: statistics.median(v) for p, v in got.items()}
+    """Medians of interleaved measurements of each path (drift hits all paths alike)."""
+    names = list(cands)
+    return dict(zip(names, time_ms_interleaved([cands[p] for p in names], reps=reps, trials=5 * rounds)))
 
 
 @torch.no_grad()

@@ -121,7 +121,7 @@ def test_tuning_table_json_round_trip(tmp_path):
     assert back.lookup(64, 128, torch.float16, 33).path == "dense"  # bucket 64
     assert back.lookup(64, 128, torch.float16, 4) is None  # unmeasured bucket -> defaults
     assert back.lookup(64, 128, torch.bfloat16, 1) is None
-    assert back.lookup(64, 128, torch.float16, 9).mmasp == (8, 2, 4, 2)  # bucket 16 (2 stages implied)
+    assert back.lookup(64, 128, torch.float16, 9).mmasp == (8, 2, 4)  # bucket 16
     assert back.paths_for(64, 128, torch.float16) == {"decode", "cusparselt", "dense", "mmasp"}
     bad = json.load(open(path))
     bad["entries"]["64x128:float16"]["16"]["mmasp"] = [3, 1, 1]

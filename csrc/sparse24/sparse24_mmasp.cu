@@ -8,11 +8,10 @@
 //
 // Grid: (row tiles, splits). A CTA of `warps` warps owns warps * rows_per_warp row blocks of 16 and the
 // 256-column chunks [s*NC/splits, (s+1)*NC/splits) of K; its x slice sits in shared memory (zero rows
-// beyond M and zero columns beyond K, copied with cp.async) and feeds B through ldmatrix.x4. A registers
-// are loaded S (2 or 4, the `stages` argument) chunks ahead of the MMAs. The `splits` CTAs of a row tile
-// form one thread-block cluster: each writes its fp32 partial tile to shared memory, and cluster rank q
-// sums all partials (distributed shared memory, rank order) for 1/splits of the tile's rows, adds the bias
-// and stores y. One launch, no workspace, no atomics.
+// beyond M and zero columns beyond K, copied with cp.async) and feeds B through ldmatrix.x4. A registers are loaded two chunks
+// ahead of the MMAs. The `splits` CTAs of a row tile form one thread-block cluster: each writes its fp32
+// partial tile to shared memory, and cluster rank q sums all partials (distributed shared memory, rank
+// order) for 1/splits of the tile's rows, adds the bias and stores y. One launch, no workspace, no atomics.
 // The CPU emulator llmprune_kernels/reference/sparse24_mmasp.py mirrors every index computed here.
 
 #include <ATen/ATen.h>
@@ -135,7 +134,7 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[WR][NT][4], const Frag<WR
   }
 }
 
-template <typename T, bool BF16, int NT, int WR, int S>
+template <typename T, bool BF16, int NT, int WR>
 __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // thread-block clusters need sm_90 (the host side refuses older GPUs)
@@ -153,12 +152,10 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
   const int rb0 = (blockIdx.x * warps + warp) * WR;
   const bool active = rb0 < p.RB;  // warp-uniform
 
-  // A for the first S chunks goes out before anything waits (S register stages: a short K slice is then
-  // in flight all at once, which is what a grid of about one wave needs to keep HBM busy).
-  Frag<WR> f[S];
-#pragma unroll
-  for (int j = 0; j < S; ++j)
-    if (active && c0 + j < c1) load_chunk<WR>(f[j], p, rb0, c0 + j, lane);
+  // A for the first two chunks goes out before anything waits.
+  Frag<WR> f0, f1;
+  if (active && c0 < c1) load_chunk<WR>(f0, p, rb0, c0, lane);
+  if (active && c0 + 1 < c1) load_chunk<WR>(f1, p, rb0, c0 + 1, lane);
 
   // x slice [NT*8, (c1-c0)*256] -> shared memory in 8-byte units (K % 4 == 0), zeros outside [M, K).
   // cp.async: every copy is in flight at once (a loop of plain loads would wait on each L2 round trip).
@@ -194,13 +191,12 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
     // ldmatrix.x4: lane 8j + r gives row r of matrix j = x[nt*8 + r][k-step + 8j .. +8].
     const char* xs_lane = reinterpret_cast<const char*>(xs + (lane & 7) * stride + 8 * (lane >> 3));
     const int stride_bytes = stride * 2;
-    for (int c = c0; c < c1; c += S) {
-#pragma unroll
-      for (int j = 0; j < S; ++j) {
-        if (c + j < c1) {
-          mma_chunk<BF16, NT, WR>(acc, f[j], xs_lane + (c + j - c0) * kChunk * 2, stride_bytes);
-          if (c + j + S < c1) load_chunk<WR>(f[j], p, rb0, c + j + S, lane);
-        }
+    for (int c = c0; c < c1; c += 2) {
+      mma_chunk<BF16, NT, WR>(acc, f0, xs_lane + (c - c0) * kChunk * 2, stride_bytes);
+      if (c + 2 < c1) load_chunk<WR>(f0, p, rb0, c + 2, lane);
+      if (c + 1 < c1) {
+        mma_chunk<BF16, NT, WR>(acc, f1, xs_lane + (c + 1 - c0) * kChunk * 2, stride_bytes);
+        if (c + 3 < c1) load_chunk<WR>(f1, p, rb0, c + 3, lane);
       }
     }
   }
@@ -240,9 +236,9 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
 #endif
 }
 
-template <typename T, bool BF16, int NT, int WR, int S>
+template <typename T, bool BF16, int NT, int WR>
 void launch(const Params& p, int warps, dim3 grid, size_t smem, cudaStream_t stream) {
-  auto kernel = mmasp_kernel<T, BF16, NT, WR, S>;
+  auto kernel = mmasp_kernel<T, BF16, NT, WR>;
   static size_t smem_set = 48 * 1024;  // per template instance; only ever raised
   if (smem > smem_set) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -263,24 +259,16 @@ void launch(const Params& p, int warps, dim3 grid, size_t smem, cudaStream_t str
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 
-// Instances: NT (1 or 2 n8 tiles) x {WR 1, 2 stages; WR 2, 2 stages; WR 1, 4 stages} (4 stages of 2 row
-// blocks would need more registers than a thread has).
-template <typename T, bool BF16, int NT>
-void dispatch_nt(const Params& p, int wr, int stages, int warps, dim3 grid, size_t smem, cudaStream_t stream) {
-  if (stages == 4) launch<T, BF16, NT, 1, 4>(p, warps, grid, smem, stream);
-  else if (wr == 1) launch<T, BF16, NT, 1, 2>(p, warps, grid, smem, stream);
-  else launch<T, BF16, NT, 2, 2>(p, warps, grid, smem, stream);
-}
-
 template <typename T, bool BF16>
-void dispatch(const Params& p, int nt, int wr, int stages, int warps, dim3 grid, size_t smem, cudaStream_t stream) {
-  if (nt == 1) dispatch_nt<T, BF16, 1>(p, wr, stages, warps, grid, smem, stream);
-  else dispatch_nt<T, BF16, 2>(p, wr, stages, warps, grid, smem, stream);
+void dispatch(const Params& p, int nt, int wr, int warps, dim3 grid, size_t smem, cudaStream_t stream) {
+  if (nt == 1 && wr == 1) launch<T, BF16, 1, 1>(p, warps, grid, smem, stream);
+  else if (nt == 1) launch<T, BF16, 1, 2>(p, warps, grid, smem, stream);
+  else if (wr == 1) launch<T, BF16, 2, 1>(p, warps, grid, smem, stream);
+  else launch<T, BF16, 2, 2>(p, warps, grid, smem, stream);
 }
 
 at::Tensor mmasp_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const at::Tensor& e_frag, int64_t out_features,
-                        const std::optional<at::Tensor>& bias, int64_t warps, int64_t rows_per_warp, int64_t splits,
-                        int64_t stages) {
+                        const std::optional<at::Tensor>& bias, int64_t warps, int64_t rows_per_warp, int64_t splits) {
   TORCH_CHECK(x_in.is_cuda() && a_frag.is_cuda() && e_frag.is_cuda(), "sparse24_mmasp_linear: tensors must be on CUDA");
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [M, in], got ", x_in.dim(), " dims");
   const auto dt = x_in.scalar_type();
@@ -301,8 +289,6 @@ at::Tensor mmasp_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const 
   TORCH_CHECK(warps == 4 || warps == 8, "warps must be 4 or 8, got ", warps);
   TORCH_CHECK(rows_per_warp == 1 || rows_per_warp == 2, "rows_per_warp must be 1 or 2, got ", rows_per_warp);
   TORCH_CHECK(splits == 1 || splits == 2 || splits == 4 || splits == 8, "splits must be 1, 2, 4 or 8, got ", splits);
-  TORCH_CHECK(stages == 2 || (stages == 4 && rows_per_warp == 1),
-              "stages must be 2, or 4 with rows_per_warp 1, got stages ", stages, ", rows_per_warp ", rows_per_warp);
   if (bias.has_value()) {
     TORCH_CHECK(bias->is_cuda() && bias->scalar_type() == dt && bias->dim() == 1 && bias->size(0) == R,
                 "bias must be a CUDA ", dt, " vector of ", R, " elements");
@@ -345,11 +331,9 @@ at::Tensor mmasp_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const 
   const dim3 grid(tiles, static_cast<unsigned>(splits), 1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (dt == at::kHalf) {
-    dispatch<__half, false>(p, nt, static_cast<int>(rows_per_warp), static_cast<int>(stages), static_cast<int>(warps),
-                            grid, smem, stream);
+    dispatch<__half, false>(p, nt, static_cast<int>(rows_per_warp), static_cast<int>(warps), grid, smem, stream);
   } else {
-    dispatch<__nv_bfloat16, true>(p, nt, static_cast<int>(rows_per_warp), static_cast<int>(stages),
-                                   static_cast<int>(warps), grid, smem, stream);
+    dispatch<__nv_bfloat16, true>(p, nt, static_cast<int>(rows_per_warp), static_cast<int>(warps), grid, smem, stream);
   }
   return y;
 }
@@ -390,7 +374,7 @@ at::Tensor mmasp_probe(const at::Tensor& a, const at::Tensor& b, const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
   m.def("sparse24_mmasp_linear(Tensor x, Tensor a_frag, Tensor e_frag, int out_features, Tensor? bias, int warps, "
-        "int rows_per_warp, int splits, int stages=2) -> Tensor");
+        "int rows_per_warp, int splits) -> Tensor");
   m.def("sparse24_mmasp_probe(Tensor a, Tensor b, Tensor e, int selector, bool bf16) -> Tensor");
 }
 

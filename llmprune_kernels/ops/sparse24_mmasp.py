@@ -25,7 +25,6 @@ kernel lane by lane on the CPU (the oracle for this layout); ``mmasp_linear`` ca
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -42,7 +41,6 @@ PAD_NIBBLE = 0b0100  # kept indices (0, 1): a valid ordered nibble for padded gr
 WARPS = (4, 8)
 ROWS_PER_WARP = (1, 2)
 SPLITS = (1, 2, 4, 8)  # split-K CTAs of one thread-block cluster (8 = portable cluster limit)
-STAGES = (2, 4)  # chunks of A each warp keeps in flight (4 only with one row block per warp: registers)
 
 
 @dataclass
@@ -160,35 +158,20 @@ def supports(dtype: torch.dtype, in_features: int) -> bool:
     return available() and dtype in (torch.float16, torch.bfloat16) and in_features % 4 == 0
 
 
-def check_config(config: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """The canonical launch config ``(warps, rows_per_warp, splits, stages)``; a 3-tuple (tables saved
-    before stages existed) means 2 stages."""
-    vals = tuple(int(v) for v in config)
-    if len(vals) == 3:
-        vals += (2,)
-    ok = len(vals) == 4
-    if ok:
-        warps, rpw, splits, stages = vals
-        ok = (warps in WARPS and rpw in ROWS_PER_WARP and splits in SPLITS and stages in STAGES
-              and (stages == 2 or rpw == 1))
-    if not ok:
-        raise ValueError(f"mma.sp config (warps, rows_per_warp, splits, stages) = {tuple(config)}; allowed warps "
-                         f"{WARPS}, rows_per_warp {ROWS_PER_WARP}, splits {SPLITS}, stages {STAGES} (4 only with "
-                         f"rows_per_warp 1)")
-    return vals
-
-
-def all_configs() -> list[tuple[int, int, int, int]]:
-    """Every valid launch config (the sweep space)."""
-    return [c for c in itertools.product(WARPS, ROWS_PER_WARP, SPLITS, STAGES) if c[3] == 2 or c[1] == 1]
+def check_config(config: tuple[int, int, int]) -> tuple[int, int, int]:
+    warps, rpw, splits = (int(v) for v in config)
+    if warps not in WARPS or rpw not in ROWS_PER_WARP or splits not in SPLITS:
+        raise ValueError(f"mma.sp config (warps, rows_per_warp, splits) = {config}; allowed warps {WARPS}, "
+                         f"rows_per_warp {ROWS_PER_WARP}, splits {SPLITS}")
+    return warps, rpw, splits
 
 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CTA may use on sm_90
 
 
-def smem_bytes(m: int, in_features: int, config: tuple[int, ...]) -> int:
+def smem_bytes(m: int, in_features: int, config: tuple[int, int, int]) -> int:
     """Shared memory of one CTA (the x slice plus the fp32 partial tile), as the op computes it."""
-    warps, rpw, splits, _ = check_config(config)
+    warps, rpw, splits = check_config(config)
     _, nc = padded_dims(16, in_features)
     nt = 1 if m <= 8 else 2
     stride = math.ceil(nc / splits) * 256 + 8
@@ -196,26 +179,26 @@ def smem_bytes(m: int, in_features: int, config: tuple[int, ...]) -> int:
     return xs + warps * rpw * 16 * nt * 8 * 4
 
 
-def config_fits(m: int, in_features: int, config: tuple[int, ...]) -> bool:
+def config_fits(m: int, in_features: int, config: tuple[int, int, int]) -> bool:
     """The launch fits the GPU's shared memory (checked here: an exception thrown by the C++ op can take the
     process down on some torch builds, so the op must never see a config it would refuse)."""
     return smem_bytes(m, in_features, config) <= SMEM_LIMIT
 
 
-def default_config(out_features: int, in_features: int, m: int = 1, sms: int = 132) -> tuple[int, int, int, int]:
-    """(warps, rows_per_warp, splits, stages): 8 warps of one row block; the fewest split-K CTAs (a cluster)
-    that give at least two CTAs per SM, never more splits than 256-column chunks; 2 stages."""
+def default_config(out_features: int, in_features: int, m: int = 1, sms: int = 132) -> tuple[int, int, int]:
+    """(warps, rows_per_warp, splits): 8 warps of one row block; the fewest split-K CTAs (a cluster) that
+    give at least two CTAs per SM, never more splits than 256-column chunks."""
     rb, nc = padded_dims(out_features, in_features)
     warps, rpw = 8, 1
     tiles = math.ceil(rb / (warps * rpw))
     splits = 1
     while splits < SPLITS[-1] and tiles * splits < 2 * sms and splits * 2 <= nc:
         splits *= 2
-    return warps, rpw, splits, 2
+    return warps, rpw, splits
 
 
 def mmasp_linear(x: torch.Tensor, layout: MmaspLayout, bias: torch.Tensor | None = None,
-                 config: tuple[int, ...] | None = None) -> torch.Tensor:
+                 config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` through the mma.sp kernel; x ``[..., in]`` with at most 16 rows in all."""
     out, inp, _, _ = _check_layout(layout)
     if x.shape[-1] != inp:
@@ -262,13 +245,13 @@ def _backward(ctx, grad: torch.Tensor):
         gx = grad @ unpack_24(from_mmasp_layout(MmaspLayout(a_frag, e_frag, ctx.shape)))
     if ctx.needs_input_grad[4]:
         gb = grad.sum(0)
-    return gx, None, None, None, gb, None, None, None, None
+    return gx, None, None, None, gb, None, None, None
 
 
 if hasattr(torch.library, "register_fake"):
     def _register_fake() -> None:
         @torch.library.register_fake("llmprune_kernels::sparse24_mmasp_linear")
-        def _(x, a_frag, e_frag, out_features, bias, warps, rows_per_warp, splits, stages=2):
+        def _(x, a_frag, e_frag, out_features, bias, warps, rows_per_warp, splits):
             return x.new_empty(x.shape[0], out_features)
 
         # Without it, backward through the op (a SparseLinear in a model being fine-tuned or differentiated,

@@ -84,11 +84,10 @@ def ldmatrix_x4(smem: torch.Tensor, addr: torch.Tensor) -> torch.Tensor:
 
 
 def emulate_mmasp_linear(x: torch.Tensor, layout: MmaspLayout, bias: torch.Tensor | None = None,
-                         config: tuple[int, ...] = (8, 1, 1)) -> torch.Tensor:
+                         config: tuple[int, int, int] = (8, 1, 1)) -> torch.Tensor:
     """What the CUDA kernel computes for ``x [M, in]`` (M <= 16) with launch config
-    ``(warps, rows_per_warp, splits[, stages])``: same loads, MMAs (fp32), split ranges and epilogue (the
-    number of stages changes when loads are issued, not what is summed)."""
-    warps, rpw, splits, _ = check_config(config)
+    ``(warps, rows_per_warp, splits)``: same loads, MMAs (fp32), split ranges and epilogue."""
+    warps, rpw, splits = check_config(config)
     out, inp = layout.shape
     m = x.shape[0]
     if not 1 <= m <= MAX_M or x.shape[1] != inp:

@@ -31,11 +31,9 @@ from llmprune_kernels.sparse24 import cusparselt as cslt
 from llmprune_kernels.sparse24.pack import pack_24
 
 PATHS = ("dense", "decode", "cusparselt", "mmasp")
-# mma.sp launch configs (warps, rows_per_warp, splits, stages) measured per bucket besides the shape's
-# default: the winners of the H100 sweep (benchmarks/results/sparse24_mmasp_h100.json), each also with
-# 4 stages where it has one row block per warp
-MMASP_CONFIGS = ((4, 1, 2, 2), (4, 1, 4, 2), (8, 1, 2, 2), (8, 1, 4, 2), (8, 2, 4, 2),
-                 (4, 1, 2, 4), (4, 1, 4, 4), (8, 1, 2, 4), (8, 1, 4, 4), (4, 1, 8, 4), (8, 1, 8, 4))
+# mma.sp launch configs (warps, rows_per_warp, splits) measured per bucket besides the shape's default: the
+# winners of the H100 sweep (benchmarks/results/sparse24_mmasp_h100.json)
+MMASP_CONFIGS = ((4, 1, 2), (4, 1, 4), (8, 1, 2), (8, 1, 4), (8, 2, 4))
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 DECODE_MAX_M = 64  # the decode kernel is a candidate up to here; it is designed for M <= 16
 # A sparse path must be at least 3% faster than dense in tuning, else dense runs. Repeated H100 timings
@@ -63,7 +61,7 @@ def shape_key(out_features: int, in_features: int, dtype: torch.dtype) -> str:
 @dataclass
 class Choice:
     """One bucket's path; ``decode``: the decode kernel config measured for it (``sparse24_mm``'s block);
-    ``mmasp``: the mma.sp launch config (warps, rows_per_warp, splits, stages) measured for it."""
+    ``mmasp``: the mma.sp launch config (warps, rows_per_warp, splits) measured for it."""
 
     path: str
     cslt: cslt.CsltConfig | None = None

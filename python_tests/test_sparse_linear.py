@@ -184,6 +184,7 @@ def test_tune_shape_retimes_close_calls(monkeypatch):
     monkeypatch.setattr(dispatch, "time_ms_interleaved", fake_interleaved)
     monkeypatch.setattr(dispatch, "weight_copies", lambda nbytes, device: 1)
     monkeypatch.setattr(dispatch.cslt, "available", lambda: False)
+    monkeypatch.setattr(dispatch.mmasp, "supports", lambda dtype, in_features: False)  # a CUDA build has it
     monkeypatch.setattr(s24, "tune_config", lambda n, k, dtype, m, device: (8, 1024, 1, 4, 1, 2))
     choices = dispatch.tune_shape(64, 128, torch.float16, "cpu", buckets=(1,))
     c = choices[1]
@@ -393,6 +394,7 @@ def test_cuda_graph(path, m):
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", CUDA_PATHS)
 def test_torch_compile_cuda(path):
+    torch._dynamo.reset()  # every path compiles the same forward: earlier params must not use up its recompile limit
     sl = _pinned(path)
     compiled = torch.compile(sl, fullgraph=True, dynamic=False)
     for m in (16, 2048):

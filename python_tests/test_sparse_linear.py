@@ -152,6 +152,23 @@ def test_choose_path_margin():
     assert dispatch.choose_path(t) == "cusparselt" and dispatch.close_call(t) == "cusparselt"
 
 
+def test_eager_choice_prefers_the_cpp_op_over_triton_decode():
+    """Outside graph capture a measured decode choice runs mma.sp when mma.sp beat dense by the margin."""
+    cfg, dcfg = (4, 1, 4), (8, 1024, 1, 4, 1, 2)
+    decode = dispatch.Choice("decode", None, {"dense": 1.0, "decode": 0.6, "mmasp": 0.7}, dcfg, cfg)
+    got = dispatch.eager_choice(decode, mmasp_ok=True)
+    assert got.path == "mmasp" and got.mmasp == cfg and got.times_ms == decode.times_ms
+    assert dispatch.eager_choice(decode, mmasp_ok=False) is decode  # op not built / GPU too old
+    close = dispatch.Choice("decode", None, {"dense": 1.0, "decode": 0.6, "mmasp": 0.98}, dcfg, cfg)
+    assert dispatch.eager_choice(close, mmasp_ok=True) is close  # mma.sp within the margin of dense
+    failed = dispatch.Choice("decode", None, {"dense": 1.0, "decode": 0.6, "mmasp": math.inf}, dcfg, cfg)
+    assert dispatch.eager_choice(failed, mmasp_ok=True) is failed
+    unmeasured = dispatch.Choice("decode", None, {"dense": 1.0, "decode": 0.6}, dcfg, None)
+    assert dispatch.eager_choice(unmeasured, mmasp_ok=True) is unmeasured
+    for kept in (dispatch.PINNED["decode"], dispatch.Choice("cusparselt", None, {"dense": 1.0, "mmasp": 0.5})):
+        assert dispatch.eager_choice(kept, mmasp_ok=True) is kept  # pinned decode, other paths
+
+
 def test_close_call_window():
     assert dispatch.close_call({"dense": 1.0, "decode": 0.95}) == "decode"
     assert dispatch.close_call({"dense": 1.0, "decode": 1.02, "cusparselt": 1.5}) == "decode"
@@ -356,7 +373,7 @@ def test_eager_fast_path_matches_general_path(path):
         assert y.shape == (*shape[:-1], 512)
         assert torch.equal(y, sl._forward_general(x))
         assert torch.equal(sl(x), y)  # second call: the cached runner
-    assert set(sl._runners) == {1, 6, 16, 300}
+    assert set(sl._runners) == {(1, False), (6, False), (16, False), (300, False)}
     sl.force_path = "dense"
     assert not sl._runners
     x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
@@ -389,6 +406,37 @@ def test_cuda_graph(path, m):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
+
+
+@pytest.mark.cuda
+def test_eager_calls_run_mmasp_where_graphs_run_decode():
+    """A table that chose the Triton decode kernel (fastest in graphs) but measured mma.sp faster than
+    dense: eager calls give exactly the mma.sp op's bits, a captured graph exactly the decode kernel's."""
+    if not mmasp.available():
+        pytest.skip("the mma.sp op needs the CUDA build and sm_90")
+    sl = SparseLinear.from_linear(linear_24(512, 1024, torch.float16, "cuda"))
+    dcfg, mcfg = s24.DEFAULT_CONFIG, mmasp.default_config(512, 1024, 1)
+    table = dispatch.TuningTable()
+    table.entries[dispatch.shape_key(512, 1024, torch.float16)] = {
+        1: dispatch.Choice("decode", None, {"dense": 1.0, "decode": 0.5, "mmasp": 0.6}, dcfg, mcfg)}
+    sl.table = table
+    sl.prepare()
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    want_eager = mmasp.mmasp_linear(x, sl._mmasp_layout(), sl.bias, mcfg)
+    want_graph = s24.sparse24_mm(x, sl.values, sl.meta, sl.bias, 1024, block=dcfg)
+    assert torch.equal(sl(x), want_eager)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        sl(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = sl(x)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, want_graph)
+    assert set(sl._runners) == {(1, False), (1, True)}
 
 
 @pytest.mark.cuda

@@ -41,7 +41,8 @@ class SparseLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        self._runners: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}  # M -> bound eager CUDA call
+        # (M, capturing a CUDA graph) -> bound CUDA call: eager calls and graph captures may take other paths
+        self._runners: dict[tuple[int, bool], Callable[[torch.Tensor], torch.Tensor]] = {}
         self._epoch = dispatch.EPOCH
         if in_features % 4 != 0:
             raise ValueError(f"SparseLinear needs in_features to be a multiple of 4 for 2:4, got {in_features}")
@@ -169,20 +170,23 @@ class SparseLinear(nn.Module):
             if self._epoch != dispatch.EPOCH:  # tuning results changed since the runners were built
                 self._runners.clear()
                 self._epoch = dispatch.EPOCH
-            m = x.numel() // self.in_features
-            run = self._runners.get(m)
+            key = (x.numel() // self.in_features, torch.cuda.is_current_stream_capturing())
+            run = self._runners.get(key)
             if run is None:
-                run = self._runner(m)
+                run = self._runner(*key)
             return run(x)
         return self._forward_general(x)
 
-    def _runner(self, m: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Resolve this M's dispatch into a bound call (kept unless built while a graph is captured)."""
+    def _runner(self, m: int, capturing: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Resolve this M's dispatch into a bound call, for graph capture or for eager calls (where the
+        Triton decode kernel gives way to the C++ mma.sp op when that was measured faster than dense:
+        ``dispatch.eager_choice``)."""
         if self.values.device.type != "cuda":  # a CUDA input to a CPU module: let F.linear report it
             return self._forward_general
         choice = self.choose(m)
         n, k, bias = self.out_features, self.in_features, self.bias
-        capturing = torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            choice = dispatch.eager_choice(choice, mmasp.supports(self.values.dtype, k))
         keep = True
         if choice.path == "decode":
             cfg = choice.decode or s24.tuned_config(n, k, self.values.dtype, m)
@@ -216,7 +220,7 @@ class SparseLinear(nn.Module):
         if keep:
             if len(self._runners) >= _MAX_RUNNERS:
                 self._runners.clear()
-            self._runners[m] = run
+            self._runners[(m, capturing)] = run
         return run
 
     def _forward_general(self, x: torch.Tensor) -> torch.Tensor:

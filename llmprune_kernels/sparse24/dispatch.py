@@ -105,7 +105,8 @@ def eager_choice(choice: Choice, mmasp_ok: bool) -> Choice:
     """The path for a call outside CUDA-graph capture. A Triton launch costs more host time than the decode
     kernel saves on a small layer (H100: 0.4-0.7x of dense per eager call at 4096x4096) while the C++ mma.sp
     op launches like ``F.linear``: a measured ``decode`` choice runs mma.sp instead where mma.sp was measured
-    faster than dense by the margin. Anything else (pinned paths, no measurement) is kept."""
+    faster than dense by the margin and ``mmasp_ok`` (the op can run this call: built, sm_90, dtype, width,
+    M <= 16). Anything else (pinned paths, no measurement) is kept."""
     if choice.path != "decode" or not mmasp_ok or choice.mmasp is None:
         return choice
     t = choice.times_ms

@@ -1,63 +1,103 @@
 """Which cuSPARSELt operand layout is fastest at large M, per dtype? (diagnostic for the bf16 gap)
 
-Our op computes y[M, out] as D = W_sparse · x^T with x row-major and D column-major. torch's
-``_cslt_sparse_mm`` picks operand orders from strides and ``transpose_result``; its variants show whether
-another layout gets faster library kernels (bf16 ran 20-50% slower than fp16 in our layout on the H100).
-All times are CUDA-graph medians (dispatch.time_ms) in one process, dense ``F.linear`` alongside.
+Our op computes y[M, out] = x · Wᵀ with W, x and y row-major in memory; the ``layout`` argument (0..7, see
+``csrc/sparse24/sparse24_cusparselt.cpp``) only changes how cuSPARSELt is told so: W as the structured A
+operand (0..3) or as the structured B operand (4..7), each operand described row- or column-major. bf16 ran
+20-50% slower than fp16 in layout 0 on the H100. Each layout runs in its own subprocess (a C++ error or an
+illegal instruction in one must not take the others with it); within it, every case checks the result against
+dense ``F.linear`` and times the library default and algorithm ids 0..MAX_ALG against dense in the same
+process (CUDA graphs, ``dispatch.time_ms_interleaved``).
 
-Run: python benchmarks/diag_cslt_layouts.py [out.json]
+Run: python benchmarks/diag_cslt_layouts.py out.json   (env CSLT_LAYOUTS="0,4", CSLT_MS="2048,8192",
+CSLT_MAX_ALG=15)
 """
 import json
+import os
+import subprocess
 import sys
-
-import torch
-import torch.nn.functional as F
-
-from llmprune_kernels.sparse24 import cusparselt as cslt
-from llmprune_kernels.sparse24.dispatch import random_24_weight, time_ms
+import time
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-MS = [2048, 8192]
 
 
-def main(out_path: str | None) -> None:
-    rows = []
+def _child(layout: int, out_path: str) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from llmprune_kernels.sparse24 import cusparselt as cslt
+    from llmprune_kernels.sparse24.dispatch import random_24_weight, time_ms_interleaved
+
+    ms = [int(v) for v in os.environ.get("CSLT_MS", "2048,8192").split(",")]
+    max_alg = int(os.environ.get("CSLT_MAX_ALG", "15"))
+    f = open(out_path, "a")
     for dtype in (torch.float16, torch.bfloat16):
         for out_f, in_f in SHAPES:
             ws = [random_24_weight(out_f, in_f, dtype, "cuda") for _ in range(2)]
-            ours = [cslt.compress(w) for w in ws]
-            theirs = [torch._cslt_compress(w) for w in ws]
-            for m in MS:
+            try:
+                comp = [cslt.compress(w, layout) for w in ws]
+            except Exception as exc:  # noqa: BLE001 - recorded, this layout cannot compress
+                row = {"layout": layout, "dtype": str(dtype)[6:], "shape": [out_f, in_f], "error": repr(exc)[:300]}
+                f.write(json.dumps(row) + "\n"); f.flush()
+                continue
+            for m in ms:
+                row = {"layout": layout, "dtype": str(dtype)[6:], "shape": [out_f, in_f], "m": m}
                 x = torch.randn(m, in_f, device="cuda", dtype=dtype)
-                xt_col, xt_row = x.t(), x.t().contiguous()
-                row = {"dtype": str(dtype).removeprefix("torch."), "shape": [out_f, in_f], "m": m}
-                t = row["ms"] = {"dense": time_ms([lambda w=w: F.linear(x, w) for w in ws])}
-                t["ours_default"] = time_ms([lambda c=c: cslt.linear(x, c, out_f) for c in ours])
-                cfg = cslt.library_search(x, ours[0], out_f)
-                row["ours_search_config"] = cfg.as_dict()
-                t["ours_search"] = time_ms([lambda c=c: cslt.linear(x, c, out_f, None, cfg) for c in ours])
-                for name, b in (("torch_Bcol", xt_col), ("torch_Brow", xt_row)):
-                    for tr in (False, True):
-                        key = f"{name}_T{int(tr)}"
-                        try:
-                            alg = torch._cslt_sparse_mm_search(theirs[0], b, transpose_result=tr)
-                            t[key] = time_ms([lambda c=c: torch._cslt_sparse_mm(c, b, transpose_result=tr, alg_id=alg)
-                                              for c in theirs])
-                            row[key + "_alg"] = int(alg)
-                        except Exception as exc:  # record why this layout cannot run
-                            t[key] = None
-                            row[key + "_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-                best = min((k for k in t if k != "dense" and t[k] is not None), key=lambda k: t[k])
-                row["best"], row["best_speedup"] = best, t["dense"] / t[best]
-                print(row["dtype"], row["shape"], m, {k: (round(v * 1e3, 1) if v else None) for k, v in t.items()},
-                      "best", best, round(row["best_speedup"], 2), flush=True)
-                rows.append(row)
-    if out_path:
-        env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-               "cusparselt_torch": torch.backends.cusparselt.version()}
-        with open(out_path, "w") as f:
-            json.dump({"env": env, "method": __doc__.strip().splitlines()[0], "cases": rows}, f, indent=1)
+                try:
+                    y = cslt.linear(x, comp[0], out_f, None, cslt.DEFAULT_CONFIG, layout)
+                    ref = F.linear(x.float(), ws[0].float())
+                    row["max_rel_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
+                    n_alg = min(cslt.max_alg_id(x, comp[0], out_f, layout), max_alg)
+                    cfgs = [cslt.DEFAULT_CONFIG] + [cslt.CsltConfig(a) for a in range(n_alg + 1)]
+                    groups = [[lambda w=w: F.linear(x, w) for w in ws]]
+                    for cfg in cfgs:
+                        groups.append([lambda c=c, g=cfg: cslt.linear(x, c, out_f, None, g, layout) for c in comp])
+                    t = time_ms_interleaved(groups, reps=10, trials=5)
+                    row["dense_ms"] = t[0]
+                    row["default_ms"] = t[1]
+                    row["alg_ms"] = {str(a): v for a, v in zip(range(n_alg + 1), t[2:])}
+                    best = min(range(1, len(t)), key=lambda i: t[i])
+                    row["best_ms"] = t[best]
+                    row["best_alg"] = -1 if best == 1 else best - 2
+                    row["best_speedup"] = t[0] / t[best]
+                except Exception as exc:  # noqa: BLE001 - recorded per case
+                    row["error"] = repr(exc)[:300]
+                print(json.dumps({k: v for k, v in row.items() if k != "alg_ms"}), flush=True)
+                f.write(json.dumps(row) + "\n"); f.flush()
+
+
+def main(out_path: str) -> None:
+    import torch
+
+    layouts = [int(v) for v in os.environ.get("CSLT_LAYOUTS", "0,1,2,3,4,5,6,7").split(",")]
+    tmp = out_path + ".jsonl"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    status = {}
+    for layout in layouts:
+        t0 = time.time()
+        r = subprocess.run([sys.executable, __file__, "--child", str(layout), tmp], timeout=600)
+        status[layout] = {"returncode": r.returncode, "seconds": round(time.time() - t0, 1)}
+        print("layout", layout, status[layout], flush=True)
+    rows = [json.loads(line) for line in open(tmp)] if os.path.exists(tmp) else []
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cusparselt_torch": torch.backends.cusparselt.version(),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
+    summary = {}
+    for r in rows:
+        if "best_speedup" in r:
+            key = f"{r['dtype']} {r['shape'][0]}x{r['shape'][1]} M={r['m']}"
+            summary.setdefault(key, {})[r["layout"]] = round(r["best_speedup"], 3)
+    with open(out_path + ".part", "w") as f:
+        json.dump({"env": env, "method": __doc__.strip().splitlines()[0], "processes": status,
+                   "best_speedup_by_layout": summary, "cases": rows}, f, indent=1)
+    os.replace(out_path + ".part", out_path)
+    os.remove(tmp)
+    for k, v in summary.items():
+        print(k, v)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else None)
+    if sys.argv[1] == "--child":
+        _child(int(sys.argv[2]), sys.argv[3])
+    else:
+        main(sys.argv[1])

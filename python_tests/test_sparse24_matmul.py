@@ -244,6 +244,26 @@ def test_cusparselt_linear_matches_reference(dtype, m):
 
 @pytest.mark.cuda
 @needs_cslt
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", list(cslt.LAYOUTS))
+def test_cusparselt_every_layout_matches_reference(layout, dtype):
+    # Each layout describes the same memory differently: a weight compressed for it gives the same product.
+    n, k = 256, 512
+    w = random_24_weight(n, k, dtype, "cuda")
+    comp = cslt.compress(w, layout)
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    for m in (1, 48, 300):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        check_close(cslt.linear(x, comp, n, b, cslt.DEFAULT_CONFIG, layout), x, pack_24(w), b)
+
+
+def test_cusparselt_rejects_unknown_layout():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        cslt.compress(torch.zeros(64, 64), 8)
+
+
+@pytest.mark.cuda
+@needs_cslt
 def test_cusparselt_search_by_timing():
     from llmprune_kernels.sparse24.dispatch import time_ms
 

@@ -191,6 +191,10 @@ def test_cuda_graph_and_strided_input():
         _close(y, F.linear(x.float(), w.float()), dtype)
     xs = torch.randn(3, 8200, device="cuda").to(dtype)[:, 2:4098]  # row stride 8200, start offset 4 bytes
     _close(mm.mmasp_linear(xs, lay), F.linear(xs.float(), w.float()), dtype)
+    # start offset 8 bytes: no copy, 8-byte x loads (16-byte ones need 16-byte aligned rows)
+    for m in (3, 16):
+        xs = torch.randn(m, 8200, device="cuda").to(dtype)[:, 4:4100]
+        _close(mm.mmasp_linear(xs, lay), F.linear(xs.float(), w.float()), dtype)
 
 
 def test_backward_formula_cpu():

@@ -9,9 +9,12 @@
 // while a CUDA graph is being captured. sparse24_cslt_search (cusparseLtMatmulSearch) is kept for
 // experiments only: with cuSPARSELt 0.8 on the H100 it crashed the process (segfault) for this layout.
 //
-// Layout: y[M, out] = x[M, in] @ W[out, in]^T is computed as D = A * op(B) with A = W (structured,
-// row-major), B = x (row-major [M, in], op = transpose) and D column-major [out, M], which is y
-// row-major in memory (the same trick as torch's transpose_result=True).
+// Layout: y[M, out] = x[M, in] @ W[out, in]^T always reads W row-major, x row-major [M, in] and writes y
+// row-major [M, out]. The `layout` argument (0..7) only changes how cuSPARSELt is told this, which changes
+// the kernels it offers: 0..3 make W the structured A operand (D = op(A) op(B) column-major [out, M]),
+// 4..7 make W the structured B operand (D row-major [M, out]); within each half the two operands are
+// described row- or column-major (with the matching op). Layout 0 (A = W row-major, B = x transposed) is
+// torch's transpose_result=True. A weight compressed for one layout must be used with that layout.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -61,10 +64,62 @@ cudaDataType cuda_type(const at::Tensor& t) {
   }
 }
 
+constexpr int64_t kLayouts = 8;
+
+bool weight_is_a(int64_t layout) { return layout < 4; }
+
+// W [out, in] row-major described either as such (op T when it is B) or as W^T [in, out] column-major.
+bool weight_row_major(int64_t layout) { return layout == 0 || layout == 1 || layout == 6 || layout == 7; }
+
+// x [M, in] row-major described either as such or as x^T [in, M] column-major.
+bool x_row_major(int64_t layout) { return layout == 0 || layout == 3 || layout == 4 || layout == 6; }
+
+cusparseOperation_t weight_op(int64_t layout) {
+  // op(A) must be [out, in] (A = W); op(B) must be [in, out] (B = W)
+  bool transpose = weight_is_a(layout) ? !weight_row_major(layout) : weight_row_major(layout);
+  return transpose ? CUSPARSE_OPERATION_TRANSPOSE : CUSPARSE_OPERATION_NON_TRANSPOSE;
+}
+
+cusparseOperation_t x_op(int64_t layout) {
+  // op(B) must be [in, M] (B = x); op(A) must be [M, in] (A = x)
+  bool transpose = weight_is_a(layout) ? x_row_major(layout) : !x_row_major(layout);
+  return transpose ? CUSPARSE_OPERATION_TRANSPOSE : CUSPARSE_OPERATION_NON_TRANSPOSE;
+}
+
+void check_layout(int64_t layout) {
+  TORCH_CHECK(layout >= 0 && layout < kLayouts, "sparse24_cslt: layout must be in [0, ", kLayouts, "), got ", layout);
+}
+
 void init_weight_desc(cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* d, int64_t out, int64_t in,
-                      cudaDataType type) {
-  CSLT_CHECK(cusparseLtStructuredDescriptorInit(h, d, out, in, in, 16, type, CUSPARSE_ORDER_ROW,
-                                                CUSPARSELT_SPARSITY_50_PERCENT));
+                      cudaDataType type, int64_t layout) {
+  if (weight_row_major(layout)) {
+    CSLT_CHECK(cusparseLtStructuredDescriptorInit(h, d, out, in, in, 16, type, CUSPARSE_ORDER_ROW,
+                                                  CUSPARSELT_SPARSITY_50_PERCENT));
+  } else {
+    CSLT_CHECK(cusparseLtStructuredDescriptorInit(h, d, in, out, in, 16, type, CUSPARSE_ORDER_COL,
+                                                  CUSPARSELT_SPARSITY_50_PERCENT));
+  }
+}
+
+// Descriptors of x, y and the weight, and the matmul descriptor, for one layout.
+void init_matmul(cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* w, cusparseLtMatDescriptor_t* x,
+                 cusparseLtMatDescriptor_t* y, cusparseLtMatmulDescriptor_t* matmul, cudaDataType type,
+                 int64_t out, int64_t in, int64_t m, int64_t layout) {
+  init_weight_desc(h, w, out, in, type, layout);
+  if (x_row_major(layout)) {
+    CSLT_CHECK(cusparseLtDenseDescriptorInit(h, x, m, in, in, 16, type, CUSPARSE_ORDER_ROW));
+  } else {
+    CSLT_CHECK(cusparseLtDenseDescriptorInit(h, x, in, m, in, 16, type, CUSPARSE_ORDER_COL));
+  }
+  if (weight_is_a(layout)) {  // D = op(W) op(x) = y^T [out, M], column-major is y row-major
+    CSLT_CHECK(cusparseLtDenseDescriptorInit(h, y, out, m, out, 16, type, CUSPARSE_ORDER_COL));
+    CSLT_CHECK(cusparseLtMatmulDescriptorInit(h, matmul, weight_op(layout), x_op(layout), w, x, y, y,
+                                              CUSPARSE_COMPUTE_32F));
+  } else {  // D = op(x) op(W) = y [M, out] row-major
+    CSLT_CHECK(cusparseLtDenseDescriptorInit(h, y, m, out, out, 16, type, CUSPARSE_ORDER_ROW));
+    CSLT_CHECK(cusparseLtMatmulDescriptorInit(h, matmul, x_op(layout), weight_op(layout), x, w, y, y,
+                                              CUSPARSE_COMPUTE_32F));
+  }
 }
 
 struct AlgConfig {
@@ -75,14 +130,15 @@ struct AlgConfig {
 };
 
 struct Plan {
-  cusparseLtMatDescriptor_t a, b, d;
+  cusparseLtMatDescriptor_t a, b, d;  // a: the weight, b: x, d: y (whichever operand cuSPARSELt calls them)
+  int64_t layout = 0;
   cusparseLtMatmulDescriptor_t matmul;
   cusparseLtMatmulAlgSelection_t alg_sel;
   cusparseLtMatmulPlan_t plan;
   size_t workspace = 0;
 };
 
-using PlanKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+using PlanKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 std::map<PlanKey, std::unique_ptr<Plan>> g_plans;
 
 void set_alg(cusparseLtHandle_t* h, Plan* p, const AlgConfig& cfg) {
@@ -105,14 +161,10 @@ void set_alg(cusparseLtHandle_t* h, Plan* p, const AlgConfig& cfg) {
 }
 
 std::unique_ptr<Plan> make_plan(cusparseLtHandle_t* h, cudaDataType type, int64_t out, int64_t in, int64_t m,
-                                const AlgConfig& cfg) {
+                                const AlgConfig& cfg, int64_t layout) {
   auto p = std::make_unique<Plan>();
-  init_weight_desc(h, &p->a, out, in, type);
-  CSLT_CHECK(cusparseLtDenseDescriptorInit(h, &p->b, m, in, in, 16, type, CUSPARSE_ORDER_ROW));
-  CSLT_CHECK(cusparseLtDenseDescriptorInit(h, &p->d, out, m, out, 16, type, CUSPARSE_ORDER_COL));
-  CSLT_CHECK(cusparseLtMatmulDescriptorInit(h, &p->matmul, CUSPARSE_OPERATION_NON_TRANSPOSE,
-                                            CUSPARSE_OPERATION_TRANSPOSE, &p->a, &p->b, &p->d, &p->d,
-                                            CUSPARSE_COMPUTE_32F));
+  p->layout = layout;
+  init_matmul(h, &p->a, &p->b, &p->d, &p->matmul, type, out, in, m, layout);
   CSLT_CHECK(cusparseLtMatmulAlgSelectionInit(h, &p->alg_sel, &p->matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
   set_alg(h, p.get(), cfg);
   CSLT_CHECK(cusparseLtMatmulPlanInit(h, &p->plan, &p->matmul, &p->alg_sel));
@@ -138,21 +190,22 @@ at::Tensor pad_rows(const at::Tensor& x, int64_t* m_pad) {
   return at::constant_pad_nd(xc, {0, 0, 0, *m_pad - m}, 0);
 }
 
-Plan* cached_plan(const at::Tensor& x, int64_t out, int64_t m_pad, const AlgConfig& cfg) {
+Plan* cached_plan(const at::Tensor& x, int64_t out, int64_t m_pad, const AlgConfig& cfg, int64_t layout) {
   int dev = x.get_device();
   PlanKey key{dev, static_cast<int>(x.scalar_type()), out, x.size(1), m_pad, cfg.alg_id, cfg.split_k,
-              cfg.split_k_mode, cfg.split_k_buffers};
+              cfg.split_k_mode, cfg.split_k_buffers, layout};
   auto* h = handle_for(dev);
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_plans.find(key);
   if (it != g_plans.end()) return it->second.get();
-  auto p = make_plan(h, cuda_type(x), out, x.size(1), m_pad, cfg);
+  auto p = make_plan(h, cuda_type(x), out, x.size(1), m_pad, cfg, layout);
   auto* raw = p.get();
   g_plans.emplace(key, std::move(p));
   return raw;
 }
 
-at::Tensor cslt_compress(const at::Tensor& w) {
+at::Tensor cslt_compress(const at::Tensor& w, int64_t layout) {
+  check_layout(layout);
   TORCH_CHECK(w.is_cuda() && w.dim() == 2, "sparse24_cslt_compress: needs a 2-D CUDA weight, got ", w.sizes());
   TORCH_CHECK(w.size(0) % 32 == 0 && w.size(1) % 64 == 0,
               "sparse24_cslt_compress: needs out_features % 32 == 0 and in_features % 64 == 0, got ", w.sizes());
@@ -160,13 +213,13 @@ at::Tensor cslt_compress(const at::Tensor& w) {
   auto* h = handle_for(w.get_device());
   at::Tensor wc = w.contiguous();
   cusparseLtMatDescriptor_t desc;
-  init_weight_desc(h, &desc, w.size(0), w.size(1), cuda_type(w));
+  init_weight_desc(h, &desc, w.size(0), w.size(1), cuda_type(w), layout);
   size_t size = 0, buffer_size = 0;
   CSLT_CHECK(cusparseLtSpMMACompressedSize2(h, &desc, &size, &buffer_size));
   auto opts = w.options().dtype(at::kByte);
   at::Tensor compressed = at::empty({static_cast<int64_t>(size)}, opts);
   at::Tensor buffer = at::empty({static_cast<int64_t>(std::max<size_t>(buffer_size, 1))}, opts);
-  CSLT_CHECK(cusparseLtSpMMACompress2(h, &desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, wc.data_ptr(),
+  CSLT_CHECK(cusparseLtSpMMACompress2(h, &desc, weight_is_a(layout) ? 1 : 0, weight_op(layout), wc.data_ptr(),
                                       compressed.data_ptr(), buffer.data_ptr(),
                                       c10::cuda::getCurrentCUDAStream()));
   CSLT_CHECK(cusparseLtMatDescriptorDestroy(&desc));
@@ -175,38 +228,44 @@ at::Tensor cslt_compress(const at::Tensor& w) {
 
 at::Tensor cslt_linear(const at::Tensor& x, const at::Tensor& compressed, int64_t out,
                        const std::optional<at::Tensor>& bias, int64_t alg_id, int64_t split_k,
-                       int64_t split_k_mode, int64_t split_k_buffers) {
+                       int64_t split_k_mode, int64_t split_k_buffers, int64_t layout) {
   check_inputs(x, compressed, out);
+  check_layout(layout);
   c10::cuda::CUDAGuard guard(x.device());
   int64_t m = x.size(0), m_pad = 0;
   if (m == 0) return at::empty({0, out}, x.options());
   at::Tensor xp = pad_rows(x, &m_pad);
-  Plan* p = cached_plan(xp, out, m_pad, AlgConfig{alg_id, split_k, split_k_mode, split_k_buffers});
+  Plan* p = cached_plan(xp, out, m_pad, AlgConfig{alg_id, split_k, split_k_mode, split_k_buffers}, layout);
   auto* h = handle_for(x.get_device());
   at::Tensor y = at::empty({m_pad, out}, x.options());
   at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(p->workspace, 1))}, x.options().dtype(at::kByte));
   float alpha = 1.0f, beta = 0.0f;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CSLT_CHECK(cusparseLtMatmul(h, &p->plan, &alpha, compressed.data_ptr(), xp.data_ptr(), &beta, y.data_ptr(),
-                              y.data_ptr(), ws.data_ptr(), &stream, 1));
+  const void* da = weight_is_a(layout) ? compressed.data_ptr() : xp.data_ptr();
+  const void* db = weight_is_a(layout) ? xp.data_ptr() : compressed.data_ptr();
+  CSLT_CHECK(cusparseLtMatmul(h, &p->plan, &alpha, da, db, &beta, y.data_ptr(), y.data_ptr(), ws.data_ptr(),
+                              &stream, 1));
   if (m_pad != m) y = y.narrow(0, 0, m);  // leading rows of a row-major matrix: still contiguous
   if (bias.has_value() && bias->defined()) y.add_(*bias);
   return y;
 }
 
-std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& compressed, int64_t out) {
+std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& compressed, int64_t out, int64_t layout) {
   check_inputs(x, compressed, out);
+  check_layout(layout);
   c10::cuda::CUDAGuard guard(x.device());
   int64_t m_pad = 0;
   at::Tensor xp = pad_rows(x, &m_pad);
   auto* h = handle_for(x.get_device());
-  auto p = make_plan(h, cuda_type(x), out, x.size(1), m_pad, AlgConfig{});
+  auto p = make_plan(h, cuda_type(x), out, x.size(1), m_pad, AlgConfig{}, layout);
   at::Tensor y = at::empty({m_pad, out}, x.options());
   at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(p->workspace, 1))}, x.options().dtype(at::kByte));
   float alpha = 1.0f, beta = 0.0f;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CSLT_CHECK(cusparseLtMatmulSearch(h, &p->plan, &alpha, compressed.data_ptr(), xp.data_ptr(), &beta,
-                                    y.data_ptr(), y.data_ptr(), ws.data_ptr(), &stream, 1));
+  const void* da = weight_is_a(layout) ? compressed.data_ptr() : xp.data_ptr();
+  const void* db = weight_is_a(layout) ? xp.data_ptr() : compressed.data_ptr();
+  CSLT_CHECK(cusparseLtMatmulSearch(h, &p->plan, &alpha, da, db, &beta, y.data_ptr(), y.data_ptr(), ws.data_ptr(),
+                                    &stream, 1));
   int alg = 0, max_alg = 0, split_k = 1, split_k_mode = 0, split_k_buffers = 0;
   CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &alg, sizeof(alg)));
   CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(h, &p->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID, &max_alg, sizeof(max_alg)));
@@ -224,8 +283,9 @@ std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& compress
 }
 
 // Highest algorithm config id for this problem (no plan, no search): Python times each id itself.
-int64_t cslt_max_alg_id(const at::Tensor& x, const at::Tensor& compressed, int64_t out) {
+int64_t cslt_max_alg_id(const at::Tensor& x, const at::Tensor& compressed, int64_t out, int64_t layout) {
   check_inputs(x, compressed, out);
+  check_layout(layout);
   c10::cuda::CUDAGuard guard(x.device());
   int64_t m_pad = (x.size(0) + kRowAlign - 1) / kRowAlign * kRowAlign;
   auto* h = handle_for(x.get_device());
@@ -233,11 +293,7 @@ int64_t cslt_max_alg_id(const at::Tensor& x, const at::Tensor& compressed, int64
   cusparseLtMatDescriptor_t a, b, d;
   cusparseLtMatmulDescriptor_t matmul;
   cusparseLtMatmulAlgSelection_t alg_sel;
-  init_weight_desc(h, &a, out, x.size(1), type);
-  CSLT_CHECK(cusparseLtDenseDescriptorInit(h, &b, m_pad, x.size(1), x.size(1), 16, type, CUSPARSE_ORDER_ROW));
-  CSLT_CHECK(cusparseLtDenseDescriptorInit(h, &d, out, m_pad, out, 16, type, CUSPARSE_ORDER_COL));
-  CSLT_CHECK(cusparseLtMatmulDescriptorInit(h, &matmul, CUSPARSE_OPERATION_NON_TRANSPOSE, CUSPARSE_OPERATION_TRANSPOSE,
-                                            &a, &b, &d, &d, CUSPARSE_COMPUTE_32F));
+  init_matmul(h, &a, &b, &d, &matmul, type, out, x.size(1), m_pad, layout);
   CSLT_CHECK(cusparseLtMatmulAlgSelectionInit(h, &alg_sel, &matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
   int max_alg = 0;
   CSLT_CHECK(cusparseLtMatmulAlgGetAttribute(h, &alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID, &max_alg, sizeof(max_alg)));
@@ -256,11 +312,11 @@ int64_t cslt_plan_count() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
-  m.def("sparse24_cslt_compress(Tensor weight) -> Tensor");
+  m.def("sparse24_cslt_compress(Tensor weight, int layout=0) -> Tensor");
   m.def("sparse24_cslt_linear(Tensor x, Tensor compressed, int out_features, Tensor? bias, int alg_id=-1, "
-        "int split_k=-1, int split_k_mode=-1, int split_k_buffers=-1) -> Tensor");
-  m.def("sparse24_cslt_search(Tensor x, Tensor compressed, int out_features) -> int[]");
-  m.def("sparse24_cslt_max_alg_id(Tensor x, Tensor compressed, int out_features) -> int");
+        "int split_k=-1, int split_k_mode=-1, int split_k_buffers=-1, int layout=0) -> Tensor");
+  m.def("sparse24_cslt_search(Tensor x, Tensor compressed, int out_features, int layout=0) -> int[]");
+  m.def("sparse24_cslt_max_alg_id(Tensor x, Tensor compressed, int out_features, int layout=0) -> int");
   m.def("sparse24_cslt_plan_count() -> int", &cslt_plan_count);  // no tensor argument: one catch-all kernel
 }
 

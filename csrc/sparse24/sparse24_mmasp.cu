@@ -40,6 +40,7 @@ struct Params {
   void* y;            // [M, R] contiguous
   int M, K, R, RB, NC, splits, kslice;
   long long x_stride;
+  bool x16;  // x rows 16-byte aligned with K % 8 == 0: 16-byte copies (half the copy instructions)
 };
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
@@ -50,10 +51,15 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return v;
 }
 
-// 8-byte global -> shared copy; src_bytes = 0 writes zeros without reading.
+// 8- or 16-byte global -> shared copy; src_bytes = 0 writes zeros without reading.
 __device__ __forceinline__ void cp_async8(void* smem_dst, const void* src, int src_bytes) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src, int src_bytes) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&b)[4], const void* smem_row) {
@@ -157,9 +163,27 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
   if (active && c0 < c1) load_chunk<WR>(f0, p, rb0, c0, lane);
   if (active && c0 + 1 < c1) load_chunk<WR>(f1, p, rb0, c0 + 1, lane);
 
-  // x slice [NT*8, (c1-c0)*256] -> shared memory in 8-byte units (K % 4 == 0), zeros outside [M, K).
-  // cp.async: every copy is in flight at once (a loop of plain loads would wait on each L2 round trip).
-  {
+  // x slice [NT*8, (c1-c0)*256] -> shared memory in 16-byte units (x16) or 8-byte units (K % 4 == 0), zeros
+  // outside [M, K). cp.async: every copy is in flight at once (a loop of plain loads would wait on each L2
+  // round trip).
+  if (p.x16) {
+    const int units = p.kslice * (kChunk / 8);
+    const int live_units = (c1 - c0) * (kChunk / 8);
+    const T* x = reinterpret_cast<const T*>(p.x);
+    for (int idx = threadIdx.x; idx < NT * 8 * units; idx += blockDim.x) {
+      const int n = idx / units, u = idx - n * units;
+      const int k = c0 * kChunk + u * 8;
+      T* dst = xs + n * stride + u * 8;
+      if (n < p.M) {
+        const bool in = u < live_units && k < p.K;
+        const T* src = in ? x + n * p.x_stride + k : x;
+        cp_async16(dst, src, in ? 16 : 0);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+  } else {
     const int units = p.kslice * (kChunk / 4);
     const int live_units = (c1 - c0) * (kChunk / 4);
     const T* x = reinterpret_cast<const T*>(p.x);
@@ -224,10 +248,17 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
     const int n = idx / nrows, row = r0 + (idx - n * nrows);
     const int grow = blockIdx.x * rows_cta + row;
     if (grow >= p.R) continue;
+    // All partials are loaded before the first add (unrolled to the largest split count): distributed
+    // shared memory reads are slow, and one after another they serialise. Summed in rank order as before.
+    float pv[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (k < p.splits) pv[k] = (clustered ? cluster.map_shared_rank(part, k) : part)[row * (NT * 8) + n];
+    }
     float v = 0.f;
-    for (int k = 0; k < p.splits; ++k) {
-      const float* pk = clustered ? cluster.map_shared_rank(part, k) : part;
-      v += pk[row * (NT * 8) + n];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (k < p.splits) v += pv[k];
     }
     if (bias != nullptr) v += to_float<T>(bias[grow]);
     y[static_cast<size_t>(n) * p.R + grow] = from_float<T>(v);
@@ -327,6 +358,7 @@ at::Tensor mmasp_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const 
   p.splits = static_cast<int>(splits);
   p.kslice = kslice;
   p.x_stride = x.stride(0);
+  p.x16 = K % 8 == 0 && (x.stride(0) * 2) % 16 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
   const int tiles = static_cast<int>((RB + warps * rows_per_warp - 1) / (warps * rows_per_warp));
   const dim3 grid(tiles, static_cast<unsigned>(splits), 1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

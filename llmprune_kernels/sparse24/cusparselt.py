@@ -42,42 +42,55 @@ class CsltConfig:
 DEFAULT_CONFIG = CsltConfig()
 
 
-def compress(weight: torch.Tensor) -> torch.Tensor:
-    """cuSPARSELt's compressed form (opaque uint8) of a dense 2:4 CUDA weight.
+LAYOUTS = range(8)
+"""Operand descriptions of the same memory (W, x, y row-major), see the C++ header: 0-3 make W cuSPARSELt's
+structured A operand, 4-7 its structured B operand. 0 is torch's own choice."""
+
+
+def _check_layout(layout: int) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"cuSPARSELt layout must be one of {list(LAYOUTS)}, got {layout!r}")
+
+
+def compress(weight: torch.Tensor, layout: int = 0) -> torch.Tensor:
+    """cuSPARSELt's compressed form (opaque uint8) of a dense 2:4 CUDA weight, for one operand layout.
 
     Checked here rather than by the C++ op: an error raised inside our extension crashed the process
     on the H100 machine (seen once, cause not isolated), so the op is only called with valid input.
     """
+    _check_layout(layout)
     if weight.dim() != 2 or not weight.is_cuda:
         raise ValueError(f"cuSPARSELt compress needs a 2-D CUDA weight, got shape {tuple(weight.shape)} on {weight.device}")
     if weight.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"cuSPARSELt 2:4 needs float16 or bfloat16 weights, got {weight.dtype}")
     if not shape_ok(*weight.shape, weight.dtype):
         raise ValueError(f"cuSPARSELt 2:4 needs out_features % 32 == 0 and in_features % 64 == 0, got {tuple(weight.shape)}")
-    return torch.ops.llmprune_kernels.sparse24_cslt_compress(weight.contiguous())
+    return torch.ops.llmprune_kernels.sparse24_cslt_compress(weight.contiguous(), layout)
 
 
 def linear(x: torch.Tensor, compressed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-           config: CsltConfig = DEFAULT_CONFIG) -> torch.Tensor:
-    """``x [M, in] @ W.T (+ bias)`` with the compressed weight and a cached plan."""
+           config: CsltConfig = DEFAULT_CONFIG, layout: int = 0) -> torch.Tensor:
+    """``x [M, in] @ W.T (+ bias)`` with the weight compressed for ``layout`` and a cached plan."""
     return torch.ops.llmprune_kernels.sparse24_cslt_linear(
-        x, compressed, out_features, bias, config.alg_id, config.split_k, config.split_k_mode, config.split_k_buffers
+        x, compressed, out_features, bias, config.alg_id, config.split_k, config.split_k_mode, config.split_k_buffers,
+        layout,
     )
 
 
-def max_alg_id(x: torch.Tensor, compressed: torch.Tensor, out_features: int) -> int:
+def max_alg_id(x: torch.Tensor, compressed: torch.Tensor, out_features: int, layout: int = 0) -> int:
     """Highest cuSPARSELt algorithm config id for this problem size."""
-    return int(torch.ops.llmprune_kernels.sparse24_cslt_max_alg_id(x, compressed, out_features))
+    return int(torch.ops.llmprune_kernels.sparse24_cslt_max_alg_id(x, compressed, out_features, layout))
 
 
-def library_search(x: torch.Tensor, compressed: torch.Tensor, out_features: int) -> CsltConfig:
-    """cusparseLtMatmulSearch (experimental: it segfaulted with cuSPARSELt 0.8 on H100 for this layout)."""
-    alg, split_k, mode, buffers, _max_alg = torch.ops.llmprune_kernels.sparse24_cslt_search(x, compressed, out_features)
+def library_search(x: torch.Tensor, compressed: torch.Tensor, out_features: int, layout: int = 0) -> CsltConfig:
+    """cusparseLtMatmulSearch (experimental: it segfaulted with cuSPARSELt 0.8 on H100 for layout 0)."""
+    alg, split_k, mode, buffers, _max_alg = torch.ops.llmprune_kernels.sparse24_cslt_search(
+        x, compressed, out_features, layout)
     return CsltConfig(int(alg), int(split_k), int(mode) if split_k > 1 else -1, int(buffers) if split_k > 1 else -1)
 
 
-def search(x: torch.Tensor, compresseds: list[torch.Tensor], out_features: int, time_fn, max_algs: int = 16
-           ) -> tuple[CsltConfig, float, dict[int, float]]:
+def search(x: torch.Tensor, compresseds: list[torch.Tensor], out_features: int, time_fn, max_algs: int = 16,
+           layout: int = 0) -> tuple[CsltConfig, float, dict[int, float]]:
     """Time algorithm config ids 0..max_algs-1 with ``time_fn(fns)``; return the fastest.
 
     Capped because high ids are not safe: with cuSPARSELt 0.8 on an H100, id 36 (4096x4096, M=2048)
@@ -86,10 +99,11 @@ def search(x: torch.Tensor, compresseds: list[torch.Tensor], out_features: int, 
     ``compresseds``: weight copies to cycle through (so the timing reads from HBM like a real model).
     """
     times = {}
-    for alg in range(min(max_alg_id(x, compresseds[0], out_features), max_algs - 1) + 1):
+    for alg in range(min(max_alg_id(x, compresseds[0], out_features, layout), max_algs - 1) + 1):
         cfg = CsltConfig(alg)
         try:
-            times[alg] = time_fn([lambda c=c, cfg=cfg: linear(x, c, out_features, None, cfg) for c in compresseds])
+            times[alg] = time_fn([lambda c=c, cfg=cfg: linear(x, c, out_features, None, cfg, layout)
+                                  for c in compresseds])
         except RuntimeError:  # a config that rejects this problem simply does not compete
             continue
     if not times:
@@ -106,10 +120,10 @@ def plan_count() -> int:
 if _ext.ext_with_cusparselt():
     @torch.library.register_fake("llmprune_kernels::sparse24_cslt_linear")
     def _linear_fake(x, compressed, out_features, bias=None, alg_id=-1, split_k=-1, split_k_mode=-1,
-                     split_k_buffers=-1):
+                     split_k_buffers=-1, layout=0):
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("llmprune_kernels::sparse24_cslt_compress")
-    def _compress_fake(weight):
+    def _compress_fake(weight, layout=0):
         # The real size is library-defined; compile never traces compression (done at load time).
         return weight.new_empty(weight.numel() * weight.element_size() * 9 // 16, dtype=torch.uint8)

@@ -29,7 +29,7 @@ def _child(layout: int, out_path: str) -> None:
 
     ms = [int(v) for v in os.environ.get("CSLT_MS", "2048,8192").split(",")]
     max_alg = int(os.environ.get("CSLT_MAX_ALG", "15"))
-    f = open(out_path, "a")
+    f = open(out_path, "a")  # noqa: SIM115 - appended to case by case, closed at exit
     for dtype in (torch.float16, torch.bfloat16):
         for out_f, in_f in SHAPES:
             ws = [random_24_weight(out_f, in_f, dtype, "cuda") for _ in range(2)]
@@ -48,9 +48,9 @@ def _child(layout: int, out_path: str) -> None:
                     row["max_rel_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
                     n_alg = min(cslt.max_alg_id(x, comp[0], out_f, layout), max_alg)
                     cfgs = [cslt.DEFAULT_CONFIG] + [cslt.CsltConfig(a) for a in range(n_alg + 1)]
-                    groups = [[lambda w=w: F.linear(x, w) for w in ws]]
+                    groups = [[lambda w=w, x=x: F.linear(x, w) for w in ws]]
                     for cfg in cfgs:
-                        groups.append([lambda c=c, g=cfg: cslt.linear(x, c, out_f, None, g, layout) for c in comp])
+                        groups.append([lambda c=c, g=cfg, x=x, o=out_f: cslt.linear(x, c, o, None, g, layout) for c in comp])
                     t = time_ms_interleaved(groups, reps=10, trials=5)
                     row["dense_ms"] = t[0]
                     row["default_ms"] = t[1]

@@ -75,10 +75,13 @@ def main(out_path: str) -> None:
     status = {}
     for layout in layouts:
         t0 = time.time()
-        r = subprocess.run([sys.executable, __file__, "--child", str(layout), tmp], timeout=600)
+        r = subprocess.run([sys.executable, __file__, "--child", str(layout), tmp], timeout=600, check=False)
         status[layout] = {"returncode": r.returncode, "seconds": round(time.time() - t0, 1)}
         print("layout", layout, status[layout], flush=True)
-    rows = [json.loads(line) for line in open(tmp)] if os.path.exists(tmp) else []
+    rows = []
+    if os.path.exists(tmp):
+        with open(tmp) as f:
+            rows = [json.loads(line) for line in f]
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "cusparselt_torch": torch.backends.cusparselt.version(),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}

@@ -9,7 +9,8 @@ dense ``F.linear`` and times the library default and algorithm ids 0..MAX_ALG ag
 process (CUDA graphs, ``dispatch.time_ms_interleaved``).
 
 Run: python benchmarks/diag_cslt_layouts.py out.json   (env CSLT_LAYOUTS="0,4", CSLT_MS="2048,8192",
-CSLT_MAX_ALG=15)
+CSLT_MIN_ALG=0, CSLT_MAX_ALG=15, CSLT_DTYPES="float16,bfloat16"; several runs append to one out.json.jsonl
+when CSLT_KEEP=1)
 """
 import json
 import os
@@ -29,8 +30,10 @@ def _child(layout: int, out_path: str) -> None:
 
     ms = [int(v) for v in os.environ.get("CSLT_MS", "2048,8192").split(",")]
     max_alg = int(os.environ.get("CSLT_MAX_ALG", "15"))
+    min_alg = int(os.environ.get("CSLT_MIN_ALG", "0"))
+    dtypes = [getattr(torch, d) for d in os.environ.get("CSLT_DTYPES", "float16,bfloat16").split(",")]
     f = open(out_path, "a")  # noqa: SIM115 - appended to case by case, closed at exit
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in dtypes:
         for out_f, in_f in SHAPES:
             ws = [random_24_weight(out_f, in_f, dtype, "cuda") for _ in range(2)]
             try:
@@ -47,17 +50,19 @@ def _child(layout: int, out_path: str) -> None:
                     ref = F.linear(x.float(), ws[0].float())
                     row["max_rel_err"] = float((y.float() - ref).abs().max() / ref.abs().max())
                     n_alg = min(cslt.max_alg_id(x, comp[0], out_f, layout), max_alg)
-                    cfgs = [cslt.DEFAULT_CONFIG] + [cslt.CsltConfig(a) for a in range(n_alg + 1)]
+                    algs = list(range(min_alg, n_alg + 1))
+                    row["max_alg_id"] = cslt.max_alg_id(x, comp[0], out_f, layout)
+                    cfgs = [cslt.DEFAULT_CONFIG] + [cslt.CsltConfig(a) for a in algs]
                     groups = [[lambda w=w, x=x: F.linear(x, w) for w in ws]]
                     for cfg in cfgs:
                         groups.append([lambda c=c, g=cfg, x=x, o=out_f: cslt.linear(x, c, o, None, g, layout) for c in comp])
                     t = time_ms_interleaved(groups, reps=10, trials=5)
                     row["dense_ms"] = t[0]
                     row["default_ms"] = t[1]
-                    row["alg_ms"] = {str(a): v for a, v in zip(range(n_alg + 1), t[2:])}
+                    row["alg_ms"] = {str(a): v for a, v in zip(algs, t[2:])}
                     best = min(range(1, len(t)), key=lambda i: t[i])
                     row["best_ms"] = t[best]
-                    row["best_alg"] = -1 if best == 1 else best - 2
+                    row["best_alg"] = -1 if best == 1 else algs[best - 2]
                     row["best_speedup"] = t[0] / t[best]
                 except Exception as exc:  # noqa: BLE001 - recorded per case
                     row["error"] = repr(exc)[:300]
@@ -70,14 +75,15 @@ def main(out_path: str) -> None:
 
     layouts = [int(v) for v in os.environ.get("CSLT_LAYOUTS", "0,1,2,3,4,5,6,7").split(",")]
     tmp = out_path + ".jsonl"
-    if os.path.exists(tmp):
+    if os.path.exists(tmp) and os.environ.get("CSLT_KEEP") != "1":
         os.remove(tmp)
     status = {}
+    run_id = os.environ.get("CSLT_RUN", "")
     for layout in layouts:
         t0 = time.time()
         r = subprocess.run([sys.executable, __file__, "--child", str(layout), tmp], timeout=600, check=False)
-        status[layout] = {"returncode": r.returncode, "seconds": round(time.time() - t0, 1)}
-        print("layout", layout, status[layout], flush=True)
+        status[f"{run_id}{layout}"] = {"returncode": r.returncode, "seconds": round(time.time() - t0, 1)}
+        print("layout", layout, status[f"{run_id}{layout}"], flush=True)
     rows = []
     if os.path.exists(tmp):
         with open(tmp) as f:
@@ -89,12 +95,13 @@ def main(out_path: str) -> None:
     for r in rows:
         if "best_speedup" in r:
             key = f"{r['dtype']} {r['shape'][0]}x{r['shape'][1]} M={r['m']}"
-            summary.setdefault(key, {})[r["layout"]] = round(r["best_speedup"], 3)
+            cell = summary.setdefault(key, {})
+            if r["best_speedup"] > cell.get(r["layout"], {}).get("speedup", 0):
+                cell[r["layout"]] = {"speedup": round(r["best_speedup"], 3), "alg": r["best_alg"]}
     with open(out_path + ".part", "w") as f:
         json.dump({"env": env, "method": __doc__.strip().splitlines()[0], "processes": status,
                    "best_speedup_by_layout": summary, "cases": rows}, f, indent=1)
     os.replace(out_path + ".part", out_path)
-    os.remove(tmp)
     for k, v in summary.items():
         print(k, v)
 

@@ -8,7 +8,8 @@
 //
 // Grid: (row tiles, splits). A CTA of `warps` warps owns warps * rows_per_warp row blocks of 16 and the
 // 256-column chunks [s*NC/splits, (s+1)*NC/splits) of K; its x slice sits in shared memory (zero rows
-// beyond M and zero columns beyond K, copied with cp.async) and feeds B through ldmatrix.x4. A registers are loaded two chunks
+// beyond M and zero columns beyond K, copied with cp.async in two groups: the first chunk, whose MMAs start
+// while the rest arrives, then the rest) and feeds B through ldmatrix.x4. A registers are loaded two chunks
 // ahead of the MMAs. The `splits` CTAs of a row tile form one thread-block cluster: each writes its fp32
 // partial tile to shared memory, and cluster rank q sums all partials (distributed shared memory, rank
 // order) for 1/splits of the tile's rows, adds the bias and stores y. One launch, no workspace, no atomics.
@@ -140,6 +141,33 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[WR][NT][4], const Frag<WR
   }
 }
 
+// Chunks [j0, j1) of the CTA's x slice (chunk j = columns (c0 + j) * 256 ...) -> shared memory, UE elements
+// per copy (8: 16-byte copies, needs 16-byte aligned rows and K % 8 == 0; 4: 8-byte, K % 4 == 0), zeros for rows
+// >= M and columns past the slice or K; then one cp.async commit group.
+template <typename T, int NT, int UE>
+__device__ __forceinline__ void copy_x(const Params& p, T* xs, int stride, int c0, int c1, int j0, int j1) {
+  constexpr int kPer = kChunk / UE;  // copies per row and chunk
+  const int units = (j1 - j0) * kPer;
+  const int live_units = (c1 - c0) * kPer;
+  const T* x = reinterpret_cast<const T*>(p.x);
+  for (int idx = threadIdx.x; idx < NT * 8 * units; idx += blockDim.x) {
+    const int n = idx / units, u = j0 * kPer + (idx - n * units);
+    const int k = c0 * kChunk + u * UE;
+    T* dst = xs + n * stride + u * UE;
+    if (n < p.M) {
+      const bool in = u < live_units && k < p.K;
+      const T* src = in ? x + n * p.x_stride + k : x;  // a valid address even when nothing is read
+      if constexpr (UE == 8) cp_async16(dst, src, in ? 16 : 0);
+      else cp_async8(dst, src, in ? 8 : 0);
+    } else if constexpr (UE == 8) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    } else {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(0u, 0u);
+    }
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
 template <typename T, bool BF16, int NT, int WR>
 __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -163,45 +191,15 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
   if (active && c0 < c1) load_chunk<WR>(f0, p, rb0, c0, lane);
   if (active && c0 + 1 < c1) load_chunk<WR>(f1, p, rb0, c0 + 1, lane);
 
-  // x slice [NT*8, (c1-c0)*256] -> shared memory in 16-byte units (x16) or 8-byte units (K % 4 == 0), zeros
-  // outside [M, K). cp.async: every copy is in flight at once (a loop of plain loads would wait on each L2
-  // round trip).
+  // x slice [NT*8, (c1-c0)*256] -> shared memory (zeros outside [M, K)) in two cp.async groups: the first
+  // chunk, then the rest, so the first chunk's MMAs run while the rest of the slice is still arriving.
   if (p.x16) {
-    const int units = p.kslice * (kChunk / 8);
-    const int live_units = (c1 - c0) * (kChunk / 8);
-    const T* x = reinterpret_cast<const T*>(p.x);
-    for (int idx = threadIdx.x; idx < NT * 8 * units; idx += blockDim.x) {
-      const int n = idx / units, u = idx - n * units;
-      const int k = c0 * kChunk + u * 8;
-      T* dst = xs + n * stride + u * 8;
-      if (n < p.M) {
-        const bool in = u < live_units && k < p.K;
-        const T* src = in ? x + n * p.x_stride + k : x;
-        cp_async16(dst, src, in ? 16 : 0);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-    asm volatile("cp.async.wait_all;" ::: "memory");
+    copy_x<T, NT, 8>(p, xs, stride, c0, c1, 0, 1);
+    copy_x<T, NT, 8>(p, xs, stride, c0, c1, 1, p.kslice);
   } else {
-    const int units = p.kslice * (kChunk / 4);
-    const int live_units = (c1 - c0) * (kChunk / 4);
-    const T* x = reinterpret_cast<const T*>(p.x);
-    for (int idx = threadIdx.x; idx < NT * 8 * units; idx += blockDim.x) {
-      const int n = idx / units, u = idx - n * units;
-      const int k = c0 * kChunk + u * 4;
-      T* dst = xs + n * stride + u * 4;
-      if (n < p.M) {
-        const bool in = u < live_units && k < p.K;
-        const T* src = in ? x + n * p.x_stride + k : x;  // a valid address even when nothing is read
-        cp_async8(dst, src, in ? 8 : 0);
-      } else {
-        *reinterpret_cast<uint2*>(dst) = make_uint2(0u, 0u);
-      }
-    }
-    asm volatile("cp.async.wait_all;" ::: "memory");
+    copy_x<T, NT, 4>(p, xs, stride, c0, c1, 0, 1);
+    copy_x<T, NT, 4>(p, xs, stride, c0, c1, 1, p.kslice);
   }
-  __syncthreads();
 
   float acc[WR][NT][4];
 #pragma unroll
@@ -211,16 +209,24 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][nt][r] = 0.f;
 
-  if (active) {
-    // ldmatrix.x4: lane 8j + r gives row r of matrix j = x[nt*8 + r][k-step + 8j .. +8].
-    const char* xs_lane = reinterpret_cast<const char*>(xs + (lane & 7) * stride + 8 * (lane >> 3));
-    const int stride_bytes = stride * 2;
-    for (int c = c0; c < c1; c += 2) {
-      mma_chunk<BF16, NT, WR>(acc, f0, xs_lane + (c - c0) * kChunk * 2, stride_bytes);
-      if (c + 2 < c1) load_chunk<WR>(f0, p, rb0, c + 2, lane);
+  // ldmatrix.x4: lane 8j + r gives row r of matrix j = x[nt*8 + r][k-step + 8j .. +8].
+  const char* xs_lane = reinterpret_cast<const char*>(xs + (lane & 7) * stride + 8 * (lane >> 3));
+  const int stride_bytes = stride * 2;
+  asm volatile("cp.async.wait_group 1;" ::: "memory");
+  __syncthreads();  // every thread's copies of chunk 0 (and the zero rows) are visible
+  if (active && c0 < c1) {
+    mma_chunk<BF16, NT, WR>(acc, f0, xs_lane, stride_bytes);
+    if (c0 + 2 < c1) load_chunk<WR>(f0, p, rb0, c0 + 2, lane);
+  }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  __syncthreads();
+  if (active) {  // chunks c0+1, c0+2, ... alternate between f1 and f0, A loaded two chunks ahead
+    for (int c = c0 + 1; c < c1; c += 2) {
+      mma_chunk<BF16, NT, WR>(acc, f1, xs_lane + (c - c0) * kChunk * 2, stride_bytes);
+      if (c + 2 < c1) load_chunk<WR>(f1, p, rb0, c + 2, lane);
       if (c + 1 < c1) {
-        mma_chunk<BF16, NT, WR>(acc, f1, xs_lane + (c + 1 - c0) * kChunk * 2, stride_bytes);
-        if (c + 3 < c1) load_chunk<WR>(f1, p, rb0, c + 3, lane);
+        mma_chunk<BF16, NT, WR>(acc, f0, xs_lane + (c + 1 - c0) * kChunk * 2, stride_bytes);
+        if (c + 3 < c1) load_chunk<WR>(f0, p, rb0, c + 3, lane);
       }
     }
   }

@@ -435,6 +435,39 @@ def test_eager_calls_run_mmasp_where_graphs_run_decode():
 
 
 @pytest.mark.cuda
+def test_mmasp_eager_runner_bypasses_python_autograd_only_when_no_grad_can_flow():
+    """Without grad, the eager mma.sp call goes straight to the CUDA kernel (same bits); with an input that
+    requires grad it keeps the autograd formula; under a dispatch mode the mode still sees the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if not mmasp.available():
+        pytest.skip("the mma.sp op needs the CUDA build and sm_90")
+    sl = _pinned("mmasp")
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        assert torch.equal(sl(x), sl._forward_general(x))
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = sl(xg)
+    assert y.requires_grad
+    y.float().sum().backward()
+    F.linear(xr, sl._dense(), sl.bias).float().sum().backward()
+    assert_close(xg.grad, xr.grad, torch.float16)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen() as mode:
+        sl(x)
+    assert any("sparse24_mmasp_linear" in o for o in mode.ops)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("path", CUDA_PATHS)
 def test_torch_compile_cuda(path):
     torch._dynamo.reset()  # every path compiles the same forward: earlier params must not use up its recompile limit

@@ -34,6 +34,16 @@ from llmprune_kernels.sparse24.pack import Packed24, check_24, expand_24, meta_w
 
 _RUNNER_KEYS = frozenset({"values", "meta", "bias", "table", "force_path"})  # reassigning one drops the runners
 _MAX_RUNNERS = 64  # distinct M values kept (prefill lengths vary; decode repeats one M)
+_CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+
+
+def _no_autograd_needed(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """No gradient can flow through this call and no dispatch mode is watching: an op whose autograd
+    formula is registered from Python may then go straight to its CUDA kernel (the Python autograd
+    kernel costs ~10 us of host time a call, which eager decoding pays on every Linear)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return torch._C._len_torch_dispatch_stack() == 0
 
 
 class SparseLinear(nn.Module):
@@ -202,7 +212,10 @@ class SparseLinear(nn.Module):
                 raise ValueError(f"mma.sp config {cfg} does not fit in_features={k}, M={m}")
 
             def run(x: torch.Tensor) -> torch.Tensor:
-                y = op(x.reshape(m, k), L.a_frag, L.e_frag, n, bias, *cfg)
+                if _no_autograd_needed(x, bias):
+                    y = op.redispatch(_CUDA_KEYS, x.reshape(m, k), L.a_frag, L.e_frag, n, bias, *cfg)
+                else:
+                    y = op(x.reshape(m, k), L.a_frag, L.e_frag, n, bias, *cfg)
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
         elif choice.path == "cusparselt":
             op, comp = torch.ops.llmprune_kernels.sparse24_cslt_linear.default, self._compressed()

@@ -48,7 +48,7 @@ def main(out_path: str) -> None:
         x = torch.randn(1, in_f, device="cuda", dtype=torch.float16)
         row = {"shape": [out_f, in_f], "m": 1, "us_per_call": {}}
         t = row["us_per_call"]
-        t["dense_F.linear"] = per_call_us(lambda: F.linear(x, w))
+        t["dense_F.linear"] = per_call_us(lambda x=x, w=w: F.linear(x, w))
         lin = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.float16)
         lin.weight.data.copy_(w)
         paths = ["dense", "decode"] + (["cusparselt"] if cslt.available() else []) + (
@@ -57,16 +57,16 @@ def main(out_path: str) -> None:
             sl = SparseLinear.from_linear(lin)
             sl.force_path = path
             sl.prepare()
-            t[f"SparseLinear_{path}"] = per_call_us(lambda sl=sl: sl(x))
+            t[f"SparseLinear_{path}"] = per_call_us(lambda sl=sl, x=x: sl(x))
         if mmasp.available():
             sl = SparseLinear.from_linear(lin)
             L = sl._mmasp_layout()
             cfg = mmasp.default_config(out_f, in_f, 1)
             op = torch.ops.llmprune_kernels.sparse24_mmasp_linear.default
             keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
-            t["mmasp_op_dispatcher"] = per_call_us(lambda: op(x, L.a_frag, L.e_frag, out_f, None, *cfg))
-            t["mmasp_op_redispatch_cuda"] = per_call_us(lambda: op.redispatch(keys, x, L.a_frag, L.e_frag, out_f,
-                                                                              None, *cfg))
+            args = (x, L.a_frag, L.e_frag, out_f, None, *cfg)
+            t["mmasp_op_dispatcher"] = per_call_us(lambda op=op, args=args: op(*args))
+            t["mmasp_op_redispatch_cuda"] = per_call_us(lambda op=op, args=args: op.redispatch(keys, *args))
             sl.force_path = "mmasp"
             sl.prepare()
             prof = cProfile.Profile()

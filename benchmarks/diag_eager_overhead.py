@@ -66,7 +66,7 @@ def main(out_path: str) -> None:
             keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
             args = (x, L.a_frag, L.e_frag, out_f, None, *cfg)
             t["mmasp_op_dispatcher"] = per_call_us(lambda op=op, args=args: op(*args))
-            t["mmasp_op_redispatch_cuda"] = per_call_us(lambda op=op, args=args: op.redispatch(keys, *args))
+            t["mmasp_op_redispatch_cuda"] = per_call_us(lambda op=op, args=args, keys=keys: op.redispatch(keys, *args))
             sl.force_path = "mmasp"
             sl.prepare()
             prof = cProfile.Profile()

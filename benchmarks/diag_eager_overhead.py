@@ -58,6 +58,17 @@ def main(out_path: str) -> None:
             sl.force_path = path
             sl.prepare()
             t[f"SparseLinear_{path}"] = per_call_us(lambda sl=sl, x=x: sl(x))
+        t["nn.Linear_module"] = per_call_us(lambda lin=lin, x=x: lin(x))
+        if cslt.available():
+            comp = cslt.compress(w)
+            op = torch.ops.llmprune_kernels.sparse24_cslt_linear.default
+            for m in (1, 16, 64):
+                xm = torch.randn(m, in_f, device="cuda", dtype=torch.float16)
+                t[f"cslt_op_m{m}"] = per_call_us(lambda op=op, xm=xm, comp=comp, o=out_f: op(xm, comp, o, None))
+                t[f"F.linear_m{m}"] = per_call_us(lambda xm=xm, w=w: F.linear(xm, w))
+            x16 = torch.randn(16, in_f, device="cuda", dtype=torch.float16)
+            t["empty_like_x16"] = per_call_us(lambda x16=x16: torch.empty_like(x16))
+            t["pad_x1_to_16"] = per_call_us(lambda x=x: F.pad(x, (0, 0, 0, 15)))
         if mmasp.available():
             sl = SparseLinear.from_linear(lin)
             L = sl._mmasp_layout()

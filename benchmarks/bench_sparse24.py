@@ -3,7 +3,8 @@
 Per LLaMA-7B shape (out x in), dtype and M: CUDA-graph replay times (the kernels, as a decode loop or
 a compiled model runs them) and eager times (plus Python dispatch), each over several weight copies so
 small-M calls read their weights from HBM, not L2. Also: torch's own ``to_sparse_semi_structured`` +
-``F.linear`` (eager), the decode kernel alone (``decode_graph``, M <= 64, with the config the tuner
+``F.linear`` (eager), an ``nn.Linear`` module call on the same weight (``nn_linear_eager``: the eager baseline of a
+drop-in swap, module call overhead included), the decode kernel alone (``decode_graph``, M <= 64, with the config the tuner
 picked; its kind is recorded as ``decode_kernel``), the mma.sp kernel alone (``mmasp_graph``, M <= 16, with
 the tuned config ``mmasp_config``) and every decode candidate's tuning time
 (``decode_candidates``: do_bench medians, L2 flushed). An end-to-end LLaMA-7B-shaped model (random
@@ -68,10 +69,11 @@ def _setup(shape, dtype):
         dense = [dispatch.random_24_weight(out_f, in_f, dtype, "cuda")]
         n = dispatch.weight_copies(pack_24(dense[0]).nbytes(), "cuda")
         dense += [dispatch.random_24_weight(out_f, in_f, dtype, "cuda") for _ in range(n - 1)]
-        mods = []
+        mods, lins = [], []
         for w in dense:
             lin = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=dtype)
             lin.weight.data = w
+            lins.append(lin)  # shares w: the drop-in baseline of the eager comparison
             sl = SparseLinear.from_linear(lin)
             sl.table = TABLE
             mods.append(sl.prepare())
@@ -81,16 +83,16 @@ def _setup(shape, dtype):
             torch_sparse = to_sparse_semi_structured(dense[0])
         except Exception as exc:  # record why torch's own path cannot run
             torch_sparse = exc
-        _SETUPS[key] = (dense, mods, torch_sparse)
+        _SETUPS[key] = (dense, mods, torch_sparse, lins)
     return _SETUPS[key]
 
 
-def _safe_pair(dense_fns, sparse_fns, **kw):
+def _safe_pair(dense_fns, sparse_fns, *more, **kw):
     try:
-        return tuple(dispatch.time_ms_interleaved([dense_fns, sparse_fns], trials=9, **kw))
+        return tuple(dispatch.time_ms_interleaved([dense_fns, sparse_fns, *more], trials=9, **kw))
     except Exception as exc:
         print(f"  timing failed: {type(exc).__name__}: {exc}")
-        return None, None
+        return (None,) * (2 + len(more))
 
 
 def _safe_time(fns, **kw):
@@ -105,14 +107,16 @@ def _safe_time(fns, **kw):
 @pytest.mark.parametrize("dtype", DTYPES, ids=[str(d).removeprefix("torch.") for d in DTYPES])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
 def test_linear(benchmark, shape, dtype, m):
-    dense, mods, torch_sparse = _setup(shape, dtype)
+    dense, mods, torch_sparse, lins = _setup(shape, dtype)
     x = torch.randn(m, shape[1], device="cuda", dtype=dtype)
     with torch.no_grad():
         dense_fns = [lambda w=w: F.linear(x, w) for w in dense]
         sparse_fns = [lambda s=s: s(x) for s in mods]
         t = {}  # dense and sparse timed in turn within every trial: clock drift cannot favour either
         t["dense_graph"], t["sparse_graph"] = _safe_pair(dense_fns, sparse_fns)
-        t["dense_eager"], t["sparse_eager"] = _safe_pair(dense_fns, sparse_fns, graph=False)
+        module_fns = [lambda lin=lin: lin(x) for lin in lins]  # what a user swapping nn.Linear compares
+        t["dense_eager"], t["sparse_eager"], t["nn_linear_eager"] = _safe_pair(dense_fns, sparse_fns, module_fns,
+                                                                               graph=False)
         choice = mods[0].choose(m)
         if choice.decode is not None:  # the decode kernel alone, as the tuner configured it
             t["decode_graph"] = _safe_time([lambda s=s: s24.sparse24_mm(x, s.values, s.meta, None, shape[1],
@@ -147,13 +151,14 @@ def test_linear(benchmark, shape, dtype, m):
         "speedup_mmasp_graph": ratio("dense_graph", "mmasp_graph") if "mmasp_graph" in t else None,
         "tuning_times_ms": choice.times_ms, "max_rel_err": err, "torch_semi_structured_error": torch_err,
         "speedup_graph": ratio("dense_graph", "sparse_graph"), "speedup_eager": ratio("dense_eager", "sparse_eager"),
+        "speedup_eager_vs_nn_linear": ratio("nn_linear_eager", "sparse_eager"),
         "speedup_torch_semi_structured_eager": ratio("dense_eager", "torch_semi_structured_eager"),
     }
     RESULTS["cases"].append(case)
     _write()  # after every case, so a time-out still leaves the measured part
     benchmark.extra_info.update(case)
     print(f"\n{shape} {case['dtype']} M={m}: path={choice.path} graph {case['speedup_graph']} eager "
-          f"{case['speedup_eager']} torch {case['speedup_torch_semi_structured_eager']} decode "
+          f"{case['speedup_eager']} (vs nn.Linear {case['speedup_eager_vs_nn_linear']}) torch {case['speedup_torch_semi_structured_eager']} decode "
           f"{case['speedup_decode_graph']} ({case['decode_kernel']}) mmasp {case['speedup_mmasp_graph']} "
           f"{case['mmasp_config']}")
     assert err < 5e-2

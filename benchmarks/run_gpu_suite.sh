@@ -11,13 +11,15 @@
 #   quality  the issue-7 quality table (benchmarks/run_quality_gpu.sh; needs `model`)
 # 2:4 inference has its own runner (benchmarks/run_sparse24_gpu.sh).
 # Next session's plan (each line one `run` call, <= 600 s; see benchmarks/results/logs/README.md for what ran):
-#   1. 2:4 M = 16: profile the mma.sp kernel at M = 16 against M = 8 under Nsight Compute
-#      (benchmarks/diag_mmasp_profile.py; `ncu -c 4 --section WarpStateStats --section SourceCounters`)
-#   2. 2:4 bf16 M >= 2048: cuSPARSELt with the weight as the structured B operand, each layout in its own process
-#   3. the whole fast suite in two parts (~12 min, Triton compiles), carry [".whl", ".carry/gguf_a", ...]:
+#   1. the whole fast suite in two parts (~12 min, Triton compiles), carry [".whl", ".carry/gguf_a", ...]:
 #        MODE="build fast" FAST_TIMEOUT=500 FAST_ARGS="python_tests --ignore=python_tests/test_sparse24_matmul.py
 #        --ignore=python_tests/test_sparse_linear.py" bash benchmarks/run_gpu_suite.sh
 #      then MODE="build fast" FAST_ARGS="python_tests/test_sparse24_matmul.py python_tests/test_sparse_linear.py"
+#      (the fifth session's last 2:4 test run was cut at 326 of ~349 by its 200 s limit; set TEST_TIMEOUT=300)
+#   2. 2:4 bf16 M >= 2048 (1.00-1.16x): cuSPARSELt 0.8 is the limit (every operand layout measured alike,
+#      ids > 15 crash); only our own sm_90a wgmma.sp GEMM could reach 1.3x there
+#   3. memory: record the cuSPARSELt config of every bucket in tune_shape (today only where it wins), then a
+#      dense_tolerance option can run cuSPARSELt instead of keeping a dense copy where it is within ~5%
 # Timeouts: FAST_TIMEOUT, SLOW_TIMEOUT, SGPT_TIMEOUT, SCORE_TIMEOUT (seconds); SCORE_K picks the score-mask benches.
 source benchmarks/gpu_common.sh
 MODE=" ${MODE:-build fast} "

@@ -101,6 +101,29 @@ def test_sparsify_default_filter_and_filter_fn():
     assert type(model3[0]) is nn.Linear and isinstance(model3[1], SparseLinear)
 
 
+def test_lean_choice_runs_a_close_sparse_path_instead_of_a_dense_copy():
+    cfg = cslt.CsltConfig(6)
+    close = dispatch.Choice("dense", cfg, {"dense": 1.0, "cusparselt": 1.04, "decode": 2.0})
+    far = dispatch.Choice("dense", cfg, {"dense": 1.0, "cusparselt": 1.2})
+    unknown = dispatch.Choice("dense", None, {"dense": 1.0, "cusparselt": 1.01})  # no measured config kept
+    sparse = dispatch.Choice("mmasp", None, {"dense": 1.0, "mmasp": 0.7}, None, (4, 1, 4))
+    lean = dispatch.lean_choice(close, 0.05)
+    assert lean.path == "cusparselt" and lean.cslt == cfg and lean.times_ms == close.times_ms
+    assert dispatch.lean_choice(close, 0.03).path == "dense"  # 4% slower is outside a 3% tolerance
+    assert dispatch.lean_choice(close, 0.0) is close
+    assert dispatch.lean_choice(far, 0.05) is far
+    assert dispatch.lean_choice(unknown, 0.05) is unknown
+    assert dispatch.lean_choice(sparse, 0.05) is sparse
+    table = dispatch.TuningTable({dispatch.shape_key(64, 128, torch.float16): {1: sparse, 256: close, 2048: far}})
+    assert table.paths_for(64, 128, torch.float16) == {"mmasp", "dense"}
+    assert table.paths_for(64, 128, torch.float16, 0.05) == {"mmasp", "cusparselt", "dense"}
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="dense_tolerance must be in"):
+            sparsify_(nn.Sequential(linear_24(64, 128, torch.float32, "cpu")), dense_tolerance=bad)
+    model = sparsify_(nn.Sequential(linear_24(64, 128, torch.float32, "cpu")), dense_tolerance=0.05)
+    assert model[0].dense_tolerance == 0.05
+
+
 def test_tuning_table_json_round_trip(tmp_path):
     table = dispatch.TuningTable({
         dispatch.shape_key(64, 128, torch.float16): {
@@ -465,6 +488,27 @@ def test_mmasp_eager_runner_bypasses_python_autograd_only_when_no_grad_can_flow(
     with torch.no_grad(), Seen() as mode:
         sl(x)
     assert any("sparse24_mmasp_linear" in o for o in mode.ops)
+
+
+@pytest.mark.cuda
+def test_dense_tolerance_keeps_no_dense_copy_cuda():
+    """A bucket measured faster dense but with cuSPARSELt within the tolerance runs cuSPARSELt (with the
+    config the table kept) and the module builds no dense copy of its weight."""
+    if not cslt.available():
+        pytest.skip("our cuSPARSELt op is not built / no GPU")
+    lin = linear_24(512, 1024, torch.float16, "cuda")
+    times = {"dense": 1.0, "cusparselt": 1.02}
+    table = dispatch.TuningTable({dispatch.shape_key(512, 1024, torch.float16): {
+        256: dispatch.Choice("dense", cslt.CsltConfig(0), times)}})
+    strict, lean = (SparseLinear.from_linear(lin) for _ in range(2))
+    for sl, tol in ((strict, 0.0), (lean, 0.05)):
+        sl.table, sl.dense_tolerance = table, tol
+        sl.prepare()
+    assert "dense" in strict._cache and "dense" not in lean._cache
+    x = torch.randn(200, 1024, device="cuda", dtype=torch.float16)
+    assert lean.choose(200).path == "cusparselt" and strict.choose(200).path == "dense"
+    assert_close(lean(x), F.linear(x, lin.weight, lin.bias), torch.float16)
+    assert "dense" not in lean._cache
 
 
 @pytest.mark.cuda

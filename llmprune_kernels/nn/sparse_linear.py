@@ -32,7 +32,7 @@ from llmprune_kernels.sparse24 import dispatch
 from llmprune_kernels.sparse24.pack import Packed24, check_24, expand_24, meta_width, pack_24, unpack_24
 
 
-_RUNNER_KEYS = frozenset({"values", "meta", "bias", "table", "force_path"})  # reassigning one drops the runners
+_RUNNER_KEYS = frozenset({"values", "meta", "bias", "table", "force_path", "dense_tolerance"})  # reassigning one drops the runners
 _MAX_RUNNERS = 64  # distinct M values kept (prefill lengths vary; decode repeats one M)
 _CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
@@ -65,6 +65,9 @@ class SparseLinear(nn.Module):
         self.table: dispatch.TuningTable | None = None  # None: the process-wide dispatch.DEFAULT_TABLE
         self._cache: dict[str, torch.Tensor] = {}
         self.force_path: str | None = None  # tests / benchmarks pin one path
+        # memory-lean dispatch (dispatch.lean_choice): a sparse path within this fraction of dense's time runs
+        # instead of dense, so no dense copy of the weight is kept for that bucket
+        self.dense_tolerance: float = 0.0
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -126,8 +129,9 @@ class SparseLinear(nn.Module):
             too_many = self.force_path == "mmasp" and m > mmasp.MAX_M
             return dispatch.PINNED["dense" if too_many else self.force_path]
         c = self._table().lookup(self.out_features, self.in_features, self.values.dtype, m)
-        return c if c is not None else dispatch.default_choice(
-            self.out_features, self.in_features, self.values.dtype, m, dev)
+        if c is not None:
+            return dispatch.lean_choice(c, self.dense_tolerance)
+        return dispatch.default_choice(self.out_features, self.in_features, self.values.dtype, m, dev)
 
     def _dense(self) -> torch.Tensor:
         w = self._cache.get("dense")
@@ -158,7 +162,8 @@ class SparseLinear(nn.Module):
             return self
         self._table().install_decode_configs(self.out_features, self.in_features, self.values.dtype)
         if paths is None:
-            paths = self._table().paths_for(self.out_features, self.in_features, self.values.dtype)
+            paths = self._table().paths_for(self.out_features, self.in_features, self.values.dtype,
+                                            self.dense_tolerance)
             paths |= {dispatch.default_choice(self.out_features, self.in_features, self.values.dtype, m,
                                               self.values.device).path for m in (1, 4096)}
             if self.force_path:  # a pinned mma.sp path runs dense above its M limit
@@ -277,6 +282,7 @@ def sparsify_(
     table: dispatch.TuningTable | str | None = None,
     save_table: str | None = None,
     buckets: tuple[int, ...] = dispatch.BUCKETS,
+    dense_tolerance: float = 0.0,
 ) -> nn.Module:
     """Swap the model's ``nn.Linear`` modules for :class:`SparseLinear` in place (torchao-style).
 
@@ -285,7 +291,10 @@ def sparsify_(
     row and group. On CUDA each distinct (out, in, dtype) is tuned once (``tune=True``) unless ``table``
     (a :class:`TuningTable` or a JSON path from ``save_table``) already holds it; caches are then built.
     ``buckets``: the M buckets to measure (fewer = faster tuning; unmeasured buckets use the defaults).
+    ``dense_tolerance`` in [0, 1): where dense measured fastest but a sparse path within this fraction of its
+    time, run the sparse path and keep no dense copy of the weight (memory for up to that much speed).
     """
+    dense_tolerance = dispatch.check_dense_tolerance(dense_tolerance)
     if isinstance(table, str):
         table = dispatch.TuningTable.load(table)
     picked: list[tuple[nn.Module, str, str, nn.Linear]] = []
@@ -307,6 +316,7 @@ def sparsify_(
         except ValueError as exc:
             raise ValueError(f"{fqn}: {exc}") from None
         sl.table = table
+        sl.dense_tolerance = dense_tolerance
         setattr(parent, child, sl)
         new.append(sl)
     cuda_shapes = {(m.out_features, m.in_features, m.values.dtype) for m in new if m.values.is_cuda}

@@ -101,6 +101,26 @@ def choose_path(times: dict[str, float], margin: float = DISPATCH_MARGIN) -> str
     return best if t_best <= dense * (1.0 - margin) else "dense"
 
 
+def lean_choice(choice: Choice, dense_tolerance: float) -> Choice:
+    """Memory-lean dispatch: a bucket where dense measured fastest runs its fastest sparse path instead when
+    that path was measured within ``dense_tolerance`` (a fraction: 0.05 = up to 5% slower) of dense, so the
+    module needs no dense copy of its weight for it (a dense copy is 1.78x the packed weight's bytes).
+    Only a path whose measured config the choice holds is taken; anything else is kept."""
+    if dense_tolerance <= 0 or choice.path != "dense":
+        return choice
+    path = choose_path(choice.times_ms, margin=-dense_tolerance)
+    known = {"cusparselt": choice.cslt, "decode": choice.decode, "mmasp": choice.mmasp}
+    if path == "dense" or known.get(path) is None:
+        return choice
+    return Choice(path, choice.cslt, choice.times_ms, choice.decode, choice.mmasp)
+
+
+def check_dense_tolerance(dense_tolerance: float) -> float:
+    if not 0.0 <= dense_tolerance < 1.0:
+        raise ValueError(f"dense_tolerance must be in [0, 1) (a fraction of dense's time), got {dense_tolerance!r}")
+    return float(dense_tolerance)
+
+
 def eager_choice(choice: Choice, mmasp_ok: bool) -> Choice:
     """The path for a call outside CUDA-graph capture. A Triton launch costs more host time than the decode
     kernel saves on a small layer (H100: 0.4-0.7x of dense per eager call at 4096x4096) while the C++ mma.sp
@@ -137,9 +157,11 @@ class TuningTable:
         per_shape = self.entries.get(shape_key(out_features, in_features, dtype))
         return None if per_shape is None else per_shape.get(bucket(m))
 
-    def paths_for(self, out_features: int, in_features: int, dtype: torch.dtype) -> set[str]:
+    def paths_for(self, out_features: int, in_features: int, dtype: torch.dtype,
+                  dense_tolerance: float = 0.0) -> set[str]:
+        """The paths this shape's buckets run (after ``lean_choice`` with ``dense_tolerance``)."""
         per_shape = self.entries.get(shape_key(out_features, in_features, dtype), {})
-        return {c.path for c in per_shape.values()}
+        return {lean_choice(c, dense_tolerance).path for c in per_shape.values()}
 
     def save(self, path: str) -> None:
         """Write atomically (temp file + rename)."""
@@ -311,8 +333,8 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
         if close is not None:  # re-measure dense and the contender alternately, without selection bias
             times.update(_retime({"dense": cands["dense"], close: cands[close]}, reps))
         best = choose_path(times)
-        choices[m] = Choice(best, cfg if best == "cusparselt" else None, times,
-                            dcfg if "decode" in cands else None, mcfg)
+        # the cuSPARSELt config is kept even where another path won, so lean_choice can run it later
+        choices[m] = Choice(best, cfg, times, dcfg if "decode" in cands else None, mcfg)
     return choices
 
 

@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -86,6 +87,12 @@ cusparseOperation_t x_op(int64_t layout) {
   return transpose ? CUSPARSE_OPERATION_TRANSPOSE : CUSPARSE_OPERATION_NON_TRANSPOSE;
 }
 
+// cuSPARSELt's A and B pointers for a matmul: the compressed weight is A for layouts 0..3, B for 4..7.
+std::pair<const void*, const void*> operands(int64_t layout, const at::Tensor& compressed, const at::Tensor& x) {
+  if (weight_is_a(layout)) return {compressed.data_ptr(), x.data_ptr()};
+  return {x.data_ptr(), compressed.data_ptr()};
+}
+
 void check_layout(int64_t layout) {
   TORCH_CHECK(layout >= 0 && layout < kLayouts, "sparse24_cslt: layout must be in [0, ", kLayouts, "), got ", layout);
 }
@@ -131,7 +138,6 @@ struct AlgConfig {
 
 struct Plan {
   cusparseLtMatDescriptor_t a, b, d;  // a: the weight, b: x, d: y (whichever operand cuSPARSELt calls them)
-  int64_t layout = 0;
   cusparseLtMatmulDescriptor_t matmul;
   cusparseLtMatmulAlgSelection_t alg_sel;
   cusparseLtMatmulPlan_t plan;
@@ -163,7 +169,6 @@ void set_alg(cusparseLtHandle_t* h, Plan* p, const AlgConfig& cfg) {
 std::unique_ptr<Plan> make_plan(cusparseLtHandle_t* h, cudaDataType type, int64_t out, int64_t in, int64_t m,
                                 const AlgConfig& cfg, int64_t layout) {
   auto p = std::make_unique<Plan>();
-  p->layout = layout;
   init_matmul(h, &p->a, &p->b, &p->d, &p->matmul, type, out, in, m, layout);
   CSLT_CHECK(cusparseLtMatmulAlgSelectionInit(h, &p->alg_sel, &p->matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
   set_alg(h, p.get(), cfg);
@@ -241,8 +246,7 @@ at::Tensor cslt_linear(const at::Tensor& x, const at::Tensor& compressed, int64_
   at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(p->workspace, 1))}, x.options().dtype(at::kByte));
   float alpha = 1.0f, beta = 0.0f;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const void* da = weight_is_a(layout) ? compressed.data_ptr() : xp.data_ptr();
-  const void* db = weight_is_a(layout) ? xp.data_ptr() : compressed.data_ptr();
+  const auto [da, db] = operands(layout, compressed, xp);
   CSLT_CHECK(cusparseLtMatmul(h, &p->plan, &alpha, da, db, &beta, y.data_ptr(), y.data_ptr(), ws.data_ptr(),
                               &stream, 1));
   if (m_pad != m) y = y.narrow(0, 0, m);  // leading rows of a row-major matrix: still contiguous
@@ -262,8 +266,7 @@ std::vector<int64_t> cslt_search(const at::Tensor& x, const at::Tensor& compress
   at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(p->workspace, 1))}, x.options().dtype(at::kByte));
   float alpha = 1.0f, beta = 0.0f;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const void* da = weight_is_a(layout) ? compressed.data_ptr() : xp.data_ptr();
-  const void* db = weight_is_a(layout) ? xp.data_ptr() : compressed.data_ptr();
+  const auto [da, db] = operands(layout, compressed, xp);
   CSLT_CHECK(cusparseLtMatmulSearch(h, &p->plan, &alpha, da, db, &beta, y.data_ptr(), y.data_ptr(), ws.data_ptr(),
                                     &stream, 1));
   int alg = 0, max_alg = 0, split_k = 1, split_k_mode = 0, split_k_buffers = 0;

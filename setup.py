@@ -6,6 +6,8 @@ Source layout convention under ``csrc/`` (searched recursively):
 * ``*.cu``, ``*_cuda.cpp``  compiled only in a CUDA build (``LLMPRUNE_WITH_CUDA`` defined).
 * ``*_cusparselt.cpp``      compiled only when cuSPARSELt headers are found too
                             (``LLMPRUNE_WITH_CUSPARSELT`` defined).
+* ``cutlass_sm90/*``        compiled only when CUTLASS >= 3.6 headers are found and the arch list holds
+                            9.0, which then becomes 9.0a (wgmma.sp needs it; ``LLMPRUNE_WITH_CUTLASS``).
 
 Environment knobs:
 
@@ -15,6 +17,8 @@ Environment knobs:
 * ``LLMPRUNE_SKIP_CUDA=1``   build the C++ CPU part only, even with a CUDA torch.
 * ``LLMPRUNE_CUSPARSELT_DIR`` root holding ``include/cusparseLt.h`` and ``lib/libcusparseLt.so*``;
                              by default the ``nvidia/cusparselt`` wheel in site-packages.
+* ``LLMPRUNE_CUTLASS_DIR``   CUTLASS's ``include`` folder; by default the ``nvidia-cutlass`` wheel's
+                             ``cutlass_library/source/include``. ``LLMPRUNE_SKIP_CUTLASS=1`` leaves it out.
 * ``TORCH_CUDA_ARCH_LIST``   as usual; defaults to "9.0" (H100) when no GPU is visible.
 """
 from __future__ import annotations
@@ -47,8 +51,35 @@ def _find_cusparselt() -> tuple[str, str, str] | None:
     return None
 
 
-def _sources(pattern: str) -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
+def _find_cutlass() -> str | None:
+    """CUTLASS's include dir (with the sm90 sparse GEMM collective, CUTLASS >= 3.6), or None."""
+    roots = []
+    if os.environ.get("LLMPRUNE_CUTLASS_DIR"):
+        roots.append(os.environ["LLMPRUNE_CUTLASS_DIR"])
+    for p in sys.path:
+        roots.append(os.path.join(p, "cutlass_library", "source", "include"))
+    need = os.path.join("cutlass", "gemm", "collective", "sm90_sparse_mma_tma_gmma_ss_warpspecialized.hpp")
+    for root in roots:
+        if os.path.exists(os.path.join(root, need)):
+            return root
+    return None
+
+
+def _sources(pattern: str, under: str = "") -> list[str]:
+    found = glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True)
+    rel = sorted(os.path.relpath(p, ROOT) for p in found)
+    if under:
+        return [p for p in rel if f"/{under}/" in p]
+    return [p for p in rel if "/cutlass_sm90/" not in p]
+
+
+def _sm90a_arch_list() -> str | None:
+    """TORCH_CUDA_ARCH_LIST with 9.0 turned into 9.0a, or None when it holds no 9.0 (no CUTLASS path)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";").split(";")
+    archs = [a for a in archs if a]
+    if not any(a.removesuffix("+PTX") in ("9.0", "9.0a") for a in archs):
+        return None
+    return ";".join("9.0a" + a[3:] if a.startswith("9.0") and not a.startswith("9.0a") else a for a in archs)
 
 
 def _extensions():
@@ -76,8 +107,12 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs, libraries, link_args = [], [], []
     if with_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            if torch.cuda.is_available():
+                major, minor = torch.cuda.get_device_capability()
+                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         cpp += _sources("*.cu") + _sources("*_cuda.cpp")
         macros.append(("LLMPRUNE_WITH_CUDA", "1"))
         found = _find_cusparselt()
@@ -90,6 +125,18 @@ def _extensions():
             print(f"llmprune_kernels: cuSPARSELt found at {libdir}/{libfile}")
         else:
             print("llmprune_kernels: cuSPARSELt not found, building without it")
+        cutlass_inc = None if _flag("LLMPRUNE_SKIP_CUTLASS") else _find_cutlass()
+        sm90a = _sm90a_arch_list()
+        if cutlass_inc is not None and sm90a is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = sm90a
+            cpp += _sources("*.cpp", "cutlass_sm90") + _sources("*.cu", "cutlass_sm90")
+            macros.append(("LLMPRUNE_WITH_CUTLASS", "1"))
+            include_dirs += [cutlass_inc, os.path.join(cutlass_inc, "..", "tools", "util", "include")]
+            nvcc.append("-DNDEBUG")  # device asserts are calls: they would serialise the wgmma pipeline
+            print(f"llmprune_kernels: CUTLASS sm90 2:4 GEMM from {cutlass_inc} (arch list {sm90a})")
+        else:
+            why = "no 9.0 in TORCH_CUDA_ARCH_LIST" if cutlass_inc is not None else "CUTLASS headers not found"
+            print(f"llmprune_kernels: building without the CUTLASS sm90 2:4 GEMM ({why})")
         ext = CUDAExtension(
             "llmprune_kernels._C",
             cpp,

@@ -4,7 +4,9 @@
 #   (always before tests / bench) preflight: benchmarks/preflight_sparse24.py, one process per decode
 #          kernel kind; only kinds that pass are tuned ($LLMPRUNE_SPARSE24_KINDS). It also fills Triton's
 #          kernel cache, so the tests and the benchmark compile little.
-#   tests  the CUDA + CPU tests of test_pack24 / test_sparse24_matmul / test_sparse24_mmasp / test_sparse_linear
+#   probe  .whl/cutlass_sm90_probe (benchmarks/build_cutlass_probe.sh, built off the GPU machine), first
+#   tests  the CUDA + CPU tests of test_pack24 / test_sparse24_matmul / test_sparse24_mmasp /
+#          test_sparse24_cutlass / test_sparse_linear
 #   bench  benchmarks/bench_sparse24.py -> $OUT/sparse24_h100.json, sparse24_tuning_h100.json
 #   e2e    benchmarks/e2e_sparse24.py (graph, then eager), merged into the same JSON
 #   diag   benchmarks/diag_cusparselt.py (one subprocess per check)
@@ -23,10 +25,18 @@ TOTAL=${TOTAL:-540}
 # limit DEFAULT [RESERVE]: DEFAULT, but no more than what is left before TOTAL minus RESERVE (min 10 s).
 limit() { local left=$((TOTAL - SECONDS - ${2:-0})); (( left < 10 )) && left=10; (( $1 < left )) && echo $1 || echo $left; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null
+# CUTLASS headers come from the nvidia-cutlass wheel carried in .whl/
+[ -d /tmp/site/cutlass_library/source/include ] && export LLMPRUNE_CUTLASS_DIR=/tmp/site/cutlass_library/source/include
+if [[ "$MODE" == *" probe "* && -x .whl/cutlass_sm90_probe ]]; then
+  timeout 120 .whl/cutlass_sm90_probe > $OUT/cutlass_probe.jsonl 2>&1; echo "probe rc=$? at ${SECONDS}s"; cat $OUT/cutlass_probe.jsonl | tail -40
+fi
 W=/tmp/w
 rm -rf $W && mkdir -p $W/csrc && cp -r llmprune_kernels setup.py pyproject.toml $W/ && rm -f $W/llmprune_kernels/_C*.so
 cp csrc/module.cpp $W/csrc/ && cp -r csrc/sparse24 $W/csrc/
-(cd $W && time python setup.py build_ext --inplace -q) 2>&1 | tail -4
+(cd $W && time python setup.py build_ext --inplace -q) > /tmp/build.log 2>&1 || {
+  echo "build failed; retrying without CUTLASS"; grep -E "error|Error" /tmp/build.log | head -20
+  (cd $W && LLMPRUNE_SKIP_CUTLASS=1 python setup.py build_ext --inplace -q) 2>&1 | tail -4; }
+grep -E "llmprune_kernels:|real" /tmp/build.log | head
 cp -r python_tests benchmarks $W/
 export PYTHONPATH=$W:/tmp/site
 cd $W
@@ -49,7 +59,7 @@ fi
 if [[ "$MODE" == *" tests "* ]]; then
   # The full-size candidate tests compile every decode kernel once; the benchmark reuses them from
   # Triton's cache (same specialisations: no bias).
-  timeout $(limit ${TEST_TIMEOUT:-150} $((E2E_RESERVE + 150))) python -m pytest -q -p no:cacheprovider python_tests/test_pack24.py python_tests/test_sparse24_matmul.py python_tests/test_sparse24_mmasp.py python_tests/test_sparse_linear.py -m "not slow" -rfE --durations=15 ${TEST_K:+-k "$TEST_K"} > $OUT/tests_full.txt 2>&1
+  timeout $(limit ${TEST_TIMEOUT:-150} $((E2E_RESERVE + 150))) python -m pytest -q -p no:cacheprovider python_tests/test_pack24.py python_tests/test_sparse24_matmul.py python_tests/test_sparse24_mmasp.py python_tests/test_sparse24_cutlass.py python_tests/test_sparse_linear.py -m "not slow" -rfE --durations=15 ${TEST_K:+-k "$TEST_K"} > $OUT/tests_full.txt 2>&1
   echo "tests rc=$? at ${SECONDS}s"; tail -40 $OUT/tests_full.txt
 fi
 if [[ "$MODE" == *" bench "* ]]; then

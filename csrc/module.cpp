@@ -19,8 +19,17 @@ bool with_cusparselt() {
 #endif
 }
 
+bool with_cutlass_sm90() {
+#ifdef LLMPRUNE_WITH_CUTLASS
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llmprune_kernels compiled ops (registered under torch.ops.llmprune_kernels)";
   m.def("with_cuda", &with_cuda, "True when the CUDA sources were compiled in");
   m.def("with_cusparselt", &with_cusparselt, "True when the cuSPARSELt path was compiled in");
+  m.def("with_cutlass_sm90", &with_cutlass_sm90, "True when the CUTLASS sm90 2:4 GEMM was compiled in");
 }

@@ -29,3 +29,8 @@ def ext_with_cuda() -> bool:
 def ext_with_cusparselt() -> bool:
     """True when ``_C`` was compiled with the cuSPARSELt path."""
     return HAS_EXT and bool(_C.with_cusparselt())
+
+
+def ext_with_cutlass_sm90() -> bool:
+    """True when ``_C`` was compiled with the CUTLASS sm90 (wgmma.sp) 2:4 GEMM."""
+    return HAS_EXT and bool(getattr(_C, "with_cutlass_sm90", lambda: False)())

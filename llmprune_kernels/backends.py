@@ -17,12 +17,13 @@ def triton_available() -> bool:
 
 
 def backends() -> dict[str, bool]:
-    """Report which of ``cpu`` / ``triton`` / ``cuda`` / ``cusparselt`` are usable.
+    """Report which of ``cpu`` / ``triton`` / ``cuda`` / ``cusparselt`` / ``cutlass_sm90`` are usable.
 
     * ``cpu``: the compiled C++ CPU ops (``_C``); the plain PyTorch reference always works regardless.
     * ``triton``: Triton kernels (CUDA GPU, or ``TRITON_INTERPRET=1`` on the CPU).
     * ``cuda``: the compiled CUDA ops, with a visible GPU.
     * ``cusparselt``: our cuSPARSELt 2:4 matmul with cached plans, with a visible GPU.
+    * ``cutlass_sm90``: CUTLASS's Hopper 2:4 GEMM (built for sm_90a), with an sm_90 GPU.
     """
     gpu = torch.cuda.is_available()
     return {
@@ -30,4 +31,5 @@ def backends() -> dict[str, bool]:
         "triton": triton_available(),
         "cuda": _ext.ext_with_cuda() and gpu,
         "cusparselt": _ext.ext_with_cusparselt() and gpu,
+        "cutlass_sm90": _ext.ext_with_cutlass_sm90() and gpu and torch.cuda.get_device_capability() == (9, 0),
     }

@@ -15,6 +15,7 @@ from llmprune_kernels.nn import SparseLinear, sparsify_
 from llmprune_kernels.ops import sparse24_matmul as s24
 from llmprune_kernels.ops import sparse24_mmasp as mmasp
 from llmprune_kernels.sparse24 import cusparselt as cslt
+from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24 import dispatch
 from llmprune_kernels.sparse24.checkpoint import (
     expand_to_dense, from_pretrained_compressed, load_compressed, read_compressed, save_compressed,
@@ -345,7 +346,7 @@ def test_checkpoint_rejects_other_files(tmp_path):
 
 # ---------------------------------------------------------------------------------- CUDA paths
 CUDA_PATHS = (["dense", "decode"] + (["cusparselt"] if cslt.available() else [])
-              + (["mmasp"] if mmasp.available() else []))
+              + (["mmasp"] if mmasp.available() else []) + (["cutlass"] if ctl.available() else []))
 
 
 @pytest.mark.cuda

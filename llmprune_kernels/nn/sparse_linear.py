@@ -5,10 +5,11 @@ Forward is ``F.linear(x, W, bias)`` with ``W`` the masked dense weight, whatever
 * CPU: the masked dense matmul (the reference), so CI checks the semantics;
 * CUDA: per M bucket, the path measured fastest for this weight shape at ``sparsify_`` time (or read
   from a saved tuning table): our mma.sp CUDA kernel or our Triton decode kernel (small M), our
-  cached-plan cuSPARSELt op (large M), or a dense copy of the masked weight where sparse would lose.
+  cached-plan cuSPARSELt op or CUTLASS's sm90 sparse GEMM (large M), or a dense copy of the masked
+  weight where sparse would lose.
 
-The packed ``values`` / ``meta`` buffers are the state (``state_dict``); the cuSPARSELt-compressed copy,
-the mma.sp fragment-order copy and any dense copy are caches rebuilt by ``prepare()`` after a device or
+The packed ``values`` / ``meta`` buffers are the state (``state_dict``); the cuSPARSELt- and
+CUTLASS-compressed copies, the mma.sp fragment-order copy and any dense copy are caches rebuilt by ``prepare()`` after a device or
 dtype move. Call ``prepare()`` (``sparsify_`` does) before capturing a CUDA graph or ``torch.compile``.
 
 Eager CUDA calls take a fast path: the first call with a given M resolves the dispatch (table lookup,
@@ -28,6 +29,7 @@ from llmprune_kernels.ops import sparse24_matmul as s24
 from llmprune_kernels.ops import sparse24_mmasp as mmasp
 from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
 from llmprune_kernels.sparse24 import cusparselt as cslt
+from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24 import dispatch
 from llmprune_kernels.sparse24.pack import Packed24, check_24, expand_24, meta_width, pack_24, unpack_24
 
@@ -147,6 +149,12 @@ class SparseLinear(nn.Module):
             c = self._cache["cslt"] = cslt.compress(unpack_24(self.packed()))
         return c
 
+    def _cutlass(self) -> ctl.CutlassWeight:
+        c = self._cache.get("cutlass")
+        if c is None:
+            c = self._cache["cutlass"] = ctl.compress(unpack_24(self.packed()))
+        return c
+
     def _mmasp_layout(self) -> mmasp.MmaspLayout:
         L = self._cache.get("mmasp")
         if L is None:
@@ -175,6 +183,9 @@ class SparseLinear(nn.Module):
             self._compressed()
         if "mmasp" in paths and mmasp.supports(self.values.dtype, self.in_features):
             self._mmasp_layout()
+        if "cutlass" in paths and ctl.available(self.values.device) and ctl.shape_ok(
+                self.out_features, self.in_features, self.values.dtype):
+            self._cutlass()
         return self
 
     # -- forward --------------------------------------------------------------------------------
@@ -230,6 +241,13 @@ class SparseLinear(nn.Module):
             def run(x: torch.Tensor) -> torch.Tensor:
                 y = op(x.reshape(m, k), comp, n, bias, *args)
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+        elif choice.path == "cutlass":
+            op, cw = torch.ops.llmprune_kernels.sparse24_cutlass_linear.default, self._cutlass()
+            tcfg = choice.cutlass if choice.cutlass is not None else 0
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                y = op(x.reshape(m, k), cw.values, cw.meta, n, bias, tcfg)
+                return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
         else:
             w = self._dense()
 
@@ -262,6 +280,11 @@ class SparseLinear(nn.Module):
         if choice.path == "cusparselt":
             x2 = x.reshape(m, self.in_features)
             y = cslt.linear(x2, self._compressed(), self.out_features, self.bias, choice.cslt or cslt.DEFAULT_CONFIG)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if choice.path == "cutlass":
+            x2 = x.reshape(m, self.in_features)
+            y = ctl.linear(x2, self._cutlass(), self.out_features, self.bias,
+                           choice.cutlass if choice.cutlass is not None else 0)
             return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self._dense(), self.bias)
 

@@ -2,7 +2,8 @@
 
 Paths: ``decode`` (our Triton kernel on the packed weight, small M), ``mmasp`` (our CUDA kernel on the
 sparse tensor cores, M <= 16, sm_90; :mod:`llmprune_kernels.ops.sparse24_mmasp`), ``cusparselt`` (our
-extension's cached-plan cuSPARSELt op, large M) and ``dense`` (a dense copy of the masked weight, where
+extension's cached-plan cuSPARSELt op, large M), ``cutlass`` (CUTLASS's sm90 wgmma.sp GEMM, large M;
+:mod:`llmprune_kernels.sparse24.cutlass_sm90`) and ``dense`` (a dense copy of the masked weight, where
 sparse would lose). M is rounded up to a power-of-two bucket; each bucket's path is measured on this GPU when the
 model is sparsified (``tune_shape``), or comes from a saved JSON table (which also holds the decode
 kernel's measured config, so a loaded table needs no re-measuring).
@@ -28,9 +29,10 @@ from llmprune_kernels.ops import sparse24_matmul as s24
 from llmprune_kernels.ops import sparse24_mmasp as mmasp
 from llmprune_kernels.ops.sparse24_matmul import HAS_TRITON, sparse24_mm
 from llmprune_kernels.sparse24 import cusparselt as cslt
+from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24.pack import pack_24
 
-PATHS = ("dense", "decode", "cusparselt", "mmasp")
+PATHS = ("dense", "decode", "cusparselt", "mmasp", "cutlass")
 # mma.sp launch configs (warps, rows_per_warp, splits) measured per bucket besides the shape's default: the
 # winners of the H100 sweep (benchmarks/results/sparse24_mmasp_h100.json)
 MMASP_CONFIGS = ((4, 1, 2), (4, 1, 4), (8, 1, 2), (8, 1, 4), (8, 2, 4))
@@ -61,13 +63,15 @@ def shape_key(out_features: int, in_features: int, dtype: torch.dtype) -> str:
 @dataclass
 class Choice:
     """One bucket's path; ``decode``: the decode kernel config measured for it (``sparse24_mm``'s block);
-    ``mmasp``: the mma.sp launch config (warps, rows_per_warp, splits) measured for it."""
+    ``mmasp``: the mma.sp launch config (warps, rows_per_warp, splits) measured for it; ``cutlass``: the
+    CUTLASS tile config measured for it."""
 
     path: str
     cslt: cslt.CsltConfig | None = None
     times_ms: dict[str, float] = field(default_factory=dict)
     decode: tuple | None = None
     mmasp: tuple | None = None
+    cutlass: int | None = None
 
     def to_json(self) -> dict:
         d = {"path": self.path, "cslt": self.cslt.as_dict() if self.cslt else None, "times_ms": self.times_ms}
@@ -76,6 +80,8 @@ class Choice:
             d["decode_kernel"] = s24.config_name(self.decode)  # for readers of the JSON
         if self.mmasp is not None:
             d["mmasp"] = list(self.mmasp)
+        if self.cutlass is not None:
+            d["cutlass"] = self.cutlass
         return d
 
     @classmethod
@@ -84,7 +90,8 @@ class Choice:
             raise ValueError(f"tuning table path {d['path']!r} is unknown; allowed: {PATHS}")
         return cls(d["path"], cslt.CsltConfig(**d["cslt"]) if d.get("cslt") else None, dict(d.get("times_ms", {})),
                    tuple(d["decode"]) if d.get("decode") else None,
-                   mmasp.check_config(d["mmasp"]) if d.get("mmasp") else None)
+                   mmasp.check_config(d["mmasp"]) if d.get("mmasp") else None,
+                   ctl._check_config(d["cutlass"]) if d.get("cutlass") is not None else None)
 
 
 def choose_path(times: dict[str, float], margin: float = DISPATCH_MARGIN) -> str:
@@ -109,10 +116,10 @@ def lean_choice(choice: Choice, dense_tolerance: float) -> Choice:
     if dense_tolerance <= 0 or choice.path != "dense":
         return choice
     path = choose_path(choice.times_ms, margin=-dense_tolerance)
-    known = {"cusparselt": choice.cslt, "decode": choice.decode, "mmasp": choice.mmasp}
+    known = {"cusparselt": choice.cslt, "decode": choice.decode, "mmasp": choice.mmasp, "cutlass": choice.cutlass}
     if path == "dense" or known.get(path) is None:
         return choice
-    return Choice(path, choice.cslt, choice.times_ms, choice.decode, choice.mmasp)
+    return Choice(path, choice.cslt, choice.times_ms, choice.decode, choice.mmasp, choice.cutlass)
 
 
 def check_dense_tolerance(dense_tolerance: float) -> float:
@@ -133,7 +140,7 @@ def eager_choice(choice: Choice, mmasp_ok: bool) -> Choice:
     pair = {"dense": t.get("dense", math.inf), "mmasp": t.get("mmasp", math.inf)}
     if not math.isfinite(pair["mmasp"]) or choose_path(pair) != "mmasp":
         return choice
-    return Choice("mmasp", None, t, choice.decode, choice.mmasp)
+    return Choice("mmasp", None, t, choice.decode, choice.mmasp, choice.cutlass)
 
 
 def close_call(times: dict[str, float], margin: float = DISPATCH_MARGIN, window: float = RETIME_WINDOW) -> str | None:
@@ -294,6 +301,8 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
     comp = [cslt.compress(w) for w in dense] if use_cslt else []
     use_mmasp = mmasp.supports(dtype, in_features)
     layouts = [mmasp.to_mmasp_layout(p) for p in packed] if use_mmasp else []
+    use_ctl = ctl.available(device) and ctl.shape_ok(out_features, in_features, dtype)
+    ctl_w = [ctl.compress(w) for w in dense] if use_ctl else []
     name = shape_key(out_features, in_features, dtype)
     choices = {}
     for m in buckets:
@@ -307,7 +316,7 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
                                                                          block=c) for p in packed]
             except Exception as exc:  # no decode config runs this shape: the path does not compete
                 print(f"sparse24 tuning: decode config search failed for {name} M={m}: {exc}")
-        times, cfg, mcfg = {}, None, None
+        times, cfg, mcfg, tcfg = {}, None, None, None
         if use_mmasp and m <= mmasp.MAX_M:
             try:
                 mcfg, times["mmasp"] = _tune_mmasp(layouts, x, out_features, reps)
@@ -321,6 +330,13 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
                 cands["cusparselt"] = [lambda c=c, x=x, g=cfg: cslt.linear(x, c, out_features, None, g) for c in comp]
             except RuntimeError as exc:
                 print(f"sparse24 tuning: cusparselt failed for {name} M={m}: {exc}")
+        if use_ctl and m >= ctl.MIN_M:
+            try:
+                tcfg, times["cutlass"], _ = ctl.search(x, ctl_w, out_features,
+                                                       lambda fns: time_ms(fns, reps=reps, trials=3))
+                cands["cutlass"] = [lambda w=w, x=x, c=tcfg: ctl.linear(x, w, out_features, None, c) for w in ctl_w]
+            except RuntimeError as exc:
+                print(f"sparse24 tuning: cutlass failed for {name} M={m}: {exc}")
         for path, fns in cands.items():
             if path in times:
                 continue
@@ -333,8 +349,8 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
         if close is not None:  # re-measure dense and the contender alternately, without selection bias
             times.update(_retime({"dense": cands["dense"], close: cands[close]}, reps))
         best = choose_path(times)
-        # the cuSPARSELt config is kept even where another path won, so lean_choice can run it later
-        choices[m] = Choice(best, cfg, times, dcfg if "decode" in cands else None, mcfg)
+        # the cuSPARSELt / CUTLASS configs are kept even where another path won, so lean_choice can run them
+        choices[m] = Choice(best, cfg, times, dcfg if "decode" in cands else None, mcfg, tcfg)
     return choices
 
 

@@ -1,0 +1,188 @@
+// CUTLASS 3 structured-sparse (2:4) GEMM for Hopper (wgmma.sp, TMA, warp-specialised persistent
+// kernels), for the large-M buckets where cuSPARSELt 0.8's bf16 kernels are barely faster than dense.
+//
+// Torch-free on purpose: the gemm_*.cu files here define api.h's entry points from it, and the standalone
+// probe (benchmarks/cutlass_sm90_probe.cu) links the same files, so it can be built and timed without a
+// CUDA torch.
+//
+// y[M, out] = x[M, in] @ W[out, in]^T is computed as the GEMM D = A B with A = W (structured, row-major,
+// K-major), B = x^T (column-major, i.e. x row-major) and D = y^T column-major (i.e. y row-major), so no
+// operand is copied. W is compressed once by CUTLASS's own compressor (values + metadata in the order
+// the sm90 wgmma.sp mainloop reads); every tile config of one dtype shares that format.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/transform/device/transform_universal_adapter.hpp"
+#include "cutlass/transform/kernel/sparse_gemm_compressor.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+#include "sparse24/cutlass_sm90/api.h"
+
+namespace llmprune::cutlass24 {
+
+template <class Element, int TM, int TN, int TK, int CM, int CN>
+struct SparseGemm {
+  using ProblemShape = cute::Shape<int, int, int, int>;
+  using LayoutTagA = cutlass::layout::RowMajor;
+  using LayoutTagB = cutlass::layout::ColumnMajor;
+  using LayoutTagD = cutlass::layout::ColumnMajor;
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
+  using TileShape = cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::Int<TK>>;
+  using ClusterShape = cute::Shape<cute::Int<CM>, cute::Int<CN>, cute::_1>;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, LayoutTagD, kAlign,  // no source C: beta is always 0
+      Element, LayoutTagD, kAlign,
+      cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, Element, LayoutTagA, kAlign, Element,
+      LayoutTagB, kAlign, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using SparseConfig = typename Mainloop::SparseConfig;
+  using ElementE = typename Mainloop::ElementE;
+  using StrideA = cutlass::gemm::TagToStrideA_t<LayoutTagA>;
+  using StrideB = typename Kernel::StrideB;
+  using StrideD = typename Kernel::StrideD;
+  using CompressorUtility =
+      cutlass::transform::kernel::StructuredSparseCompressorUtility<ProblemShape, Element, LayoutTagA, SparseConfig>;
+  using CompressorKernel = cutlass::transform::kernel::StructuredSparseCompressor<ProblemShape, Element, LayoutTagA,
+                                                                                  SparseConfig, cutlass::arch::Sm90>;
+  using Compressor = cutlass::transform::device::TransformUniversalAdapter<CompressorKernel>;
+};
+
+template <class Element, int C>
+struct ConfigOf;
+// 0: 128x128 tiles, 2x1 cluster (shares B tiles between two M tiles); 1: 128x256 (large token
+// counts); 2: 256x128 (large out features).
+template <class E> struct ConfigOf<E, 0> { using T = SparseGemm<E, 128, 128, 64, 2, 1>; };
+template <class E> struct ConfigOf<E, 1> { using T = SparseGemm<E, 128, 256, 64, 1, 2>; };
+template <class E> struct ConfigOf<E, 2> { using T = SparseGemm<E, 256, 128, 64, 2, 1>; };
+
+inline cudaError_t status_to_error(cutlass::Status s) {
+  return s == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <class Element>
+PackedSizes packed_sizes_t(int out, int in) {
+  using G = typename ConfigOf<Element, 0>::T;
+  typename G::ProblemShape shape{out, 8, in, 1};
+  auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(out, in, 1));
+  typename G::CompressorUtility util(shape, stride_a);
+  PackedSizes s;
+  s.values = int64_t(out) * util.get_tensorA_k_physical();
+  s.meta_bytes = int64_t(util.get_metadata_m_physical()) * util.get_metadata_k_physical() *
+                 int64_t(cutlass::sizeof_bits<typename G::ElementE>::value) / 8;
+  return s;
+}
+
+// Compress a 2:4 weight [out, in] (row-major, contiguous) into values + metadata. The compressor kernel
+// needs a workspace of compress_workspace() bytes.
+template <class Element>
+size_t compress_workspace_t(int out, int in, int device, int sm_count) {
+  using G = typename ConfigOf<Element, 0>::T;
+  typename G::ProblemShape shape{out, 8, in, 1};
+  auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(out, in, 1));
+  cutlass::KernelHardwareInfo hw{device, sm_count};
+  typename G::Compressor::Arguments args{shape, {nullptr, stride_a, nullptr, nullptr}, {hw}};
+  return G::Compressor::get_workspace_size(args);
+}
+
+template <class Element>
+cudaError_t compress_t(const void* dense, void* values, void* meta, int out, int in, int device, int sm_count,
+                       void* workspace, cudaStream_t stream) {
+  using G = typename ConfigOf<Element, 0>::T;
+  typename G::ProblemShape shape{out, 8, in, 1};
+  auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(out, in, 1));
+  cutlass::KernelHardwareInfo hw{device, sm_count};
+  typename G::Compressor::Arguments args{
+      shape,
+      {static_cast<const Element*>(dense), stride_a, static_cast<Element*>(values),
+       static_cast<typename G::ElementE*>(meta)},
+      {hw}};
+  typename G::Compressor op;
+  cutlass::Status s = op.can_implement(args);
+  if (s != cutlass::Status::kSuccess) return status_to_error(s);
+  s = op.initialize(args, workspace, stream);
+  if (s != cutlass::Status::kSuccess) return status_to_error(s);
+  return status_to_error(op.run(stream));
+}
+
+template <class G>
+typename G::Gemm::Arguments gemm_args(const void* values, const void* meta, const void* x, void* y, int out,
+                                      int tokens, int in, int device, int sm_count) {
+  typename G::ProblemShape shape{out, tokens, in, 1};
+  auto layout_a = G::SparseConfig::fill_layoutA(shape);
+  auto layout_e = G::SparseConfig::fill_layoutE(shape);
+  auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, cute::make_shape(tokens, in, 1));
+  auto stride_d = cutlass::make_cute_packed_stride(typename G::StrideD{}, cute::make_shape(out, tokens, 1));
+  using E = typename G::Mainloop::ElementA;  // sparse_elem wrapper type the mainloop expects
+  cutlass::KernelHardwareInfo hw{device, sm_count};
+  typename G::Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      shape,
+      {static_cast<const E*>(values), layout_a, static_cast<const typename G::Kernel::ElementB*>(x), stride_b,
+       static_cast<const typename G::ElementE*>(meta), layout_e},
+      {{1.0f, 0.0f}, nullptr, stride_d, static_cast<typename G::Kernel::ElementD*>(y), stride_d},
+      hw};
+  return args;
+}
+
+template <class G>
+size_t gemm_workspace_g(int out, int tokens, int in, int device, int sm_count) {
+  auto args = gemm_args<G>(nullptr, nullptr, nullptr, nullptr, out, tokens, in, device, sm_count);
+  return G::Gemm::get_workspace_size(args);
+}
+
+template <class G>
+cudaError_t gemm_g(const void* values, const void* meta, const void* x, void* y, int out, int tokens, int in,
+                   int device, int sm_count, void* workspace, cudaStream_t stream) {
+  auto args = gemm_args<G>(values, meta, x, y, out, tokens, in, device, sm_count);
+  typename G::Gemm gemm;
+  cutlass::Status s = gemm.can_implement(args);
+  if (s != cutlass::Status::kSuccess) return status_to_error(s);
+  s = gemm.initialize(args, workspace, stream);
+  if (s != cutlass::Status::kSuccess) return status_to_error(s);
+  return status_to_error(gemm.run(stream));
+}
+
+// ---- definitions of api.h's entry points (one translation unit per dtype x config) ------------
+
+#define LLMPRUNE_CUTLASS24_DEFINE_DTYPE(dt, Element)                                                        \
+  PackedSizes packed_sizes_##dt(int out, int in) { return packed_sizes_t<Element>(out, in); }              \
+  size_t compress_workspace_##dt(int out, int in, int device, int sm_count) {                              \
+    return compress_workspace_t<Element>(out, in, device, sm_count);                                       \
+  }                                                                                                        \
+  cudaError_t compress_##dt(const void* dense, void* values, void* meta, int out, int in, int device,      \
+                            int sm_count, void* workspace, cudaStream_t stream) {                          \
+    return compress_t<Element>(dense, values, meta, out, in, device, sm_count, workspace, stream);          \
+  }
+
+#define LLMPRUNE_CUTLASS24_DEFINE_GEMM(dt, Element, cfg)                                                    \
+  size_t gemm_workspace_##dt##_##cfg(int out, int tokens, int in, int device, int sm_count) {              \
+    return gemm_workspace_g<typename ConfigOf<Element, cfg>::T>(out, tokens, in, device, sm_count);        \
+  }                                                                                                        \
+  cudaError_t gemm_##dt##_##cfg(const void* values, const void* meta, const void* x, void* y, int out,     \
+                                int tokens, int in, int device, int sm_count, void* workspace,             \
+                                cudaStream_t stream) {                                                     \
+    return gemm_g<typename ConfigOf<Element, cfg>::T>(values, meta, x, y, out, tokens, in, device,         \
+                                                      sm_count, workspace, stream);                        \
+  }
+
+}  // namespace llmprune::cutlass24

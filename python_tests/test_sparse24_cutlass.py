@@ -1,0 +1,107 @@
+"""CUTLASS sm90 2:4 GEMM (llmprune_kernels.sparse24.cutlass_sm90): every tile config equals the masked dense
+linear, in eager mode and CUDA graphs, at token counts that do not fill a tile; tuning measures it and
+the table keeps its config; bad input is refused with a message naming it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
+from llmprune_kernels.sparse24 import dispatch
+from llmprune_kernels.sparse24.dispatch import random_24_weight
+
+needs_cutlass = pytest.mark.skipif(not ctl.available(), reason="CUTLASS sm90 ops not built or no sm_90 GPU")
+# fp32 accumulation, one rounding of the output: relative to the largest |output|
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
+
+
+def test_shape_rule():
+    assert ctl.shape_ok(4096, 11008, torch.bfloat16) and ctl.shape_ok(8, 16, torch.float16)
+    assert not ctl.shape_ok(4096, 4104, torch.float16)  # in % 16 != 0
+    assert not ctl.shape_ok(4100, 4096, torch.float16)  # out % 8 != 0
+    assert not ctl.shape_ok(4096, 4096, torch.float32)
+
+
+def test_compress_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D CUDA weight"):
+        ctl.compress(torch.zeros(8, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match="unknown|must be one of"):
+        ctl.linear(torch.zeros(1, 16), ctl.CutlassWeight(torch.zeros(1), torch.zeros(1)), 8, None, 7)
+
+
+def test_choice_json_keeps_the_cutlass_config_and_lean_choice_uses_it():
+    c = dispatch.Choice("dense", None, {"dense": 1.0, "cutlass": 1.03}, cutlass=2)
+    back = dispatch.Choice.from_json(c.to_json())
+    assert back.cutlass == 2 and back.path == "dense"
+    lean = dispatch.lean_choice(back, 0.05)
+    assert lean.path == "cutlass" and lean.cutlass == 2
+    assert dispatch.lean_choice(dispatch.Choice("dense", None, {"dense": 1.0, "cutlass": 1.03}), 0.05).path == "dense"
+    with pytest.raises(ValueError, match="must be one of"):
+        dispatch.Choice.from_json({**c.to_json(), "cutlass": 9})
+
+
+@pytest.mark.cuda
+@needs_cutlass
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", ctl.CONFIGS)
+@pytest.mark.parametrize("out_f, in_f, m", [(512, 1024, 1), (384, 1040, 77), (1024, 512, 300), (256, 2048, 2048)])
+def test_matches_masked_dense(dtype, config, out_f, in_f, m):
+    w = random_24_weight(out_f, in_f, dtype, "cuda")
+    x = torch.randn(m, in_f, device="cuda", dtype=dtype)
+    bias = torch.randn(out_f, device="cuda", dtype=dtype)
+    cw = ctl.compress(w)
+    ref = F.linear(x.float(), w.float())
+    y = ctl.linear(x, cw, out_f, None, config)
+    assert y.shape == (m, out_f) and y.dtype == dtype
+    assert rel_err(y, ref) <= TOL[dtype]
+    yb = ctl.linear(x, cw, out_f, bias, config)
+    assert rel_err(yb, ref + bias.float()) <= TOL[dtype]
+
+
+@pytest.mark.cuda
+@needs_cutlass
+def test_cuda_graph_and_misaligned_input_give_the_same_bits():
+    w = random_24_weight(512, 1024, torch.bfloat16, "cuda")
+    cw = ctl.compress(w)
+    buf = torch.randn(2048 * 1024 + 4, device="cuda", dtype=torch.bfloat16)
+    x = buf[:2048 * 1024].view(2048, 1024)
+    eager = ctl.linear(x, cw, 512, None, 1)
+    shifted = buf[4:].view(2048, 1024)  # base 8 bytes off 16-byte alignment: copied before TMA reads it
+    shifted_ref = ctl.linear(shifted.clone(), cw, 512, None, 1)
+    assert torch.equal(ctl.linear(shifted, cw, 512, None, 1), shifted_ref)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ctl.linear(x, cw, 512, None, 1)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        y = ctl.linear(x, cw, 512, None, 1)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)
+
+
+@pytest.mark.cuda
+@needs_cutlass
+def test_op_rejects_a_weight_compressed_for_another_shape():
+    cw = ctl.compress(random_24_weight(512, 1024, torch.float16, "cuda"))
+    with pytest.raises(RuntimeError, match="does not match"):
+        ctl.linear(torch.randn(4, 1024, device="cuda", dtype=torch.float16), cw, 256, None, 0)
+    with pytest.raises(RuntimeError, match="x is"):
+        ctl.linear(torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16), cw, 512, None, 0)
+
+
+@pytest.mark.cuda
+@needs_cutlass
+def test_tuning_measures_cutlass_and_keeps_its_config():
+    choices = dispatch.tune_shape(512, 1024, torch.bfloat16, "cuda", buckets=(16, 2048), reps=3)
+    assert "cutlass" not in choices[16].times_ms  # below ctl.MIN_M
+    c = choices[2048]
+    assert c.cutlass in ctl.CONFIGS and "cutlass" in c.times_ms
+    assert c.path == dispatch.choose_path(c.times_ms)

@@ -6,7 +6,8 @@ small-M calls read their weights from HBM, not L2. Also: torch's own ``to_sparse
 ``F.linear`` (eager), an ``nn.Linear`` module call on the same weight (``nn_linear_eager``: the eager baseline of a
 drop-in swap, module call overhead included), the decode kernel alone (``decode_graph``, M <= 64, with the config the tuner
 picked; its kind is recorded as ``decode_kernel``), the mma.sp kernel alone (``mmasp_graph``, M <= 16, with
-the tuned config ``mmasp_config``) and every decode candidate's tuning time
+the tuned config ``mmasp_config``), the CUTLASS sm90 kernel alone (``cutlass_graph``, M >= 64, with the
+tuned ``cutlass_config``) and every decode candidate's tuning time
 (``decode_candidates``: do_bench medians, L2 flushed). An end-to-end LLaMA-7B-shaped model (random
 weights pruned 2:4) is measured by ``benchmarks/e2e_sparse24.py`` (separate processes), which adds its
 figures to the same JSON. Writes ``benchmarks/results/sparse24_h100.json`` (or $SPARSE24_RESULTS) and the
@@ -33,6 +34,7 @@ from llmprune_kernels.nn import SparseLinear  # noqa: E402
 from llmprune_kernels.ops import sparse24_matmul as s24
 from llmprune_kernels.ops import sparse24_mmasp as mm  # noqa: E402
 from llmprune_kernels.sparse24 import cusparselt as cslt  # noqa: E402
+from llmprune_kernels.sparse24 import cutlass_sm90 as ctl  # noqa: E402
 from llmprune_kernels.sparse24 import dispatch  # noqa: E402
 from llmprune_kernels.sparse24.pack import pack_24  # noqa: E402
 
@@ -124,6 +126,9 @@ def test_linear(benchmark, shape, dtype, m):
         if choice.mmasp is not None and m <= mm.MAX_M:  # the mma.sp kernel alone, as the tuner configured it
             t["mmasp_graph"] = _safe_time([lambda s=s: mm.mmasp_linear(x, s._mmasp_layout(), None, choice.mmasp)
                                            for s in mods])
+        if choice.cutlass is not None:  # the CUTLASS sm90 kernel alone, with the tuned config
+            t["cutlass_graph"] = _safe_time([lambda s=s: ctl.linear(x, s._cutlass(), shape[0], None, choice.cutlass)
+                                             for s in mods])
         if isinstance(torch_sparse, Exception):
             t["torch_semi_structured_eager"] = None
             torch_err = f"{type(torch_sparse).__name__}: {torch_sparse}"
@@ -149,6 +154,9 @@ def test_linear(benchmark, shape, dtype, m):
         "speedup_decode_graph": ratio("dense_graph", "decode_graph") if "decode_graph" in t else None,
         "mmasp_config": list(choice.mmasp) if choice.mmasp else None,
         "speedup_mmasp_graph": ratio("dense_graph", "mmasp_graph") if "mmasp_graph" in t else None,
+        "cutlass_config": choice.cutlass,
+        "cutlass_config_desc": ctl.describe(choice.cutlass) if choice.cutlass is not None else None,
+        "speedup_cutlass_graph": ratio("dense_graph", "cutlass_graph") if "cutlass_graph" in t else None,
         "tuning_times_ms": choice.times_ms, "max_rel_err": err, "torch_semi_structured_error": torch_err,
         "speedup_graph": ratio("dense_graph", "sparse_graph"), "speedup_eager": ratio("dense_eager", "sparse_eager"),
         "speedup_eager_vs_nn_linear": ratio("nn_linear_eager", "sparse_eager"),
@@ -160,7 +168,7 @@ def test_linear(benchmark, shape, dtype, m):
     print(f"\n{shape} {case['dtype']} M={m}: path={choice.path} graph {case['speedup_graph']} eager "
           f"{case['speedup_eager']} (vs nn.Linear {case['speedup_eager_vs_nn_linear']}) torch {case['speedup_torch_semi_structured_eager']} decode "
           f"{case['speedup_decode_graph']} ({case['decode_kernel']}) mmasp {case['speedup_mmasp_graph']} "
-          f"{case['mmasp_config']}")
+          f"{case['mmasp_config']} cutlass {case['speedup_cutlass_graph']} ({case['cutlass_config_desc']})")
     assert err < 5e-2
 
 

@@ -72,7 +72,8 @@ void run(bool dt, const char* name, int out, int in, int tokens, int device, int
   void* cw = nullptr; if (cws) CK(cudaMalloc(&cw, cws));
   CK(compress(dt, w, vals, meta, out, in, device, sms, cw, 0));
   CK(cudaDeviceSynchronize());
-  for (int cfg = 0; cfg < kConfigs; ++cfg) {
+  const int n_cfg = std::getenv("PROBE_ALL") ? kConfigs : kTiles;  // PROBE_ALL: every schedule too
+  for (int cfg = 0; cfg < n_cfg; ++cfg) {
     size_t ws = gemm_workspace(dt, cfg, out, tokens, in, device, sms);
     void* wsp = nullptr; if (ws) CK(cudaMalloc(&wsp, ws));
     CK(cudaMemset(y, 0, sizeof(T) * int64_t(tokens) * out));

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for the 2:4 work: isolated build of _C (module.cpp + csrc/sparse24 only, so other
 # in-progress sources cannot break it), then the steps named in MODE, in this order:
-#   (always before tests / bench) preflight: benchmarks/preflight_sparse24.py, one process per decode
+#   (always before tests / bench unless SKIP_PREFLIGHT=<kinds, e.g. 4,2,0>) preflight: benchmarks/preflight_sparse24.py, one process per decode
 #          kernel kind; only kinds that pass are tuned ($LLMPRUNE_SPARSE24_KINDS). It also fills Triton's
 #          kernel cache, so the tests and the benchmark compile little.
 #   probe  .whl/cutlass_sm90_probe (benchmarks/build_cutlass_probe.sh, built off the GPU machine), first
@@ -48,7 +48,9 @@ if [[ "$MODE" == *" diag "* ]]; then
   timeout $(limit 200 $E2E_RESERVE) python benchmarks/diag_cusparselt.py
   if [ $? -ne 0 ]; then echo "cuSPARSELt path disabled (diag step A failed)"; export LLMPRUNE_NO_CUSPARSELT=1; fi
 fi
-if [[ "$MODE" == *" tests "* || "$MODE" == *" bench "* ]]; then
+if [[ -n "$SKIP_PREFLIGHT" ]]; then
+  export LLMPRUNE_SPARSE24_KINDS=${SKIP_PREFLIGHT}; echo "preflight skipped: decode kinds $LLMPRUNE_SPARSE24_KINDS"
+elif [[ "$MODE" == *" tests "* || "$MODE" == *" bench "* ]]; then
   good=""
   for kind in ${PREFLIGHT_KINDS:-4 2 0}; do  # dot-swap, stream-select, dot (stream-expand is not a tuning candidate)
     timeout $(limit 90 $((E2E_RESERVE + 200))) python benchmarks/preflight_sparse24.py $kind && good="$good${good:+,}$kind"

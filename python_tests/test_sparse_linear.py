@@ -492,6 +492,28 @@ def test_mmasp_eager_runner_bypasses_python_autograd_only_when_no_grad_can_flow(
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("path", [p for p in CUDA_PATHS if p in ("cusparselt", "cutlass")] or ["cusparselt"])
+def test_library_paths_give_input_and_bias_gradients(path):
+    """cuSPARSELt and CUTLASS ops have no autograd formula of their own: SparseLinear supplies dx and db
+    (as nn.Linear would) without keeping a dense copy of the weight."""
+    if path not in CUDA_PATHS:
+        pytest.skip(f"{path} is not built here")
+    sl = _pinned(path)
+    sl._cache.pop("dense", None)
+    x = torch.randn(300, 1024, device="cuda", dtype=torch.float16)
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    bias_ref = sl.bias.detach().clone().requires_grad_()
+    w = sl.weight
+    sl(xg).float().sum().backward()
+    F.linear(xr, w, bias_ref).float().sum().backward()
+    assert_close(xg.grad, xr.grad, torch.float16)
+    assert_close(sl.bias.grad, bias_ref.grad, torch.float16)
+    assert "dense" not in sl._cache
+    with torch.no_grad():
+        assert not sl(x).requires_grad
+
+
+@pytest.mark.cuda
 def test_dense_tolerance_keeps_no_dense_copy_cuda():
     """A bucket measured faster dense but with cuSPARSELt within the tolerance runs cuSPARSELt (with the
     config the table kept) and the module builds no dense copy of its weight."""

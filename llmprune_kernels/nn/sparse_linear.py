@@ -48,6 +48,33 @@ def _no_autograd_needed(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return torch._C._len_torch_dispatch_stack() == 0
 
 
+def _grad_can_flow(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
+class _LibraryOpGrad(torch.autograd.Function):
+    """Gradients for the library-backed paths (cuSPARSELt, CUTLASS), whose ops have no autograd formula:
+    forward runs the sparse op; backward gives dx = dy @ W (W expanded from the packed weight only then,
+    so no dense copy is kept) and db = sum(dy). The packed weight is a buffer: it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, bias, fwd, values, meta, in_features):
+        ctx.save_for_backward(values, meta)
+        ctx.in_features = in_features
+        with torch.no_grad():
+            return fwd(x)
+
+    @staticmethod
+    def backward(ctx, gy):
+        values, meta = ctx.saved_tensors
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gy @ expand_24(values, meta, ctx.in_features).to(gy.dtype)
+        if ctx.needs_input_grad[1]:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return gx, gb, None, None, None, None
+
+
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with a 2:4-sparse ``W`` stored packed (see :mod:`llmprune_kernels.sparse24.pack`)."""
 
@@ -238,14 +265,16 @@ class SparseLinear(nn.Module):
             c = choice.cslt or cslt.DEFAULT_CONFIG
             args = (c.alg_id, c.split_k, c.split_k_mode, c.split_k_buffers)
 
-            def run(x: torch.Tensor) -> torch.Tensor:
+            def fwd(x: torch.Tensor) -> torch.Tensor:
                 y = op(x.reshape(m, k), comp, n, bias, *args)
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
         elif choice.path == "cutlass":
             op, cw = torch.ops.llmprune_kernels.sparse24_cutlass_linear.default, self._cutlass()
             tcfg = choice.cutlass if choice.cutlass is not None else 0
 
-            def run(x: torch.Tensor) -> torch.Tensor:
+            def fwd(x: torch.Tensor) -> torch.Tensor:
+                if x.dtype != cw.values.dtype:  # the op's own check would raise from C++ (see cutlass_sm90.linear)
+                    raise TypeError(f"SparseLinear holds {cw.values.dtype} weights, got a {x.dtype} input")
                 y = op(x.reshape(m, k), cw.values, cw.meta, n, bias, tcfg)
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
         else:
@@ -253,6 +282,13 @@ class SparseLinear(nn.Module):
 
             def run(x: torch.Tensor) -> torch.Tensor:
                 return F.linear(x, w, bias)
+        if choice.path in ("cusparselt", "cutlass"):
+            values, meta = self.values, self.meta
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                if _grad_can_flow(x, bias):
+                    return _LibraryOpGrad.apply(x, bias, fwd, values, meta, k)
+                return fwd(x)
         if keep:
             if len(self._runners) >= _MAX_RUNNERS:
                 self._runners.clear()

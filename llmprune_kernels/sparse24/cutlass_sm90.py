@@ -15,17 +15,23 @@ import torch
 
 from llmprune_kernels import _ext
 
-CONFIGS = (0, 1, 2)
-"""Tile configs (out x tokens x K, cluster): 0 = 128x128x64 2x1, 1 = 128x256x64 1x2, 2 = 256x128x64 2x1."""
+TILES = ("128x128x64 cluster 2x1", "128x256x64 cluster 1x2", "256x128x64 cluster 2x1")
+"""Compiled tile configs (weight rows x tokens x K per threadblock, cluster)."""
+CONFIGS = range(len(TILES) * 4 * 3)
+"""A config = tile + 3 * (log2(swizzle) + 4 * raster): the tile and the persistent scheduler's swizzle (1, 2,
+4, 8) and raster order (0 CUTLASS's heuristic, 1 along weight rows, 2 along tokens)."""
 MIN_M = 64
 """Tuning measures this path from this many input rows up (below, the mma.sp and decode kernels win)."""
 
 
 class CutlassWeight(NamedTuple):
-    """A 2:4 weight in CUTLASS's sm90 compressed form (values with CUTLASS's padding, metadata bytes)."""
+    """A 2:4 weight ``[out_features, in_features]`` in CUTLASS's sm90 compressed form (values with
+    CUTLASS's padding, metadata bytes)."""
 
     values: torch.Tensor
     meta: torch.Tensor
+    out_features: int
+    in_features: int
 
     def nbytes(self) -> int:
         return self.values.nbytes + self.meta.nbytes
@@ -46,9 +52,17 @@ def shape_ok(out_features: int, in_features: int, dtype: torch.dtype) -> bool:
 
 
 def _check_config(config: int) -> int:
-    if config not in CONFIGS:
-        raise ValueError(f"CUTLASS 2:4 tile config must be one of {list(CONFIGS)}, got {config!r}")
+    if not isinstance(config, int) or config not in CONFIGS:
+        raise ValueError(f"CUTLASS 2:4 config must be an int in [0, {len(CONFIGS)}), got {config!r}")
     return int(config)
+
+
+def describe(config: int) -> str:
+    """``tile, swizzle, raster`` in words, for reports."""
+    c = _check_config(config)
+    sched = c // len(TILES)
+    raster = ("heuristic", "along rows", "along tokens")[sched // 4]
+    return f"{TILES[c % len(TILES)]}, swizzle {1 << (sched % 4)}, raster {raster}"
 
 
 def compress(weight: torch.Tensor) -> CutlassWeight:
@@ -61,26 +75,50 @@ def compress(weight: torch.Tensor) -> CutlassWeight:
     if not shape_ok(*weight.shape, weight.dtype):
         raise ValueError(f"CUTLASS 2:4 needs out_features % 8 == 0 and in_features % 16 == 0, got {tuple(weight.shape)}")
     values, meta = torch.ops.llmprune_kernels.sparse24_cutlass_compress(weight.contiguous())
-    return CutlassWeight(values, meta)
+    return CutlassWeight(values, meta, *weight.shape)
 
 
 def linear(x: torch.Tensor, weight: CutlassWeight, out_features: int, bias: torch.Tensor | None = None,
            config: int = 0) -> torch.Tensor:
-    """``x [M, in] @ W.T (+ bias)`` for a weight from :func:`compress`."""
+    """``x [M, in] @ W.T (+ bias)`` for a weight from :func:`compress`.
+
+    Checked here, not only by the op: an error raised inside our extension has crashed the process on the
+    H100 machine (a C++ exception through the dispatcher, cause not isolated), so the op only sees valid input.
+    """
     config = _check_config(config)
+    if x.dim() != 2 or x.shape[1] != weight.in_features:
+        raise ValueError(f"CUTLASS 2:4 linear needs x of shape [M, {weight.in_features}], got {tuple(x.shape)}")
+    if out_features != weight.out_features:
+        raise ValueError(f"CUTLASS 2:4 linear: out_features={out_features} but the weight was compressed as "
+                         f"{weight.out_features}x{weight.in_features}")
+    if x.dtype != weight.values.dtype or x.device != weight.values.device:
+        raise ValueError(f"CUTLASS 2:4 linear: x is {x.dtype} on {x.device} but the weight is "
+                         f"{weight.values.dtype} on {weight.values.device}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"CUTLASS 2:4 linear: bias must be [{out_features}] {x.dtype} on {x.device}, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
     return torch.ops.llmprune_kernels.sparse24_cutlass_linear(x, weight.values, weight.meta, out_features, bias, config)
 
 
 def search(x: torch.Tensor, weights: list[CutlassWeight], out_features: int, time_fn) -> tuple[int, float, dict]:
-    """Time every tile config with ``time_fn(fns)`` (cycling through ``weights``); return the fastest."""
+    """Time each tile with CUTLASS's default schedule, then the best tile with every swizzle and explicit
+    raster order, with ``time_fn(fns)`` (cycling through ``weights``); return the fastest config."""
     times = {}
-    for cfg in CONFIGS:
+
+    def measure(cfg: int) -> None:
         try:
             times[cfg] = time_fn([lambda w=w, c=cfg: linear(x, w, out_features, None, c) for w in weights])
         except RuntimeError:  # a config that cannot run this problem does not compete
-            continue
+            pass
+
+    for tile in range(len(TILES)):
+        measure(tile)
     if not times:
         raise RuntimeError(f"no CUTLASS 2:4 config runs {out_features}x{x.shape[1]} at M={x.shape[0]}")
+    tile = min(times, key=times.get)
+    for cfg in CONFIGS[len(TILES) * 4:]:  # explicit raster orders (the heuristic's choice is one of them)
+        if cfg % len(TILES) == tile:
+            measure(cfg)
     best = min(times, key=times.get)
     return best, times[best], times
 

@@ -10,9 +10,21 @@
 
 namespace llmprune::cutlass24 {
 
-// Tile configs (threadblock out x tokens x K, cluster), all cooperative persistent kernels:
+// A config is a tile config and a tile-scheduler setting: config = tile + kTiles * (swizzle_log2 + 4 * raster).
+// Tiles (threadblock out x tokens x K, cluster), all cooperative persistent kernels (each is compiled):
 // 0: 128x128x64, cluster 2x1; 1: 128x256x64, cluster 1x2; 2: 256x128x64, cluster 2x1.
-constexpr int kConfigs = 3;
+// The schedule is a runtime argument (no extra code): swizzle 1/2/4/8 tiles, raster 0 = CUTLASS's
+// heuristic, 1 = along out (M), 2 = along tokens (N); it decides which tiles share L2 at a time.
+constexpr int kTiles = 3;
+constexpr int kConfigs = kTiles * 4 * 3;
+
+struct Schedule {
+  int swizzle;  // 1, 2, 4 or 8
+  int raster;   // 0 heuristic, 1 along M, 2 along N
+};
+
+inline int tile_of(int config) { return config % kTiles; }
+inline Schedule schedule_of(int config) { return {1 << ((config / kTiles) % 4), config / (kTiles * 4)}; }
 
 struct PackedSizes {
   int64_t values;      // elements of the compressed values (out x in/2 plus CUTLASS's padding)
@@ -26,10 +38,11 @@ struct PackedSizes {
                             int sm_count, void* workspace, cudaStream_t stream);
 
 #define LLMPRUNE_CUTLASS24_DECLARE_GEMM(dt, cfg)                                                          \
-  size_t gemm_workspace_##dt##_##cfg(int out, int tokens, int in, int device, int sm_count);             \
+  size_t gemm_workspace_##dt##_##cfg(int out, int tokens, int in, int device, int sm_count,              \
+                                     Schedule sched);                                                      \
   cudaError_t gemm_##dt##_##cfg(const void* values, const void* meta, const void* x, void* y, int out,    \
-                                int tokens, int in, int device, int sm_count, void* workspace,            \
-                                cudaStream_t stream);
+                                int tokens, int in, int device, int sm_count, Schedule sched,             \
+                                void* workspace, cudaStream_t stream);
 
 LLMPRUNE_CUTLASS24_DECLARE_DTYPE(f16)
 LLMPRUNE_CUTLASS24_DECLARE_DTYPE(bf16)
@@ -42,17 +55,21 @@ LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 2)
 
 // Runtime dispatch over dtype (bf16 when `bf16`) and config.
 inline size_t gemm_workspace(bool bf16, int config, int out, int tokens, int in, int device, int sm_count) {
-  switch (config) {
-    case 1: return bf16 ? gemm_workspace_bf16_1(out, tokens, in, device, sm_count) : gemm_workspace_f16_1(out, tokens, in, device, sm_count);
-    case 2: return bf16 ? gemm_workspace_bf16_2(out, tokens, in, device, sm_count) : gemm_workspace_f16_2(out, tokens, in, device, sm_count);
-    default: return bf16 ? gemm_workspace_bf16_0(out, tokens, in, device, sm_count) : gemm_workspace_f16_0(out, tokens, in, device, sm_count);
+  const Schedule s = schedule_of(config);
+#define LLMPRUNE_CUTLASS24_WS_ARGS out, tokens, in, device, sm_count, s
+  switch (tile_of(config)) {
+    case 1: return bf16 ? gemm_workspace_bf16_1(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_1(LLMPRUNE_CUTLASS24_WS_ARGS);
+    case 2: return bf16 ? gemm_workspace_bf16_2(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_2(LLMPRUNE_CUTLASS24_WS_ARGS);
+    default: return bf16 ? gemm_workspace_bf16_0(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_0(LLMPRUNE_CUTLASS24_WS_ARGS);
   }
+#undef LLMPRUNE_CUTLASS24_WS_ARGS
 }
 
 inline cudaError_t gemm(bool bf16, int config, const void* values, const void* meta, const void* x, void* y, int out,
                         int tokens, int in, int device, int sm_count, void* workspace, cudaStream_t stream) {
-#define LLMPRUNE_CUTLASS24_ARGS values, meta, x, y, out, tokens, in, device, sm_count, workspace, stream
-  switch (config) {
+  const Schedule s = schedule_of(config);
+#define LLMPRUNE_CUTLASS24_ARGS values, meta, x, y, out, tokens, in, device, sm_count, s, workspace, stream
+  switch (tile_of(config)) {
     case 1: return bf16 ? gemm_bf16_1(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_1(LLMPRUNE_CUTLASS24_ARGS);
     case 2: return bf16 ? gemm_bf16_2(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_2(LLMPRUNE_CUTLASS24_ARGS);
     default: return bf16 ? gemm_bf16_0(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_0(LLMPRUNE_CUTLASS24_ARGS);

@@ -126,7 +126,7 @@ cudaError_t compress_t(const void* dense, void* values, void* meta, int out, int
 
 template <class G>
 typename G::Gemm::Arguments gemm_args(const void* values, const void* meta, const void* x, void* y, int out,
-                                      int tokens, int in, int device, int sm_count) {
+                                      int tokens, int in, int device, int sm_count, Schedule sched) {
   typename G::ProblemShape shape{out, tokens, in, 1};
   auto layout_a = G::SparseConfig::fill_layoutA(shape);
   auto layout_e = G::SparseConfig::fill_layoutE(shape);
@@ -141,19 +141,22 @@ typename G::Gemm::Arguments gemm_args(const void* values, const void* meta, cons
        static_cast<const typename G::ElementE*>(meta), layout_e},
       {{1.0f, 0.0f}, nullptr, stride_d, static_cast<typename G::Kernel::ElementD*>(y), stride_d},
       hw};
+  args.scheduler.max_swizzle_size = sched.swizzle;
+  using RO = cutlass::gemm::kernel::detail::RasterOrderOptions;
+  args.scheduler.raster_order = sched.raster == 1 ? RO::AlongM : sched.raster == 2 ? RO::AlongN : RO::Heuristic;
   return args;
 }
 
 template <class G>
-size_t gemm_workspace_g(int out, int tokens, int in, int device, int sm_count) {
-  auto args = gemm_args<G>(nullptr, nullptr, nullptr, nullptr, out, tokens, in, device, sm_count);
+size_t gemm_workspace_g(int out, int tokens, int in, int device, int sm_count, Schedule sched) {
+  auto args = gemm_args<G>(nullptr, nullptr, nullptr, nullptr, out, tokens, in, device, sm_count, sched);
   return G::Gemm::get_workspace_size(args);
 }
 
 template <class G>
 cudaError_t gemm_g(const void* values, const void* meta, const void* x, void* y, int out, int tokens, int in,
-                   int device, int sm_count, void* workspace, cudaStream_t stream) {
-  auto args = gemm_args<G>(values, meta, x, y, out, tokens, in, device, sm_count);
+                   int device, int sm_count, Schedule sched, void* workspace, cudaStream_t stream) {
+  auto args = gemm_args<G>(values, meta, x, y, out, tokens, in, device, sm_count, sched);
   typename G::Gemm gemm;
   cutlass::Status s = gemm.can_implement(args);
   if (s != cutlass::Status::kSuccess) return status_to_error(s);
@@ -175,14 +178,15 @@ cudaError_t gemm_g(const void* values, const void* meta, const void* x, void* y,
   }
 
 #define LLMPRUNE_CUTLASS24_DEFINE_GEMM(dt, Element, cfg)                                                    \
-  size_t gemm_workspace_##dt##_##cfg(int out, int tokens, int in, int device, int sm_count) {              \
-    return gemm_workspace_g<typename ConfigOf<Element, cfg>::T>(out, tokens, in, device, sm_count);        \
+  size_t gemm_workspace_##dt##_##cfg(int out, int tokens, int in, int device, int sm_count,               \
+                                     Schedule sched) {                                                     \
+    return gemm_workspace_g<typename ConfigOf<Element, cfg>::T>(out, tokens, in, device, sm_count, sched); \
   }                                                                                                        \
   cudaError_t gemm_##dt##_##cfg(const void* values, const void* meta, const void* x, void* y, int out,     \
-                                int tokens, int in, int device, int sm_count, void* workspace,             \
-                                cudaStream_t stream) {                                                     \
+                                int tokens, int in, int device, int sm_count, Schedule sched,              \
+                                void* workspace, cudaStream_t stream) {                                    \
     return gemm_g<typename ConfigOf<Element, cfg>::T>(values, meta, x, y, out, tokens, in, device,         \
-                                                      sm_count, workspace, stream);                        \
+                                                      sm_count, sched, workspace, stream);                 \
   }
 
 }  // namespace llmprune::cutlass24

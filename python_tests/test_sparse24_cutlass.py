@@ -31,8 +31,9 @@ def test_compress_rejects_bad_input():
     with pytest.raises(ValueError, match="2-D CUDA weight"):
         ctl.compress(torch.zeros(8, 16, dtype=torch.float16))
     w = ctl.CutlassWeight(torch.zeros(1), torch.zeros(1), 8, 16)
-    with pytest.raises(ValueError, match=r"must be an int in \[0, 36\), got 36"):
-        ctl.linear(torch.zeros(1, 16), w, 8, None, 36)
+    n = len(ctl.CONFIGS)
+    with pytest.raises(ValueError, match=rf"must be an int in \[0, {n}\), got {n}"):
+        ctl.linear(torch.zeros(1, 16), w, 8, None, n)
     with pytest.raises(ValueError, match=r"shape \[M, 16\], got \(1, 32\)"):
         ctl.linear(torch.zeros(1, 32), w, 8, None, 0)
     with pytest.raises(ValueError, match="out_features=4 but the weight was compressed as 8x16"):
@@ -41,7 +42,7 @@ def test_compress_rejects_bad_input():
         ctl.linear(torch.zeros(1, 16, dtype=torch.float16), w, 8, None, 0)
     with pytest.raises(ValueError, match=r"bias must be \[8\]"):
         ctl.linear(torch.zeros(1, 16), w, 8, torch.zeros(4), 0)
-    assert ctl.describe(0 + 3 * (2 + 4 * 2)) == "128x128x64 cluster 2x1, swizzle 4, raster along tokens"
+    assert ctl.describe(len(ctl.TILES) * (2 + 4 * 2)) == "128x128x64 cluster 2x1, swizzle 4, raster along tokens"
 
 
 def test_choice_json_keeps_the_cutlass_config_and_lean_choice_uses_it():

@@ -30,7 +30,7 @@
 
 namespace llmprune::cutlass24 {
 
-template <class Element, int TM, int TN, int TK, int CM, int CN>
+template <class Element, int TM, int TN, int TK, int CM, int CN, class TileScheduler = void>
 struct SparseGemm {
   using ProblemShape = cute::Shape<int, int, int, int>;
   using LayoutTagA = cutlass::layout::RowMajor;
@@ -53,7 +53,7 @@ struct SparseGemm {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
 
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue, TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using SparseConfig = typename Mainloop::SparseConfig;
   using ElementE = typename Mainloop::ElementE;
@@ -70,10 +70,13 @@ struct SparseGemm {
 template <class Element, int C>
 struct ConfigOf;
 // 0: 128x128 tiles, 2x1 cluster (shares B tiles between two M tiles); 1: 128x256 (large token
-// counts); 2: 256x128 (large out features).
+// counts); 2: 256x128 (large out features); 3: 256x128 with stream-K (splits the K loop of the last
+// wave's tiles across SMs: 11008 rows make 43 tiles of 256, a partial last wave); 4: 256x128, 1x2 cluster.
 template <class E> struct ConfigOf<E, 0> { using T = SparseGemm<E, 128, 128, 64, 2, 1>; };
 template <class E> struct ConfigOf<E, 1> { using T = SparseGemm<E, 128, 256, 64, 1, 2>; };
 template <class E> struct ConfigOf<E, 2> { using T = SparseGemm<E, 256, 128, 64, 2, 1>; };
+template <class E> struct ConfigOf<E, 3> { using T = SparseGemm<E, 256, 128, 64, 2, 1, cutlass::gemm::StreamKScheduler>; };
+template <class E> struct ConfigOf<E, 4> { using T = SparseGemm<E, 256, 128, 64, 1, 2>; };
 
 inline cudaError_t status_to_error(cutlass::Status s) {
   return s == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorInvalidValue;

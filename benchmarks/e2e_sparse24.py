@@ -110,8 +110,13 @@ def main():
     res["linear_weight_bytes_dense"] = sum(m.weight.numel() * 2 for m in dense.model.layers.modules()
                                            if isinstance(m, nn.Linear))
     res["linear_state_bytes_sparse"] = nbytes(sl, ["values", "meta"])
-    res["linear_cache_bytes_sparse"] = sum(t.nbytes() if hasattr(t, "a_frag") else t.numel() * t.element_size()
+    # caches: tensors (dense / cuSPARSELt copies) or objects with an nbytes() method (mma.sp layout, CUTLASS weight)
+    res["linear_cache_bytes_sparse"] = sum(t.nbytes() if callable(getattr(t, "nbytes", None)) else t.nbytes
                                            for m in sl for t in m._cache.values())
+    res["linear_cache_bytes_sparse_by_kind"] = {
+        kind: sum((t.nbytes() if callable(getattr(t, "nbytes", None)) else t.nbytes)
+                  for m in sl for k, t in m._cache.items() if k == kind)
+        for kind in sorted({k for m in sl for k in m._cache})}
     prompt = torch.randint(0, 32000, (1, 2048), device="cuda")
     short = prompt[:, :128]
     n = a.new_tokens

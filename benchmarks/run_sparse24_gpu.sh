@@ -6,7 +6,7 @@
 #          kernel cache, so the tests and the benchmark compile little.
 #   probe  .whl/cutlass_sm90_probe (benchmarks/build_cutlass_probe.sh, built off the GPU machine), first
 #   tests  the CUDA + CPU tests of test_pack24 / test_sparse24_matmul / test_sparse24_mmasp /
-#          test_sparse24_cutlass / test_sparse_linear
+#          test_sparse24_cutlass / test_sparse_linear ($TEST_FILES overrides the list)
 #   bench  benchmarks/bench_sparse24.py -> $OUT/sparse24_h100.json, sparse24_tuning_h100.json
 #   e2e    benchmarks/e2e_sparse24.py (graph, then eager), merged into the same JSON
 #   diag   benchmarks/diag_cusparselt.py (one subprocess per check)
@@ -61,7 +61,7 @@ fi
 if [[ "$MODE" == *" tests "* ]]; then
   # The full-size candidate tests compile every decode kernel once; the benchmark reuses them from
   # Triton's cache (same specialisations: no bias).
-  timeout $(limit ${TEST_TIMEOUT:-150} $((E2E_RESERVE + 150))) python -m pytest -q -p no:cacheprovider python_tests/test_pack24.py python_tests/test_sparse24_matmul.py python_tests/test_sparse24_mmasp.py python_tests/test_sparse24_cutlass.py python_tests/test_sparse_linear.py -m "not slow" -rfE --durations=15 ${TEST_K:+-k "$TEST_K"} > $OUT/tests_full.txt 2>&1
+  timeout $(limit ${TEST_TIMEOUT:-150} $((E2E_RESERVE + 150))) python -m pytest -q -p no:cacheprovider ${TEST_FILES:-python_tests/test_pack24.py python_tests/test_sparse24_matmul.py python_tests/test_sparse24_mmasp.py python_tests/test_sparse24_cutlass.py python_tests/test_sparse_linear.py} -m "not slow" -rfE --durations=15 ${TEST_K:+-k "$TEST_K"} > $OUT/tests_full.txt 2>&1
   echo "tests rc=$? at ${SECONDS}s"; tail -40 $OUT/tests_full.txt
 fi
 if [[ "$MODE" == *" bench "* ]]; then

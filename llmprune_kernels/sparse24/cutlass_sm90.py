@@ -16,8 +16,11 @@ import torch
 from llmprune_kernels import _ext
 
 TILES = ("128x128x64 cluster 2x1", "128x256x64 cluster 1x2", "256x128x64 cluster 2x1",
-         "256x128x64 cluster 2x1 stream-K", "256x128x64 cluster 1x2")
-"""Compiled tile configs (weight rows x tokens x K per threadblock, cluster)."""
+         "256x128x64 cluster 2x1 stream-K", "256x128x64 cluster 1x2",
+         "128x128x64 cluster 2x1 ping-pong", "64x256x64 cluster 1x2 ping-pong")
+"""Compiled tile configs (weight rows x tokens x K per threadblock, cluster; cooperative persistent kernels
+unless marked: stream-K splits the last wave's K loops across SMs, ping-pong overlaps one warp group's
+epilogue with the other's main loop)."""
 CONFIGS = range(len(TILES) * 4 * 3)
 """A config = tile + len(TILES) * (log2(swizzle) + 4 * raster): the tile and the persistent scheduler's swizzle (1, 2,
 4, 8) and raster order (0 CUTLASS's heuristic, 1 along weight rows, 2 along tokens)."""

@@ -13,10 +13,11 @@ namespace llmprune::cutlass24 {
 // A config is a tile config and a tile-scheduler setting: config = tile + kTiles * (swizzle_log2 + 4 * raster).
 // Tiles (threadblock out x tokens x K, cluster), all cooperative persistent kernels (each is compiled):
 // 0: 128x128x64, cluster 2x1; 1: 128x256x64, cluster 1x2; 2: 256x128x64, cluster 2x1;
-// 3: 256x128x64, cluster 2x1, stream-K scheduler; 4: 256x128x64, cluster 1x2.
+// 3: 256x128x64, cluster 2x1, stream-K scheduler; 4: 256x128x64, cluster 1x2;
+// 5: 128x128x64, cluster 2x1, ping-pong; 6: 64x256x64, cluster 1x2, ping-pong.
 // The schedule is a runtime argument (no extra code): swizzle 1/2/4/8 tiles, raster 0 = CUTLASS's
 // heuristic, 1 = along out (M), 2 = along tokens (N); it decides which tiles share L2 at a time.
-constexpr int kTiles = 5;
+constexpr int kTiles = 7;
 constexpr int kConfigs = kTiles * 4 * 3;
 
 struct Schedule {
@@ -52,11 +53,15 @@ LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 1)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 2)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 3)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 4)
+LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 5)
+LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 6)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 0)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 1)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 2)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 3)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 4)
+LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 5)
+LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 6)
 
 // Runtime dispatch over dtype (bf16 when `bf16`) and config.
 inline size_t gemm_workspace(bool bf16, int config, int out, int tokens, int in, int device, int sm_count) {
@@ -67,6 +72,8 @@ inline size_t gemm_workspace(bool bf16, int config, int out, int tokens, int in,
     case 2: return bf16 ? gemm_workspace_bf16_2(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_2(LLMPRUNE_CUTLASS24_WS_ARGS);
     case 3: return bf16 ? gemm_workspace_bf16_3(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_3(LLMPRUNE_CUTLASS24_WS_ARGS);
     case 4: return bf16 ? gemm_workspace_bf16_4(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_4(LLMPRUNE_CUTLASS24_WS_ARGS);
+    case 5: return bf16 ? gemm_workspace_bf16_5(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_5(LLMPRUNE_CUTLASS24_WS_ARGS);
+    case 6: return bf16 ? gemm_workspace_bf16_6(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_6(LLMPRUNE_CUTLASS24_WS_ARGS);
     default: return bf16 ? gemm_workspace_bf16_0(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_0(LLMPRUNE_CUTLASS24_WS_ARGS);
   }
 #undef LLMPRUNE_CUTLASS24_WS_ARGS
@@ -81,6 +88,8 @@ inline cudaError_t gemm(bool bf16, int config, const void* values, const void* m
     case 2: return bf16 ? gemm_bf16_2(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_2(LLMPRUNE_CUTLASS24_ARGS);
     case 3: return bf16 ? gemm_bf16_3(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_3(LLMPRUNE_CUTLASS24_ARGS);
     case 4: return bf16 ? gemm_bf16_4(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_4(LLMPRUNE_CUTLASS24_ARGS);
+    case 5: return bf16 ? gemm_bf16_5(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_5(LLMPRUNE_CUTLASS24_ARGS);
+    case 6: return bf16 ? gemm_bf16_6(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_6(LLMPRUNE_CUTLASS24_ARGS);
     default: return bf16 ? gemm_bf16_0(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_0(LLMPRUNE_CUTLASS24_ARGS);
   }
 #undef LLMPRUNE_CUTLASS24_ARGS

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
@@ -30,7 +31,7 @@
 
 namespace llmprune::cutlass24 {
 
-template <class Element, int TM, int TN, int TK, int CM, int CN, class TileScheduler = void>
+template <class Element, int TM, int TN, int TK, int CM, int CN, class TileScheduler = void, bool Pingpong = false>
 struct SparseGemm {
   using ProblemShape = cute::Shape<int, int, int, int>;
   using LayoutTagA = cutlass::layout::RowMajor;
@@ -45,13 +46,15 @@ struct SparseGemm {
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, LayoutTagD, kAlign,  // no source C: beta is always 0
       Element, LayoutTagD, kAlign,
-      cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+      std::conditional_t<Pingpong, cutlass::epilogue::TmaWarpSpecialized,
+                         cutlass::epilogue::TmaWarpSpecializedCooperative>>::CollectiveOp;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, Element, LayoutTagA, kAlign, Element,
       LayoutTagB, kAlign, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      std::conditional_t<Pingpong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                         cutlass::gemm::KernelTmaWarpSpecializedCooperative>>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue, TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -71,12 +74,16 @@ template <class Element, int C>
 struct ConfigOf;
 // 0: 128x128 tiles, 2x1 cluster (shares B tiles between two M tiles); 1: 128x256 (large token
 // counts); 2: 256x128 (large out features); 3: 256x128 with stream-K (splits the K loop of the last
-// wave's tiles across SMs: 11008 rows make 43 tiles of 256, a partial last wave); 4: 256x128, 1x2 cluster.
+// wave's tiles across SMs: 11008 rows make 43 tiles of 256, a partial last wave); 4: 256x128, 1x2 cluster;
+// 5, 6: ping-pong schedules (two consumer warp groups take turns, one's epilogue overlapping the other's
+// main loop: fewer tiles per SM at M = 2048 make the epilogue count), 128x128 and 64x256.
 template <class E> struct ConfigOf<E, 0> { using T = SparseGemm<E, 128, 128, 64, 2, 1>; };
 template <class E> struct ConfigOf<E, 1> { using T = SparseGemm<E, 128, 256, 64, 1, 2>; };
 template <class E> struct ConfigOf<E, 2> { using T = SparseGemm<E, 256, 128, 64, 2, 1>; };
 template <class E> struct ConfigOf<E, 3> { using T = SparseGemm<E, 256, 128, 64, 2, 1, cutlass::gemm::StreamKScheduler>; };
 template <class E> struct ConfigOf<E, 4> { using T = SparseGemm<E, 256, 128, 64, 1, 2>; };
+template <class E> struct ConfigOf<E, 5> { using T = SparseGemm<E, 128, 128, 64, 2, 1, void, true>; };
+template <class E> struct ConfigOf<E, 6> { using T = SparseGemm<E, 64, 256, 64, 1, 2, void, true>; };
 
 inline cudaError_t status_to_error(cutlass::Status s) {
   return s == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorInvalidValue;
@@ -181,6 +188,9 @@ cudaError_t gemm_g(const void* values, const void* meta, const void* x, void* y,
   }
 
 #define LLMPRUNE_CUTLASS24_DEFINE_GEMM(dt, Element, cfg)                                                    \
+  static_assert(std::is_same_v<typename ConfigOf<Element, cfg>::T::SparseConfig,                           \
+                               typename ConfigOf<Element, 0>::T::SparseConfig>,                            \
+                "every tile config must read the weight compressed once (config 0's format)");             \
   size_t gemm_workspace_##dt##_##cfg(int out, int tokens, int in, int device, int sm_count,               \
                                      Schedule sched) {                                                     \
     return gemm_workspace_g<typename ConfigOf<Element, cfg>::T>(out, tokens, in, device, sm_count, sched); \

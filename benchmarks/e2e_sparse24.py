@@ -110,13 +110,22 @@ def main():
     res["linear_weight_bytes_dense"] = sum(m.weight.numel() * 2 for m in dense.model.layers.modules()
                                            if isinstance(m, nn.Linear))
     res["linear_state_bytes_sparse"] = nbytes(sl, ["values", "meta"])
-    # caches: tensors (dense / cuSPARSELt copies) or objects with an nbytes() method (mma.sp layout, CUTLASS weight)
-    res["linear_cache_bytes_sparse"] = sum(t.nbytes() if callable(getattr(t, "nbytes", None)) else t.nbytes
-                                           for m in sl for t in m._cache.values())
+    def cache_bytes(m, t) -> int:
+        """Bytes a cache entry adds: tensors (dense / cuSPARSELt copies), objects with nbytes() (mma.sp
+        layout); a CUTLASS weight's values count only when they are not the module's packed values."""
+        if isinstance(t, torch.Tensor):
+            return t.nbytes
+        if hasattr(t, "meta") and hasattr(t, "values") and isinstance(t.values, torch.Tensor):
+            shared = t.values.data_ptr() == m.values.data_ptr()
+            return t.meta.nbytes + (0 if shared else t.values.nbytes)
+        return t.nbytes()
+
+    res["linear_cache_bytes_sparse"] = sum(cache_bytes(m, t) for m in sl for t in m._cache.values())
     res["linear_cache_bytes_sparse_by_kind"] = {
-        kind: sum((t.nbytes() if callable(getattr(t, "nbytes", None)) else t.nbytes)
-                  for m in sl for k, t in m._cache.items() if k == kind)
+        kind: sum(cache_bytes(m, t) for m in sl for k, t in m._cache.items() if k == kind)
         for kind in sorted({k for m in sl for k in m._cache})}
+    res["cutlass_values_shared_with_packed"] = [m._cache["cutlass"].values.data_ptr() == m.values.data_ptr()
+                                                for m in sl if "cutlass" in m._cache][:1]
     prompt = torch.randint(0, 32000, (1, 2048), device="cuda")
     short = prompt[:, :128]
     n = a.new_tokens

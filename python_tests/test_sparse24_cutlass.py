@@ -27,6 +27,10 @@ def test_shape_rule():
     assert not ctl.shape_ok(4096, 4096, torch.float32)
 
 
+def test_not_available_on_a_cpu_device():
+    assert not ctl.available("cpu") and not ctl.available(torch.device("cpu"))
+
+
 def test_compress_rejects_bad_input():
     with pytest.raises(ValueError, match="2-D CUDA weight"):
         ctl.compress(torch.zeros(8, 16, dtype=torch.float16))
@@ -130,3 +134,27 @@ def test_tuning_measures_cutlass_and_keeps_its_config():
     c = choices[2048]
     assert c.cutlass in ctl.CONFIGS and "cutlass" in c.times_ms
     assert c.path == dispatch.choose_path(c.times_ms)
+
+
+@pytest.mark.cuda
+@needs_cutlass
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse_linear_shares_the_packed_values_when_they_match(dtype):
+    """SparseLinear's CUTLASS weight reads the module's packed values when CUTLASS's compressed values equal
+    them (then only the metadata is extra), and the output is the masked dense linear either way."""
+    from llmprune_kernels.nn import SparseLinear
+    from llmprune_kernels.sparse24.pack import pack_24
+
+    w = random_24_weight(1024, 2048, dtype, "cuda")
+    cw = ctl.compress(w)
+    packed = pack_24(w)
+    same = cw.values.numel() == packed.values.numel() and torch.equal(cw.values.view_as(packed.values), packed.values)
+    lin = torch.nn.Linear(2048, 1024, bias=False, device="cuda", dtype=dtype)
+    lin.weight.data = w
+    sl = SparseLinear.from_linear(lin)
+    sl.force_path = "cutlass"
+    sl.prepare()
+    assert (sl._cutlass().values.data_ptr() == sl.values.data_ptr()) == same
+    print(f"CUTLASS values equal pack_24 values: {same}")
+    x = torch.randn(2048, 2048, device="cuda", dtype=dtype)
+    assert rel_err(sl(x), F.linear(x.float(), w.float())) <= TOL[dtype]

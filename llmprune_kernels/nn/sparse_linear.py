@@ -179,7 +179,7 @@ class SparseLinear(nn.Module):
     def _cutlass(self) -> ctl.CutlassWeight:
         c = self._cache.get("cutlass")
         if c is None:
-            c = self._cache["cutlass"] = ctl.compress(unpack_24(self.packed()))
+            c = self._cache["cutlass"] = ctl.share_values(ctl.compress(unpack_24(self.packed())), self.values)
         return c
 
     def _mmasp_layout(self) -> mmasp.MmaspLayout:
@@ -313,6 +313,10 @@ class SparseLinear(nn.Module):
         if choice.path == "mmasp":
             cfg = choice.mmasp or mmasp.default_config(self.out_features, self.in_features, m)
             return mmasp.mmasp_linear(x, self._mmasp_layout(), self.bias, cfg)
+        if choice.path in ("cusparselt", "cutlass") and _grad_can_flow(x, self.bias):
+            # their ops have no autograd formula (eager calls wrap them in _LibraryOpGrad): a traced graph that
+            # needs gradients runs the Triton decode op, which has one
+            return torch.ops.llmprune_kernels.sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
         if choice.path == "cusparselt":
             x2 = x.reshape(m, self.in_features)
             y = cslt.linear(x2, self._compressed(), self.out_features, self.bias, choice.cslt or cslt.DEFAULT_CONFIG)

@@ -47,6 +47,8 @@ def available(device: torch.device | int | None = None) -> bool:
         return False
     if not (_ext.ext_with_cutlass_sm90() and torch.cuda.is_available()):
         return False
+    if isinstance(device, (str, torch.device)) and torch.device(device).type != "cuda":
+        return False
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
@@ -80,6 +82,17 @@ def compress(weight: torch.Tensor) -> CutlassWeight:
         raise ValueError(f"CUTLASS 2:4 needs out_features % 8 == 0 and in_features % 16 == 0, got {tuple(weight.shape)}")
     values, meta = torch.ops.llmprune_kernels.sparse24_cutlass_compress(weight.contiguous())
     return CutlassWeight(values, meta, *weight.shape)
+
+
+def share_values(weight: CutlassWeight, packed_values: torch.Tensor) -> CutlassWeight:
+    """``weight`` reading ``packed_values`` (``pack_24``'s ``[out, in/2]`` kept values) instead of its own copy
+    when the two hold the same elements in the same order, so only CUTLASS's metadata (1/8 of the values'
+    bytes) is extra; otherwise ``weight`` unchanged."""
+    v = weight.values
+    if (v.numel() == packed_values.numel() and v.dtype == packed_values.dtype and v.device == packed_values.device
+            and packed_values.is_contiguous() and torch.equal(v.view(packed_values.shape), packed_values)):
+        return weight._replace(values=packed_values.view(-1))
+    return weight
 
 
 def linear(x: torch.Tensor, weight: CutlassWeight, out_features: int, bias: torch.Tensor | None = None,

@@ -92,14 +92,17 @@ def main():
     ap.add_argument("--table", default=None)
     ap.add_argument("--results", required=True)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dense-tolerance", type=float, default=0.0,
+                    help="sparsify_'s dense_tolerance (memory-lean dispatch); results go under '<mode>_lean'")
     a = ap.parse_args()
     dense, cfg = build(a.layers)
     sparse = copy.deepcopy(dense)
     t0 = time.perf_counter()
     table = a.table if a.table and os.path.exists(a.table) else None
-    sparsify_(sparse, table=table)
+    sparsify_(sparse, table=table, dense_tolerance=a.dense_tolerance)
     res = {"layers": a.layers, "dtype": "float16", "hidden": 4096, "intermediate": 11008, "vocab": 32000,
-           "sparsify_s": time.perf_counter() - t0, "table_loaded": table is not None}
+           "sparsify_s": time.perf_counter() - t0, "table_loaded": table is not None,
+           "dense_tolerance": a.dense_tolerance}
     sl = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
     res["n_sparse_linears"] = len(sl)
     res["dispatch"] = {}  # per weight shape: the path (and decode kernel) at decode and prefill sizes
@@ -162,7 +165,7 @@ def main():
         res["decode_graph_speedup"] = res["decode_graph_tok_s_sparse"] / res["decode_graph_tok_s_dense"]
     print(json.dumps(res, indent=1))
     data = json.load(open(a.results)) if os.path.exists(a.results) else {}
-    data.setdefault("e2e", {}).update({f"{a.mode}": res})
+    data.setdefault("e2e", {}).update({a.mode + ("_lean" if a.dense_tolerance > 0 else ""): res})
     tmp = a.results + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)

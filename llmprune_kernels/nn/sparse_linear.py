@@ -313,20 +313,25 @@ class SparseLinear(nn.Module):
         if choice.path == "mmasp":
             cfg = choice.mmasp or mmasp.default_config(self.out_features, self.in_features, m)
             return mmasp.mmasp_linear(x, self._mmasp_layout(), self.bias, cfg)
-        if choice.path in ("cusparselt", "cutlass") and _grad_can_flow(x, self.bias):
-            # their ops have no autograd formula (eager calls wrap them in _LibraryOpGrad): a traced graph that
-            # needs gradients runs the Triton decode op, which has one
-            return torch.ops.llmprune_kernels.sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
+        if choice.path in ("cusparselt", "cutlass"):
+            if not _grad_can_flow(x, self.bias):
+                return self._library_linear(choice, x)
+            if torch.compiler.is_compiling():
+                # a traced graph that needs gradients runs the Triton decode op, which has an autograd formula
+                return torch.ops.llmprune_kernels.sparse24_mm(x, self.values, self.meta, self.bias, self.in_features)
+            return _LibraryOpGrad.apply(x, self.bias, lambda x: self._library_linear(choice, x), self.values, self.meta,
+                                        self.in_features)
+        return F.linear(x, self._dense(), self.bias)
+
+    def _library_linear(self, choice: dispatch.Choice, x: torch.Tensor) -> torch.Tensor:
+        """The cuSPARSELt or CUTLASS op (no autograd formula of its own) for any input shape."""
+        x2 = x.reshape(-1, self.in_features)
         if choice.path == "cusparselt":
-            x2 = x.reshape(m, self.in_features)
             y = cslt.linear(x2, self._compressed(), self.out_features, self.bias, choice.cslt or cslt.DEFAULT_CONFIG)
-            return y.reshape(*x.shape[:-1], self.out_features)
-        if choice.path == "cutlass":
-            x2 = x.reshape(m, self.in_features)
+        else:
             y = ctl.linear(x2, self._cutlass(), self.out_features, self.bias,
                            choice.cutlass if choice.cutlass is not None else 0)
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self._dense(), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def _is_24(weight: torch.Tensor) -> bool:

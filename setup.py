@@ -36,14 +36,15 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _roots(env: str, *in_site_packages: str) -> list[str]:
+    """Where to look for a dependency: ``$env`` first, then ``<each sys.path entry>/<in_site_packages>``."""
+    roots = [os.environ[env]] if os.environ.get(env) else []
+    return roots + [os.path.join(p, *in_site_packages) for p in sys.path]
+
+
 def _find_cusparselt() -> tuple[str, str, str] | None:
     """Return (include_dir, lib_dir, lib_file) of cuSPARSELt, or None."""
-    roots = []
-    if os.environ.get("LLMPRUNE_CUSPARSELT_DIR"):
-        roots.append(os.environ["LLMPRUNE_CUSPARSELT_DIR"])
-    for p in sys.path:
-        roots.append(os.path.join(p, "nvidia", "cusparselt"))
-    for root in roots:
+    for root in _roots("LLMPRUNE_CUSPARSELT_DIR", "nvidia", "cusparselt"):
         inc = os.path.join(root, "include")
         libs = sorted(glob.glob(os.path.join(root, "lib", "libcusparseLt.so*")))
         if os.path.exists(os.path.join(inc, "cusparseLt.h")) and libs:
@@ -53,13 +54,8 @@ def _find_cusparselt() -> tuple[str, str, str] | None:
 
 def _find_cutlass() -> str | None:
     """CUTLASS's include dir (with the sm90 sparse GEMM collective, CUTLASS >= 3.6), or None."""
-    roots = []
-    if os.environ.get("LLMPRUNE_CUTLASS_DIR"):
-        roots.append(os.environ["LLMPRUNE_CUTLASS_DIR"])
-    for p in sys.path:
-        roots.append(os.path.join(p, "cutlass_library", "source", "include"))
     need = os.path.join("cutlass", "gemm", "collective", "sm90_sparse_mma_tma_gmma_ss_warpspecialized.hpp")
-    for root in roots:
+    for root in _roots("LLMPRUNE_CUTLASS_DIR", "cutlass_library", "source", "include"):
         if os.path.exists(os.path.join(root, need)):
             return root
     return None

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from llmprune_kernels.nn import SparseLinear, sparsify_
 from llmprune_kernels.ops import sparse24_matmul as s24
+from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24 import dispatch
 
 
@@ -118,7 +119,7 @@ def main():
         layout); a CUTLASS weight's values count only when they are not the module's packed values."""
         if isinstance(t, torch.Tensor):
             return t.nbytes
-        if hasattr(t, "meta") and hasattr(t, "values") and isinstance(t.values, torch.Tensor):
+        if isinstance(t, ctl.CutlassWeight):
             shared = t.values.data_ptr() == m.values.data_ptr()
             return t.meta.nbytes + (0 if shared else t.values.nbytes)
         return t.nbytes()

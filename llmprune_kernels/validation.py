@@ -83,6 +83,17 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
         raise TypeError(f"{name} has dtype {weight.dtype}; allowed: torch.float16, torch.bfloat16, torch.float32")
 
 
+def check_compressible_24(weight: torch.Tensor, library: str, shape_ok, shape_rule: str) -> None:
+    """A weight a 2:4 library (cuSPARSELt, CUTLASS) can compress: 2-D, on CUDA, fp16 / bf16, and
+    ``shape_ok(out, in, dtype)`` (described to the user as ``shape_rule``)."""
+    if weight.dim() != 2 or not weight.is_cuda:
+        raise ValueError(f"{library} compress needs a 2-D CUDA weight, got shape {tuple(weight.shape)} on {weight.device}")
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{library} 2:4 needs float16 or bfloat16 weights, got {weight.dtype}")
+    if not shape_ok(*weight.shape, weight.dtype):
+        raise ValueError(f"{library} 2:4 needs {shape_rule}, got {tuple(weight.shape)}")
+
+
 def check_finite(t: torch.Tensor, what: str) -> None:
     """Raise if ``t`` holds NaN or Inf (e.g. activations fed to a pruner)."""
     if not torch.isfinite(t).all():

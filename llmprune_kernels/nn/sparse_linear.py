@@ -39,17 +39,15 @@ _MAX_RUNNERS = 64  # distinct M values kept (prefill lengths vary; decode repeat
 _CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 
 
+def _grad_can_flow(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def _no_autograd_needed(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """No gradient can flow through this call and no dispatch mode is watching: an op whose autograd
     formula is registered from Python may then go straight to its CUDA kernel (the Python autograd
     kernel costs ~10 us of host time a call, which eager decoding pays on every Linear)."""
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    return torch._C._len_torch_dispatch_stack() == 0
-
-
-def _grad_can_flow(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    return not _grad_can_flow(x, bias) and torch._C._len_torch_dispatch_stack() == 0
 
 
 class _LibraryOpGrad(torch.autograd.Function):

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from llmprune_kernels import _ext
+from llmprune_kernels.validation import check_compressible_24
 
 
 def available() -> bool:
@@ -59,12 +60,7 @@ def compress(weight: torch.Tensor, layout: int = 0) -> torch.Tensor:
     on the H100 machine (seen once, cause not isolated), so the op is only called with valid input.
     """
     _check_layout(layout)
-    if weight.dim() != 2 or not weight.is_cuda:
-        raise ValueError(f"cuSPARSELt compress needs a 2-D CUDA weight, got shape {tuple(weight.shape)} on {weight.device}")
-    if weight.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"cuSPARSELt 2:4 needs float16 or bfloat16 weights, got {weight.dtype}")
-    if not shape_ok(*weight.shape, weight.dtype):
-        raise ValueError(f"cuSPARSELt 2:4 needs out_features % 32 == 0 and in_features % 64 == 0, got {tuple(weight.shape)}")
+    check_compressible_24(weight, "cuSPARSELt", shape_ok, "out_features % 32 == 0 and in_features % 64 == 0")
     return torch.ops.llmprune_kernels.sparse24_cslt_compress(weight.contiguous(), layout)
 
 

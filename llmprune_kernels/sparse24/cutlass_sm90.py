@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from llmprune_kernels import _ext
+from llmprune_kernels.validation import check_compressible_24
 
 TILES = ("128x128x64 cluster 2x1", "128x256x64 cluster 1x2", "256x128x64 cluster 2x1",
          "256x128x64 cluster 2x1 stream-K", "256x128x64 cluster 1x2",
@@ -74,12 +75,7 @@ def describe(config: int) -> str:
 def compress(weight: torch.Tensor) -> CutlassWeight:
     """Compress a dense 2:4 CUDA weight ``[out, in]`` (fp16 / bf16). The caller has checked the 2:4
     pattern (``pack_24`` does); the compressor keeps the first two nonzeros of every group of four."""
-    if weight.dim() != 2 or not weight.is_cuda:
-        raise ValueError(f"CUTLASS 2:4 compress needs a 2-D CUDA weight, got shape {tuple(weight.shape)} on {weight.device}")
-    if weight.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"CUTLASS 2:4 needs float16 or bfloat16 weights, got {weight.dtype}")
-    if not shape_ok(*weight.shape, weight.dtype):
-        raise ValueError(f"CUTLASS 2:4 needs out_features % 8 == 0 and in_features % 16 == 0, got {tuple(weight.shape)}")
+    check_compressible_24(weight, "CUTLASS", shape_ok, "out_features % 8 == 0 and in_features % 16 == 0")
     values, meta = torch.ops.llmprune_kernels.sparse24_cutlass_compress(weight.contiguous())
     return CutlassWeight(values, meta, *weight.shape)
 

@@ -19,7 +19,7 @@ import math
 import os
 import statistics
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -119,7 +119,7 @@ def lean_choice(choice: Choice, dense_tolerance: float) -> Choice:
     known = {"cusparselt": choice.cslt, "decode": choice.decode, "mmasp": choice.mmasp, "cutlass": choice.cutlass}
     if path == "dense" or known.get(path) is None:
         return choice
-    return Choice(path, choice.cslt, choice.times_ms, choice.decode, choice.mmasp, choice.cutlass)
+    return replace(choice, path=path)
 
 
 def check_dense_tolerance(dense_tolerance: float) -> float:
@@ -140,7 +140,7 @@ def eager_choice(choice: Choice, mmasp_ok: bool) -> Choice:
     pair = {"dense": t.get("dense", math.inf), "mmasp": t.get("mmasp", math.inf)}
     if not math.isfinite(pair["mmasp"]) or choose_path(pair) != "mmasp":
         return choice
-    return Choice("mmasp", None, t, choice.decode, choice.mmasp, choice.cutlass)
+    return replace(choice, path="mmasp", cslt=None)
 
 
 def close_call(times: dict[str, float], margin: float = DISPATCH_MARGIN, window: float = RETIME_WINDOW) -> str | None:

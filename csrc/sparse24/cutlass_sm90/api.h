@@ -63,36 +63,38 @@ LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 4)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 5)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 6)
 
-// Runtime dispatch over dtype (bf16 when `bf16`) and config.
-inline size_t gemm_workspace(bool bf16, int config, int out, int tokens, int in, int device, int sm_count) {
-  const Schedule s = schedule_of(config);
-#define LLMPRUNE_CUTLASS24_WS_ARGS out, tokens, in, device, sm_count, s
+// One compiled tile's entry points, for a dtype (bf16 when `bf16`) and a config's tile.
+struct GemmEntry {
+  size_t (*workspace)(int out, int tokens, int in, int device, int sm_count, Schedule sched);
+  cudaError_t (*run)(const void* values, const void* meta, const void* x, void* y, int out, int tokens, int in,
+                     int device, int sm_count, Schedule sched, void* workspace, cudaStream_t stream);
+};
+
+inline GemmEntry gemm_entry(bool bf16, int config) {
+#define LLMPRUNE_CUTLASS24_ENTRY(cfg)                                                      \
+  case cfg:                                                                                \
+    return bf16 ? GemmEntry{gemm_workspace_bf16_##cfg, gemm_bf16_##cfg}                    \
+                : GemmEntry{gemm_workspace_f16_##cfg, gemm_f16_##cfg};
   switch (tile_of(config)) {
-    case 1: return bf16 ? gemm_workspace_bf16_1(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_1(LLMPRUNE_CUTLASS24_WS_ARGS);
-    case 2: return bf16 ? gemm_workspace_bf16_2(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_2(LLMPRUNE_CUTLASS24_WS_ARGS);
-    case 3: return bf16 ? gemm_workspace_bf16_3(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_3(LLMPRUNE_CUTLASS24_WS_ARGS);
-    case 4: return bf16 ? gemm_workspace_bf16_4(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_4(LLMPRUNE_CUTLASS24_WS_ARGS);
-    case 5: return bf16 ? gemm_workspace_bf16_5(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_5(LLMPRUNE_CUTLASS24_WS_ARGS);
-    case 6: return bf16 ? gemm_workspace_bf16_6(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_6(LLMPRUNE_CUTLASS24_WS_ARGS);
-    default: return bf16 ? gemm_workspace_bf16_0(LLMPRUNE_CUTLASS24_WS_ARGS) : gemm_workspace_f16_0(LLMPRUNE_CUTLASS24_WS_ARGS);
+    LLMPRUNE_CUTLASS24_ENTRY(1)
+    LLMPRUNE_CUTLASS24_ENTRY(2)
+    LLMPRUNE_CUTLASS24_ENTRY(3)
+    LLMPRUNE_CUTLASS24_ENTRY(4)
+    LLMPRUNE_CUTLASS24_ENTRY(5)
+    LLMPRUNE_CUTLASS24_ENTRY(6)
+    default: LLMPRUNE_CUTLASS24_ENTRY(0)
   }
-#undef LLMPRUNE_CUTLASS24_WS_ARGS
+#undef LLMPRUNE_CUTLASS24_ENTRY
+}
+
+inline size_t gemm_workspace(bool bf16, int config, int out, int tokens, int in, int device, int sm_count) {
+  return gemm_entry(bf16, config).workspace(out, tokens, in, device, sm_count, schedule_of(config));
 }
 
 inline cudaError_t gemm(bool bf16, int config, const void* values, const void* meta, const void* x, void* y, int out,
                         int tokens, int in, int device, int sm_count, void* workspace, cudaStream_t stream) {
-  const Schedule s = schedule_of(config);
-#define LLMPRUNE_CUTLASS24_ARGS values, meta, x, y, out, tokens, in, device, sm_count, s, workspace, stream
-  switch (tile_of(config)) {
-    case 1: return bf16 ? gemm_bf16_1(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_1(LLMPRUNE_CUTLASS24_ARGS);
-    case 2: return bf16 ? gemm_bf16_2(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_2(LLMPRUNE_CUTLASS24_ARGS);
-    case 3: return bf16 ? gemm_bf16_3(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_3(LLMPRUNE_CUTLASS24_ARGS);
-    case 4: return bf16 ? gemm_bf16_4(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_4(LLMPRUNE_CUTLASS24_ARGS);
-    case 5: return bf16 ? gemm_bf16_5(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_5(LLMPRUNE_CUTLASS24_ARGS);
-    case 6: return bf16 ? gemm_bf16_6(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_6(LLMPRUNE_CUTLASS24_ARGS);
-    default: return bf16 ? gemm_bf16_0(LLMPRUNE_CUTLASS24_ARGS) : gemm_f16_0(LLMPRUNE_CUTLASS24_ARGS);
-  }
-#undef LLMPRUNE_CUTLASS24_ARGS
+  return gemm_entry(bf16, config).run(values, meta, x, y, out, tokens, in, device, sm_count, schedule_of(config),
+                                      workspace, stream);
 }
 
 inline PackedSizes packed_sizes(bool bf16, int out, int in) {

@@ -85,16 +85,33 @@ template <class E> struct ConfigOf<E, 4> { using T = SparseGemm<E, 256, 128, 64,
 template <class E> struct ConfigOf<E, 5> { using T = SparseGemm<E, 128, 128, 64, 2, 1, void, true>; };
 template <class E> struct ConfigOf<E, 6> { using T = SparseGemm<E, 64, 256, 64, 1, 2, void, true>; };
 
-inline cudaError_t status_to_error(cutlass::Status s) {
+// can_implement, initialize, run: one CUTLASS device operator (GEMM or compressor) on `stream`.
+template <class Op>
+cudaError_t launch(typename Op::Arguments const& args, void* workspace, cudaStream_t stream) {
+  Op op;
+  cutlass::Status s = op.can_implement(args);
+  if (s == cutlass::Status::kSuccess) s = op.initialize(args, workspace, stream);
+  if (s == cutlass::Status::kSuccess) s = op.run(stream);
   return s == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// The compressor's problem for a weight [out, in]: config 0's types (every config shares its format);
+// the token count does not matter to compression.
+template <class Element>
+struct CompressProblem {
+  using G = typename ConfigOf<Element, 0>::T;
+  typename G::ProblemShape shape;
+  typename G::StrideA stride_a;
+  CompressProblem(int out, int in)
+      : shape{out, 8, in, 1},
+        stride_a(cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(out, in, 1))) {}
+};
+
 template <class Element>
 PackedSizes packed_sizes_t(int out, int in) {
-  using G = typename ConfigOf<Element, 0>::T;
-  typename G::ProblemShape shape{out, 8, in, 1};
-  auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(out, in, 1));
-  typename G::CompressorUtility util(shape, stride_a);
+  using G = typename CompressProblem<Element>::G;
+  CompressProblem<Element> p(out, in);
+  typename G::CompressorUtility util(p.shape, p.stride_a);
   PackedSizes s;
   s.values = int64_t(out) * util.get_tensorA_k_physical();
   s.meta_bytes = int64_t(util.get_metadata_m_physical()) * util.get_metadata_k_physical() *
@@ -105,33 +122,30 @@ PackedSizes packed_sizes_t(int out, int in) {
 // Compress a 2:4 weight [out, in] (row-major, contiguous) into values + metadata. The compressor kernel
 // needs a workspace of compress_workspace() bytes.
 template <class Element>
-size_t compress_workspace_t(int out, int in, int device, int sm_count) {
-  using G = typename ConfigOf<Element, 0>::T;
-  typename G::ProblemShape shape{out, 8, in, 1};
-  auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(out, in, 1));
+typename CompressProblem<Element>::G::Compressor::Arguments compress_args(const void* dense, void* values, void* meta,
+                                                                          int out, int in, int device, int sm_count) {
+  using G = typename CompressProblem<Element>::G;
+  CompressProblem<Element> p(out, in);
   cutlass::KernelHardwareInfo hw{device, sm_count};
-  typename G::Compressor::Arguments args{shape, {nullptr, stride_a, nullptr, nullptr}, {hw}};
-  return G::Compressor::get_workspace_size(args);
+  return {p.shape,
+          {static_cast<const Element*>(dense), p.stride_a, static_cast<Element*>(values),
+           static_cast<typename G::ElementE*>(meta)},
+          {hw}};
+}
+
+template <class Element>
+size_t compress_workspace_t(int out, int in, int device, int sm_count) {
+  using G = typename CompressProblem<Element>::G;
+  return G::Compressor::get_workspace_size(
+      compress_args<Element>(nullptr, nullptr, nullptr, out, in, device, sm_count));
 }
 
 template <class Element>
 cudaError_t compress_t(const void* dense, void* values, void* meta, int out, int in, int device, int sm_count,
                        void* workspace, cudaStream_t stream) {
-  using G = typename ConfigOf<Element, 0>::T;
-  typename G::ProblemShape shape{out, 8, in, 1};
-  auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(out, in, 1));
-  cutlass::KernelHardwareInfo hw{device, sm_count};
-  typename G::Compressor::Arguments args{
-      shape,
-      {static_cast<const Element*>(dense), stride_a, static_cast<Element*>(values),
-       static_cast<typename G::ElementE*>(meta)},
-      {hw}};
-  typename G::Compressor op;
-  cutlass::Status s = op.can_implement(args);
-  if (s != cutlass::Status::kSuccess) return status_to_error(s);
-  s = op.initialize(args, workspace, stream);
-  if (s != cutlass::Status::kSuccess) return status_to_error(s);
-  return status_to_error(op.run(stream));
+  using G = typename CompressProblem<Element>::G;
+  return launch<typename G::Compressor>(compress_args<Element>(dense, values, meta, out, in, device, sm_count),
+                                        workspace, stream);
 }
 
 template <class G>
@@ -166,13 +180,8 @@ size_t gemm_workspace_g(int out, int tokens, int in, int device, int sm_count, S
 template <class G>
 cudaError_t gemm_g(const void* values, const void* meta, const void* x, void* y, int out, int tokens, int in,
                    int device, int sm_count, Schedule sched, void* workspace, cudaStream_t stream) {
-  auto args = gemm_args<G>(values, meta, x, y, out, tokens, in, device, sm_count, sched);
-  typename G::Gemm gemm;
-  cutlass::Status s = gemm.can_implement(args);
-  if (s != cutlass::Status::kSuccess) return status_to_error(s);
-  s = gemm.initialize(args, workspace, stream);
-  if (s != cutlass::Status::kSuccess) return status_to_error(s);
-  return status_to_error(gemm.run(stream));
+  return launch<typename G::Gemm>(gemm_args<G>(values, meta, x, y, out, tokens, in, device, sm_count, sched),
+                                  workspace, stream);
 }
 
 // ---- definitions of api.h's entry points (one translation unit per dtype x config) ------------

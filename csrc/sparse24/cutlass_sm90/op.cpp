@@ -86,7 +86,7 @@ at::Tensor cutlass_linear(const at::Tensor& x, const at::Tensor& values, const a
   if (m > 0) {
     TORCH_CHECK(m < (1LL << 31), "CUTLASS 2:4 linear: M=", m, " is too large");
     // TMA reads x row-major with 16-byte aligned rows and base
-    at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+    at::Tensor xc = x.contiguous();
     if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 != 0) xc = xc.clone();
     const int dev = xc.get_device(), sms = sm_count(dev);
     size_t wsb = gemm_workspace(bf16, config, out_features, m, in, dev, sms);

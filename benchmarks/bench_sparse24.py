@@ -91,7 +91,8 @@ def _setup(shape, dtype):
 
 def _safe_pair(dense_fns, sparse_fns, *more, **kw):
     try:
-        return tuple(dispatch.time_ms_interleaved([dense_fns, sparse_fns, *more], trials=9, **kw))
+        kw.setdefault("trials", 9)
+        return tuple(dispatch.time_ms_interleaved([dense_fns, sparse_fns, *more], **kw))
     except Exception as exc:
         print(f"  timing failed: {type(exc).__name__}: {exc}")
         return (None,) * (2 + len(more))
@@ -115,7 +116,8 @@ def test_linear(benchmark, shape, dtype, m):
         dense_fns = [lambda w=w: F.linear(x, w) for w in dense]
         sparse_fns = [lambda s=s: s(x) for s in mods]
         t = {}  # dense and sparse timed in turn within every trial: clock drift cannot favour either
-        t["dense_graph"], t["sparse_graph"] = _safe_pair(dense_fns, sparse_fns)
+        # large M: a call is compute-bound and power-limited, its clock drifts most; more trials
+        t["dense_graph"], t["sparse_graph"] = _safe_pair(dense_fns, sparse_fns, trials=21 if m >= 2048 else 9)
         module_fns = [lambda lin=lin: lin(x) for lin in lins]  # what a user swapping nn.Linear compares
         t["dense_eager"], t["sparse_eager"], t["nn_linear_eager"] = _safe_pair(dense_fns, sparse_fns, module_fns,
                                                                                graph=False)
@@ -184,8 +186,8 @@ def _write():
                                           for (n, k, dt, m, c), e in s24.TUNE_ERRORS.items()}
     RESULTS["method"] = ("times are medians of CUDA-event timings; *_graph: one CUDA graph replaying the call "
                          "over several weight copies (> 2x L2 bytes); *_eager: the same loop in eager mode; dense and sparse "
-                         "replayed in turn within each of 9 trials (medians), so drift weighs on both alike; "
-                         "speedup = dense time / sparse time; decode_graph: the decode kernel alone with the "
+                         "replayed in turn within each of 9 trials (21 for the graphs at M >= 2048; medians), so drift weighs on both "
+                         "alike; speedup = dense time / sparse time; decode_graph: the decode kernel alone with the "
                          "tuned config; decode_candidates: triton do_bench medians (ms, L2 flushed, one weight) "
                          "of every decode config per shape and M; a sparse path is chosen only if >= "
                          f"{dispatch.DISPATCH_MARGIN:.0%} faster than dense in tuning (close calls re-timed)")

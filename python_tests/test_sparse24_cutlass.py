@@ -58,6 +58,28 @@ def test_choice_json_keeps_the_cutlass_config_and_lean_choice_uses_it():
     assert dispatch.lean_choice(dispatch.Choice("dense", None, {"dense": 1.0, "cutlass": 1.03}), 0.05).path == "dense"
     with pytest.raises(ValueError, match="must be an int"):
         dispatch.Choice.from_json({**c.to_json(), "cutlass": 99})
+    with pytest.raises(ValueError, match="is unknown: tile must be one of"):
+        dispatch.Choice.from_json({**c.to_json(), "cutlass": {"tile": "512x512x64", "swizzle": 1, "raster": 0}})
+
+
+@pytest.mark.parametrize("config", [0, 3, 6, 7, 20, 83])
+def test_tables_of_the_seven_tile_build_keep_their_meaning(config):
+    """A bare int in a table was encoded as tile + 7 * schedule; it must name the same tile and schedule now."""
+    legacy_tiles = ("128x128x64 cluster 2x1", "128x256x64 cluster 1x2", "256x128x64 cluster 2x1",
+                    "256x128x64 cluster 2x1 stream-K", "256x128x64 cluster 1x2",
+                    "128x128x64 cluster 2x1 ping-pong", "64x256x64 cluster 1x2 ping-pong")
+    sched = config // 7
+    want = (f"{legacy_tiles[config % 7]}, swizzle {1 << (sched % 4)}, raster "
+            f"{('heuristic', 'along rows', 'along tokens')[sched // 4]}")
+    new = dispatch.Choice.from_json({"path": "cutlass", "cutlass": config}).cutlass
+    assert ctl.describe(new) == want
+
+
+@pytest.mark.parametrize("config", [0, 8, 9 * 5 + 7, len(ctl.CONFIGS) - 1])
+def test_config_json_names_the_tile(config):
+    saved = ctl.config_to_json(config)
+    assert saved["tile"] == ctl.TILES[config % len(ctl.TILES)]
+    assert ctl.config_from_json(saved) == config
 
 
 @pytest.mark.cuda

@@ -18,10 +18,13 @@ from llmprune_kernels.validation import check_compressible_24
 
 TILES = ("128x128x64 cluster 2x1", "128x256x64 cluster 1x2", "256x128x64 cluster 2x1",
          "256x128x64 cluster 2x1 stream-K", "256x128x64 cluster 1x2",
-         "128x128x64 cluster 2x1 ping-pong", "64x256x64 cluster 1x2 ping-pong")
+         "128x128x64 cluster 2x1 ping-pong", "64x256x64 cluster 1x2 ping-pong",
+         "256x128x64 cluster 1x2 stream-K", "256x128x64 cluster 2x2")
 """Compiled tile configs (weight rows x tokens x K per threadblock, cluster; cooperative persistent kernels
 unless marked: stream-K splits the last wave's K loops across SMs, ping-pong overlaps one warp group's
-epilogue with the other's main loop)."""
+epilogue with the other's main loop). New tiles are appended: saved tables name their tile."""
+_LEGACY_TILES = 7
+"""Tables written before tiles 7 and 8 existed hold bare config numbers encoded with 7 tiles."""
 CONFIGS = range(len(TILES) * 4 * 3)
 """A config = tile + len(TILES) * (log2(swizzle) + 4 * raster): the tile and the persistent scheduler's swizzle (1, 2,
 4, 8) and raster order (0 CUTLASS's heuristic, 1 along weight rows, 2 along tokens)."""
@@ -66,10 +69,34 @@ def _check_config(config: int) -> int:
 
 def describe(config: int) -> str:
     """``tile, swizzle, raster`` in words, for reports."""
+    tile, swizzle, raster = _schedule(config)
+    return f"{TILES[tile]}, swizzle {swizzle}, raster {('heuristic', 'along rows', 'along tokens')[raster]}"
+
+
+def _schedule(config: int) -> tuple[int, int, int]:
     c = _check_config(config)
     sched = c // len(TILES)
-    raster = ("heuristic", "along rows", "along tokens")[sched // 4]
-    return f"{TILES[c % len(TILES)]}, swizzle {1 << (sched % 4)}, raster {raster}"
+    return c % len(TILES), 1 << (sched % 4), sched // 4
+
+
+def config_to_json(config: int) -> dict:
+    """A config as saved in tuning tables: the tile by name, so adding tiles never changes its meaning."""
+    tile, swizzle, raster = _schedule(config)
+    return {"tile": TILES[tile], "swizzle": swizzle, "raster": raster}
+
+
+def config_from_json(value: dict | int) -> int:
+    """Inverse of :func:`config_to_json`; a bare int is a config of a table written with the first 7 tiles."""
+    if isinstance(value, dict):
+        tile, swizzle, raster = value.get("tile"), value.get("swizzle"), value.get("raster")
+        if tile not in TILES or swizzle not in (1, 2, 4, 8) or raster not in (0, 1, 2):
+            raise ValueError(f"CUTLASS 2:4 config {value!r} is unknown: tile must be one of {TILES}, swizzle "
+                             "1/2/4/8, raster 0/1/2 (a table tuned with a build that had other tiles: re-tune)")
+        return TILES.index(tile) + len(TILES) * (swizzle.bit_length() - 1 + 4 * raster)
+    if not isinstance(value, int) or not 0 <= value < _LEGACY_TILES * 12:
+        raise ValueError(f"CUTLASS 2:4 config must be an int in [0, {_LEGACY_TILES * 12}) (a table's legacy "
+                         f"config) or a dict from config_to_json, got {value!r}")
+    return _check_config(value % _LEGACY_TILES + len(TILES) * (value // _LEGACY_TILES))
 
 
 def compress(weight: torch.Tensor) -> CutlassWeight:

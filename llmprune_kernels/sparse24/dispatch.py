@@ -81,7 +81,7 @@ class Choice:
         if self.mmasp is not None:
             d["mmasp"] = list(self.mmasp)
         if self.cutlass is not None:
-            d["cutlass"] = self.cutlass
+            d["cutlass"] = ctl.config_to_json(self.cutlass)
         return d
 
     @classmethod
@@ -91,7 +91,7 @@ class Choice:
         return cls(d["path"], cslt.CsltConfig(**d["cslt"]) if d.get("cslt") else None, dict(d.get("times_ms", {})),
                    tuple(d["decode"]) if d.get("decode") else None,
                    mmasp.check_config(d["mmasp"]) if d.get("mmasp") else None,
-                   ctl._check_config(d["cutlass"]) if d.get("cutlass") is not None else None)
+                   ctl.config_from_json(d["cutlass"]) if d.get("cutlass") is not None else None)
 
 
 def choose_path(times: dict[str, float], margin: float = DISPATCH_MARGIN) -> str:

@@ -14,10 +14,11 @@ namespace llmprune::cutlass24 {
 // Tiles (threadblock out x tokens x K, cluster), all cooperative persistent kernels (each is compiled):
 // 0: 128x128x64, cluster 2x1; 1: 128x256x64, cluster 1x2; 2: 256x128x64, cluster 2x1;
 // 3: 256x128x64, cluster 2x1, stream-K scheduler; 4: 256x128x64, cluster 1x2;
-// 5: 128x128x64, cluster 2x1, ping-pong; 6: 64x256x64, cluster 1x2, ping-pong.
+// 5: 128x128x64, cluster 2x1, ping-pong; 6: 64x256x64, cluster 1x2, ping-pong;
+// 7: 256x128x64, cluster 1x2, stream-K scheduler; 8: 256x128x64, cluster 2x2.
 // The schedule is a runtime argument (no extra code): swizzle 1/2/4/8 tiles, raster 0 = CUTLASS's
 // heuristic, 1 = along out (M), 2 = along tokens (N); it decides which tiles share L2 at a time.
-constexpr int kTiles = 7;
+constexpr int kTiles = 9;
 constexpr int kConfigs = kTiles * 4 * 3;
 
 struct Schedule {
@@ -55,6 +56,8 @@ LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 3)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 4)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 5)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 6)
+LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 7)
+LLMPRUNE_CUTLASS24_DECLARE_GEMM(f16, 8)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 0)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 1)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 2)
@@ -62,6 +65,8 @@ LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 3)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 4)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 5)
 LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 6)
+LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 7)
+LLMPRUNE_CUTLASS24_DECLARE_GEMM(bf16, 8)
 
 // One compiled tile's entry points, for a dtype (bf16 when `bf16`) and a config's tile.
 struct GemmEntry {
@@ -82,6 +87,8 @@ inline GemmEntry gemm_entry(bool bf16, int config) {
     LLMPRUNE_CUTLASS24_ENTRY(4)
     LLMPRUNE_CUTLASS24_ENTRY(5)
     LLMPRUNE_CUTLASS24_ENTRY(6)
+    LLMPRUNE_CUTLASS24_ENTRY(7)
+    LLMPRUNE_CUTLASS24_ENTRY(8)
     default: LLMPRUNE_CUTLASS24_ENTRY(0)
   }
 #undef LLMPRUNE_CUTLASS24_ENTRY

@@ -76,7 +76,9 @@ struct ConfigOf;
 // counts); 2: 256x128 (large out features); 3: 256x128 with stream-K (splits the K loop of the last
 // wave's tiles across SMs: 11008 rows make 43 tiles of 256, a partial last wave); 4: 256x128, 1x2 cluster;
 // 5, 6: ping-pong schedules (two consumer warp groups take turns, one's epilogue overlapping the other's
-// main loop: fewer tiles per SM at M = 2048 make the epilogue count), 128x128 and 64x256.
+// main loop: fewer tiles per SM at M = 2048 make the epilogue count), 128x128 and 64x256; 7: 256x128
+// with stream-K and a 1x2 cluster (the two winners of the bf16 M >= 2048 sweep combined); 8: 256x128 with
+// a 2x2 cluster (both operands multicast: half the L2 -> SMEM traffic of 2 and 4).
 template <class E> struct ConfigOf<E, 0> { using T = SparseGemm<E, 128, 128, 64, 2, 1>; };
 template <class E> struct ConfigOf<E, 1> { using T = SparseGemm<E, 128, 256, 64, 1, 2>; };
 template <class E> struct ConfigOf<E, 2> { using T = SparseGemm<E, 256, 128, 64, 2, 1>; };
@@ -84,6 +86,8 @@ template <class E> struct ConfigOf<E, 3> { using T = SparseGemm<E, 256, 128, 64,
 template <class E> struct ConfigOf<E, 4> { using T = SparseGemm<E, 256, 128, 64, 1, 2>; };
 template <class E> struct ConfigOf<E, 5> { using T = SparseGemm<E, 128, 128, 64, 2, 1, void, true>; };
 template <class E> struct ConfigOf<E, 6> { using T = SparseGemm<E, 64, 256, 64, 1, 2, void, true>; };
+template <class E> struct ConfigOf<E, 7> { using T = SparseGemm<E, 256, 128, 64, 1, 2, cutlass::gemm::StreamKScheduler>; };
+template <class E> struct ConfigOf<E, 8> { using T = SparseGemm<E, 256, 128, 64, 2, 2>; };
 
 // can_implement, initialize, run: one CUTLASS device operator (GEMM or compressor) on `stream`.
 template <class Op>

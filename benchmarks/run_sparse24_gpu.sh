@@ -16,6 +16,8 @@
 # what it wrote (the benchmark writes its JSON after every case).
 # Logs go to stdout; only JSON and the full test log are written under $OUT (the device tool returns
 # a limited number of files).
+# REUSE_BUILD=1: on a machine still warm from an earlier call that built the same C++ (commit + csrc diff),
+# skip the build.
 # Usage (repo root): MODE="tests bench e2e" bash benchmarks/run_sparse24_gpu.sh > $OUT/log.txt 2>&1
 set -o pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
@@ -31,13 +33,20 @@ if [[ "$MODE" == *" probe "* && -x .whl/cutlass_sm90_probe ]]; then
   timeout 120 .whl/cutlass_sm90_probe > $OUT/cutlass_probe.jsonl 2>&1; echo "probe rc=$? at ${SECONDS}s"; cat $OUT/cutlass_probe.jsonl | tail -40
 fi
 W=/tmp/w
-rm -rf $W && mkdir -p $W/csrc && cp -r llmprune_kernels setup.py pyproject.toml $W/ && rm -f $W/llmprune_kernels/_C*.so
-cp csrc/module.cpp $W/csrc/ && cp -r csrc/sparse24 $W/csrc/
-(cd $W && time python setup.py build_ext --inplace -q) > /tmp/build.log 2>&1 || {
-  echo "build failed; retrying without CUTLASS"; grep -E "error|Error" /tmp/build.log | head -20
-  (cd $W && LLMPRUNE_SKIP_CUTLASS=1 python setup.py build_ext --inplace -q) 2>&1 | tail -4; }
-grep -E "llmprune_kernels:|real" /tmp/build.log | head
-cp -r python_tests benchmarks $W/
+if [[ -n "$REUSE_BUILD" && -f /tmp/w_built_from && "$(cat /tmp/w_built_from)" == "$(git rev-parse HEAD 2>/dev/null; git diff HEAD -- csrc setup.py | md5sum)" ]]; then
+  # a warm machine that built this very C++ in an earlier call: keep its _C, refresh the Python
+  so=$(ls $W/llmprune_kernels/_C*.so) && cp $so /tmp/_C_keep.so && rm -rf $W/llmprune_kernels && cp -r llmprune_kernels $W/ \
+    && cp /tmp/_C_keep.so $W/llmprune_kernels/ && echo "build reused ($so)"
+else
+  rm -rf $W && mkdir -p $W/csrc && cp -r llmprune_kernels setup.py pyproject.toml $W/ && rm -f $W/llmprune_kernels/_C*.so
+  cp csrc/module.cpp $W/csrc/ && cp -r csrc/sparse24 $W/csrc/
+  (cd $W && time python setup.py build_ext --inplace -q) > /tmp/build.log 2>&1 || {
+    echo "build failed; retrying without CUTLASS"; grep -E "error|Error" /tmp/build.log | head -20
+    (cd $W && LLMPRUNE_SKIP_CUTLASS=1 python setup.py build_ext --inplace -q) 2>&1 | tail -4; }
+  grep -E "llmprune_kernels:|real" /tmp/build.log | head
+  (git rev-parse HEAD 2>/dev/null; git diff HEAD -- csrc setup.py | md5sum) > /tmp/w_built_from
+fi
+rm -rf $W/python_tests $W/benchmarks && cp -r python_tests benchmarks $W/
 export PYTHONPATH=$W:/tmp/site
 cd $W
 python -c "import llmprune_kernels as l, torch, triton; print(l.backends(), torch.__version__, triton.__version__, torch.cuda.get_device_name())"

@@ -16,7 +16,7 @@
 # what it wrote (the benchmark writes its JSON after every case).
 # Logs go to stdout; only JSON and the full test log are written under $OUT (the device tool returns
 # a limited number of files).
-# REUSE_BUILD=1: on a machine still warm from an earlier call that built the same C++ (commit + csrc diff),
+# REUSE_BUILD=1: on a machine still warm from an earlier call that built the same C++ (same csrc/ and setup.py bytes),
 # skip the build.
 # Usage (repo root): MODE="tests bench e2e" bash benchmarks/run_sparse24_gpu.sh > $OUT/log.txt 2>&1
 set -o pipefail
@@ -33,7 +33,7 @@ if [[ "$MODE" == *" probe "* && -x .whl/cutlass_sm90_probe ]]; then
   timeout 120 .whl/cutlass_sm90_probe > $OUT/cutlass_probe.jsonl 2>&1; echo "probe rc=$? at ${SECONDS}s"; cat $OUT/cutlass_probe.jsonl | tail -40
 fi
 W=/tmp/w
-if [[ -n "$REUSE_BUILD" && -f /tmp/w_built_from && "$(cat /tmp/w_built_from)" == "$(git rev-parse HEAD 2>/dev/null; git diff HEAD -- csrc setup.py | md5sum)" ]]; then
+if [[ -n "$REUSE_BUILD" && -f /tmp/w_built_from && "$(cat /tmp/w_built_from)" == "$(find csrc setup.py -type f | sort | xargs md5sum | md5sum)" ]]; then
   # a warm machine that built this very C++ in an earlier call: keep its _C, refresh the Python
   so=$(ls $W/llmprune_kernels/_C*.so) && cp $so /tmp/_C_keep.so && rm -rf $W/llmprune_kernels && cp -r llmprune_kernels $W/ \
     && cp /tmp/_C_keep.so $W/llmprune_kernels/ && echo "build reused ($so)"
@@ -44,7 +44,7 @@ else
     echo "build failed; retrying without CUTLASS"; grep -E "error|Error" /tmp/build.log | head -20
     (cd $W && LLMPRUNE_SKIP_CUTLASS=1 python setup.py build_ext --inplace -q) 2>&1 | tail -4; }
   grep -E "llmprune_kernels:|real" /tmp/build.log | head
-  (git rev-parse HEAD 2>/dev/null; git diff HEAD -- csrc setup.py | md5sum) > /tmp/w_built_from
+  find csrc setup.py -type f | sort | xargs md5sum | md5sum > /tmp/w_built_from
 fi
 rm -rf $W/python_tests $W/benchmarks && cp -r python_tests benchmarks $W/
 export PYTHONPATH=$W:/tmp/site

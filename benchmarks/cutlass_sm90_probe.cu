@@ -57,27 +57,31 @@ __global__ void check(const T* w, const T* x, const T* y, int out, int tokens, i
 
 template <class T>
 void run(bool dt, const char* name, int out, int in, int tokens, int device, int sms, bool time_it) {
-  T *w, *x, *y, *vals; uint8_t* meta; float* err;
-  PackedSizes ps = packed_sizes(dt, out, in);
+  T *w, *x, *y, *vals[kFormats]; uint8_t* meta[kFormats]; float* err;
   CK(cudaMalloc(&w, sizeof(T) * int64_t(out) * in));
   CK(cudaMalloc(&x, sizeof(T) * int64_t(tokens) * in));
   CK(cudaMalloc(&y, sizeof(T) * int64_t(tokens) * out));
-  CK(cudaMalloc(&vals, sizeof(T) * ps.values));
-  CK(cudaMalloc(&meta, ps.meta_bytes));
   const int samples = 4096;
   CK(cudaMalloc(&err, sizeof(float) * samples));
   fill_24<<<(int64_t(out) * in / 4 + 255) / 256, 256>>>(w, out, in, 7u);
   fill_x<<<(int64_t(tokens) * in + 255) / 256, 256>>>(x, int64_t(tokens) * in, 9u);
-  size_t cws = compress_workspace(dt, out, in, device, sms);
-  void* cw = nullptr; if (cws) CK(cudaMalloc(&cw, cws));
-  CK(compress(dt, w, vals, meta, out, in, device, sms, cw, 0));
-  CK(cudaDeviceSynchronize());
+  for (int f = 0; f < kFormats; ++f) {  // the weight in each metadata format
+    PackedSizes ps = packed_sizes(dt, f, out, in);
+    CK(cudaMalloc(&vals[f], sizeof(T) * ps.values));
+    CK(cudaMalloc(&meta[f], ps.meta_bytes));
+    size_t cws = compress_workspace(dt, f, out, in, device, sms);
+    void* cw = nullptr; if (cws) CK(cudaMalloc(&cw, cws));
+    CK(compress(dt, f, w, vals[f], meta[f], out, in, device, sms, cw, 0));
+    CK(cudaDeviceSynchronize());
+    if (cw) cudaFree(cw);
+  }
   const int n_cfg = std::getenv("PROBE_ALL") ? kConfigs : kTiles;  // PROBE_ALL: every schedule too
   for (int cfg = 0; cfg < n_cfg; ++cfg) {
     size_t ws = gemm_workspace(dt, cfg, out, tokens, in, device, sms);
     void* wsp = nullptr; if (ws) CK(cudaMalloc(&wsp, ws));
     CK(cudaMemset(y, 0, sizeof(T) * int64_t(tokens) * out));
-    cudaError_t e = gemm(dt, cfg, vals, meta, x, y, out, tokens, in, device, sms, wsp, 0);
+    const int f = format_of_tile(tile_of(cfg));
+    cudaError_t e = gemm(dt, cfg, vals[f], meta[f], x, y, out, tokens, in, device, sms, wsp, 0);
     if (e != cudaSuccess) { std::printf("%s %dx%d M=%d cfg=%d: gemm refused (%s)\n", name, out, in, tokens, cfg, cudaGetErrorString(e)); continue; }
     CK(cudaDeviceSynchronize());
     check<<<(samples + 127) / 128, 128>>>(w, x, y, out, tokens, in, err, samples);
@@ -87,10 +91,10 @@ void run(bool dt, const char* name, int out, int in, int tokens, int device, int
     float ms = -1;
     if (time_it) {
       cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
-      for (int i = 0; i < 5; ++i) gemm(dt, cfg, vals, meta, x, y, out, tokens, in, device, sms, wsp, 0);
+      for (int i = 0; i < 5; ++i) gemm(dt, cfg, vals[f], meta[f], x, y, out, tokens, in, device, sms, wsp, 0);
       const int iters = 30;
       cudaEventRecord(a);
-      for (int i = 0; i < iters; ++i) gemm(dt, cfg, vals, meta, x, y, out, tokens, in, device, sms, wsp, 0);
+      for (int i = 0; i < iters; ++i) gemm(dt, cfg, vals[f], meta[f], x, y, out, tokens, in, device, sms, wsp, 0);
       cudaEventRecord(b); CK(cudaEventSynchronize(b));
       cudaEventElapsedTime(&ms, a, b); ms /= iters;
     }
@@ -98,7 +102,8 @@ void run(bool dt, const char* name, int out, int in, int tokens, int device, int
                 name, out, in, tokens, cfg, mx, ms);
     if (wsp) cudaFree(wsp);
   }
-  cudaFree(w); cudaFree(x); cudaFree(y); cudaFree(vals); cudaFree(meta); cudaFree(err); if (cw) cudaFree(cw);
+  for (int f = 0; f < kFormats; ++f) { cudaFree(vals[f]); cudaFree(meta[f]); }
+  cudaFree(w); cudaFree(x); cudaFree(y); cudaFree(err);
 }
 
 int main() {

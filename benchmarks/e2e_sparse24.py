@@ -128,8 +128,8 @@ def main():
     res["linear_cache_bytes_sparse_by_kind"] = {
         kind: sum(cache_bytes(m, t) for m in sl for k, t in m._cache.items() if k == kind)
         for kind in sorted({k for m in sl for k in m._cache})}
-    res["cutlass_values_shared_with_packed"] = [m._cache["cutlass"].values.data_ptr() == m.values.data_ptr()
-                                                for m in sl if "cutlass" in m._cache][:1]
+    res["cutlass_values_shared_with_packed"] = sorted({t.values.data_ptr() == m.values.data_ptr() for m in sl
+                                                       for t in m._cache.values() if isinstance(t, ctl.CutlassWeight)})
     prompt = torch.randint(0, 32000, (1, 2048), device="cuda")
     short = prompt[:, :128]
     n = a.new_tokens

@@ -46,6 +46,12 @@ def test_compress_rejects_bad_input():
         ctl.linear(torch.zeros(1, 16, dtype=torch.float16), w, 8, None, 0)
     with pytest.raises(ValueError, match=r"bias must be \[8\]"):
         ctl.linear(torch.zeros(1, 16), w, 8, torch.zeros(4), 0)
+    k128 = ctl.TILE_FORMATS.index(1)
+    with pytest.raises(ValueError, match=rf"config {k128} .* reads metadata format 1, but the weight was compressed "
+                                         r"in format 0: compress\(weight, format=1\)"):
+        ctl.linear(torch.zeros(1, 16), w, 8, None, k128)
+    with pytest.raises(ValueError, match=r"metadata format must be one of \(0, 1\), got 2"):
+        ctl.compress(torch.zeros(8, 16, dtype=torch.float16), 2)
     assert ctl.describe(len(ctl.TILES) * (2 + 4 * 2)) == "128x128x64 cluster 2x1, swizzle 4, raster along tokens"
 
 
@@ -91,7 +97,7 @@ def test_matches_masked_dense(dtype, config, out_f, in_f, m):
     w = random_24_weight(out_f, in_f, dtype, "cuda")
     x = torch.randn(m, in_f, device="cuda", dtype=dtype)
     bias = torch.randn(out_f, device="cuda", dtype=dtype)
-    cw = ctl.compress(w)
+    cw = ctl.compress(w, ctl.format_of(config))
     ref = F.linear(x.float(), w.float())
     y = ctl.linear(x, cw, out_f, None, config)
     assert y.shape == (m, out_f) and y.dtype == dtype
@@ -140,9 +146,10 @@ def test_linear_rejects_a_weight_compressed_for_another_shape_or_dtype():
 def test_every_schedule_gives_the_same_bits():
     """Swizzle and raster order only reorder which tiles run when: each tile's sums are unchanged."""
     w = random_24_weight(1024, 512, torch.bfloat16, "cuda")
-    cw = ctl.compress(w)
+    cws = {f: ctl.compress(w, f) for f in ctl.FORMATS}
     x = torch.randn(600, 512, device="cuda", dtype=torch.bfloat16)
     for tile in range(len(ctl.TILES)):
+        cw = cws[ctl.TILE_FORMATS[tile]]
         want = ctl.linear(x, cw, 1024, None, tile)
         for cfg in ctl.CONFIGS[tile::len(ctl.TILES)]:
             assert torch.equal(ctl.linear(x, cw, 1024, None, cfg), want), ctl.describe(cfg)
@@ -180,3 +187,34 @@ def test_sparse_linear_shares_the_packed_values_when_they_match(dtype):
     print(f"CUTLASS values equal pack_24 values: {same}")
     x = torch.randn(2048, 2048, device="cuda", dtype=dtype)
     assert rel_err(sl(x), F.linear(x.float(), w.float())) <= TOL[dtype]
+
+
+def test_tile_formats_follow_the_k_step():
+    """Tiles with a 128-deep K step read metadata format 1, all others format 0 (CUTLASS's metadata atom)."""
+    assert len(ctl.TILE_FORMATS) == len(ctl.TILES) and set(ctl.TILE_FORMATS) == set(ctl.FORMATS)
+    for tile, name in enumerate(ctl.TILES):
+        assert ctl.TILE_FORMATS[tile] == (name.split()[0].split("x")[2] == "128")
+        assert ctl.format_of(tile + len(ctl.TILES) * 5) == ctl.TILE_FORMATS[tile]
+
+
+def test_table_names_the_formats_its_cutlass_configs_read():
+    table = dispatch.TuningTable()
+    assert table.cutlass_formats(256, 512, torch.bfloat16) == {0}
+    k128 = ctl.TILE_FORMATS.index(1)
+    table.entries[dispatch.shape_key(256, 512, torch.bfloat16)] = {
+        64: dispatch.Choice("cutlass", cutlass=0), 2048: dispatch.Choice("cutlass", cutlass=k128),
+        8192: dispatch.Choice("dense")}
+    assert table.cutlass_formats(256, 512, torch.bfloat16) == {0, 1}
+
+
+@pytest.mark.cuda
+@needs_cutlass
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_both_formats_hold_the_same_values_and_differ_only_in_metadata(dtype):
+    w = random_24_weight(512, 1024, dtype, "cuda")
+    a, b = ctl.compress(w, 0), ctl.compress(w, 1)
+    assert (a.format, b.format) == (0, 1) and torch.equal(a.values, b.values)
+    x = torch.randn(300, 1024, device="cuda", dtype=dtype)
+    ref = F.linear(x.float(), w.float())
+    for cfg, cw in ((0, a), (ctl.TILE_FORMATS.index(1), b)):
+        assert rel_err(ctl.linear(x, cw, 512, None, cfg), ref) <= TOL[dtype]

@@ -174,10 +174,12 @@ class SparseLinear(nn.Module):
             c = self._cache["cslt"] = cslt.compress(unpack_24(self.packed()))
         return c
 
-    def _cutlass(self) -> ctl.CutlassWeight:
-        c = self._cache.get("cutlass")
+    def _cutlass(self, fmt: int = 0) -> ctl.CutlassWeight:
+        """The CUTLASS weight in metadata format ``fmt`` (cache ``cutlass``, ``cutlass1``, ...)."""
+        key = "cutlass" if fmt == 0 else f"cutlass{fmt}"
+        c = self._cache.get(key)
         if c is None:
-            c = self._cache["cutlass"] = ctl.share_values(ctl.compress(unpack_24(self.packed())), self.values)
+            c = self._cache[key] = ctl.share_values(ctl.compress(unpack_24(self.packed()), fmt), self.values)
         return c
 
     def _mmasp_layout(self) -> mmasp.MmaspLayout:
@@ -210,7 +212,8 @@ class SparseLinear(nn.Module):
             self._mmasp_layout()
         if "cutlass" in paths and ctl.available(self.values.device) and ctl.shape_ok(
                 self.out_features, self.in_features, self.values.dtype):
-            self._cutlass()
+            for fmt in self._table().cutlass_formats(self.out_features, self.in_features, self.values.dtype):
+                self._cutlass(fmt)
         return self
 
     # -- forward --------------------------------------------------------------------------------
@@ -267,8 +270,8 @@ class SparseLinear(nn.Module):
                 y = op(x.reshape(m, k), comp, n, bias, *args)
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
         elif choice.path == "cutlass":
-            op, cw = torch.ops.llmprune_kernels.sparse24_cutlass_linear.default, self._cutlass()
             tcfg = choice.cutlass if choice.cutlass is not None else 0
+            op, cw = torch.ops.llmprune_kernels.sparse24_cutlass_linear.default, self._cutlass(ctl.format_of(tcfg))
 
             def fwd(x: torch.Tensor) -> torch.Tensor:
                 if x.dtype != cw.values.dtype:  # the op's own check would raise from C++ (see cutlass_sm90.linear)
@@ -327,8 +330,8 @@ class SparseLinear(nn.Module):
         if choice.path == "cusparselt":
             y = cslt.linear(x2, self._compressed(), self.out_features, self.bias, choice.cslt or cslt.DEFAULT_CONFIG)
         else:
-            y = ctl.linear(x2, self._cutlass(), self.out_features, self.bias,
-                           choice.cutlass if choice.cutlass is not None else 0)
+            tcfg = choice.cutlass if choice.cutlass is not None else 0
+            y = ctl.linear(x2, self._cutlass(ctl.format_of(tcfg)), self.out_features, self.bias, tcfg)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

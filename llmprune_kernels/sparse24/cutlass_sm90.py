@@ -19,10 +19,15 @@ from llmprune_kernels.validation import check_compressible_24
 TILES = ("128x128x64 cluster 2x1", "128x256x64 cluster 1x2", "256x128x64 cluster 2x1",
          "256x128x64 cluster 2x1 stream-K", "256x128x64 cluster 1x2",
          "128x128x64 cluster 2x1 ping-pong", "64x256x64 cluster 1x2 ping-pong",
-         "256x128x64 cluster 1x2 stream-K", "256x128x64 cluster 2x2")
+         "256x128x64 cluster 1x2 stream-K", "256x128x64 cluster 2x2",
+         "256x128x128 cluster 1x2", "256x128x128 cluster 1x2 stream-K", "256x128x128 cluster 2x1")
 """Compiled tile configs (weight rows x tokens x K per threadblock, cluster; cooperative persistent kernels
 unless marked: stream-K splits the last wave's K loops across SMs, ping-pong overlaps one warp group's
 epilogue with the other's main loop). New tiles are appended: saved tables name their tile."""
+TILE_FORMATS = tuple(1 if t.split()[0].endswith("x128") else 0 for t in TILES)
+"""The metadata format each tile reads: 0 for a K step of 64, 1 for 128 (CUTLASS lays metadata out in atoms of
+min(K step, 128) columns). A weight is compressed once per format its configs use."""
+FORMATS = (0, 1)
 _LEGACY_TILES = 7
 """Tables written before tiles 7 and 8 existed hold bare config numbers encoded with 7 tiles."""
 CONFIGS = range(len(TILES) * 4 * 3)
@@ -40,6 +45,8 @@ class CutlassWeight(NamedTuple):
     meta: torch.Tensor
     out_features: int
     in_features: int
+    format: int = 0
+    """The metadata format (``TILE_FORMATS``): only the tiles of this format can read ``meta``."""
 
     def nbytes(self) -> int:
         return self.values.nbytes + self.meta.nbytes
@@ -99,12 +106,19 @@ def config_from_json(value: dict | int) -> int:
     return _check_config(value % _LEGACY_TILES + len(TILES) * (value // _LEGACY_TILES))
 
 
-def compress(weight: torch.Tensor) -> CutlassWeight:
-    """Compress a dense 2:4 CUDA weight ``[out, in]`` (fp16 / bf16). The caller has checked the 2:4
-    pattern (``pack_24`` does); the compressor keeps the first two nonzeros of every group of four."""
+def format_of(config: int) -> int:
+    """The metadata format a config's tile reads."""
+    return TILE_FORMATS[_check_config(config) % len(TILES)]
+
+
+def compress(weight: torch.Tensor, format: int = 0) -> CutlassWeight:
+    """Compress a dense 2:4 CUDA weight ``[out, in]`` (fp16 / bf16) into metadata ``format``. The caller has
+    checked the 2:4 pattern (``pack_24`` does); the compressor keeps the first two nonzeros of every group of four."""
+    if format not in FORMATS:
+        raise ValueError(f"CUTLASS 2:4 metadata format must be one of {FORMATS}, got {format!r}")
     check_compressible_24(weight, "CUTLASS", shape_ok, "out_features % 8 == 0 and in_features % 16 == 0")
-    values, meta = torch.ops.llmprune_kernels.sparse24_cutlass_compress(weight.contiguous())
-    return CutlassWeight(values, meta, *weight.shape)
+    values, meta = torch.ops.llmprune_kernels.sparse24_cutlass_compress(weight.contiguous(), format)
+    return CutlassWeight(values, meta, *weight.shape, format)
 
 
 def share_values(weight: CutlassWeight, packed_values: torch.Tensor) -> CutlassWeight:
@@ -126,6 +140,10 @@ def linear(x: torch.Tensor, weight: CutlassWeight, out_features: int, bias: torc
     H100 machine (a C++ exception through the dispatcher, cause not isolated), so the op only sees valid input.
     """
     config = _check_config(config)
+    if format_of(config) != weight.format:
+        raise ValueError(f"CUTLASS 2:4 config {config} ({describe(config)}) reads metadata format "
+                         f"{format_of(config)}, but the weight was compressed in format {weight.format}: "
+                         f"compress(weight, format={format_of(config)})")
     if x.dim() != 2 or x.shape[1] != weight.in_features:
         raise ValueError(f"CUTLASS 2:4 linear needs x of shape [M, {weight.in_features}], got {tuple(x.shape)}")
     if out_features != weight.out_features:
@@ -140,19 +158,23 @@ def linear(x: torch.Tensor, weight: CutlassWeight, out_features: int, bias: torc
     return torch.ops.llmprune_kernels.sparse24_cutlass_linear(x, weight.values, weight.meta, out_features, bias, config)
 
 
-def search(x: torch.Tensor, weights: list[CutlassWeight], out_features: int, time_fn) -> tuple[int, float, dict]:
-    """Time each tile with CUTLASS's default schedule, then the best tile with every swizzle and explicit
-    raster order, with ``time_fn(fns)`` (cycling through ``weights``); return the fastest config."""
+def search(x: torch.Tensor, weights: dict[int, list[CutlassWeight]], out_features: int,
+           time_fn) -> tuple[int, float, dict]:
+    """Time each tile whose metadata format ``weights`` holds (format -> the weight copies) with CUTLASS's
+    default schedule, then the best tile with every swizzle and explicit raster order, with ``time_fn(fns)``
+    (cycling through the copies); return the fastest config."""
     times = {}
 
     def measure(cfg: int) -> None:
         try:
-            times[cfg] = time_fn([lambda w=w, c=cfg: linear(x, w, out_features, None, c) for w in weights])
+            times[cfg] = time_fn([lambda w=w, c=cfg: linear(x, w, out_features, None, c)
+                                  for w in weights[format_of(cfg)]])
         except RuntimeError:  # a config that cannot run this problem does not compete
             pass
 
     for tile in range(len(TILES)):
-        measure(tile)
+        if TILE_FORMATS[tile] in weights:
+            measure(tile)
     if not times:
         raise RuntimeError(f"no CUTLASS 2:4 config runs {out_features}x{x.shape[1]} at M={x.shape[0]}")
     tile = min(times, key=times.get)

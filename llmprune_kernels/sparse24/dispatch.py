@@ -170,6 +170,11 @@ class TuningTable:
         per_shape = self.entries.get(shape_key(out_features, in_features, dtype), {})
         return {lean_choice(c, dense_tolerance).path for c in per_shape.values()}
 
+    def cutlass_formats(self, out_features: int, in_features: int, dtype: torch.dtype) -> set[int]:
+        """The CUTLASS metadata formats this shape's tuned configs read ({0} when none is tuned)."""
+        per_shape = self.entries.get(shape_key(out_features, in_features, dtype), {})
+        return {ctl.format_of(c.cutlass) for c in per_shape.values() if c.cutlass is not None} or {0}
+
     def save(self, path: str) -> None:
         """Write atomically (temp file + rename)."""
         data = {"device_name": self.device_name,
@@ -302,7 +307,7 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
     use_mmasp = mmasp.supports(dtype, in_features)
     layouts = [mmasp.to_mmasp_layout(p) for p in packed] if use_mmasp else []
     use_ctl = ctl.available(device) and ctl.shape_ok(out_features, in_features, dtype)
-    ctl_w = [ctl.compress(w) for w in dense] if use_ctl else []
+    ctl_w = {f: [ctl.compress(w, f) for w in dense] for f in ctl.FORMATS} if use_ctl else {}
     name = shape_key(out_features, in_features, dtype)
     choices = {}
     for m in buckets:
@@ -334,7 +339,8 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
             try:
                 tcfg, times["cutlass"], _ = ctl.search(x, ctl_w, out_features,
                                                        lambda fns: time_ms(fns, reps=reps, trials=3))
-                cands["cutlass"] = [lambda w=w, x=x, c=tcfg: ctl.linear(x, w, out_features, None, c) for w in ctl_w]
+                cands["cutlass"] = [lambda w=w, x=x, c=tcfg: ctl.linear(x, w, out_features, None, c)
+                                    for w in ctl_w[ctl.format_of(tcfg)]]
             except RuntimeError as exc:
                 print(f"sparse24 tuning: cutlass failed for {name} M={m}: {exc}")
         for path, fns in cands.items():

@@ -88,6 +88,17 @@ template <class E> struct ConfigOf<E, 5> { using T = SparseGemm<E, 128, 128, 64,
 template <class E> struct ConfigOf<E, 6> { using T = SparseGemm<E, 64, 256, 64, 1, 2, void, true>; };
 template <class E> struct ConfigOf<E, 7> { using T = SparseGemm<E, 256, 128, 64, 1, 2, cutlass::gemm::StreamKScheduler>; };
 template <class E> struct ConfigOf<E, 8> { using T = SparseGemm<E, 256, 128, 64, 2, 2>; };
+// 9-11: a K step of 128 (CUTLASS's generator halves sparse K tiles to 64 for more pipeline stages; at M >=
+// 2048 on the H100 the deeper step measured 2-9% faster in bf16, benchmarks/cutlass_sm90_k128_probe.cu).
+// They read metadata format 1 (CUTLASS's metadata atom spans min(TK, 128) columns).
+template <class E> struct ConfigOf<E, 9> { using T = SparseGemm<E, 256, 128, 128, 1, 2>; };
+template <class E> struct ConfigOf<E, 10> { using T = SparseGemm<E, 256, 128, 128, 1, 2, cutlass::gemm::StreamKScheduler>; };
+template <class E> struct ConfigOf<E, 11> { using T = SparseGemm<E, 256, 128, 128, 2, 1>; };
+
+// The reference tile of each metadata format (format_of_tile in api.h): every tile of a format reads
+// the weight as that tile's compressor writes it.
+template <class E, int Format>
+using FormatRef = typename ConfigOf<E, Format == 0 ? 0 : 9>::T;
 
 // can_implement, initialize, run: one CUTLASS device operator (GEMM or compressor) on `stream`.
 template <class Op>
@@ -99,11 +110,11 @@ cudaError_t launch(typename Op::Arguments const& args, void* workspace, cudaStre
   return s == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// The compressor's problem for a weight [out, in]: config 0's types (every config shares its format);
-// the token count does not matter to compression.
-template <class Element>
+// The compressor's problem for a weight [out, in] in a metadata format: the format's reference tile's
+// types; the token count does not matter to compression.
+template <class Element, int Format>
 struct CompressProblem {
-  using G = typename ConfigOf<Element, 0>::T;
+  using G = FormatRef<Element, Format>;
   typename G::ProblemShape shape;
   typename G::StrideA stride_a;
   CompressProblem(int out, int in)
@@ -111,10 +122,10 @@ struct CompressProblem {
         stride_a(cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(out, in, 1))) {}
 };
 
-template <class Element>
+template <class Element, int Format>
 PackedSizes packed_sizes_t(int out, int in) {
-  using G = typename CompressProblem<Element>::G;
-  CompressProblem<Element> p(out, in);
+  using G = typename CompressProblem<Element, Format>::G;
+  CompressProblem<Element, Format> p(out, in);
   typename G::CompressorUtility util(p.shape, p.stride_a);
   PackedSizes s;
   s.values = int64_t(out) * util.get_tensorA_k_physical();
@@ -125,11 +136,12 @@ PackedSizes packed_sizes_t(int out, int in) {
 
 // Compress a 2:4 weight [out, in] (row-major, contiguous) into values + metadata. The compressor kernel
 // needs a workspace of compress_workspace() bytes.
-template <class Element>
-typename CompressProblem<Element>::G::Compressor::Arguments compress_args(const void* dense, void* values, void* meta,
-                                                                          int out, int in, int device, int sm_count) {
-  using G = typename CompressProblem<Element>::G;
-  CompressProblem<Element> p(out, in);
+template <class Element, int Format>
+typename CompressProblem<Element, Format>::G::Compressor::Arguments compress_args(const void* dense, void* values,
+                                                                                  void* meta, int out, int in,
+                                                                                  int device, int sm_count) {
+  using G = typename CompressProblem<Element, Format>::G;
+  CompressProblem<Element, Format> p(out, in);
   cutlass::KernelHardwareInfo hw{device, sm_count};
   return {p.shape,
           {static_cast<const Element*>(dense), p.stride_a, static_cast<Element*>(values),
@@ -137,19 +149,19 @@ typename CompressProblem<Element>::G::Compressor::Arguments compress_args(const 
           {hw}};
 }
 
-template <class Element>
+template <class Element, int Format>
 size_t compress_workspace_t(int out, int in, int device, int sm_count) {
-  using G = typename CompressProblem<Element>::G;
+  using G = typename CompressProblem<Element, Format>::G;
   return G::Compressor::get_workspace_size(
-      compress_args<Element>(nullptr, nullptr, nullptr, out, in, device, sm_count));
+      compress_args<Element, Format>(nullptr, nullptr, nullptr, out, in, device, sm_count));
 }
 
-template <class Element>
+template <class Element, int Format>
 cudaError_t compress_t(const void* dense, void* values, void* meta, int out, int in, int device, int sm_count,
                        void* workspace, cudaStream_t stream) {
-  using G = typename CompressProblem<Element>::G;
-  return launch<typename G::Compressor>(compress_args<Element>(dense, values, meta, out, in, device, sm_count),
-                                        workspace, stream);
+  using G = typename CompressProblem<Element, Format>::G;
+  return launch<typename G::Compressor>(
+      compress_args<Element, Format>(dense, values, meta, out, in, device, sm_count), workspace, stream);
 }
 
 template <class G>
@@ -191,19 +203,23 @@ cudaError_t gemm_g(const void* values, const void* meta, const void* x, void* y,
 // ---- definitions of api.h's entry points (one translation unit per dtype x config) ------------
 
 #define LLMPRUNE_CUTLASS24_DEFINE_DTYPE(dt, Element)                                                        \
-  PackedSizes packed_sizes_##dt(int out, int in) { return packed_sizes_t<Element>(out, in); }              \
-  size_t compress_workspace_##dt(int out, int in, int device, int sm_count) {                              \
-    return compress_workspace_t<Element>(out, in, device, sm_count);                                       \
+  PackedSizes packed_sizes_##dt(int format, int out, int in) {                                             \
+    return format ? packed_sizes_t<Element, 1>(out, in) : packed_sizes_t<Element, 0>(out, in);             \
   }                                                                                                        \
-  cudaError_t compress_##dt(const void* dense, void* values, void* meta, int out, int in, int device,      \
-                            int sm_count, void* workspace, cudaStream_t stream) {                          \
-    return compress_t<Element>(dense, values, meta, out, in, device, sm_count, workspace, stream);          \
+  size_t compress_workspace_##dt(int format, int out, int in, int device, int sm_count) {                  \
+    return format ? compress_workspace_t<Element, 1>(out, in, device, sm_count)                            \
+                  : compress_workspace_t<Element, 0>(out, in, device, sm_count);                           \
+  }                                                                                                        \
+  cudaError_t compress_##dt(int format, const void* dense, void* values, void* meta, int out, int in,      \
+                            int device, int sm_count, void* workspace, cudaStream_t stream) {              \
+    return format ? compress_t<Element, 1>(dense, values, meta, out, in, device, sm_count, workspace, stream) \
+                  : compress_t<Element, 0>(dense, values, meta, out, in, device, sm_count, workspace, stream); \
   }
 
 #define LLMPRUNE_CUTLASS24_DEFINE_GEMM(dt, Element, cfg)                                                    \
   static_assert(std::is_same_v<typename ConfigOf<Element, cfg>::T::SparseConfig,                           \
-                               typename ConfigOf<Element, 0>::T::SparseConfig>,                            \
-                "every tile config must read the weight compressed once (config 0's format)");             \
+                               typename FormatRef<Element, format_of_tile(cfg)>::SparseConfig>,            \
+                "a tile must read the weight as its format's compressor writes it");                       \
   size_t gemm_workspace_##dt##_##cfg(int out, int tokens, int in, int device, int sm_count,               \
                                      Schedule sched) {                                                     \
     return gemm_workspace_g<typename ConfigOf<Element, cfg>::T>(out, tokens, in, device, sm_count, sched); \

@@ -1,5 +1,6 @@
 // Torch ops of the CUTLASS sm90 2:4 GEMM (api.h): compress a 2:4 weight once into CUTLASS's values +
-// metadata, then y = x @ W^T (+ bias) with a chosen tile config. The call builds its TMA descriptors on
+// metadata (in the metadata format of the tiles that will read it), then y = x @ W^T (+ bias) with a
+// chosen tile config. The call builds its TMA descriptors on
 // the host (a few microseconds) and launches one persistent kernel; nothing is cached or synchronised,
 // so it works in eager mode and inside CUDA graphs. Inputs are validated in Python
 // (llmprune_kernels/sparse24/cutlass_sm90.py) and again here.
@@ -47,8 +48,10 @@ at::Tensor workspace_of(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
 }
 
-std::vector<at::Tensor> cutlass_compress(const at::Tensor& weight) {
+std::vector<at::Tensor> cutlass_compress(const at::Tensor& weight, int64_t format) {
   check_device(weight);
+  TORCH_CHECK(format >= 0 && format < kFormats, "CUTLASS 2:4 metadata format must be in [0, ", kFormats, "), got ",
+              format);
   TORCH_CHECK(weight.dim() == 2, "CUTLASS 2:4 compress needs a 2-D weight, got ", weight.dim(), " dims");
   bool bf16 = is_bf16(weight);
   const int64_t out = weight.size(0), in = weight.size(1);
@@ -56,11 +59,11 @@ std::vector<at::Tensor> cutlass_compress(const at::Tensor& weight) {
   c10::cuda::CUDAGuard guard(weight.device());
   auto w = weight.contiguous();
   const int dev = w.get_device(), sms = sm_count(dev);
-  PackedSizes ps = packed_sizes(bf16, out, in);
+  PackedSizes ps = packed_sizes(bf16, int(format), out, in);
   auto values = at::zeros({ps.values}, w.options());
   auto meta = at::zeros({ps.meta_bytes}, w.options().dtype(at::kByte));
-  auto ws = workspace_of(compress_workspace(bf16, out, in, dev, sms), w);
-  cudaError_t e = compress(bf16, w.data_ptr(), values.data_ptr(), meta.data_ptr(), out, in, dev, sms, ws.data_ptr(),
+  auto ws = workspace_of(compress_workspace(bf16, int(format), out, in, dev, sms), w);
+  cudaError_t e = compress(bf16, int(format), w.data_ptr(), values.data_ptr(), meta.data_ptr(), out, in, dev, sms, ws.data_ptr(),
                            c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(e == cudaSuccess, "CUTLASS 2:4 compress failed for a ", out, "x", in, " weight: ", cudaGetErrorString(e));
   return {values, meta};
@@ -78,9 +81,10 @@ at::Tensor cutlass_linear(const at::Tensor& x, const at::Tensor& values, const a
   TORCH_CHECK(config >= 0 && config < kConfigs, "CUTLASS 2:4 tile config must be in [0, ", kConfigs, "), got ", config);
   const int64_t m = x.size(0), in = x.size(1);
   check_shape(out_features, in);
-  PackedSizes ps = packed_sizes(bf16, out_features, in);
+  PackedSizes ps = packed_sizes(bf16, format_of_tile(tile_of(int(config))), out_features, in);
   TORCH_CHECK(values.numel() == ps.values && meta.numel() == ps.meta_bytes,
-              "CUTLASS 2:4 linear: compressed weight does not match out_features=", out_features, ", in=", in);
+              "CUTLASS 2:4 linear: compressed weight does not match out_features=", out_features, ", in=", in,
+              " in the metadata format of config ", config);
   c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({m, out_features}, x.options());
   if (m > 0) {
@@ -103,7 +107,7 @@ at::Tensor cutlass_linear(const at::Tensor& x, const at::Tensor& values, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
-  m.def("sparse24_cutlass_compress(Tensor weight) -> Tensor[]");
+  m.def("sparse24_cutlass_compress(Tensor weight, int format=0) -> Tensor[]");
   m.def("sparse24_cutlass_linear(Tensor x, Tensor values, Tensor meta, int out_features, Tensor? bias, int config=0) "
         "-> Tensor");
 }

@@ -10,6 +10,7 @@
 #   bench  benchmarks/bench_sparse24.py -> $OUT/sparse24_h100.json, sparse24_tuning_h100.json
 #   e2e    benchmarks/e2e_sparse24.py (graph, then eager), merged into the same JSON
 #   diag   benchmarks/diag_cusparselt.py (one subprocess per check)
+#   cutlassdiag  benchmarks/diag_cutlass_small_m.py ($CUTLASS_DIAG_ARGS)
 #   slow   the SmolLM2 perplexity test on CUDA
 # Each step's time limit is its default, cut so the whole run ends within TOTAL seconds (default 540,
 # counted from the start of this script) with E2E_RESERVE seconds kept for e2e; a step cut short keeps
@@ -76,6 +77,10 @@ fi
 if [[ "$MODE" == *" bench "* ]]; then
   SPARSE24_RESULTS=$OUT/sparse24_h100.json SPARSE24_TABLE=$OUT/sparse24_tuning_h100.json timeout $(limit ${BENCH_TIMEOUT:-320} $E2E_RESERVE) python -m pytest -q -s -p no:cacheprovider benchmarks/bench_sparse24.py ${BENCH_K:+-k "$BENCH_K"} --benchmark-json=$OUT/pytest_benchmark.json 2>&1 | grep -E "path=|passed|failed|Error|error" | tail -60
   echo "bench done at ${SECONDS}s"
+fi
+if [[ "$MODE" == *" cutlassdiag "* ]]; then
+  timeout $(limit 150 $E2E_RESERVE) python benchmarks/diag_cutlass_small_m.py ${CUTLASS_DIAG_ARGS}
+  echo "cutlass diag done at ${SECONDS}s"
 fi
 if [[ "$MODE" == *" e2e "* ]]; then
   half=$(( (TOTAL - SECONDS) / 2 ))

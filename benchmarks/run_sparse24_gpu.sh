@@ -11,6 +11,7 @@
 #   e2e    benchmarks/e2e_sparse24.py (graph, then eager), merged into the same JSON
 #   diag   benchmarks/diag_cusparselt.py (one subprocess per check)
 #   cutlassdiag  benchmarks/diag_cutlass_small_m.py ($CUTLASS_DIAG_ARGS)
+#   hostdiag  benchmarks/diag_cutlass_host.py (host time per eager call of each op)
 #   slow   the SmolLM2 perplexity test on CUDA
 # Each step's time limit is its default, cut so the whole run ends within TOTAL seconds (default 540,
 # counted from the start of this script) with E2E_RESERVE seconds kept for e2e; a step cut short keeps
@@ -81,6 +82,10 @@ fi
 if [[ "$MODE" == *" cutlassdiag "* ]]; then
   timeout $(limit 150 $E2E_RESERVE) python benchmarks/diag_cutlass_small_m.py ${CUTLASS_DIAG_ARGS}
   echo "cutlass diag done at ${SECONDS}s"
+fi
+if [[ "$MODE" == *" hostdiag "* ]]; then
+  timeout $(limit 120 $E2E_RESERVE) python benchmarks/diag_cutlass_host.py
+  echo "host diag done at ${SECONDS}s"
 fi
 if [[ "$MODE" == *" e2e "* ]]; then
   half=$(( (TOTAL - SECONDS) / 2 ))

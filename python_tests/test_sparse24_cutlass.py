@@ -218,3 +218,18 @@ def test_both_formats_hold_the_same_values_and_differ_only_in_metadata(dtype):
     ref = F.linear(x.float(), w.float())
     for cfg, cw in ((0, a), (ctl.TILE_FORMATS.index(1), b)):
         assert rel_err(ctl.linear(x, cw, 512, None, cfg), ref) <= TOL[dtype]
+
+
+def test_search_skips_tiles_whose_cluster_would_idle():
+    """At M = 64 a 1x2 cluster of 128-token tiles has one idle CTA per pair; from 2 token tiles on it has work."""
+    one_by_two = [t for t, name in enumerate(ctl.TILES)  # 128 tokens per tile, 2 CTAs along tokens
+                  if name.split()[0].split("x")[1] == "128" and "cluster 1x2" in name]
+    assert one_by_two and ctl.TILES.index("256x128x128 cluster 1x2") in one_by_two
+    for t in one_by_two:
+        assert not ctl.cluster_has_work(t, 64) and not ctl.cluster_has_work(t, 128)
+        assert ctl.cluster_has_work(t, 129) and ctl.cluster_has_work(t, 2048)
+    for t, name in enumerate(ctl.TILES):
+        if "cluster 2x1" in name:
+            assert ctl.cluster_has_work(t, 1)
+    assert not ctl.cluster_has_work(ctl.TILES.index("64x256x64 cluster 1x2 ping-pong"), 256)
+    assert ctl.cluster_has_work(ctl.TILES.index("64x256x64 cluster 1x2 ping-pong"), 257)

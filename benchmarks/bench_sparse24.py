@@ -43,7 +43,10 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # out x in: q/k/v/o, gate
 MS = [int(v) for v in os.environ.get("SPARSE24_MS", "1,4,16,64,256,2048,8192").split(",")]
 DTYPES = [getattr(torch, v) for v in os.environ.get("SPARSE24_DTYPES", "float16,bfloat16").split(",")]
 RESULTS: dict = {"cases": []}
-TABLE = dispatch.TuningTable()
+# SPARSE24_TABLE_SEED: a table saved by an earlier run of the same code, so a run cut short by its time
+# limit can be completed shape by shape (its shapes are not re-tuned; the e2e step then sees every shape)
+TABLE = (dispatch.TuningTable.load(os.environ["SPARSE24_TABLE_SEED"]) if os.environ.get("SPARSE24_TABLE_SEED")
+         else dispatch.TuningTable())
 _SETUPS: dict = {}
 
 

@@ -187,8 +187,12 @@ if HAS_TRITON:
             t, cnt = _tile_select(key, valid, k, sp, R, CAP, False, DIGIT, PAIR)
         tb = t[None, :, None]
         eq = (valid & (key == tb)).to(tl.int32)
-        rank = _row_excl_scan(eq)  # equal keys before this column
-        prune = valid & ((key < tb) | ((eq != 0) & (rank < (k - cnt)[None, :, None])))
+        need = k - cnt  # keys == t to prune, the first ones in column order
+        if tl.max(_tsum(eq) - need, axis=0) == 0:  # usual case: every key == t is pruned, no column rank needed
+            prune = valid & (key <= tb)
+        else:  # ties straddle the k-th (e.g. dequantized weights): rank them in column order
+            rank = _row_excl_scan(eq)  # equal keys before this column
+            prune = valid & ((key < tb) | ((eq != 0) & (rank < need[None, :, None])))
         if WRITE_MASK:
             tl.store(mask_ptr + rows * stride_m + col, prune.to(tl.uint8), mask=valid)
         if WRITE_BITS:  # C is a multiple of 8: each byte's 8 columns lie in one chunk

@@ -7,8 +7,9 @@
 //
 // y[M, out] = x[M, in] @ W[out, in]^T is computed as the GEMM D = A B with A = W (structured, row-major,
 // K-major), B = x^T (column-major, i.e. x row-major) and D = y^T column-major (i.e. y row-major), so no
-// operand is copied. W is compressed once by CUTLASS's own compressor (values + metadata in the order
-// the sm90 wgmma.sp mainloop reads); every tile config of one dtype shares that format.
+// operand is copied. W is compressed by CUTLASS's own compressor (values + metadata in the order the
+// sm90 wgmma.sp mainloop reads), once per metadata format: tiles with a 64-deep K step share format 0,
+// those with a 128-deep one format 1 (FormatRef below).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -4,8 +4,8 @@ cuSPARSELt 0.8's bf16 kernels are barely faster than dense on the H100 at large 
 fp16 kernels reach 1.40-1.49x); CUTLASS 3's Hopper sparse GEMM runs both dtypes on the same
 instructions. The weight is compressed once per metadata format its tiles read (values + metadata); a
 call builds TMA descriptors on the host and launches one kernel, so it is safe in eager mode and in CUDA
-graphs. Built
-only when CUTLASS headers were found at build time (``pip install nvidia-cutlass``) for sm_90a.
+graphs. Built only when CUTLASS headers were found at build time (``pip install nvidia-cutlass``) for
+sm_90a.
 """
 from __future__ import annotations
 

@@ -132,9 +132,8 @@ def test_linear(benchmark, shape, dtype, m):
             t["mmasp_graph"] = _safe_time([lambda s=s: mm.mmasp_linear(x, s._mmasp_layout(), None, choice.mmasp)
                                            for s in mods])
         if choice.cutlass is not None:  # the CUTLASS sm90 kernel alone, with the tuned config
-            t["cutlass_graph"] = _safe_time([lambda s=s: ctl.linear(x, s._cutlass(ctl.format_of(choice.cutlass)), shape[0], None,
-                                                        choice.cutlass)
-                                             for s in mods])
+            t["cutlass_graph"] = _safe_time([lambda s=s: ctl.linear(x, s._cutlass_for(choice)[1], shape[0], None,
+                                                                    choice.cutlass) for s in mods])
         if isinstance(torch_sparse, Exception):
             t["torch_semi_structured_eager"] = None
             torch_err = f"{type(torch_sparse).__name__}: {torch_sparse}"

@@ -182,6 +182,11 @@ class SparseLinear(nn.Module):
             c = self._cache[key] = ctl.share_values(ctl.compress(unpack_24(self.packed()), fmt), self.values)
         return c
 
+    def _cutlass_for(self, choice: dispatch.Choice) -> tuple[int, ctl.CutlassWeight]:
+        """A CUTLASS choice's config (0 when the table holds none) and the weight in the format it reads."""
+        config = choice.cutlass if choice.cutlass is not None else 0
+        return config, self._cutlass(ctl.format_of(config))
+
     def _mmasp_layout(self) -> mmasp.MmaspLayout:
         L = self._cache.get("mmasp")
         if L is None:
@@ -270,8 +275,8 @@ class SparseLinear(nn.Module):
                 y = op(x.reshape(m, k), comp, n, bias, *args)
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
         elif choice.path == "cutlass":
-            tcfg = choice.cutlass if choice.cutlass is not None else 0
-            op, cw = torch.ops.llmprune_kernels.sparse24_cutlass_linear.default, self._cutlass(ctl.format_of(tcfg))
+            op = torch.ops.llmprune_kernels.sparse24_cutlass_linear.default
+            tcfg, cw = self._cutlass_for(choice)
 
             def fwd(x: torch.Tensor) -> torch.Tensor:
                 if x.dtype != cw.values.dtype:  # the op's own check would raise from C++ (see cutlass_sm90.linear)
@@ -330,8 +335,8 @@ class SparseLinear(nn.Module):
         if choice.path == "cusparselt":
             y = cslt.linear(x2, self._compressed(), self.out_features, self.bias, choice.cslt or cslt.DEFAULT_CONFIG)
         else:
-            tcfg = choice.cutlass if choice.cutlass is not None else 0
-            y = ctl.linear(x2, self._cutlass(ctl.format_of(tcfg)), self.out_features, self.bias, tcfg)
+            tcfg, cw = self._cutlass_for(choice)
+            y = ctl.linear(x2, cw, self.out_features, self.bias, tcfg)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -29,6 +29,15 @@ TILE_FORMATS = tuple(1 if t.split()[0].endswith("x128") else 0 for t in TILES)
 """The metadata format each tile reads: 0 for a K step of 64, 1 for 128 (CUTLASS lays metadata out in atoms of
 min(K step, 128) columns). A weight is compressed once per format its configs use."""
 FORMATS = (0, 1)
+SCHEDULES = 4 * 3
+"""Runtime scheduler settings per tile: swizzle 1/2/4/8 x raster order heuristic/along rows/along tokens."""
+_LEGACY_TILES = 7
+"""Tables written before tiles 7 and 8 existed hold bare config numbers encoded with 7 tiles."""
+CONFIGS = range(len(TILES) * SCHEDULES)
+"""A config = tile + len(TILES) * (log2(swizzle) + 4 * raster): the tile and the persistent scheduler's swizzle (1, 2,
+4, 8) and raster order (0 CUTLASS's heuristic, 1 along weight rows, 2 along tokens)."""
+MIN_M = 64
+"""Tuning measures this path from this many input rows up (below, the mma.sp and decode kernels win)."""
 
 
 def cluster_has_work(tile: int, m: int) -> bool:
@@ -38,13 +47,6 @@ def cluster_has_work(tile: int, m: int) -> bool:
     shape, _, cluster = TILES[tile].split()[:3]
     tokens, cn = int(shape.split("x")[1]), int(cluster.split("x")[1])
     return -(-m // tokens) >= cn
-_LEGACY_TILES = 7
-"""Tables written before tiles 7 and 8 existed hold bare config numbers encoded with 7 tiles."""
-CONFIGS = range(len(TILES) * 4 * 3)
-"""A config = tile + len(TILES) * (log2(swizzle) + 4 * raster): the tile and the persistent scheduler's swizzle (1, 2,
-4, 8) and raster order (0 CUTLASS's heuristic, 1 along weight rows, 2 along tokens)."""
-MIN_M = 64
-"""Tuning measures this path from this many input rows up (below, the mma.sp and decode kernels win)."""
 
 
 class CutlassWeight(NamedTuple):
@@ -110,8 +112,8 @@ def config_from_json(value: dict | int) -> int:
             raise ValueError(f"CUTLASS 2:4 config {value!r} is unknown: tile must be one of {TILES}, swizzle "
                              "1/2/4/8, raster 0/1/2 (a table tuned with a build that had other tiles: re-tune)")
         return TILES.index(tile) + len(TILES) * (swizzle.bit_length() - 1 + 4 * raster)
-    if not isinstance(value, int) or not 0 <= value < _LEGACY_TILES * 12:
-        raise ValueError(f"CUTLASS 2:4 config must be an int in [0, {_LEGACY_TILES * 12}) (a table's legacy "
+    if not isinstance(value, int) or not 0 <= value < _LEGACY_TILES * SCHEDULES:
+        raise ValueError(f"CUTLASS 2:4 config must be an int in [0, {_LEGACY_TILES * SCHEDULES}) (a table's legacy "
                          f"config) or a dict from config_to_json, got {value!r}")
     return _check_config(value % _LEGACY_TILES + len(TILES) * (value // _LEGACY_TILES))
 
@@ -150,10 +152,10 @@ def linear(x: torch.Tensor, weight: CutlassWeight, out_features: int, bias: torc
     H100 machine (a C++ exception through the dispatcher, cause not isolated), so the op only sees valid input.
     """
     config = _check_config(config)
-    if format_of(config) != weight.format:
-        raise ValueError(f"CUTLASS 2:4 config {config} ({describe(config)}) reads metadata format "
-                         f"{format_of(config)}, but the weight was compressed in format {weight.format}: "
-                         f"compress(weight, format={format_of(config)})")
+    fmt = format_of(config)
+    if fmt != weight.format:
+        raise ValueError(f"CUTLASS 2:4 config {config} ({describe(config)}) reads metadata format {fmt}, but the "
+                         f"weight was compressed in format {weight.format}: compress(weight, format={fmt})")
     if x.dim() != 2 or x.shape[1] != weight.in_features:
         raise ValueError(f"CUTLASS 2:4 linear needs x of shape [M, {weight.in_features}], got {tuple(x.shape)}")
     if out_features != weight.out_features:
@@ -171,8 +173,9 @@ def linear(x: torch.Tensor, weight: CutlassWeight, out_features: int, bias: torc
 def search(x: torch.Tensor, weights: dict[int, list[CutlassWeight]], out_features: int,
            time_fn) -> tuple[int, float, dict]:
     """Time each tile whose metadata format ``weights`` holds (format -> the weight copies) and whose cluster
-    has work for all its CTAs (:func:`cluster_has_work`) with CUTLASS's default schedule, then the best tile with every swizzle and explicit raster order, with ``time_fn(fns)``
-    (cycling through the copies); return the fastest config."""
+    has work for all its CTAs (:func:`cluster_has_work`) with CUTLASS's default schedule, then the best tile
+    with every swizzle and explicit raster order, with ``time_fn(fns)`` (cycling through the copies); return
+    the fastest config."""
     times = {}
 
     def measure(cfg: int) -> None:
@@ -188,9 +191,8 @@ def search(x: torch.Tensor, weights: dict[int, list[CutlassWeight]], out_feature
     if not times:
         raise RuntimeError(f"no CUTLASS 2:4 config runs {out_features}x{x.shape[1]} at M={x.shape[0]}")
     tile = min(times, key=times.get)
-    for cfg in CONFIGS[len(TILES) * 4:]:  # explicit raster orders (the heuristic's choice is one of them)
-        if cfg % len(TILES) == tile:
-            measure(cfg)
+    for cfg in CONFIGS[len(TILES) * 4 + tile::len(TILES)]:  # explicit raster orders (the heuristic picks one)
+        measure(cfg)
     best = min(times, key=times.get)
     return best, times[best], times
 

@@ -220,19 +220,27 @@ SAMPLE_VARIANTS = [{"select": "sample"}, {"select": "sample", "elems_per_warp": 
 # each variant is a Triton compile per width, slow on the H100 machine
 INTERP_VARIANTS = [{"select": "interp"}, {"select": "interp", "elems_per_warp": 2048},
                    {"select": "interp", "elems_per_warp": 512}]
+# Histogram radix select ("hist"): defaults (shared-memory histogram in PTX, one warp per 1024 padded columns),
+# half and twice the warps, out-of-range keys counted in a spare bin instead of skipped by a branch, and
+# Triton's own tl.histogram (warp ballots) instead of the PTX histogram
+HIST_VARIANTS = [{"select": "hist"}, {"select": "hist", "elems_per_warp": 512},
+                 {"select": "hist", "elems_per_warp": 2048}, {"select": "hist", "spare": True},
+                 {"select": "hist", "asm": False}]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_select_variants(benchmark, shape, env_info):
-    """Default (bitwise radix, "radix1") vs "interp" (and "sample") selection at 50%, fp16: every variant's mask
-    is checked equal to the reference at full size before it is timed."""
+    """Default (bitwise radix, "radix1") vs "hist" (and, on request, "interp" and "sample") selection at 50%,
+    fp16: every variant's mask is checked equal to the reference at full size before it is timed."""
     w, norm = setup(shape)
     cfg = SparsityConfig(0.5)
     ref_fn = lambda: mask_from_score(wanda_score(w, norm), cfg)  # noqa: E731
     ref = ref_fn()
     rows = []
     extra = SAMPLE_VARIANTS if os.environ.get("LLMPRUNE_BENCH_SAMPLE") == "1" else []
-    for tune in [{"select": "radix1"}] + INTERP_VARIANTS + extra:
+    extra += INTERP_VARIANTS if os.environ.get("LLMPRUNE_BENCH_INTERP") == "1" else []
+    variants = json.loads(os.environ.get("LLMPRUNE_BENCH_SELECT_VARIANTS", "null")) or HIST_VARIANTS + extra
+    for tune in [{"select": "radix1"}] + variants:
         try:
             assert torch.equal(score_and_mask(w, norm, cfg, _tune=tune), ref), f"mask differs for {tune}"
             rows.append({"tune": tune, "ms": ms(lambda: score_and_mask(w, norm, cfg, check=False, _tune=tune))})

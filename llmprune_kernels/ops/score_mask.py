@@ -34,6 +34,7 @@ if HAS_TRITON:
     import triton
     from triton.runtime.errors import OutOfResources
 
+    from llmprune_kernels.ops.score_mask_hist import _rows_hist_kernel
     from llmprune_kernels.ops.score_mask_interp import _rows_interp_kernel
     from llmprune_kernels.ops.score_mask_nm import _nm_kernel
     from llmprune_kernels.ops.score_mask_radix import _row_topk_chunked_kernel, _rows_kernel
@@ -54,7 +55,7 @@ PAIRWISE_MAX_BLOCK = 16384  # rank the bucket's keys pairwise (not 16 more searc
 # Unstructured selection: "radix1" = bitwise search (_rows_kernel, the H100-tuned default), "sample" =
 # sample bracket (_rows_sample_kernel, opt-in until timed). The environment variable switches a whole run
 # without code changes; ``_tune={"select": ...}`` switches one call.
-SELECTS = ("radix1", "sample", "interp")
+SELECTS = ("radix1", "sample", "interp", "hist")
 SELECT = os.environ.get("LLMPRUNE_SCORE_MASK_SELECT", "radix1")
 if SELECT not in SELECTS:
     raise ValueError(f"LLMPRUNE_SCORE_MASK_SELECT={SELECT!r}; allowed: {', '.join(map(repr, SELECTS))}")
@@ -65,6 +66,9 @@ SAMPLE_MAX_BLOCK = 4096
 INTERP_ELEMS_PER_WARP = 1024  # interp: a row gets one warp per this many (padded) columns: 32 keys per thread
 INTERP_MAX_BLOCK = 32768  # interp up to this padded width (one row in registers); longer rows stream (chunked)
 INTERP_CAP = 64  # interp: the bracket is narrowed to at most this many keys, then ranked pairwise
+HIST_ELEMS_PER_WARP = 1024  # hist: a row gets one warp per this many (padded) columns: 32 keys per thread
+HIST_MAX_BLOCK = 32768  # hist up to this padded width (one row in registers); longer rows stream (chunked)
+HIST_BITS = 8  # hist: radix digit per histogram level (256 bins)
 _MODES = {"wanda": 0, "gblm": 1, "ria": 2}
 
 
@@ -221,6 +225,14 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
         return dict(kernel=_rows_sample_kernel, chunked=False, rows_per_prog=r, cap=cap, block=block,
                     consts=dict(R=r, BLOCK=block, CAP=cap, SAMPLE=samp, BRACKET=tune.get("bracket", True)),
                     num_warps=tune.get("num_warps", warps))
+    if select == "hist" and block <= tune.get("hist_max_block", HIST_MAX_BLOCK):
+        warps = tune.get("num_warps", max(1, min(32, block // tune.get("elems_per_warp", HIST_ELEMS_PER_WARP))))
+        bits = tune.get("bits", HIST_BITS)
+        # the PTX shared-memory histogram (CUDA) needs one key per thread or more (no replicated keys)
+        asm = tune.get("asm", not INTERPRET and bits <= 8 and block >= 32 * warps)
+        return dict(kernel=_rows_hist_kernel, chunked=False, rows_per_prog=1, cap=0, block=block,
+                    consts=dict(BLOCK=block, BITS=bits, ASM=asm, SPARE=tune.get("spare", False), NT=32 * warps,
+                                EVEN=block == cols), num_warps=warps)
     if select == "interp" and block <= tune.get("interp_max_block", INTERP_MAX_BLOCK):
         cap = tune.get("cap", INTERP_CAP)
         warps = tune.get("num_warps", max(1, min(32, block // tune.get("elems_per_warp", INTERP_ELEMS_PER_WARP))))

@@ -100,7 +100,7 @@ def test_special_values_nan_inf_subnormal():
     norm = torch.rand(40, device=DEV)
     for s in [0.5, 0.95]:
         check(w, norm, SparsityConfig(s))
-        check(w, norm, SparsityConfig(s), float=False)
+        check(w, norm, SparsityConfig(s), float=False, select="radix1")
     check(w, norm, SparsityConfig(n=2, m=4))
 
 
@@ -111,15 +111,15 @@ def test_long_row_paths(cols):
     norm = torch.rand(cols, device=DEV)
     check(w, norm, SparsityConfig(0.5), max_block=256, chunk=256)
     check(quantized(2, cols), torch.ones(cols, device=DEV), SparsityConfig(0.4), max_block=256, chunk=256, cap=16)
-    check(quantized(2, cols), torch.ones(cols, device=DEV), SparsityConfig(0.6), cap=16)
+    check(quantized(2, cols), torch.ones(cols, device=DEV), SparsityConfig(0.6), cap=16, select="radix1")
 
 
 @pytest.mark.parametrize("tune", [
-    dict(rows_per_prog=4, warps_per_row=2, cap=8, pair=False),
-    dict(rows_per_prog=1, float=False, digit=1, pair=False),
-    dict(rows_per_prog=2, float=False),
-    dict(cap=32, digit=2),
-    dict(digit=2, pair=False, float=False),
+    dict(rows_per_prog=4, warps_per_row=2, cap=8, pair=False, select="radix1"),
+    dict(rows_per_prog=1, float=False, digit=1, pair=False, select="radix1"),
+    dict(rows_per_prog=2, float=False, select="radix1"),
+    dict(cap=32, digit=2, select="radix1"),
+    dict(digit=2, pair=False, float=False, select="radix1"),
 ])
 def test_launch_variants(tune):
     """Search variants (1- or 2-bit steps, pairwise or searched bucket, int or fp32 compares), rows per
@@ -333,8 +333,9 @@ def test_llama7b_shapes_cuda(shape, pattern):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tune", [dict(max_block=16384), dict(max_block=4096), dict(cap=32),
-                                  dict(digit=2), dict(pair=False), dict(float=False), dict(select="radix1")])
+@pytest.mark.parametrize("tune", [dict(max_block=16384), dict(max_block=4096), dict(cap=32, select="radix1"),
+                                  dict(digit=2, select="radix1"), dict(pair=False, select="radix1"),
+                                  dict(float=False, select="radix1"), dict(select="radix1")])
 def test_tuning_variants_cuda(tune):
     for cols in [4096, 11008, 28672]:
         w = torch.randn(32, cols, device="cuda").half()

@@ -1,7 +1,7 @@
 """The "hist" unstructured selection (score_mask_hist) against the reference: masks equal bit for bit.
 
 CPU: the Triton interpreter at small widths (a few rows each). CUDA: LLaMA widths, compiled. Narrow digits
-(``bits`` 1-3) force many histogram levels and every exit of the select: a bin of one key (its min), of two
+(``bits0`` / ``bits`` 1-3) force many histogram levels and every exit of the select: a bin of one key (its min), of two
 distinct keys (min or max), of two equal keys, and a bin one key value wide (ties ranked by column).
 """
 from __future__ import annotations
@@ -32,16 +32,17 @@ def test_hist_equals_reference(cols, dtype):
         check(w, norm, SparsityConfig(s), **HIST)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 5])
-def test_hist_narrow_digits(bits):
+@pytest.mark.parametrize("bits0,bits,fixed0", [(1, 1, False), (2, 3, False), (3, 2, False), (5, 1, False),
+                                               (8, 10, False), (8, 3, True), (8, 10, True)])
+def test_hist_narrow_digits(bits0, bits, fixed0):
     """Many levels per row; paired rows end in bins of two equal keys, spread=False ones in one 16-bit range."""
     cols = 96
     w = torch.cat([paired(2, cols), paired(1, cols, spread=False), quantized(1, cols, levels=4, dtype=torch.float32),
                    torch.zeros(1, cols, device=DEV), torch.randn(2, cols, device=DEV)])
     ones = torch.ones(cols, device=DEV)
     for k in [0, 1, 2, cols // 2, cols - 2, cols - 1]:
-        check(w, ones, SparsityConfig(k / cols + 1e-6), **HIST, bits=bits)
-    check(w.half(), torch.rand(cols, device=DEV), SparsityConfig(0.3), **HIST, bits=bits)
+        check(w, ones, SparsityConfig(k / cols + 1e-6), **HIST, bits0=bits0, bits=bits, fixed0=fixed0)
+    check(w.half(), torch.rand(cols, device=DEV), SparsityConfig(0.3), **HIST, bits0=bits0, bits=bits, fixed0=fixed0)
 
 
 def test_hist_bin_exits():
@@ -56,7 +57,7 @@ def test_hist_bin_exits():
     ones = torch.ones(8, device=DEV)
     for k in range(8):
         check(rows, ones, SparsityConfig(k / 8 + 1e-6), **HIST)
-        check(rows, ones, SparsityConfig(k / 8 + 1e-6), **HIST, bits=2)
+        check(rows, ones, SparsityConfig(k / 8 + 1e-6), **HIST, bits0=2, bits=2)
 
 
 def test_hist_special_values():
@@ -70,7 +71,8 @@ def test_hist_special_values():
     norm = torch.rand(40, device=DEV)
     for s in [0.5, 0.8, 0.95, 39 / 40 + 1e-6]:
         check(w, norm, SparsityConfig(s), **HIST)
-        check(w, norm, SparsityConfig(s), **HIST, bits=3)
+        check(w, norm, SparsityConfig(s), **HIST, bits0=3, bits=3)
+        check(w, norm, SparsityConfig(s), **HIST, fixed0=True)
 
 
 def test_hist_gblm_ria_and_outputs():
@@ -87,10 +89,10 @@ def test_hist_gblm_ria_and_outputs():
 
 @settings(max_examples=12, deadline=None)
 @given(cols=st.integers(1, 200), sparsity=st.floats(0.0, 0.99), dtype=st.sampled_from(DTYPES),
-       levels=st.sampled_from([0, 2, 4, 16]), bits=st.sampled_from([1, 2, 4, 8]))
-def test_hist_random_rows(cols, sparsity, dtype, levels, bits):
+       levels=st.sampled_from([0, 2, 4, 16]), bits0=st.sampled_from([1, 2, 4, 8]), bits=st.sampled_from([1, 3, 10]))
+def test_hist_random_rows(cols, sparsity, dtype, levels, bits0, bits):
     w = torch.randn(2, cols, device=DEV).to(dtype) if levels == 0 else quantized(2, cols, levels, dtype)
-    check(w, torch.rand(cols, device=DEV), SparsityConfig(sparsity), **HIST, bits=bits)
+    check(w, torch.rand(cols, device=DEV), SparsityConfig(sparsity), **HIST, bits0=bits0, bits=bits)
 
 
 def test_hist_selection_and_width_fallback():
@@ -135,8 +137,11 @@ def test_hist_llama7b_shapes_cuda(shape):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tune", [dict(elems_per_warp=512), dict(elems_per_warp=2048), dict(bits=4),
-                                  dict(bits=2)], ids=["epw512", "epw2048", "bits4", "bits2"])
+@pytest.mark.parametrize("tune", [dict(elems_per_warp=512), dict(elems_per_warp=2048), dict(bits0=4, bits=4),
+                                  dict(bits0=2, bits=2), dict(spare=False), dict(asm=False), dict(bits=10),
+                                  dict(fixed0=True), dict(fixed0=True, bits=10)],
+                         ids=["epw512", "epw2048", "bits4", "bits2", "branch", "tl_histogram", "bits10", "fixed0",
+                              "fixed0_bits10"])
 def test_hist_variants_cuda(tune):
     for cols in [4096, 11008]:
         w = torch.randn(32, cols, device="cuda").half()

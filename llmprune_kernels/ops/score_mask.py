@@ -6,8 +6,11 @@ equal scores the lower column is pruned first). This module holds the API, the l
 H100-tuned defaults; the kernels live in
 
 * ``score_mask_common``: score, key, row reductions and output writes shared by all kernels;
-* ``score_mask_radix``: the default unstructured select, a bitwise radix search of the k-th key (rows up
-  to ``MAX_BLOCK`` columns in registers, longer rows streamed in chunks);
+* ``score_mask_hist``: the default unstructured select (``select="hist"``), a radix select by 8-bit
+  histograms of the k-th key (rows up to ``HIST_MAX_BLOCK`` columns in registers), the histogram kept in
+  shared memory through a few lines of PTX on CUDA;
+* ``score_mask_radix``: ``select="radix1"``, a bitwise radix search of the k-th key (one full-row count per
+  key bit); its chunked kernel streams rows longer than ``MAX_BLOCK`` for every select;
 * ``score_mask_sample``: the opt-in ``select="sample"`` (``LLMPRUNE_SCORE_MASK_SELECT=sample``): bracket
   of the k-th key from a sample of the row, radix search when the bracket overflows; not yet timed;
 * ``score_mask_interp``: the opt-in ``select="interp"``: two interpolated pivots per full-row count narrow a
@@ -15,9 +18,8 @@ H100-tuned defaults; the kernels live in
 * ``score_mask_nm``: N:M, the rank of each element inside its group of M.
 
 Cost on H100 (benchmarks/results/score_mask_h100.json): N:M runs at 1.3-1.4x of a plain copy of the same
-bytes; unstructured selection is bound by its chain of ~20-30 dependent per-row reductions, about 6x slower
-than that copy (and 6-8x faster than sort + scatter). Outputs: a bool mask, and/or packed bits (bit i of
-byte b = column 8b+i, numpy ``bitorder='little'``), and/or W zeroed in place.
+bytes; the unstructured hist select at about 2-3x of that copy (radix1: 6-11x). Outputs: a bool mask,
+and/or packed bits (bit i of byte b = column 8b+i, numpy ``bitorder='little'``), and/or W zeroed in place.
 """
 from __future__ import annotations
 
@@ -47,16 +49,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK = 32768  # longest row kept in registers; longer rows use the chunked kernel
 CHUNK = 4096
 FLOAT_COMPARE = True  # count with fp32 compares where a row's scores are finite (see _tile_select)
-# Launch defaults of the in-register kernel, from the H100 sweep in benchmarks/bench_score_mask.py:
+# Launch defaults of the radix1 in-register kernel, from the H100 sweep in benchmarks/bench_score_mask.py:
 ROWS_PER_PROG = 1  # rows per program
 ROW_ELEMS_PER_WARP = 2048  # a row gets one warp per this many (padded) columns: 64 keys per thread
 DIGIT_BITS = 1  # radix bits per dependent step of the high-half search (2: fewer steps, 1.5x the compares)
 PAIRWISE_MAX_BLOCK = 16384  # rank the bucket's keys pairwise (not 16 more search steps) up to this row width
-# Unstructured selection: "radix1" = bitwise search (_rows_kernel, the H100-tuned default), "sample" =
-# sample bracket (_rows_sample_kernel, opt-in until timed). The environment variable switches a whole run
-# without code changes; ``_tune={"select": ...}`` switches one call.
+# Unstructured selection: "hist" = histogram radix select (_rows_hist_kernel, the default since the H100
+# runs of 2026-11-24), "radix1" = bitwise search (_rows_kernel), "sample" / "interp" = bracket selects
+# (opt-in, slower on the H100). The environment variable switches a whole run without code changes;
+# ``_tune={"select": ...}`` switches one call.
 SELECTS = ("radix1", "sample", "interp", "hist")
-SELECT = os.environ.get("LLMPRUNE_SCORE_MASK_SELECT", "radix1")
+SELECT = os.environ.get("LLMPRUNE_SCORE_MASK_SELECT", "hist")
 if SELECT not in SELECTS:
     raise ValueError(f"LLMPRUNE_SCORE_MASK_SELECT={SELECT!r}; allowed: {', '.join(map(repr, SELECTS))}")
 SAMPLE_ELEMS_PER_WARP = 1024  # sample: a row gets one warp per this many (padded) columns: 32 keys per thread
@@ -68,7 +71,8 @@ INTERP_MAX_BLOCK = 32768  # interp up to this padded width (one row in registers
 INTERP_CAP = 64  # interp: the bracket is narrowed to at most this many keys, then ranked pairwise
 HIST_ELEMS_PER_WARP = 1024  # hist: a row gets one warp per this many (padded) columns: 32 keys per thread
 HIST_MAX_BLOCK = 32768  # hist up to this padded width (one row in registers); longer rows stream (chunked)
-HIST_BITS = 8  # hist: radix digit per histogram level (256 bins)
+HIST_BITS0 = 8  # hist: radix digit of the first histogram level, over the row's key range (256 bins)
+HIST_BITS = 8  # hist: radix digit of the next levels (256 bins): usually one more level leaves 1-2 keys
 _MODES = {"wanda": 0, "gblm": 1, "ria": 2}
 
 
@@ -225,13 +229,14 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
         return dict(kernel=_rows_sample_kernel, chunked=False, rows_per_prog=r, cap=cap, block=block,
                     consts=dict(R=r, BLOCK=block, CAP=cap, SAMPLE=samp, BRACKET=tune.get("bracket", True)),
                     num_warps=tune.get("num_warps", warps))
-    if select == "hist" and block <= tune.get("hist_max_block", HIST_MAX_BLOCK):
+    if select == "hist" and block <= min(max_block, tune.get("hist_max_block", HIST_MAX_BLOCK)):
         warps = tune.get("num_warps", max(1, min(32, block // tune.get("elems_per_warp", HIST_ELEMS_PER_WARP))))
-        bits = tune.get("bits", HIST_BITS)
-        # the PTX shared-memory histogram (CUDA) needs one key per thread or more (no replicated keys)
-        asm = tune.get("asm", not INTERPRET and bits <= 8 and block >= 32 * warps)
+        bits0, bits = tune.get("bits0", HIST_BITS0), tune.get("bits", HIST_BITS)
+        # the PTX shared-memory histogram (CUDA) has 1024 counters and needs no replicated keys (a key per thread)
+        asm = tune.get("asm", not INTERPRET and max(bits0, bits) <= 10 and block >= 32 * warps)
         return dict(kernel=_rows_hist_kernel, chunked=False, rows_per_prog=1, cap=0, block=block,
-                    consts=dict(BLOCK=block, BITS=bits, ASM=asm, SPARE=tune.get("spare", False), NT=32 * warps,
+                    consts=dict(BLOCK=block, BITS0=bits0, BITS=bits, ASM=asm, SPARE=tune.get("spare", True),
+                                FIXED0=tune.get("fixed0", False), NT=32 * warps,
                                 EVEN=block == cols), num_warps=warps)
     if select == "interp" and block <= tune.get("interp_max_block", INTERP_MAX_BLOCK):
         cap = tune.get("cap", INTERP_CAP)
@@ -266,7 +271,8 @@ def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
         return
     try:
         cfg["kernel"][(triton.cdiv(rows, r),)](*ptrs, _scratch(rows, r, cfg["cap"], w.device), rows, cols, k,
-                                               *strides, **cfg["consts"], num_warps=cfg["num_warps"], **flags)
+                                               *strides, **cfg["consts"], num_warps=cfg["num_warps"], **flags,
+                                               **({"maxnreg": tune["maxnreg"]} if "maxnreg" in tune else {}))
     except OutOfResources:  # raised before anything runs (compile/launch): stream the row instead
         if "max_block" in tune:
             raise

@@ -22,8 +22,8 @@ if HAS_TRITON:
     from llmprune_kernels.ops.score_mask_common import _score, _write
 
     # PTX for the shared-memory histogram (CUDA only; the interpreter takes tl.histogram). ``lpk_hist`` is a
-    # static shared array of HIST_BINS counters that Triton's own (dynamic) shared memory never overlaps.
-    _DECL = tl.constexpr(".shared .align 16 .b32 lpk_hist[264];\nmov.u32 $0, 0;")
+    # static shared array of up to 1024 counters (and a spare) that Triton's own (dynamic) shared memory never overlaps.
+    _DECL = tl.constexpr(".shared .align 16 .b32 lpk_hist[1032];\nmov.u32 $0, 0;")
     _ZERO = tl.constexpr("{ .reg .u32 a; mov.u32 a, lpk_hist; mad.lo.u32 a, $1, 4, a; st.shared.u32 [a], 0; "
                            "mov.u32 $0, 0; }")
     _READ = tl.constexpr("{ .reg .u32 a; mov.u32 a, lpk_hist; mad.lo.u32 a, $1, 4, a; ld.volatile.shared.u32 $0, [a]; }")
@@ -58,51 +58,95 @@ if HAS_TRITON:
         return h
 
     @triton.jit
-    def _hist_select(key, valid, k, BITS: tl.constexpr, ASM: tl.constexpr, SPARE: tl.constexpr):
-        """(t, count(key < t)) for the k-th smallest (1-based) key t of one row; k >= 1.
+    def _hist_step(key, lo, s, cnt, k, NB: tl.constexpr, ASM: tl.constexpr, SPARE: tl.constexpr):
+        """One level: (start of the k-th key's bin, keys below it, keys in it); ``cnt`` keys lie below lo."""
+        h = _hist_level(key, lo.to(tl.int32), s, NB, ASM, SPARE)
+        cum = cnt + tl.cumsum(h, axis=0)  # keys below the end of each bin
+        ex = cum - h
+        # exactly one bin holds the k-th key: pack (bin, keys below it, keys in it) into one sum
+        sel = (ex < k) & (cum >= k)
+        packed = (tl.arange(0, NB).to(tl.int64) << 42) | (ex.to(tl.int64) << 21) | h.to(tl.int64)
+        got = tl.sum(tl.where(sel, packed, 0), axis=0)
+        b = got >> 42
+        return lo + (b << s.to(tl.int64)), ((got >> 21) & 0x1FFFFF).to(tl.int32), (got & 0x1FFFFF).to(tl.int32)
 
-        Valid keys are non-negative (scores are >= 0 or NaN, see ``_keys``); padding keys are -1, which is
-        never counted (below every range start, it wraps to a huge unsigned digit).
+    @triton.jit
+    def _hist_select(key, valid, k, n, BITS0: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+                     SPARE: tl.constexpr, FIXED0: tl.constexpr):
+        """(t, c, e) for the k-th smallest (1-based) key of a row of ``n`` valid keys: prune every key < t and the
+        first k - c keys == t in column order, where e keys equal t (when e == k - c: every key <= t).
+
+        Usually t is the k-th key, c = count(key < t) and e = count(key == t); when the k-th key's bin holds
+        only pruned keys, t is the bin's last value (c = k - 1, e = 1: "every key <= t").
+
+        Valid keys are non-negative (see the kernel); padding keys are -1, never in a bin (below every range
+        start, they wrap to a huge unsigned digit). The first level has 2^BITS0 bins over [min, max], the
+        next ones 2^BITS bins each, until the bin is one key value wide or holds at most two keys. Counts are
+        exact (keys outside a level's range are not counted), so the tie count needs no extra pass.
+        FIXED0: the first level is the float exponent (key >> 23, 256 bins over [0, 2^31)), without the pass
+        for the row's min and max.
         """
-        NB: tl.constexpr = 1 << BITS
-        kmin = tl.min(tl.where(valid, key, 0x7FFFFFFF), axis=0)
-        kmax = tl.max(key, axis=0)
-        rng = (kmax - kmin).to(tl.float32)  # exact or rounded up: bit length never under-estimated
-        top = ((rng.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # bit length of kmax - kmin (> 0)
-        s = tl.maximum(top - BITS, 0)
-        lo = kmin.to(tl.int64)
         cnt = tl.zeros([], tl.int32)  # keys below lo
-        wl = tl.zeros([], tl.int32)  # log2 width of the current bin
-        n_in = cnt + 2147483647  # keys in the current bin (upper bound)
-        go = kmax > kmin
-        while go:
-            h = _hist_level(key, lo.to(tl.int32), s, NB, ASM, SPARE)
-            cum = cnt + tl.cumsum(h, axis=0)  # keys below the end of each bin
-            below = cum < k  # bins wholly below the k-th key
-            b = tl.sum(below.to(tl.int32), axis=0)
-            n_in = tl.min(tl.where(below, 2147483647, cum), axis=0)
-            cnt = tl.maximum(cnt, tl.max(tl.where(below, cum, 0), axis=0))
-            n_in = n_in - cnt
-            lo = lo + (b.to(tl.int64) << s.to(tl.int64))
+        if FIXED0:
+            s = cnt + 23
+            lo = cnt.to(tl.int64)
+            spread = cnt == 0
+        else:
+            kmin = tl.min(tl.where(valid, key, 0x7FFFFFFF), axis=0)
+            kmax = tl.max(key, axis=0)
+            rng = (kmax - kmin).to(tl.float32)  # exact or rounded up: bit length never under-estimated
+            top = ((rng.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # bit length of kmax - kmin (> 0)
+            s = tl.maximum(top - BITS0, 0)
+            lo = kmin.to(tl.int64)
+            spread = kmax > kmin
+        wl = tl.zeros([], tl.int32)  # log2 width of the k-th key's bin
+        n_in = cnt + n  # keys in that bin
+        if spread:
+            if FIXED0:
+                lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 256, ASM, SPARE)
+            else:
+                lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS0, ASM, SPARE)
             wl = s
             go = (s > 0) & (n_in > 2)
             s = tl.maximum(s - BITS, 0)
+            while go:  # expected trips: 1 (LLaMA-like rows)
+                lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS, ASM, SPARE)
+                wl = s
+                go = (s > 0) & (n_in > 2)
+                s = tl.maximum(s - BITS, 0)
         t = lo.to(tl.int32)
-        if wl > 0:  # one or two keys in a bin wider than one value: the k-th is its min or max
+        n_eq = n_in
+        if wl > 0:  # one or two keys in a bin wider than one value
             hi = tl.minimum(lo + (tl.full([], 1, tl.int64) << wl.to(tl.int64)) - 1, 0x7FFFFFFF).to(tl.int32)
-            inb = (key >= t) & (key <= hi)
-            mn = tl.min(tl.where(inb, key, 0x7FFFFFFF), axis=0)
-            mx = tl.max(tl.where(inb, key, 0), axis=0)
-            second = (k - cnt) > 1
-            t = tl.where(second, mx, mn)
-            cnt = tl.where(second & (mn < mx), cnt + 1, cnt)
-        return t, cnt
+            if k - cnt == n_in:  # every key of the bin is pruned: prune key <= hi, no pass needed
+                t = hi
+                cnt = k - 1
+                n_eq = cnt * 0 + 1
+            else:  # the smaller of two keys: t = their min (tied with the other: the column rank decides)
+                inb = (key >= t) & (key <= hi)
+                mn = tl.min(tl.where(inb, key, 0x7FFFFFFF), axis=0)
+                mx = tl.max(tl.where(inb, key, -1), axis=0)
+                t = mn
+                n_eq = tl.where(mn == mx, 2, 1)
+        return t, cnt, n_eq
+
+    @triton.jit
+    def _hist_out(pm, col, valid, row, n_cols, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b,
+                  BLOCK: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
+        """Outputs of one row from ``pm`` (uint32, 1 = pruned; padding columns are masked here)."""
+        if WRITE_MASK:
+            tl.store(mask_ptr + row * stride_m + col, pm.to(tl.uint8), mask=valid)
+        if WRITE_BITS or ZERO_W:
+            _write(valid & (pm != 0), col, valid, row, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b,
+                   0, (n_cols + 7) // 8, BLOCK, False, WRITE_BITS, ZERO_W)
 
     @triton.jit
     def _rows_hist_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
                           n_rows, n_cols, k, stride_w, stride_g, stride_m, stride_b,
-                          MODE: tl.constexpr, GPROMO: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
-                          ASM: tl.constexpr, SPARE: tl.constexpr, NT: tl.constexpr, EVEN: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
+                          MODE: tl.constexpr, GPROMO: tl.constexpr, BLOCK: tl.constexpr, BITS0: tl.constexpr,
+                          BITS: tl.constexpr, ASM: tl.constexpr, SPARE: tl.constexpr, FIXED0: tl.constexpr, NT: tl.constexpr,
+                          EVEN: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr,
+                          ZERO_W: tl.constexpr):
         """Unstructured: one row per program, held in registers ([BLOCK] keys); ``scratch_ptr`` is unused."""
         row = tl.program_id(0).to(tl.int64)
         col = tl.arange(0, BLOCK)
@@ -122,17 +166,22 @@ if HAS_TRITON:
         if ASM:  # declare the histogram's shared array once, at the top level of the kernel
             tl.inline_asm_elementwise(_DECL, "=r,r", [tl.arange(0, NT)],
                                       dtype=tl.int32, is_pure=False, pack=1)
+        # Outputs are written in each branch: a mask merged from branches costs a compare-and-select per key
         if k > 0:
-            t, cnt = _hist_select(key, valid, k, BITS, ASM, SPARE)
-            eq = valid & (key == t)
+            t, cnt, n_eq = _hist_select(key, valid, k, n_cols, BITS0, BITS, ASM, SPARE, FIXED0)
             need = k - cnt  # keys == t to prune, the first ones in column order
-            if tl.sum(eq.to(tl.int32), axis=0) == need:  # usual case: no column rank needed
-                prune = valid & (key <= t)
+            if n_eq == need:  # usual case: every key == t is pruned, no column rank needed
+                # key <= t as 0/1 from the sign bit of key - (t + 1), no compare (padding is -1: masked)
+                pm = (key - (t + 1)).to(tl.uint32, bitcast=True) >> 31
+                _hist_out(pm, col, valid, row, n_cols, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b,
+                          BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
             else:  # ties straddle the k-th (e.g. dequantized weights): rank them in column order
+                eq = valid & (key == t)
                 e = eq.to(tl.int32)
                 rank = tl.cumsum(e, axis=0) - e
-                prune = valid & ((key < t) | (eq & (rank < need)))
+                pm = ((key < t) | (eq & (rank < need))).to(tl.uint32)
+                _hist_out(pm, col, valid, row, n_cols, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b,
+                          BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
         else:
-            prune = col < 0
-        _write(prune, col, valid, row, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b,
-               0, (n_cols + 7) // 8, BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
+            _hist_out(tl.zeros([BLOCK], tl.uint32), col, valid, row, n_cols, w_ptr, stride_w, mask_ptr, stride_m,
+                      bits_ptr, stride_b, BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)

@@ -193,7 +193,7 @@ def test_modes(benchmark, mode):
 
 def _variants(cols: int) -> list[dict]:
     """Launch variants of the unstructured kernel for one row width ({} = the defaults: "hist")."""
-    return [{}, {"elems_per_warp": 512}, {"elems_per_warp": 2048}, {"bits": 10}, {"fixed0": True},
+    return [{}, {"elems_per_warp": 512}, {"elems_per_warp": 2048}, {"bits": 10}, {"maxnreg": 96},
             {"select": "radix1"}]
 
 
@@ -236,12 +236,12 @@ SAMPLE_VARIANTS = [{"select": "sample"}, {"select": "sample", "elems_per_warp": 
 # each variant is a Triton compile per width, slow on the H100 machine
 INTERP_VARIANTS = [{"select": "interp"}, {"select": "interp", "elems_per_warp": 2048},
                    {"select": "interp", "elems_per_warp": 512}]
-# Histogram radix select ("hist"): defaults (shared-memory histogram in PTX, one warp per 1024 padded columns),
-# half and twice the warps, out-of-range keys counted in a spare bin instead of skipped by a branch, and
+# Histogram radix select ("hist", the default): defaults (shared-memory histogram in PTX, one warp per 1024
+# padded columns), half and twice the warps, 10-bit second levels, a register cap (more rows per SM), and
 # Triton's own tl.histogram (warp ballots) instead of the PTX histogram
 HIST_VARIANTS = [{"select": "hist"}, {"select": "hist", "elems_per_warp": 512},
-                 {"select": "hist", "elems_per_warp": 2048}, {"select": "hist", "spare": True},
-                 {"select": "hist", "asm": False}]
+                 {"select": "hist", "elems_per_warp": 2048}, {"select": "hist", "bits": 10},
+                 {"select": "hist", "maxnreg": 96}, {"select": "hist", "asm": False}]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

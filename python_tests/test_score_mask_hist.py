@@ -32,17 +32,16 @@ def test_hist_equals_reference(cols, dtype):
         check(w, norm, SparsityConfig(s), **HIST)
 
 
-@pytest.mark.parametrize("bits0,bits,fixed0", [(1, 1, False), (2, 3, False), (3, 2, False), (5, 1, False),
-                                               (8, 10, False), (8, 3, True), (8, 10, True)])
-def test_hist_narrow_digits(bits0, bits, fixed0):
+@pytest.mark.parametrize("bits0,bits", [(1, 1), (2, 3), (3, 2), (5, 1), (8, 10)])
+def test_hist_narrow_digits(bits0, bits):
     """Many levels per row; paired rows end in bins of two equal keys, spread=False ones in one 16-bit range."""
     cols = 96
     w = torch.cat([paired(2, cols), paired(1, cols, spread=False), quantized(1, cols, levels=4, dtype=torch.float32),
                    torch.zeros(1, cols, device=DEV), torch.randn(2, cols, device=DEV)])
     ones = torch.ones(cols, device=DEV)
     for k in [0, 1, 2, cols // 2, cols - 2, cols - 1]:
-        check(w, ones, SparsityConfig(k / cols + 1e-6), **HIST, bits0=bits0, bits=bits, fixed0=fixed0)
-    check(w.half(), torch.rand(cols, device=DEV), SparsityConfig(0.3), **HIST, bits0=bits0, bits=bits, fixed0=fixed0)
+        check(w, ones, SparsityConfig(k / cols + 1e-6), **HIST, bits0=bits0, bits=bits)
+    check(w.half(), torch.rand(cols, device=DEV), SparsityConfig(0.3), **HIST, bits0=bits0, bits=bits)
 
 
 def test_hist_bin_exits():
@@ -72,7 +71,6 @@ def test_hist_special_values():
     for s in [0.5, 0.8, 0.95, 39 / 40 + 1e-6]:
         check(w, norm, SparsityConfig(s), **HIST)
         check(w, norm, SparsityConfig(s), **HIST, bits0=3, bits=3)
-        check(w, norm, SparsityConfig(s), **HIST, fixed0=True)
 
 
 def test_hist_gblm_ria_and_outputs():
@@ -138,10 +136,8 @@ def test_hist_llama7b_shapes_cuda(shape):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("tune", [dict(elems_per_warp=512), dict(elems_per_warp=2048), dict(bits0=4, bits=4),
-                                  dict(bits0=2, bits=2), dict(spare=False), dict(asm=False), dict(bits=10),
-                                  dict(fixed0=True), dict(fixed0=True, bits=10)],
-                         ids=["epw512", "epw2048", "bits4", "bits2", "branch", "tl_histogram", "bits10", "fixed0",
-                              "fixed0_bits10"])
+                                  dict(bits0=2, bits=2), dict(asm=False), dict(bits=10), dict(bits0=10)],
+                         ids=["epw512", "epw2048", "bits4", "bits2", "tl_histogram", "bits10", "bits0_10"])
 def test_hist_variants_cuda(tune):
     for cols in [4096, 11008]:
         w = torch.randn(32, cols, device="cuda").half()

@@ -235,8 +235,7 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
         # the PTX shared-memory histogram (CUDA) has 1024 counters and needs no replicated keys (a key per thread)
         asm = tune.get("asm", not INTERPRET and max(bits0, bits) <= 10 and block >= 32 * warps)
         return dict(kernel=_rows_hist_kernel, chunked=False, rows_per_prog=1, cap=0, block=block,
-                    consts=dict(BLOCK=block, BITS0=bits0, BITS=bits, ASM=asm, SPARE=tune.get("spare", True),
-                                FIXED0=tune.get("fixed0", False), NT=32 * warps,
+                    consts=dict(BLOCK=block, BITS0=bits0, BITS=bits, ASM=asm, NT=32 * warps,
                                 EVEN=block == cols), num_warps=warps)
     if select == "interp" and block <= tune.get("interp_max_block", INTERP_MAX_BLOCK):
         cap = tune.get("cap", INTERP_CAP)

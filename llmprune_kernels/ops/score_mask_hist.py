@@ -21,36 +21,54 @@ if HAS_TRITON:
 
     from llmprune_kernels.ops.score_mask_common import _score, _write
 
-    # PTX for the shared-memory histogram (CUDA only; the interpreter takes tl.histogram). ``lpk_hist`` is a
-    # static shared array of up to 1024 counters (and a spare) that Triton's own (dynamic) shared memory never overlaps.
-    _DECL = tl.constexpr(".shared .align 16 .b32 lpk_hist[1032];\nmov.u32 $0, 0;")
-    _ZERO = tl.constexpr("{ .reg .u32 a; mov.u32 a, lpk_hist; mad.lo.u32 a, $1, 4, a; st.shared.u32 [a], 0; "
-                           "mov.u32 $0, 0; }")
-    _READ = tl.constexpr("{ .reg .u32 a; mov.u32 a, lpk_hist; mad.lo.u32 a, $1, 4, a; ld.volatile.shared.u32 $0, [a]; }")
-    # digit u = (key - lo) >> s counted when u < NB (keys below lo wrap to huge unsigned values: not counted)
-    _ADD = tl.constexpr("{ .reg .pred p; .reg .u32 u, a; sub.u32 u, $1, $2; shr.u32 u, u, $3; "
-                          "setp.lt.u32 p, u, $4; mov.u32 a, lpk_hist; mad.lo.u32 a, u, 4, a; "
-                          "@p red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
-    # the same without a branch per key: keys out of range count in a spare bin NB that is never read
-    _ADD_SPARE = tl.constexpr("{ .reg .u32 u, a; sub.u32 u, $1, $2; shr.u32 u, u, $3; min.u32 u, u, $4; "
-                              "mov.u32 a, lpk_hist; mad.lo.u32 a, u, 4, a; red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
+    # PTX for the shared-memory histogram (CUDA only; the interpreter takes tl.histogram): two static shared
+    # arrays (levels alternate between them, so a level never waits for the previous one's readers) of up to
+    # 1024 counters and a spare; Triton's own (dynamic) shared memory never overlaps them.
+    _DECL = tl.constexpr(".shared .align 16 .b32 lpk_h0[1032];\n.shared .align 16 .b32 lpk_h1[1032];\n"
+                         "mov.u32 $0, 0;")
+
+    def _ptx(region: int):
+        """(zero a counter, read a counter, count a key) on array ``lpk_h<region>``."""
+        arr = f"lpk_h{region}"
+        zero = f"{{ .reg .u32 a; mov.u32 a, {arr}; mad.lo.u32 a, $1, 4, a; st.shared.u32 [a], 0; mov.u32 $0, 0; }}"
+        read = f"{{ .reg .u32 a; mov.u32 a, {arr}; mad.lo.u32 a, $1, 4, a; ld.volatile.shared.u32 $0, [a]; }}"
+        # digit u = (key - lo) >> s; keys outside [lo, lo + NB << s) (those below lo wrap to huge unsigned
+        # values) count in the spare counter NB, which is never read: no branch per key
+        add = (f"{{ .reg .u32 u, a; sub.u32 u, $1, $2; shr.u32 u, u, $3; min.u32 u, u, $4; mov.u32 a, {arr}; "
+               "mad.lo.u32 a, u, 4, a; red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
+        return tl.constexpr(zero), tl.constexpr(read), tl.constexpr(add)
+
+    _ZERO0, _READ0, _ADD0 = _ptx(0)
+    _ZERO1, _READ1, _ADD1 = _ptx(1)
 
     @triton.jit
-    def _hist_level(key, lo32, s, NB: tl.constexpr, ASM: tl.constexpr, SPARE: tl.constexpr):
-        """Counts of the keys in [lo, lo + NB << s) by digit (key - lo) >> s; other keys are not counted."""
+    def _hist_zero(NB: tl.constexpr, REGION: tl.constexpr):
         bins = tl.arange(0, NB)
+        if REGION == 0:
+            tl.inline_asm_elementwise(_ZERO0, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise(_ZERO1, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _hist_level(key, lo32, s, NB: tl.constexpr, ASM: tl.constexpr, REGION: tl.constexpr, ZERO: tl.constexpr):
+        """Counts of the keys in [lo, lo + NB << s) by digit (key - lo) >> s; other keys are not counted.
+
+        ASM: in shared array REGION, zeroed here when ZERO (else by the caller, before a barrier)."""
         if ASM:
-            tl.inline_asm_elementwise(_ZERO, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
-            tl.debug_barrier()
-            if SPARE:
-                tl.inline_asm_elementwise(_ADD_SPARE, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32,
-                                          is_pure=False, pack=1)
-            else:
-                tl.inline_asm_elementwise(_ADD, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False,
+            if ZERO:
+                _hist_zero(NB, REGION)
+                tl.debug_barrier()
+            bins = tl.arange(0, NB)
+            if REGION == 0:
+                tl.inline_asm_elementwise(_ADD0, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False,
                                           pack=1)
-            tl.debug_barrier()
-            h = tl.inline_asm_elementwise(_READ, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
-            tl.debug_barrier()  # every thread has read before the next level zeroes
+                tl.debug_barrier()
+                h = tl.inline_asm_elementwise(_READ0, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise(_ADD1, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False,
+                                          pack=1)
+                tl.debug_barrier()
+                h = tl.inline_asm_elementwise(_READ1, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
         else:
             d = (key - lo32).to(tl.uint32, bitcast=True) >> s.to(tl.uint32)
             inr = d < NB
@@ -58,9 +76,10 @@ if HAS_TRITON:
         return h
 
     @triton.jit
-    def _hist_step(key, lo, s, cnt, k, NB: tl.constexpr, ASM: tl.constexpr, SPARE: tl.constexpr):
+    def _hist_step(key, lo, s, cnt, k, NB: tl.constexpr, ASM: tl.constexpr, REGION: tl.constexpr,
+                   ZERO: tl.constexpr):
         """One level: (start of the k-th key's bin, keys below it, keys in it); ``cnt`` keys lie below lo."""
-        h = _hist_level(key, lo.to(tl.int32), s, NB, ASM, SPARE)
+        h = _hist_level(key, lo.to(tl.int32), s, NB, ASM, REGION, ZERO)
         cum = cnt + tl.cumsum(h, axis=0)  # keys below the end of each bin
         ex = cum - h
         # exactly one bin holds the k-th key: pack (bin, keys below it, keys in it) into one sum
@@ -71,8 +90,7 @@ if HAS_TRITON:
         return lo + (b << s.to(tl.int64)), ((got >> 21) & 0x1FFFFF).to(tl.int32), (got & 0x1FFFFF).to(tl.int32)
 
     @triton.jit
-    def _hist_select(key, valid, k, n, BITS0: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
-                     SPARE: tl.constexpr, FIXED0: tl.constexpr):
+    def _hist_select(key, valid, k, n, BITS0: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
         """(t, c, e) for the k-th smallest (1-based) key of a row of ``n`` valid keys: prune every key < t and the
         first k - c keys == t in column order, where e keys equal t (when e == k - c: every key <= t).
 
@@ -82,38 +100,38 @@ if HAS_TRITON:
         Valid keys are non-negative (see the kernel); padding keys are -1, never in a bin (below every range
         start, they wrap to a huge unsigned digit). The first level has 2^BITS0 bins over [min, max], the
         next ones 2^BITS bins each, until the bin is one key value wide or holds at most two keys. Counts are
-        exact (keys outside a level's range are not counted), so the tie count needs no extra pass.
-        FIXED0: the first level is the float exponent (key >> 23, 256 bins over [0, 2^31)), without the pass
-        for the row's min and max.
+        exact (keys outside a level's range are not counted), so the tie count needs no extra pass. ASM: the
+        caller has zeroed both shared arrays before a barrier; levels 1 and 2 use arrays 0 and 1, deeper ones
+        (rare) alternate and zero their array first.
         """
         cnt = tl.zeros([], tl.int32)  # keys below lo
-        if FIXED0:
-            s = cnt + 23
-            lo = cnt.to(tl.int64)
-            spread = cnt == 0
-        else:
-            kmin = tl.min(tl.where(valid, key, 0x7FFFFFFF), axis=0)
-            kmax = tl.max(key, axis=0)
-            rng = (kmax - kmin).to(tl.float32)  # exact or rounded up: bit length never under-estimated
-            top = ((rng.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # bit length of kmax - kmin (> 0)
-            s = tl.maximum(top - BITS0, 0)
-            lo = kmin.to(tl.int64)
-            spread = kmax > kmin
+        kmin = tl.min(tl.where(valid, key, 0x7FFFFFFF), axis=0)
+        kmax = tl.max(key, axis=0)
+        rng = (kmax - kmin).to(tl.float32)  # exact or rounded up: bit length never under-estimated
+        top = ((rng.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # bit length of kmax - kmin (> 0)
+        s = tl.maximum(top - BITS0, 0)
+        lo = kmin.to(tl.int64)
         wl = tl.zeros([], tl.int32)  # log2 width of the k-th key's bin
         n_in = cnt + n  # keys in that bin
-        if spread:
-            if FIXED0:
-                lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 256, ASM, SPARE)
-            else:
-                lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS0, ASM, SPARE)
+        if kmax > kmin:
+            lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS0, ASM, 0, False)
             wl = s
-            go = (s > 0) & (n_in > 2)
             s = tl.maximum(s - BITS, 0)
-            while go:  # expected trips: 1 (LLaMA-like rows)
-                lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS, ASM, SPARE)
+            if (wl > 0) & (n_in > 2):
+                lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS, ASM, 1, False)
                 wl = s
-                go = (s > 0) & (n_in > 2)
                 s = tl.maximum(s - BITS, 0)
+                go = (wl > 0) & (n_in > 2)
+                level = cnt * 0 + 2
+                while go:  # rare: ties or a bin of many close keys
+                    if (level & 1) == 0:
+                        lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS, ASM, 0, True)
+                    else:
+                        lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS, ASM, 1, True)
+                    level += 1
+                    wl = s
+                    go = (s > 0) & (n_in > 2)
+                    s = tl.maximum(s - BITS, 0)
         t = lo.to(tl.int32)
         n_eq = n_in
         if wl > 0:  # one or two keys in a bin wider than one value
@@ -144,7 +162,7 @@ if HAS_TRITON:
     def _rows_hist_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
                           n_rows, n_cols, k, stride_w, stride_g, stride_m, stride_b,
                           MODE: tl.constexpr, GPROMO: tl.constexpr, BLOCK: tl.constexpr, BITS0: tl.constexpr,
-                          BITS: tl.constexpr, ASM: tl.constexpr, SPARE: tl.constexpr, FIXED0: tl.constexpr, NT: tl.constexpr,
+                          BITS: tl.constexpr, ASM: tl.constexpr, NT: tl.constexpr,
                           EVEN: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr,
                           ZERO_W: tl.constexpr):
         """Unstructured: one row per program, held in registers ([BLOCK] keys); ``scratch_ptr`` is unused."""
@@ -163,12 +181,14 @@ if HAS_TRITON:
         # scores are >= 0 or NaN (|W| times non-negative factors): clearing the sign bit maps -0.0 to 0 and
         # capping at the quiet-NaN pattern makes every NaN one key above +inf, as torch.sort orders them
         key = tl.where(valid, tl.minimum(s.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0x7FC00000), -1)
-        if ASM:  # declare the histogram's shared array once, at the top level of the kernel
-            tl.inline_asm_elementwise(_DECL, "=r,r", [tl.arange(0, NT)],
-                                      dtype=tl.int32, is_pure=False, pack=1)
+        if ASM:  # declare the histogram arrays once, at the top level of the kernel, and zero them
+            tl.inline_asm_elementwise(_DECL, "=r,r", [tl.arange(0, NT)], dtype=tl.int32, is_pure=False, pack=1)
+            _hist_zero(1 << BITS0, 0)
+            _hist_zero(1 << BITS, 1)
+            tl.debug_barrier()
         # Outputs are written in each branch: a mask merged from branches costs a compare-and-select per key
         if k > 0:
-            t, cnt, n_eq = _hist_select(key, valid, k, n_cols, BITS0, BITS, ASM, SPARE, FIXED0)
+            t, cnt, n_eq = _hist_select(key, valid, k, n_cols, BITS0, BITS, ASM)
             need = k - cnt  # keys == t to prune, the first ones in column order
             if n_eq == need:  # usual case: every key == t is pruned, no column rank needed
                 # key <= t as 0/1 from the sign bit of key - (t + 1), no compare (padding is -1: masked)

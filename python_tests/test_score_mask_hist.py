@@ -93,6 +93,26 @@ def test_hist_random_rows(cols, sparsity, dtype, levels, bits0, bits):
     check(w, torch.rand(cols, device=DEV), SparsityConfig(sparsity), **HIST, bits0=bits0, bits=bits)
 
 
+@pytest.mark.parametrize("cols", [96, 600, 3000])
+def test_hist_two_piece_rows(cols):
+    """Rows held as two power-of-two pieces (96 = 64 + 32, 600 = 512 + 128, 3000 = 2048 + 1024), ties
+    straddling the k-th across both pieces included; the same as one padded piece (split=False)."""
+    cfg = sm._rows_config(cols, 2, HIST)
+    assert cfg["consts"]["B2"] > 0 and cfg["block"] < sm._next_pow2(cols)
+    assert sm._rows_config(cols, 2, {**HIST, "split": False})["consts"]["B2"] == 0
+    w = rows_mix(cols, torch.float16)
+    w[0, -3:] = 1000.0  # the largest keys in the second piece: its max must widen the first level's range
+    norm = torch.rand(cols, device=DEV) + 0.5
+    for s in [0.0, 0.3, 0.5, (cols - 3) / cols + 1e-4, (cols - 1) / cols + 1e-4]:
+        check(w, norm, SparsityConfig(s), **HIST)
+    check(quantized(2, cols, levels=4), torch.ones(cols, device=DEV), SparsityConfig(0.5), **HIST)
+    check(w, norm, SparsityConfig(0.5), **HIST, split=False)
+    wb = w.clone()
+    mask, bits = score_and_mask(wb, norm, SparsityConfig(0.4), inplace=True, packed=True, _tune=HIST)
+    ref = mask_from_score(wanda_score(w, norm), SparsityConfig(0.4))
+    assert torch.equal(mask, ref) and torch.equal(bits, pack_mask_bits(ref)) and torch.equal(wb, w.masked_fill(ref, 0))
+
+
 def test_hist_selection_and_width_fallback():
     """``select`` picks the hist kernel; rows wider than ``hist_max_block`` stream (chunked, same mask)."""
     assert "hist" in sm.SELECTS
@@ -136,8 +156,10 @@ def test_hist_llama7b_shapes_cuda(shape):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("tune", [dict(elems_per_warp=512), dict(elems_per_warp=2048), dict(bits0=4, bits=4),
-                                  dict(bits0=2, bits=2), dict(asm=False), dict(bits=10), dict(bits0=10)],
-                         ids=["epw512", "epw2048", "bits4", "bits2", "tl_histogram", "bits10", "bits0_10"])
+                                  dict(bits0=2, bits=2), dict(asm=False), dict(bits=10), dict(bits0=10),
+                                  dict(split=False), dict(maxnreg=255)],
+                         ids=["epw512", "epw2048", "bits4", "bits2", "tl_histogram", "bits10", "bits0_10", "no_split",
+                              "no_reg_cap"])
 def test_hist_variants_cuda(tune):
     for cols in [4096, 11008]:
         w = torch.randn(32, cols, device="cuda").half()

@@ -69,7 +69,10 @@ SAMPLE_MAX_BLOCK = 4096
 INTERP_ELEMS_PER_WARP = 1024  # interp: a row gets one warp per this many (padded) columns: 32 keys per thread
 INTERP_MAX_BLOCK = 32768  # interp up to this padded width (one row in registers); longer rows stream (chunked)
 INTERP_CAP = 64  # interp: the bracket is narrowed to at most this many keys, then ranked pairwise
-HIST_ELEMS_PER_WARP = 1024  # hist: a row gets one warp per this many (padded) columns: 32 keys per thread
+HIST_ELEMS_PER_WARP = 1024  # hist: a row gets one warp per this many (first-piece) columns; twice that past 8192
+# hist: register cap by keys per thread, so that more rows fit on an SM (H100 sweep, score_mask_hist_h100_run8f:
+# 4096 columns 0.044 -> 0.038 ms with 72; 64 keys per thread best with 128)
+HIST_MAXNREG = {32: 72, 48: 128, 64: 128}
 HIST_MAX_BLOCK = 32768  # hist up to this padded width (one row in registers); longer rows stream (chunked)
 HIST_BITS0 = 8  # hist: radix digit of the first histogram level, over the row's key range (256 bins)
 HIST_BITS = 8  # hist: radix digit of the next levels (256 bins): usually one more level leaves 1-2 keys
@@ -230,13 +233,23 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
                     consts=dict(R=r, BLOCK=block, CAP=cap, SAMPLE=samp, BRACKET=tune.get("bracket", True)),
                     num_warps=tune.get("num_warps", warps))
     if select == "hist" and block <= min(max_block, tune.get("hist_max_block", HIST_MAX_BLOCK)):
-        warps = tune.get("num_warps", max(1, min(32, block // tune.get("elems_per_warp", HIST_ELEMS_PER_WARP))))
+        # a row as one power-of-two piece, or two (the largest power of two <= cols, then the rest padded)
+        # when that pads less: 11008 -> 8192 + 4096 instead of 16384
+        b1 = block if block == cols or not tune.get("split", True) else max(16, block // 2)
+        b2 = 0 if b1 >= cols else _next_pow2(cols - b1)
+        for _ in range(2):
+            epw = tune.get("elems_per_warp", HIST_ELEMS_PER_WARP if b1 + b2 <= 8192 else 2 * HIST_ELEMS_PER_WARP)
+            warps = tune.get("num_warps", max(1, min(32, b1 // epw)))
+            if b2 and (b1 + b2 >= block or b2 < 32 * warps):  # no saving, or a piece smaller than the threads
+                b1, b2 = block, 0
         bits0, bits = tune.get("bits0", HIST_BITS0), tune.get("bits", HIST_BITS)
         # the PTX shared-memory histogram (CUDA) has 1024 counters and needs no replicated keys (a key per thread)
-        asm = tune.get("asm", not INTERPRET and max(bits0, bits) <= 10 and block >= 32 * warps)
-        return dict(kernel=_rows_hist_kernel, chunked=False, rows_per_prog=1, cap=0, block=block,
-                    consts=dict(BLOCK=block, BITS0=bits0, BITS=bits, ASM=asm, NT=32 * warps,
-                                EVEN=block == cols), num_warps=warps)
+        asm = tune.get("asm", not INTERPRET and max(bits0, bits) <= 10 and min(b1, b2 or b1) >= 32 * warps)
+        keys_per_thread = (b1 + b2) // (32 * warps)
+        maxnreg = tune.get("maxnreg", HIST_MAXNREG.get(keys_per_thread))
+        return dict(kernel=_rows_hist_kernel, chunked=False, rows_per_prog=1, cap=0, block=b1 + b2,
+                    consts=dict(BLOCK=b1, B2=b2, BITS0=bits0, BITS=bits, ASM=asm, NT=32 * warps, EVEN=b1 <= cols),
+                    num_warps=warps, options={"maxnreg": maxnreg} if maxnreg and not INTERPRET else {})
     if select == "interp" and block <= tune.get("interp_max_block", INTERP_MAX_BLOCK):
         cap = tune.get("cap", INTERP_CAP)
         warps = tune.get("num_warps", max(1, min(32, block // tune.get("elems_per_warp", INTERP_ELEMS_PER_WARP))))
@@ -271,7 +284,7 @@ def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
     try:
         cfg["kernel"][(triton.cdiv(rows, r),)](*ptrs, _scratch(rows, r, cfg["cap"], w.device), rows, cols, k,
                                                *strides, **cfg["consts"], num_warps=cfg["num_warps"], **flags,
-                                               **({"maxnreg": tune["maxnreg"]} if "maxnreg" in tune else {}))
+                                               **cfg.get("options", {}))
     except OutOfResources:  # raised before anything runs (compile/launch): stream the row instead
         if "max_block" in tune:
             raise

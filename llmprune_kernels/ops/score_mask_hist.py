@@ -1,15 +1,19 @@
-"""Exact per-row top-k by histogram radix select: the ``select="hist"`` unstructured kernel.
+"""Exact per-row top-k by histogram radix select: the default (``select="hist"``) unstructured kernel.
 
-A row stays in registers as order-preserving int32 keys. The k-th smallest key t is found a digit of
-``BITS`` bits at a time: each level histograms the keys of the current range [lo, lo + 2^(s+BITS)) by
-digit ``(key - lo) >> s`` (keys below the range fall in bin 0, above it in the last bin, which leaves the
-cumulative count correct up to the bin of the k-th key), and keeps the bin where the cumulative count
-reaches k. The first range is the row's [min, max], so two 8-bit levels usually leave a bin of one or
-two keys, whose min or max is then t; at most four levels reach a single key value. ``tl.histogram``
-counts with warp ballots (a few instructions per key and level), so the whole select costs a handful of
-passes over the registers instead of one dependent reduction per key bit (``score_mask_radix``).
-Then every key < t is pruned plus the first (k - count(< t)) keys == t in column order: "stable ascending
-sort, prune the first k", equal bit for bit to ``mask_from_score``.
+A row stays in registers as order-preserving int32 keys. The k-th smallest key t is found a digit at a
+time: a level counts the keys of the current range [lo, lo + NB << s) by digit ``(key - lo) >> s`` and keeps
+the bin where the cumulative count reaches k. The first level spans the row's [min, max] (256 bins), so a
+second 256-bin level usually leaves a bin of one or two keys; deeper levels (ties, clusters) go on until the
+bin is one key value wide. The counts are exact, so the tie count at t comes free, and when the k-th key's
+bin holds only pruned keys no further pass is needed at all. Then every key < t is pruned plus the first
+(k - count(< t)) keys == t in column order: "stable ascending sort, prune the first k", equal bit for bit
+to ``mask_from_score``.
+
+On CUDA the histogram lives in shared memory through a few lines of PTX (one shared atomic increment per
+key and level): Triton 3.6's ``tl.histogram`` counts with warp ballots, ~100 instructions per key and
+level at 256 bins, which made this select slower than the bitwise radix search (``score_mask_radix``,
+one dependent full-row count per key bit). The interpreter (CI) runs ``tl.histogram``, same counts. Rows
+whose padded width wastes much (11008 -> 16384) are held as two power-of-two pieces (8192 + 4096).
 """
 from __future__ import annotations
 
@@ -50,10 +54,11 @@ if HAS_TRITON:
             tl.inline_asm_elementwise(_ZERO1, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _hist_level(key, lo32, s, NB: tl.constexpr, ASM: tl.constexpr, REGION: tl.constexpr, ZERO: tl.constexpr):
-        """Counts of the keys in [lo, lo + NB << s) by digit (key - lo) >> s; other keys are not counted.
-
-        ASM: in shared array REGION, zeroed here when ZERO (else by the caller, before a barrier)."""
+    def _hist_level(key, key2, lo32, s, NB: tl.constexpr, ASM: tl.constexpr, REGION: tl.constexpr,
+                    ZERO: tl.constexpr, B2: tl.constexpr):
+        """Counts of the keys (of both row pieces when B2 > 0) in [lo, lo + NB << s) by digit (key - lo) >> s;
+        other keys are not counted. ASM: in shared array REGION, zeroed here when ZERO (else by the caller,
+        before a barrier)."""
         if ASM:
             if ZERO:
                 _hist_zero(NB, REGION)
@@ -62,24 +67,36 @@ if HAS_TRITON:
             if REGION == 0:
                 tl.inline_asm_elementwise(_ADD0, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False,
                                           pack=1)
+                if B2 > 0:
+                    tl.inline_asm_elementwise(_ADD0, "=r,r,r,r,r", [key2, lo32, s, NB], dtype=tl.int32,
+                                              is_pure=False, pack=1)
                 tl.debug_barrier()
                 h = tl.inline_asm_elementwise(_READ0, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
             else:
                 tl.inline_asm_elementwise(_ADD1, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False,
                                           pack=1)
+                if B2 > 0:
+                    tl.inline_asm_elementwise(_ADD1, "=r,r,r,r,r", [key2, lo32, s, NB], dtype=tl.int32,
+                                              is_pure=False, pack=1)
                 tl.debug_barrier()
                 h = tl.inline_asm_elementwise(_READ1, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
         else:
-            d = (key - lo32).to(tl.uint32, bitcast=True) >> s.to(tl.uint32)
-            inr = d < NB
-            h = tl.histogram(tl.where(inr, d, 0).to(tl.int32), NB, mask=inr)
+            h = _tl_hist(key, lo32, s, NB)
+            if B2 > 0:
+                h += _tl_hist(key2, lo32, s, NB)
         return h
 
     @triton.jit
-    def _hist_step(key, lo, s, cnt, k, NB: tl.constexpr, ASM: tl.constexpr, REGION: tl.constexpr,
-                   ZERO: tl.constexpr):
+    def _tl_hist(key, lo32, s, NB: tl.constexpr):
+        d = (key - lo32).to(tl.uint32, bitcast=True) >> s.to(tl.uint32)
+        inr = d < NB
+        return tl.histogram(tl.where(inr, d, 0).to(tl.int32), NB, mask=inr)
+
+    @triton.jit
+    def _hist_step(key, key2, lo, s, cnt, k, NB: tl.constexpr, ASM: tl.constexpr, REGION: tl.constexpr,
+                   ZERO: tl.constexpr, B2: tl.constexpr):
         """One level: (start of the k-th key's bin, keys below it, keys in it); ``cnt`` keys lie below lo."""
-        h = _hist_level(key, lo.to(tl.int32), s, NB, ASM, REGION, ZERO)
+        h = _hist_level(key, key2, lo.to(tl.int32), s, NB, ASM, REGION, ZERO, B2)
         cum = cnt + tl.cumsum(h, axis=0)  # keys below the end of each bin
         ex = cum - h
         # exactly one bin holds the k-th key: pack (bin, keys below it, keys in it) into one sum
@@ -90,10 +107,12 @@ if HAS_TRITON:
         return lo + (b << s.to(tl.int64)), ((got >> 21) & 0x1FFFFF).to(tl.int32), (got & 0x1FFFFF).to(tl.int32)
 
     @triton.jit
-    def _hist_select(key, valid, k, n, BITS0: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    def _hist_select(key, valid, key2, valid2, k, n, BITS0: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+                     B2: tl.constexpr):
         """(t, c, e) for the k-th smallest (1-based) key of a row of ``n`` valid keys: prune every key < t and the
         first k - c keys == t in column order, where e keys equal t (when e == k - c: every key <= t).
 
+        The row is ``key`` and, when B2 > 0, a second piece ``key2`` (its columns follow the first's).
         Usually t is the k-th key, c = count(key < t) and e = count(key == t); when the k-th key's bin holds
         only pruned keys, t is the bin's last value (c = k - 1, e = 1: "every key <= t").
 
@@ -107,6 +126,9 @@ if HAS_TRITON:
         cnt = tl.zeros([], tl.int32)  # keys below lo
         kmin = tl.min(tl.where(valid, key, 0x7FFFFFFF), axis=0)
         kmax = tl.max(key, axis=0)
+        if B2 > 0:
+            kmin = tl.minimum(kmin, tl.min(tl.where(valid2, key2, 0x7FFFFFFF), axis=0))
+            kmax = tl.maximum(kmax, tl.max(key2, axis=0))
         rng = (kmax - kmin).to(tl.float32)  # exact or rounded up: bit length never under-estimated
         top = ((rng.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # bit length of kmax - kmin (> 0)
         s = tl.maximum(top - BITS0, 0)
@@ -114,20 +136,20 @@ if HAS_TRITON:
         wl = tl.zeros([], tl.int32)  # log2 width of the k-th key's bin
         n_in = cnt + n  # keys in that bin
         if kmax > kmin:
-            lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS0, ASM, 0, False)
+            lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS0, ASM, 0, False, B2)
             wl = s
             s = tl.maximum(s - BITS, 0)
             if (wl > 0) & (n_in > 2):
-                lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS, ASM, 1, False)
+                lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS, ASM, 1, False, B2)
                 wl = s
                 s = tl.maximum(s - BITS, 0)
                 go = (wl > 0) & (n_in > 2)
                 level = cnt * 0 + 2
                 while go:  # rare: ties or a bin of many close keys
                     if (level & 1) == 0:
-                        lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS, ASM, 0, True)
+                        lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS, ASM, 0, True, B2)
                     else:
-                        lo, cnt, n_in = _hist_step(key, lo, s, cnt, k, 1 << BITS, ASM, 1, True)
+                        lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS, ASM, 1, True, B2)
                     level += 1
                     wl = s
                     go = (s > 0) & (n_in > 2)
@@ -144,31 +166,50 @@ if HAS_TRITON:
                 inb = (key >= t) & (key <= hi)
                 mn = tl.min(tl.where(inb, key, 0x7FFFFFFF), axis=0)
                 mx = tl.max(tl.where(inb, key, -1), axis=0)
+                if B2 > 0:
+                    inb2 = (key2 >= t) & (key2 <= hi)
+                    mn = tl.minimum(mn, tl.min(tl.where(inb2, key2, 0x7FFFFFFF), axis=0))
+                    mx = tl.maximum(mx, tl.max(tl.where(inb2, key2, -1), axis=0))
                 t = mn
                 n_eq = tl.where(mn == mx, 2, 1)
         return t, cnt, n_eq
 
     @triton.jit
     def _hist_out(pm, col, valid, row, n_cols, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b,
-                  BLOCK: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr, ZERO_W: tl.constexpr):
-        """Outputs of one row from ``pm`` (uint32, 1 = pruned; padding columns are masked here)."""
+                  C0: tl.constexpr, BLOCK: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr,
+                  ZERO_W: tl.constexpr):
+        """Outputs of one row piece (columns C0 + [0, BLOCK)) from ``pm`` (uint32, 1 = pruned; padding columns
+        are masked here)."""
         if WRITE_MASK:
             tl.store(mask_ptr + row * stride_m + col, pm.to(tl.uint8), mask=valid)
         if WRITE_BITS or ZERO_W:
             _write(valid & (pm != 0), col, valid, row, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b,
-                   0, (n_cols + 7) // 8, BLOCK, False, WRITE_BITS, ZERO_W)
+                   C0, (n_cols + 7) // 8, BLOCK, False, WRITE_BITS, ZERO_W)
+
+    @triton.jit
+    def _piece_keys(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, col, valid, stride_w, stride_g, MODE: tl.constexpr,
+                    GPROMO: tl.constexpr):
+        """Order-preserving keys of one row piece; padding columns get -1.
+
+        Scores are >= 0 or NaN (|W| times non-negative factors): clearing the sign bit maps -0.0 to 0 and
+        capping at the quiet-NaN pattern makes every NaN one key above +inf, as torch.sort orders them."""
+        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row * stride_w + col, row * stride_g + col, col, valid,
+                   MODE, GPROMO)
+        return tl.where(valid, tl.minimum(s.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0x7FC00000), -1)
 
     @triton.jit
     def _rows_hist_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
                           n_rows, n_cols, k, stride_w, stride_g, stride_m, stride_b,
-                          MODE: tl.constexpr, GPROMO: tl.constexpr, BLOCK: tl.constexpr, BITS0: tl.constexpr,
-                          BITS: tl.constexpr, ASM: tl.constexpr, NT: tl.constexpr,
+                          MODE: tl.constexpr, GPROMO: tl.constexpr, BLOCK: tl.constexpr, B2: tl.constexpr,
+                          BITS0: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, NT: tl.constexpr,
                           EVEN: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr,
                           ZERO_W: tl.constexpr):
-        """Unstructured: one row per program, held in registers ([BLOCK] keys); ``scratch_ptr`` is unused."""
+        """Unstructured: one row per program, held in registers as [BLOCK] keys and, when B2 > 0, [B2] more for
+        columns BLOCK.. (e.g. 11008 = 8192 + 4096 padded, not 16384). EVEN: the first piece is all valid
+        (no masks). ``scratch_ptr`` is unused."""
         row = tl.program_id(0).to(tl.int64)
         col = tl.arange(0, BLOCK)
-        if EVEN:  # the row fills the block: no masks
+        if EVEN:
             valid = tl.full([BLOCK], 1, tl.int1)
         else:
             valid = col < n_cols
@@ -176,11 +217,15 @@ if HAS_TRITON:
             rs = tl.load(rs_ptr + row)
         else:
             rs = 1.0
-        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row * stride_w + col, row * stride_g + col, col, valid,
-                   MODE, GPROMO)
-        # scores are >= 0 or NaN (|W| times non-negative factors): clearing the sign bit maps -0.0 to 0 and
-        # capping at the quiet-NaN pattern makes every NaN one key above +inf, as torch.sort orders them
-        key = tl.where(valid, tl.minimum(s.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0x7FC00000), -1)
+        key = _piece_keys(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, col, valid, stride_w, stride_g, MODE, GPROMO)
+        if B2 > 0:
+            col2 = BLOCK + tl.arange(0, B2)
+            valid2 = col2 < n_cols
+            key2 = _piece_keys(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, col2, valid2, stride_w, stride_g, MODE, GPROMO)
+        else:  # placeholders, never read
+            col2 = col
+            valid2 = valid
+            key2 = key
         if ASM:  # declare the histogram arrays once, at the top level of the kernel, and zero them
             tl.inline_asm_elementwise(_DECL, "=r,r", [tl.arange(0, NT)], dtype=tl.int32, is_pure=False, pack=1)
             _hist_zero(1 << BITS0, 0)
@@ -188,20 +233,34 @@ if HAS_TRITON:
             tl.debug_barrier()
         # Outputs are written in each branch: a mask merged from branches costs a compare-and-select per key
         if k > 0:
-            t, cnt, n_eq = _hist_select(key, valid, k, n_cols, BITS0, BITS, ASM)
+            t, cnt, n_eq = _hist_select(key, valid, key2, valid2, k, n_cols, BITS0, BITS, ASM, B2)
             need = k - cnt  # keys == t to prune, the first ones in column order
             if n_eq == need:  # usual case: every key == t is pruned, no column rank needed
                 # key <= t as 0/1 from the sign bit of key - (t + 1), no compare (padding is -1: masked)
                 pm = (key - (t + 1)).to(tl.uint32, bitcast=True) >> 31
                 _hist_out(pm, col, valid, row, n_cols, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b,
-                          BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
+                          0, BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
+                if B2 > 0:
+                    pm2 = (key2 - (t + 1)).to(tl.uint32, bitcast=True) >> 31
+                    _hist_out(pm2, col2, valid2, row, n_cols, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr,
+                              stride_b, BLOCK, B2, WRITE_MASK, WRITE_BITS, ZERO_W)
             else:  # ties straddle the k-th (e.g. dequantized weights): rank them in column order
                 eq = valid & (key == t)
                 e = eq.to(tl.int32)
                 rank = tl.cumsum(e, axis=0) - e
                 pm = ((key < t) | (eq & (rank < need))).to(tl.uint32)
                 _hist_out(pm, col, valid, row, n_cols, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr, stride_b,
-                          BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
+                          0, BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
+                if B2 > 0:
+                    eq2 = valid2 & (key2 == t)
+                    e2 = eq2.to(tl.int32)
+                    rank2 = tl.cumsum(e2, axis=0) - e2 + tl.sum(e, axis=0)
+                    pm2 = ((key2 < t) | (eq2 & (rank2 < need))).to(tl.uint32)
+                    _hist_out(pm2, col2, valid2, row, n_cols, w_ptr, stride_w, mask_ptr, stride_m, bits_ptr,
+                              stride_b, BLOCK, B2, WRITE_MASK, WRITE_BITS, ZERO_W)
         else:
             _hist_out(tl.zeros([BLOCK], tl.uint32), col, valid, row, n_cols, w_ptr, stride_w, mask_ptr, stride_m,
-                      bits_ptr, stride_b, BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
+                      bits_ptr, stride_b, 0, BLOCK, WRITE_MASK, WRITE_BITS, ZERO_W)
+            if B2 > 0:
+                _hist_out(tl.zeros([B2], tl.uint32), col2, valid2, row, n_cols, w_ptr, stride_w, mask_ptr,
+                          stride_m, bits_ptr, stride_b, BLOCK, B2, WRITE_MASK, WRITE_BITS, ZERO_W)

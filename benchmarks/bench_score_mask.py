@@ -158,6 +158,8 @@ def test_score_mask(benchmark, shape, pattern):
         "copy_floor": ms(graphed(lambda: copy_floor(w, norm, mask_buf))),
         "torch_lt_same_bytes": ms(graphed(lambda: torch.lt(w, norm_row, out=mask_buf))),
         "reference": ms(ref_fn, rep=500),
+        # part of "kernel": the fp32 sqrt of the norms (the factor the kernel reads), a kernel of its own
+        "norm_sqrt": ms(graphed(lambda: torch.sqrt(norm.float()))),
     }
     t["kernel_inplace"] = t["restore_w_plus_inplace"] - t["restore_w"]
     if cfg.is_nm:
@@ -236,12 +238,13 @@ SAMPLE_VARIANTS = [{"select": "sample"}, {"select": "sample", "elems_per_warp": 
 # each variant is a Triton compile per width, slow on the H100 machine
 INTERP_VARIANTS = [{"select": "interp"}, {"select": "interp", "elems_per_warp": 2048},
                    {"select": "interp", "elems_per_warp": 512}]
-# Histogram radix select ("hist", the default): defaults (shared-memory histogram in PTX, one warp per 1024
-# padded columns), half and twice the warps, 10-bit second levels, a register cap (more rows per SM), and
-# Triton's own tl.histogram (warp ballots) instead of the PTX histogram
-HIST_VARIANTS = [{"select": "hist"}, {"select": "hist", "elems_per_warp": 512},
-                 {"select": "hist", "elems_per_warp": 2048}, {"select": "hist", "bits": 10},
-                 {"select": "hist", "maxnreg": 96}, {"select": "hist", "asm": False}]
+# Histogram radix select ("hist", the default): defaults (shared-memory histogram in PTX, register caps by
+# keys per thread, two-piece rows), no register cap, one padded piece, 7- and 10-bit digits, half the warps,
+# a tighter cap, and Triton's own tl.histogram (warp ballots) instead of the PTX histogram
+HIST_VARIANTS = [{"select": "hist"}, {"select": "hist", "maxnreg": 255}, {"select": "hist", "split": False},
+                 {"select": "hist", "bits0": 7, "bits": 7}, {"select": "hist", "bits": 10},
+                 {"select": "hist", "elems_per_warp": 512, "maxnreg": 48}, {"select": "hist", "maxnreg": 56},
+                 {"select": "hist", "asm": False}]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

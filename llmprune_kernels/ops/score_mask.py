@@ -70,9 +70,9 @@ INTERP_ELEMS_PER_WARP = 1024  # interp: a row gets one warp per this many (padde
 INTERP_MAX_BLOCK = 32768  # interp up to this padded width (one row in registers); longer rows stream (chunked)
 INTERP_CAP = 64  # interp: the bracket is narrowed to at most this many keys, then ranked pairwise
 HIST_ELEMS_PER_WARP = 1024  # hist: a row gets one warp per this many (first-piece) columns; twice that past 8192
-# hist: register cap by keys per thread, so that more rows fit on an SM (H100 sweep, score_mask_hist_h100_run8f:
-# 4096 columns 0.044 -> 0.038 ms with 72; 64 keys per thread best with 128)
-HIST_MAXNREG = {32: 72, 48: 128, 64: 128}
+# hist: register cap by keys per thread, so that more rows fit on an SM (H100 sweeps score_mask_hist_h100_run8f/g:
+# 4096 columns 0.044 -> 0.038 ms with 72; 11008 = 8192 + 4096 at 96 keys per thread 0.113 -> 0.101 with 168)
+HIST_MAXNREG = {32: 72, 48: 128, 64: 128, 96: 168}
 HIST_MAX_BLOCK = 32768  # hist up to this padded width (one row in registers); longer rows stream (chunked)
 HIST_BITS0 = 8  # hist: radix digit of the first histogram level, over the row's key range (256 bins)
 HIST_BITS = 8  # hist: radix digit of the next levels (256 bins): usually one more level leaves 1-2 keys

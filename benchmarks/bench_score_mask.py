@@ -209,8 +209,8 @@ def test_tuning_sweep(benchmark, shape):
     for tune in _variants(shape[1]):
         try:
             assert torch.equal(score_and_mask(w, norm, cfg, _tune=tune), ref)
-            rows.append({"tune": tune, "ms": ms(graphed(lambda: score_and_mask(w, norm, cfg, check=False,
-                                                                               _tune=tune)), rep=100)})
+            rows.append({"tune": tune, "ms": ms(graphed(lambda tune=tune: score_and_mask(w, norm, cfg, check=False,
+                                                                                         _tune=tune)), rep=100)})
         except Exception as exc:  # e.g. out of registers/shared memory for a variant: record, go on
             rows.append({"tune": tune, "error": repr(exc)[:300]})
     cfg24 = SparsityConfig(n=2, m=4)
@@ -218,7 +218,7 @@ def test_tuning_sweep(benchmark, shape):
     for nm_tune in [{}, {"tile": 2048}, {"tile_cols": 128}]:
         assert torch.equal(score_and_mask(w, norm, cfg24, _tune=nm_tune), ref24)
         rows.append({"nm": "2:4", "tune": nm_tune,
-                     "ms": ms(graphed(lambda: score_and_mask(w, norm, cfg24, check=False, _tune=nm_tune)), rep=100)})
+                     "ms": ms(graphed(lambda t=nm_tune: score_and_mask(w, norm, cfg24, check=False, _tune=t)), rep=100)})
     mask_buf = torch.empty_like(w, dtype=torch.bool)
     entry = {"shape": list(shape), "copy_floor_ms": ms(graphed(lambda: copy_floor(w, norm, mask_buf))), "variants": rows}
     best = min((r for r in rows if "ms" in r and "nm" not in r), key=lambda r: r["ms"])

@@ -1,8 +1,9 @@
 """The "hist" unstructured selection (score_mask_hist) against the reference: masks equal bit for bit.
 
-CPU: the Triton interpreter at small widths (a few rows each). CUDA: LLaMA widths, compiled. Narrow digits
-(``bits0`` / ``bits`` 1-3) force many histogram levels and every exit of the select: a bin of one key (its min), of two
-distinct keys (min or max), of two equal keys, and a bin one key value wide (ties ranked by column).
+CPU: the Triton interpreter at small widths (a few rows each; it runs ``tl.histogram``). CUDA: LLaMA widths,
+compiled, with the PTX shared-memory histogram. Narrow digits (``bits0`` / ``bits`` 1-3) force many
+histogram levels and every exit of the select: a bin of one key, of two distinct keys (min or max), of two
+equal keys, a bin holding only pruned keys, and a bin one key value wide (ties ranked by column).
 """
 from __future__ import annotations
 

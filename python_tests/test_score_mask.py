@@ -158,6 +158,11 @@ def test_sample_select_special_values_and_outputs():
     for s in [0.5, 0.95]:
         check(w, norm, SparsityConfig(s), **tune)
         check(w, norm, SparsityConfig(s), bracket=False, **tune)
+    check_modes_and_outputs(**tune)
+
+
+def check_modes_and_outputs(**tune):
+    """GBLM and RIA scores, then the bool mask, packed bits and W zeroed in place from one call."""
     wh = torch.randn(3, 99, device=DEV).half()
     nh = torch.rand(99, device=DEV)
     check(wh, nh, SparsityConfig(0.5), grad=torch.rand_like(wh) * 0.1, **tune)

@@ -10,9 +10,8 @@ import torch
 from llmprune_kernels import SparsityConfig
 from llmprune_kernels.ops import score_mask as sm
 from llmprune_kernels.ops.score_mask import pack_mask_bits, score_and_mask, triton_usable
-from llmprune_kernels.reference.wanda import mask_from_score, wanda_score
 
-from test_score_mask import DEV, DTYPES, check, paired, quantized
+from test_score_mask import DEV, DTYPES, check, check_modes_and_outputs, paired, quantized
 
 pytestmark = pytest.mark.skipif(not triton_usable(DEV), reason="Triton is not usable here")
 INTERP = {"select": "interp"}
@@ -66,15 +65,7 @@ def test_interp_special_values():
 
 
 def test_interp_gblm_ria_and_outputs():
-    wh = torch.randn(3, 99, device=DEV).half()
-    nh = torch.rand(99, device=DEV)
-    check(wh, nh, SparsityConfig(0.5), grad=torch.rand_like(wh) * 0.1, **INTERP)
-    check(wh, nh, SparsityConfig(0.5), ria=True, **INTERP)
-    ref = mask_from_score(wanda_score(wh, nh), SparsityConfig(0.3))
-    w2 = wh.clone()
-    mask, bits = score_and_mask(w2, nh, SparsityConfig(0.3), inplace=True, packed=True, _tune=INTERP)
-    assert torch.equal(mask, ref) and torch.equal(bits, pack_mask_bits(ref))
-    assert torch.equal(w2, wh.masked_fill(ref, 0))
+    check_modes_and_outputs(**INTERP)
 
 
 def test_interp_selection_and_width_fallback():
@@ -90,30 +81,43 @@ def test_interp_selection_and_width_fallback():
 # ----------------------------------------------------------------------------- full sizes on the GPU
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("cols,dtype", [(4096, torch.float16), (4096, torch.bfloat16), (4096, torch.float32),
-                                        (11008, torch.float16), (28672, torch.float16)])
-def test_interp_full_width_cuda(cols, dtype):  # few (width, dtype) pairs: each is a Triton compile
+def check_full_width(cols, dtype, **tune):
+    """A select on CUDA at a full row width: random rows with an all-zero one at sparsities 0 ... (cols - 1)/cols,
+    the mixed rows, dequantized-like rows full of ties, and paired rows."""
     w = torch.randn(48, cols, device="cuda").to(dtype)
     w[3] = 0
     norm = torch.rand(cols, device="cuda") * 4
     for s in [0.0, 0.1, 0.5, 0.9, (cols - 1) / cols + 1e-6]:
-        check(w, norm, SparsityConfig(s), **INTERP)
-    check(rows_mix(cols, dtype, device="cuda"), norm, SparsityConfig(0.5), **INTERP)
+        check(w, norm, SparsityConfig(s), **tune)
+    check(rows_mix(cols, dtype, device="cuda"), norm, SparsityConfig(0.5), **tune)
     check(quantized(32, cols, dtype=dtype, device="cuda"), torch.ones(cols, device="cuda"), SparsityConfig(0.5),
-          **INTERP)
-    check(paired(16, cols, device="cuda").to(dtype), torch.ones(cols, device="cuda"), SparsityConfig(0.6), **INTERP)
+          **tune)
+    check(paired(16, cols, device="cuda").to(dtype), torch.ones(cols, device="cuda"), SparsityConfig(0.6), **tune)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cols,dtype", [(4096, torch.float16), (4096, torch.bfloat16), (4096, torch.float32),
+                                        (11008, torch.float16), (28672, torch.float16)])
+def test_interp_full_width_cuda(cols, dtype):  # few (width, dtype) pairs: each is a Triton compile
+    check_full_width(cols, dtype, **INTERP)
+
+
+def check_llama7b_shape(shape, **tune):
+    """A select on CUDA at a LLaMA-7B weight shape: the mask, W zeroed in place, and the packed bits."""
+    w = torch.randn(shape, device="cuda").half()
+    norm = torch.rand(shape[1], device="cuda")
+    mask = check(w, norm, SparsityConfig(0.5), **tune)
+    w2 = w.clone()
+    score_and_mask(w2, norm, SparsityConfig(0.5), inplace=True, mask=False, _tune=tune)
+    assert torch.equal(w2, w.masked_fill(mask, 0))
+    _, bits = score_and_mask(w, norm, SparsityConfig(0.5), mask=False, packed=True, _tune=tune)
+    assert torch.equal(bits, pack_mask_bits(mask))
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008)])
 def test_interp_llama7b_shapes_cuda(shape):
-    w = torch.randn(shape, device="cuda").half()
-    norm = torch.rand(shape[1], device="cuda")
-    mask = check(w, norm, SparsityConfig(0.5), **INTERP)
-    w2 = w.clone()
-    score_and_mask(w2, norm, SparsityConfig(0.5), inplace=True, mask=False, _tune=INTERP)
-    assert torch.equal(w2, w.masked_fill(mask, 0))
+    check_llama7b_shape(shape, **INTERP)
 
 
 @pytest.mark.cuda

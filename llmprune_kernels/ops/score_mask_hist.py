@@ -54,6 +54,22 @@ if HAS_TRITON:
             tl.inline_asm_elementwise(_ZERO1, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
+    def _hist_add(key, lo32, s, NB: tl.constexpr, REGION: tl.constexpr):
+        if REGION == 0:
+            tl.inline_asm_elementwise(_ADD0, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise(_ADD1, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _hist_read(NB: tl.constexpr, REGION: tl.constexpr):
+        bins = tl.arange(0, NB)
+        if REGION == 0:
+            h = tl.inline_asm_elementwise(_READ0, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            h = tl.inline_asm_elementwise(_READ1, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
+        return h
+
+    @triton.jit
     def _hist_level(key, key2, lo32, s, NB: tl.constexpr, ASM: tl.constexpr, REGION: tl.constexpr,
                     ZERO: tl.constexpr, B2: tl.constexpr):
         """Counts of the keys (of both row pieces when B2 > 0) in [lo, lo + NB << s) by digit (key - lo) >> s;
@@ -63,23 +79,11 @@ if HAS_TRITON:
             if ZERO:
                 _hist_zero(NB, REGION)
                 tl.debug_barrier()
-            bins = tl.arange(0, NB)
-            if REGION == 0:
-                tl.inline_asm_elementwise(_ADD0, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False,
-                                          pack=1)
-                if B2 > 0:
-                    tl.inline_asm_elementwise(_ADD0, "=r,r,r,r,r", [key2, lo32, s, NB], dtype=tl.int32,
-                                              is_pure=False, pack=1)
-                tl.debug_barrier()
-                h = tl.inline_asm_elementwise(_READ0, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
-            else:
-                tl.inline_asm_elementwise(_ADD1, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False,
-                                          pack=1)
-                if B2 > 0:
-                    tl.inline_asm_elementwise(_ADD1, "=r,r,r,r,r", [key2, lo32, s, NB], dtype=tl.int32,
-                                              is_pure=False, pack=1)
-                tl.debug_barrier()
-                h = tl.inline_asm_elementwise(_READ1, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
+            _hist_add(key, lo32, s, NB, REGION)
+            if B2 > 0:
+                _hist_add(key2, lo32, s, NB, REGION)
+            tl.debug_barrier()
+            h = _hist_read(NB, REGION)
         else:
             h = _tl_hist(key, lo32, s, NB)
             if B2 > 0:

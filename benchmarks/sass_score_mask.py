@@ -1,6 +1,7 @@
 """Static cost of the unstructured score-and-mask selections on sm_90, without a GPU: compile for Hopper, read the SASS.
 
-Each variant (radix1, sample, sample with bracket=False, interp at one warp per 1024 and 2048 columns; fp16,
+Each variant (hist, the default; radix1, sample, sample with bracket=False, interp at one warp per 1024 and
+2048 columns; fp16,
 Wanda, bool mask written, as the benchmark's ``kernel`` figure) is compiled with exactly the launch parameters
 of ``score_mask._rows_config`` for the LLaMA row widths 4096, 11008 and 28672. Reported: registers, spill
 (stack) bytes and STL/LDL count, shared memory, SASS instruction count, SHFL / REDUX / BAR counts, the loops
@@ -8,7 +9,8 @@ left in the code, and an estimate of the warp-instructions issued per row on the
 instruction once (loops times their trip count from the source's ``range(N)``, or for a while loop the
 ``# expected trips: N`` its line states), except the divergence handlers after the kernel's body and the rare
 branches (odd tiles with Inf/NaN/subnormal scores, bucket or bracket overflow, the ranked tie path when all
-ties are pruned; interp: its tie-rank scan and integer-compare rows), attributed through the line table
+ties are pruned; interp: its tie-rank scan and integer-compare rows; hist: levels past the second, the
+ranked tie path and k = 0), attributed through the line table
 (``nvdisasm -gi``); times the warps of a row. A copy of
 the same bytes (the benchmark's ``copy_floor`` kernel) is costed the same way. ``issue_bound_ms``: those
 instructions at the H100 SXM's peak issue rate (132 SMs x 4 schedulers x 1.98 GHz), a lower bound that
@@ -33,7 +35,7 @@ import sass_tools as st  # noqa: E402
 from copy_floor_kernel import BLOCK as CF_BLOCK, WARPS as CF_WARPS, copy_floor_kernel  # noqa: E402
 
 from llmprune_kernels.ops import score_mask as sm  # noqa: E402
-from llmprune_kernels.ops import score_mask_interp, score_mask_radix, score_mask_sample  # noqa: E402
+from llmprune_kernels.ops import score_mask_hist, score_mask_interp, score_mask_radix, score_mask_sample  # noqa: E402
 
 ISSUE_PER_MS = 132 * 4 * 1.98e9 / 1e3  # warp-instructions per ms at peak issue (H100 SXM, boost clock)
 TYPES = dict(w_ptr="*fp16", g_ptr="*fp16", f_ptr="*fp32", cs_ptr="*fp16", rs_ptr="*fp16", mask_ptr="*u8",
@@ -78,6 +80,11 @@ def rare_lines(kernel, consts: dict) -> set:
             return ({first} | _span(s, "eq = (valid & (key == tb))", "prune = valid & ((key < tb)")
                     | _span(r, "def _rows_radix_search", "return t, cnt"))  # only called on overflow
         return _lines(s, "prune = valid & (key <= tb)")
+    if kernel is sm._rows_hist_kernel:  # levels past the second (ties, clusters); the ranked tie path; k = 0
+        h = score_mask_hist
+        return (_span(h, "                while go:", "                    s = tl.maximum(s - BITS, 0)")
+                | _span(h, "            else:  # ties straddle", "stride_b, BLOCK, B2, WRITE_MASK, WRITE_BITS, ZERO_W)")
+                | _span(h, "            _hist_out(tl.zeros([BLOCK]", "stride_b, BLOCK, B2, WRITE_MASK, WRITE_BITS, ZERO_W)"))
     if kernel is sm._rows_interp_kernel:  # the ranked tie path; integer compares (NaN/negative/subnormal rows)
         rare = _span(q, "            eq = (valid & (key == t))", "prune = valid & ((key < t)")
         if consts["FLOAT"]:
@@ -88,7 +95,8 @@ def rare_lines(kernel, consts: dict) -> set:
 
 def _trip_count(chain: tuple) -> int | None:
     """N of the innermost ``for ... in range(N)`` enclosing the loop body's innermost source line."""
-    mods = {os.path.basename(m.__file__): m for m in (score_mask_radix, score_mask_sample, score_mask_interp, sm)}
+    mods = {os.path.basename(m.__file__): m for m in (score_mask_radix, score_mask_sample, score_mask_interp,
+                                                       score_mask_hist, sm)}
     ours = [c for c in chain if c[0] in mods]  # the innermost of our own lines (Triton's reductions are inlined)
     if not ours:
         return None
@@ -148,7 +156,8 @@ def variant(cols: int, tune: dict) -> dict:
     fn = cfg["kernel"]
     consts = {**FLAGS, **cfg["consts"]}
     types = {n: t for n, t in TYPES.items() if n in fn.arg_names}
-    c = st.compile_kernel(fn, types, consts, cfg["num_warps"], list(types), stages=3, enable_fp_fusion=False)
+    c = st.compile_kernel(fn, types, consts, cfg["num_warps"], list(types), stages=3, enable_fp_fusion=False,
+                          **cfg.get("options", {}))
     wpr = cfg["num_warps"] / cfg["rows_per_prog"]
     if cfg["chunked"]:
         wpr = cfg["num_warps"]
@@ -175,7 +184,7 @@ def main() -> None:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "method": __doc__.split("\n\n")[1].replace("\n", " "), "dtype": "float16", "mode": "wanda, bool mask",
            "variants": {}}
-    variants = [("radix1", {"select": "radix1"}), ("sample", {"select": "sample"}),
+    variants = [("hist", {"select": "hist"}), ("radix1", {"select": "radix1"}), ("sample", {"select": "sample"}),
                 ("sample bracket=False", {"select": "sample", "bracket": False}),
                 ("interp", {"select": "interp"}), ("interp epw=2048", {"select": "interp", "elems_per_warp": 2048})]
     only = os.environ.get("SASS_ONLY")  # e.g. "interp,copy_floor": cost only variants whose name starts so
@@ -183,7 +192,7 @@ def main() -> None:
         todo = [("copy_floor", None)] + variants
         if cols > sm.SAMPLE_MAX_BLOCK:  # the launcher keeps radix1 here; cost sample anyway, marked as such
             todo += [(f"{n} (sample_max_block=32768, not launched by default)", {**t, "sample_max_block": 32768})
-                     for n, t in variants[1:3]]
+                     for n, t in variants[2:4]]
         for name, tune in todo:
             if only and not name.startswith(tuple(only.split(","))):
                 continue
@@ -203,7 +212,7 @@ def main() -> None:
                 d = {"issue_bound_ms": round(ms, 4)}
                 if shape in h100:
                     d["h100_copy_floor_ms"] = round(h100[shape]["copy_floor"], 4)
-                    d["h100_radix1_ms"] = round(h100[shape]["kernel"], 4)
+                    d["h100_default_ms"] = round(h100[shape]["kernel"], 4)
                     d["issue_bound_over_h100_copy_floor"] = round(ms / h100[shape]["copy_floor"], 2)
                 st_["shapes"][f"{shape[0]}x{shape[1]}"] = d
             out["variants"][key] = st_

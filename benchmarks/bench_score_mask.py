@@ -249,8 +249,9 @@ HIST_VARIANTS = [{"select": "hist"}, {"select": "hist", "maxnreg": 255}, {"selec
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_select_variants(benchmark, shape, env_info):
-    """Default (bitwise radix, "radix1") vs "hist" (and, on request, "interp" and "sample") selection at 50%,
-    fp16: every variant's mask is checked equal to the reference at full size before it is timed."""
+    """The bitwise radix select ("radix1", the earlier default) vs "hist" variants (and, on request, "interp" and
+    "sample") at 50%, fp16: every variant's mask is checked equal to the reference at full size before it is
+    timed."""
     w, norm = setup(shape)
     cfg = SparsityConfig(0.5)
     ref_fn = lambda: mask_from_score(wanda_score(w, norm), cfg)  # noqa: E731

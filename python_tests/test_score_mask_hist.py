@@ -18,7 +18,7 @@ from llmprune_kernels.ops.score_mask import pack_mask_bits, score_and_mask, trit
 from llmprune_kernels.reference.wanda import mask_from_score, wanda_score
 
 from test_score_mask import DEV, DTYPES, check, check_modes_and_outputs, paired, quantized
-from test_score_mask_interp import check_full_width, check_llama7b_shape, rows_mix
+from test_score_mask_interp import check_full_width, check_llama7b_shape, check_mixed_rows, rows_mix, special_rows
 
 pytestmark = pytest.mark.skipif(not triton_usable(DEV), reason="Triton is not usable here")
 HIST = {"select": "hist"}
@@ -27,10 +27,7 @@ HIST = {"select": "hist"}
 @pytest.mark.parametrize("cols", [13, 576, 1536])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hist_equals_reference(cols, dtype):
-    w = rows_mix(cols, dtype)
-    norm = torch.rand(cols, device=DEV) * 3
-    for s in [0.0, 0.1, 0.5, 0.9, (cols - 1) / cols + 1e-4]:  # k = 0 ... cols - 1
-        check(w, norm, SparsityConfig(s), **HIST)
+    check_mixed_rows(cols, dtype, **HIST)
 
 
 @pytest.mark.parametrize("bits0,bits", [(1, 1), (2, 3), (3, 2), (5, 1), (8, 10)])
@@ -62,12 +59,7 @@ def test_hist_bin_exits():
 
 def test_hist_special_values():
     """NaN (sorts last, same key as padding), +inf, subnormal and signed-zero scores."""
-    w = torch.randn(5, 40, device=DEV)
-    w[0, [3, 7, 30]] = float("nan")
-    w[1, [2, 9]] = float("inf")
-    w[2, ::3] = 1e-40
-    w[3, ::2] = -0.0
-    w[4, :30] = 0.0  # k-th score is 0 at 50%
+    w = special_rows()
     norm = torch.rand(40, device=DEV)
     for s in [0.5, 0.8, 0.95, 39 / 40 + 1e-6]:
         check(w, norm, SparsityConfig(s), **HIST)

@@ -27,13 +27,18 @@ def rows_mix(cols, dtype, device=DEV):
     return w.to(dtype)
 
 
-@pytest.mark.parametrize("cols", [13, 576, 1536])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_interp_equals_reference(cols, dtype):
+def check_mixed_rows(cols, dtype, **tune):
+    """A select on the mixed rows at k = 0, 10%, 50%, 90% and cols - 1."""
     w = rows_mix(cols, dtype)
     norm = torch.rand(cols, device=DEV) * 3
     for s in [0.0, 0.1, 0.5, 0.9, (cols - 1) / cols + 1e-4]:  # k = 0 ... cols - 1
-        check(w, norm, SparsityConfig(s), **INTERP)
+        check(w, norm, SparsityConfig(s), **tune)
+
+
+@pytest.mark.parametrize("cols", [13, 576, 1536])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_interp_equals_reference(cols, dtype):
+    check_mixed_rows(cols, dtype, **INTERP)
 
 
 @pytest.mark.parametrize("tune", [dict(cap=2), dict(cap=4, float=False), dict(num_warps=1), dict(cap=128)],
@@ -50,14 +55,21 @@ def test_interp_loop_paths(tune):
     check(w.half(), torch.rand(cols, device=DEV), SparsityConfig(0.3), **INTERP, **tune)
 
 
-def test_interp_special_values():
-    """NaN (sorts last), +inf, subnormal and signed-zero scores: the integer-compare path and the fp32 one."""
+def special_rows():
+    """40-column rows with NaN (sorts last), +inf, subnormal and signed-zero weights, and one row whose k-th
+    score at 50% is 0."""
     w = torch.randn(5, 40, device=DEV)
     w[0, [3, 7, 30]] = float("nan")
     w[1, [2, 9]] = float("inf")
     w[2, ::3] = 1e-40
     w[3, ::2] = -0.0
-    w[4, :30] = 0.0  # k-th score is 0 at 50%: decided by the first pass
+    w[4, :30] = 0.0
+    return w
+
+
+def test_interp_special_values():
+    """Special scores: the integer-compare path and the fp32 one (the zero row is decided by the first pass)."""
+    w = special_rows()
     norm = torch.rand(40, device=DEV)
     for s in [0.5, 0.8, 0.95]:
         check(w, norm, SparsityConfig(s), **INTERP)

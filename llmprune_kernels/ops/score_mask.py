@@ -12,7 +12,7 @@ H100-tuned defaults; the kernels live in
 * ``score_mask_radix``: ``select="radix1"``, a bitwise radix search of the k-th key (one full-row count per
   key bit); its chunked kernel streams rows longer than ``MAX_BLOCK`` for every select;
 * ``score_mask_sample``: the opt-in ``select="sample"`` (``LLMPRUNE_SCORE_MASK_SELECT=sample``): bracket
-  of the k-th key from a sample of the row, radix search when the bracket overflows; not yet timed;
+  of the k-th key from a sample of the row, radix search when the bracket overflows (slower on the H100);
 * ``score_mask_interp``: the opt-in ``select="interp"``: two interpolated pivots per full-row count narrow a
   bracket of the k-th key to a few keys (~4-6 counts instead of 15 bit steps), then a pairwise rank;
 * ``score_mask_nm``: N:M, the rank of each element inside its group of M.
@@ -235,13 +235,16 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
     if select == "hist" and block <= min(max_block, tune.get("hist_max_block", HIST_MAX_BLOCK)):
         # a row as one power-of-two piece, or two (the largest power of two <= cols, then the rest padded)
         # when that pads less: 11008 -> 8192 + 4096 instead of 16384
+        def hist_warps(b1: int, b2: int) -> int:
+            epw = tune.get("elems_per_warp", HIST_ELEMS_PER_WARP if b1 + b2 <= 8192 else 2 * HIST_ELEMS_PER_WARP)
+            return tune.get("num_warps", max(1, min(32, b1 // epw)))
+
         b1 = block if block == cols or not tune.get("split", True) else max(16, block // 2)
         b2 = 0 if b1 >= cols else _next_pow2(cols - b1)
-        for _ in range(2):
-            epw = tune.get("elems_per_warp", HIST_ELEMS_PER_WARP if b1 + b2 <= 8192 else 2 * HIST_ELEMS_PER_WARP)
-            warps = tune.get("num_warps", max(1, min(32, b1 // epw)))
-            if b2 and (b1 + b2 >= block or b2 < 32 * warps):  # no saving, or a piece smaller than the threads
-                b1, b2 = block, 0
+        warps = hist_warps(b1, b2)
+        if b2 and (b1 + b2 >= block or b2 < 32 * warps):  # no saving, or a piece smaller than the threads
+            b1, b2 = block, 0
+            warps = hist_warps(b1, b2)
         bits0, bits = tune.get("bits0", HIST_BITS0), tune.get("bits", HIST_BITS)
         # the PTX shared-memory histogram (CUDA) has 1024 counters and needs no replicated keys (a key per thread)
         asm = tune.get("asm", not INTERPRET and max(bits0, bits) <= 10 and min(b1, b2 or b1) >= 32 * warps)

@@ -127,9 +127,10 @@ def test_hist_llama7b_shapes_cuda(shape):
 @pytest.mark.cuda
 @pytest.mark.parametrize("tune", [dict(elems_per_warp=512), dict(elems_per_warp=2048), dict(bits0=4, bits=4),
                                   dict(bits0=2, bits=2), dict(asm=False), dict(bits=10), dict(bits0=10),
-                                  dict(split=False), dict(maxnreg=255)],
+                                  dict(split=False), dict(maxnreg=255), dict(wscan=False, amm=False),
+                                  dict(amm=False), dict(wscan=False)],
                          ids=["epw512", "epw2048", "bits4", "bits2", "tl_histogram", "bits10", "bits0_10", "no_split",
-                              "no_reg_cap"])
+                              "no_reg_cap", "block_scan_triton_minmax", "triton_minmax", "block_scan"])
 def test_hist_variants_cuda(tune):
     for cols in [4096, 11008]:
         w = torch.randn(32, cols, device="cuda").half()
@@ -146,3 +147,4 @@ def test_hist_gblm_ria_full_size_cuda(pattern_sparsity):
     norm = torch.rand(11008, device="cuda")
     check(w, norm, SparsityConfig(pattern_sparsity), grad=torch.rand_like(w) * 0.05, **HIST)
     check(w, norm, SparsityConfig(pattern_sparsity), ria=True, **HIST)
+

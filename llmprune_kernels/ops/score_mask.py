@@ -36,7 +36,7 @@ if HAS_TRITON:
     import triton
     from triton.runtime.errors import OutOfResources
 
-    from llmprune_kernels.ops.score_mask_hist import _rows_hist_kernel
+    from llmprune_kernels.ops.score_mask_hist import MM_PACK, _rows_hist_kernel
     from llmprune_kernels.ops.score_mask_interp import _rows_interp_kernel
     from llmprune_kernels.ops.score_mask_nm import _nm_kernel
     from llmprune_kernels.ops.score_mask_radix import _row_topk_chunked_kernel, _rows_kernel
@@ -76,6 +76,9 @@ HIST_MAXNREG = {32: 72, 48: 128, 64: 128, 96: 168}
 HIST_MAX_BLOCK = 32768  # hist up to this padded width (one row in registers); longer rows stream (chunked)
 HIST_BITS0 = 8  # hist: radix digit of the first histogram level, over the row's key range (256 bins)
 HIST_BITS = 8  # hist: radix digit of the next levels (256 bins): usually one more level leaves 1-2 keys
+HIST_WARP_SCAN = True  # hist: every warp scans the 256 bins itself (no barrier after the counts)
+HIST_ATOMIC_MINMAX = True  # hist on CUDA: the row's min and max by shared atomics (one barrier)
+HIST_VEC = 4  # hist: elements per thread and memory access (coalesced f, W and mask accesses; see the kernel)
 _MODES = {"wanda": 0, "gblm": 1, "ria": 2}
 
 
@@ -251,7 +254,11 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
         keys_per_thread = (b1 + b2) // (32 * warps)
         maxnreg = tune.get("maxnreg", HIST_MAXNREG.get(keys_per_thread))
         return dict(kernel=_rows_hist_kernel, chunked=False, rows_per_prog=1, cap=0, block=b1 + b2,
-                    consts=dict(BLOCK=b1, B2=b2, BITS0=bits0, BITS=bits, ASM=asm, NT=32 * warps, EVEN=b1 <= cols),
+                    consts=dict(BLOCK=b1, B2=b2, BITS0=bits0, BITS=bits, ASM=asm, NT=32 * warps, EVEN=b1 <= cols,
+                                WSCAN=tune.get("wscan", HIST_WARP_SCAN) and bits0 == bits == 8,
+                                AMM=asm and tune.get("amm", HIST_ATOMIC_MINMAX)
+                                and all(b % (32 * warps * MM_PACK) == 0 for b in (b1, b2)),
+                                VEC=tune.get("vec", HIST_VEC)),
                     num_warps=warps, options={"maxnreg": maxnreg} if maxnreg and not INTERPRET else {})
     if select == "interp" and block <= tune.get("interp_max_block", INTERP_MAX_BLOCK):
         cap = tune.get("cap", INTERP_CAP)

@@ -44,6 +44,40 @@ if HAS_TRITON:
 
     _ZERO0, _READ0, _ADD0 = _ptx(0)
     _ZERO1, _READ1, _ADD1 = _ptx(1)
+    # the first level on array 0 when every key is valid and in range by construction ([min, max]): no clamp
+    _ADD0_IN = tl.constexpr("{ .reg .u32 u, a; sub.u32 u, $1, $2; shr.u32 u, u, $3; mov.u32 a, lpk_h0; "
+                            "mad.lo.u32 a, u, 4, a; red.shared.add.u32 [a], 1; mov.u32 $0, 0; }")
+
+    def _ptx_read8(region: int):
+        """Read counters 8 * lane .. 8 * lane + 7 of array ``lpk_h<region>`` (two 16-byte shared loads)."""
+        return tl.constexpr(f"{{ .reg .u32 a; mov.u32 a, lpk_h{region}; mad.lo.u32 a, $8, 32, a; "
+                            "ld.volatile.shared.v4.u32 {$0, $1, $2, $3}, [a]; "
+                            "ld.volatile.shared.v4.u32 {$4, $5, $6, $7}, [a+16]; }")
+
+    # The row's min and max key by shared atomics on two more counters of array 0 (1028: min, 1029: max): each
+    # warp reduces its keys (MM_PACK per asm instance, then redux.sync) and lane 0 adds the result; one
+    # barrier instead of the ~5 of two Triton reductions. Padding keys (-1) are ignored: the largest as u32
+    # for the min, the smallest as s32 for the max.
+    _INIT_MM = tl.constexpr("{ .reg .u32 a; mov.u32 a, lpk_h0; st.shared.u32 [a+4112], -1; "
+                            "st.shared.u32 [a+4116], 0; mov.u32 $0, 0; }")
+    def _ptx_minmax(pack: int):
+        """PTX adding the min and max of ``pack`` keys of each thread, reduced over the warp, to the two slots."""
+        ins = [f"${pack + i}" for i in range(pack)]
+        body = [f"min.u32 m, {ins[0]}, {ins[1]};", f"max.s32 x, {ins[0]}, {ins[1]};"]
+        body += [f"min.u32 m, m, {r}; max.s32 x, x, {r};" for r in ins[2:]]
+        body += ["redux.sync.min.u32 m, m, -1; redux.sync.max.s32 x, x, -1; mov.u32 l, %laneid;",
+                 "setp.eq.u32 p, l, 0; @p red.shared.min.u32 [lpk_h0+4112], m; @p red.shared.max.s32 [lpk_h0+4116], x;"]
+        body += [f"mov.u32 ${i}, 0;" for i in range(pack)]
+        return tl.constexpr("{ .reg .u32 m, x, l; .reg .pred p; " + " ".join(body) + " }"), \
+            tl.constexpr(",".join(["=r"] * pack + ["r"] * pack))
+
+    MM_PACK = 32  # keys per thread reduced in one asm instance (the launcher checks pieces divide evenly)
+    _MM, _MM_CONS = _ptx_minmax(MM_PACK)
+    _MM_PACK = tl.constexpr(MM_PACK)
+    _READ_MM = tl.constexpr("{ ld.volatile.shared.u32 $0, [lpk_h0+4112]; ld.volatile.shared.u32 $1, [lpk_h0+4116]; }")
+
+    _READ8_0 = _ptx_read8(0)
+    _READ8_1 = _ptx_read8(1)
 
     @triton.jit
     def _hist_zero(NB: tl.constexpr, REGION: tl.constexpr):
@@ -54,8 +88,11 @@ if HAS_TRITON:
             tl.inline_asm_elementwise(_ZERO1, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _hist_add(key, lo32, s, NB: tl.constexpr, REGION: tl.constexpr):
-        if REGION == 0:
+    def _hist_add(key, lo32, s, NB: tl.constexpr, REGION: tl.constexpr, INRANGE: tl.constexpr = False):
+        if INRANGE:
+            tl.static_assert(REGION == 0)
+            tl.inline_asm_elementwise(_ADD0_IN, "=r,r,r,r", [key, lo32, s], dtype=tl.int32, is_pure=False, pack=1)
+        elif REGION == 0:
             tl.inline_asm_elementwise(_ADD0, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False, pack=1)
         else:
             tl.inline_asm_elementwise(_ADD1, "=r,r,r,r,r", [key, lo32, s, NB], dtype=tl.int32, is_pure=False, pack=1)
@@ -68,6 +105,86 @@ if HAS_TRITON:
         else:
             h = tl.inline_asm_elementwise(_READ1, "=r,r", [bins], dtype=tl.int32, is_pure=False, pack=1)
         return h
+
+    @triton.jit
+    def _hist_read8(REGION: tl.constexpr):
+        """The 256 counters of array REGION as 8 [32] tensors: lane l of tensor j holds bin 8 l + j. A [32]
+        tensor is replicated in every warp, so each warp scans the bins on its own, with no barrier."""
+        lane = tl.arange(0, 32)
+        if REGION == 0:
+            h = tl.inline_asm_elementwise(_READ8_0, "=r,=r,=r,=r,=r,=r,=r,=r,r", [lane], dtype=(tl.int32,) * 8,
+                                          is_pure=False, pack=1)
+        else:
+            h = tl.inline_asm_elementwise(_READ8_1, "=r,=r,=r,=r,=r,=r,=r,=r,r", [lane], dtype=(tl.int32,) * 8,
+                                          is_pure=False, pack=1)
+        return h
+
+    @triton.jit
+    def _mm_add(key):
+        tl.inline_asm_elementwise(_MM, _MM_CONS, [key], dtype=tl.int32, is_pure=False, pack=_MM_PACK)
+
+    @triton.jit
+    def _minmax_atomic(key, key2, B2: tl.constexpr):
+        """(min, max) of the valid keys of both pieces; the slots were set before the kernel's first barrier."""
+        _mm_add(key)
+        if B2 > 0:
+            _mm_add(key2)
+        tl.debug_barrier()
+        mn, mx = tl.inline_asm_elementwise(_READ_MM, "=r,=r,r", [tl.arange(0, 1)], dtype=(tl.int32, tl.int32),
+                                           is_pure=False, pack=1)
+        return tl.max(mn, axis=0), tl.max(mx, axis=0)
+
+    @triton.jit
+    def _col8(h2d, j: tl.constexpr):
+        return tl.sum(tl.where(tl.arange(0, 8)[None, :] == j, h2d, 0), axis=1)
+
+    @triton.jit
+    def _pick(hj, run, k, j: tl.constexpr, b, ex, hb):
+        """Bin j of each lane: holds the k-th key when the keys below it (``run``) are < k <= run + hj."""
+        hit = (run < k) & (run + hj >= k)
+        return tl.where(hit, j, b), tl.where(hit, run, ex), tl.where(hit, hj, hb), run + hj
+
+    @triton.jit
+    def _hist_step_warp(key, key2, lo, s, cnt, k, ASM: tl.constexpr, REGION: tl.constexpr, ZERO: tl.constexpr,
+                        B2: tl.constexpr, INRANGE: tl.constexpr):
+        """``_hist_step`` at 256 bins, each warp scanning all bins itself (no barrier after the counts)."""
+        lo32 = lo.to(tl.int32)
+        if ASM:
+            if ZERO:
+                _hist_zero(256, REGION)
+                tl.debug_barrier()
+            _hist_add(key, lo32, s, 256, REGION, INRANGE)
+            if B2 > 0:
+                _hist_add(key2, lo32, s, 256, REGION)
+            tl.debug_barrier()
+            h0, h1, h2, h3, h4, h5, h6, h7 = _hist_read8(REGION)
+        else:
+            h = _tl_hist(key, lo32, s, 256)
+            if B2 > 0:
+                h += _tl_hist(key2, lo32, s, 256)
+            h2d = tl.reshape(h, [32, 8])
+            h0, h1, h2, h3 = _col8(h2d, 0), _col8(h2d, 1), _col8(h2d, 2), _col8(h2d, 3)
+            h4, h5, h6, h7 = _col8(h2d, 4), _col8(h2d, 5), _col8(h2d, 6), _col8(h2d, 7)
+        tot = h0 + h1 + h2 + h3 + h4 + h5 + h6 + h7
+        excl = cnt + tl.cumsum(tot, axis=0) - tot  # keys below each lane's first bin
+        run = excl
+        b = tl.zeros([32], tl.int32)
+        ex = b
+        hb = b
+        b, ex, hb, run = _pick(h0, run, k, 0, b, ex, hb)
+        b, ex, hb, run = _pick(h1, run, k, 1, b, ex, hb)
+        b, ex, hb, run = _pick(h2, run, k, 2, b, ex, hb)
+        b, ex, hb, run = _pick(h3, run, k, 3, b, ex, hb)
+        b, ex, hb, run = _pick(h4, run, k, 4, b, ex, hb)
+        b, ex, hb, run = _pick(h5, run, k, 5, b, ex, hb)
+        b, ex, hb, run = _pick(h6, run, k, 6, b, ex, hb)
+        b, ex, hb, run = _pick(h7, run, k, 7, b, ex, hb)
+        # exactly one lane's bin holds the k-th key: pack (bin, keys below it, keys in it) into one sum
+        lane_hit = (excl < k) & (run >= k)
+        packed = ((tl.arange(0, 32) * 8 + b).to(tl.int64) << 42) | (ex.to(tl.int64) << 21) | hb.to(tl.int64)
+        got = tl.sum(tl.where(lane_hit, packed, 0), axis=0)
+        bin_ = got >> 42
+        return lo + (bin_ << s.to(tl.int64)), ((got >> 21) & 0x1FFFFF).to(tl.int32), (got & 0x1FFFFF).to(tl.int32)
 
     @triton.jit
     def _hist_level(key, key2, lo32, s, NB: tl.constexpr, ASM: tl.constexpr, REGION: tl.constexpr,
@@ -98,8 +215,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _hist_step(key, key2, lo, s, cnt, k, NB: tl.constexpr, ASM: tl.constexpr, REGION: tl.constexpr,
-                   ZERO: tl.constexpr, B2: tl.constexpr):
-        """One level: (start of the k-th key's bin, keys below it, keys in it); ``cnt`` keys lie below lo."""
+                   ZERO: tl.constexpr, B2: tl.constexpr, WSCAN: tl.constexpr, INRANGE: tl.constexpr = False):
+        """One level: (start of the k-th key's bin, keys below it, keys in it); ``cnt`` keys lie below lo.
+        INRANGE: every key of the first piece is valid and inside the level's range (the first level)."""
+        if WSCAN:
+            return _hist_step_warp(key, key2, lo, s, cnt, k, ASM, REGION, ZERO, B2, INRANGE)
         h = _hist_level(key, key2, lo.to(tl.int32), s, NB, ASM, REGION, ZERO, B2)
         cum = cnt + tl.cumsum(h, axis=0)  # keys below the end of each bin
         ex = cum - h
@@ -112,7 +232,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _hist_select(key, valid, key2, valid2, k, n, BITS0: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
-                     B2: tl.constexpr):
+                     B2: tl.constexpr, WSCAN: tl.constexpr, AMM: tl.constexpr, EVEN: tl.constexpr):
         """(t, c, e) for the k-th smallest (1-based) key of a row of ``n`` valid keys: prune every key < t and the
         first k - c keys == t in column order, where e keys equal t (when e == k - c: every key <= t).
 
@@ -128,11 +248,14 @@ if HAS_TRITON:
         (rare) alternate and zero their array first.
         """
         cnt = tl.zeros([], tl.int32)  # keys below lo
-        kmin = tl.min(tl.where(valid, key, 0x7FFFFFFF), axis=0)
-        kmax = tl.max(key, axis=0)
-        if B2 > 0:
-            kmin = tl.minimum(kmin, tl.min(tl.where(valid2, key2, 0x7FFFFFFF), axis=0))
-            kmax = tl.maximum(kmax, tl.max(key2, axis=0))
+        if AMM:
+            kmin, kmax = _minmax_atomic(key, key2, B2)
+        else:
+            kmin = tl.min(tl.where(valid, key, 0x7FFFFFFF), axis=0)
+            kmax = tl.max(key, axis=0)
+            if B2 > 0:
+                kmin = tl.minimum(kmin, tl.min(tl.where(valid2, key2, 0x7FFFFFFF), axis=0))
+                kmax = tl.maximum(kmax, tl.max(key2, axis=0))
         rng = (kmax - kmin).to(tl.float32)  # exact or rounded up: bit length never under-estimated
         top = ((rng.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # bit length of kmax - kmin (> 0)
         s = tl.maximum(top - BITS0, 0)
@@ -140,20 +263,20 @@ if HAS_TRITON:
         wl = tl.zeros([], tl.int32)  # log2 width of the k-th key's bin
         n_in = cnt + n  # keys in that bin
         if kmax > kmin:
-            lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS0, ASM, 0, False, B2)
+            lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS0, ASM, 0, False, B2, WSCAN, EVEN)
             wl = s
             s = tl.maximum(s - BITS, 0)
             if (wl > 0) & (n_in > 2):
-                lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS, ASM, 1, False, B2)
+                lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS, ASM, 1, False, B2, WSCAN)
                 wl = s
                 s = tl.maximum(s - BITS, 0)
                 go = (wl > 0) & (n_in > 2)
                 level = cnt * 0 + 2
                 while go:  # rare: ties or a bin of many close keys
                     if (level & 1) == 0:
-                        lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS, ASM, 0, True, B2)
+                        lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS, ASM, 0, True, B2, WSCAN)
                     else:
-                        lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS, ASM, 1, True, B2)
+                        lo, cnt, n_in = _hist_step(key, key2, lo, s, cnt, k, 1 << BITS, ASM, 1, True, B2, WSCAN)
                     level += 1
                     wl = s
                     go = (s > 0) & (n_in > 2)
@@ -197,8 +320,12 @@ if HAS_TRITON:
 
         Scores are >= 0 or NaN (|W| times non-negative factors): clearing the sign bit maps -0.0 to 0 and
         capping at the quiet-NaN pattern makes every NaN one key above +inf, as torch.sort orders them."""
-        s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row * stride_w + col, row * stride_g + col, col, valid,
-                   MODE, GPROMO)
+        if MODE == 0:  # Wanda: the key's sign clear makes |W| * f of W * f (f >= 0 or NaN): no abs
+            s = (tl.load(w_ptr + row * stride_w + col, mask=valid, other=0.0).to(tl.float32)
+                 * tl.load(f_ptr + col, mask=valid, other=0.0))
+        else:
+            s = _score(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row * stride_w + col, row * stride_g + col, col, valid,
+                       MODE, GPROMO)
         return tl.where(valid, tl.minimum(s.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0x7FC00000), -1)
 
     @triton.jit
@@ -206,13 +333,17 @@ if HAS_TRITON:
                           n_rows, n_cols, k, stride_w, stride_g, stride_m, stride_b,
                           MODE: tl.constexpr, GPROMO: tl.constexpr, BLOCK: tl.constexpr, B2: tl.constexpr,
                           BITS0: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, NT: tl.constexpr,
+                          WSCAN: tl.constexpr, AMM: tl.constexpr, VEC: tl.constexpr,
                           EVEN: tl.constexpr, WRITE_MASK: tl.constexpr, WRITE_BITS: tl.constexpr,
                           ZERO_W: tl.constexpr):
         """Unstructured: one row per program, held in registers as [BLOCK] keys and, when B2 > 0, [B2] more for
         columns BLOCK.. (e.g. 11008 = 8192 + 4096 padded, not 16384). EVEN: the first piece is all valid
         (no masks). ``scratch_ptr`` is unused."""
         row = tl.program_id(0).to(tl.int64)
-        col = tl.arange(0, BLOCK)
+        # VEC: elements per thread and access (a contiguity hint): 4 makes every access of a warp one
+        # contiguous span (fp32 f 16 B, fp16 W 8 B, the mask 4 B per lane); without it Triton gives each
+        # thread 16 elements (the widest access, the uint8 mask) and its f and W loads span 2-4x the bytes
+        col = tl.max_contiguous(tl.arange(0, BLOCK), VEC)
         if EVEN:
             valid = tl.full([BLOCK], 1, tl.int1)
         else:
@@ -223,7 +354,7 @@ if HAS_TRITON:
             rs = 1.0
         key = _piece_keys(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, col, valid, stride_w, stride_g, MODE, GPROMO)
         if B2 > 0:
-            col2 = BLOCK + tl.arange(0, B2)
+            col2 = BLOCK + tl.max_contiguous(tl.arange(0, B2), VEC)
             valid2 = col2 < n_cols
             key2 = _piece_keys(w_ptr, g_ptr, f_ptr, cs_ptr, rs, row, col2, valid2, stride_w, stride_g, MODE, GPROMO)
         else:  # placeholders, never read
@@ -234,10 +365,12 @@ if HAS_TRITON:
             tl.inline_asm_elementwise(_DECL, "=r,r", [tl.arange(0, NT)], dtype=tl.int32, is_pure=False, pack=1)
             _hist_zero(1 << BITS0, 0)
             _hist_zero(1 << BITS, 1)
+            if AMM:
+                tl.inline_asm_elementwise(_INIT_MM, "=r,r", [tl.arange(0, 1)], dtype=tl.int32, is_pure=False, pack=1)
             tl.debug_barrier()
         # Outputs are written in each branch: a mask merged from branches costs a compare-and-select per key
         if k > 0:
-            t, cnt, n_eq = _hist_select(key, valid, key2, valid2, k, n_cols, BITS0, BITS, ASM, B2)
+            t, cnt, n_eq = _hist_select(key, valid, key2, valid2, k, n_cols, BITS0, BITS, ASM, B2, WSCAN, AMM, EVEN)
             need = k - cnt  # keys == t to prune, the first ones in column order
             if n_eq == need:  # usual case: every key == t is pruned, no column rank needed
                 # key <= t as 0/1 from the sign bit of key - (t + 1), no compare (padding is -1: masked)

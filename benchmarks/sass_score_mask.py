@@ -35,7 +35,8 @@ import sass_tools as st  # noqa: E402
 from copy_floor_kernel import BLOCK as CF_BLOCK, WARPS as CF_WARPS, copy_floor_kernel  # noqa: E402
 
 from llmprune_kernels.ops import score_mask as sm  # noqa: E402
-from llmprune_kernels.ops import score_mask_hist, score_mask_interp, score_mask_radix, score_mask_sample  # noqa: E402
+from llmprune_kernels.ops import (score_mask_hist, score_mask_hist_smem, score_mask_interp,  # noqa: E402
+                                  score_mask_radix, score_mask_sample)
 
 ISSUE_PER_MS = 132 * 4 * 1.98e9 / 1e3  # warp-instructions per ms at peak issue (H100 SXM, boost clock)
 TYPES = dict(w_ptr="*fp16", g_ptr="*fp16", f_ptr="*fp32", cs_ptr="*fp16", rs_ptr="*fp16", mask_ptr="*u8",
@@ -96,7 +97,7 @@ def rare_lines(kernel, consts: dict) -> set:
 def _trip_count(chain: tuple) -> int | None:
     """N of the innermost ``for ... in range(N)`` enclosing the loop body's innermost source line."""
     mods = {os.path.basename(m.__file__): m for m in (score_mask_radix, score_mask_sample, score_mask_interp,
-                                                       score_mask_hist, sm)}
+                                                       score_mask_hist, score_mask_hist_smem, sm)}
     ours = [c for c in chain if c[0] in mods]  # the innermost of our own lines (Triton's reductions are inlined)
     if not ours:
         return None

@@ -8,7 +8,7 @@ H100-tuned defaults; the kernels live in
 * ``score_mask_common``: score, key, row reductions and output writes shared by all kernels;
 * ``score_mask_hist``: the default unstructured select (``select="hist"``), a radix select by 8-bit
   histograms of the k-th key (rows up to ``HIST_MAX_BLOCK`` columns in registers), the histogram kept in
-  shared memory through a few lines of PTX on CUDA;
+  shared memory through a few lines of PTX on CUDA (``score_mask_hist_smem``);
 * ``score_mask_radix``: ``select="radix1"``, a bitwise radix search of the k-th key (one full-row count per
   key bit); its chunked kernel streams rows longer than ``MAX_BLOCK`` for every select;
 * ``score_mask_sample``: the opt-in ``select="sample"`` (``LLMPRUNE_SCORE_MASK_SELECT=sample``): bracket
@@ -18,7 +18,7 @@ H100-tuned defaults; the kernels live in
 * ``score_mask_nm``: N:M, the rank of each element inside its group of M.
 
 Cost on H100 (benchmarks/results/score_mask_h100.json): N:M runs at 1.3-1.4x of a plain copy of the same
-bytes; the unstructured hist select at about 2-3x of that copy (radix1: 6-11x). Outputs: a bool mask,
+bytes; the unstructured hist select at 1.2-1.5x of that copy (radix1: 6-11x). Outputs: a bool mask,
 and/or packed bits (bit i of byte b = column 8b+i, numpy ``bitorder='little'``), and/or W zeroed in place.
 """
 from __future__ import annotations
@@ -30,16 +30,25 @@ import torch
 
 from llmprune_kernels.ops.score_mask_common import HAS_TRITON
 from llmprune_kernels.reference.ria import ria_factor, ria_sums
-from llmprune_kernels.validation import SparsityConfig, check_finite, check_nm, check_weight
+from llmprune_kernels.validation import (
+    SparsityConfig,
+    check_finite,
+    check_nm,
+    check_weight,
+)
 
 if HAS_TRITON:
     import triton
     from triton.runtime.errors import OutOfResources
 
-    from llmprune_kernels.ops.score_mask_hist import MM_PACK, _rows_hist_kernel
+    from llmprune_kernels.ops.score_mask_hist import _rows_hist_kernel
+    from llmprune_kernels.ops.score_mask_hist_smem import MM_PACK
     from llmprune_kernels.ops.score_mask_interp import _rows_interp_kernel
     from llmprune_kernels.ops.score_mask_nm import _nm_kernel
-    from llmprune_kernels.ops.score_mask_radix import _row_topk_chunked_kernel, _rows_kernel
+    from llmprune_kernels.ops.score_mask_radix import (
+        _row_topk_chunked_kernel,
+        _rows_kernel,
+    )
     from llmprune_kernels.ops.score_mask_sample import _rows_sample_kernel
 
 __all__ = ["HAS_TRITON", "INTERPRET", "pack_mask_bits", "score_and_mask", "triton_usable", "unpack_mask_bits"]

@@ -238,12 +238,15 @@ SAMPLE_VARIANTS = [{"select": "sample"}, {"select": "sample", "elems_per_warp": 
 # each variant is a Triton compile per width, slow on the H100 machine
 INTERP_VARIANTS = [{"select": "interp"}, {"select": "interp", "elems_per_warp": 2048},
                    {"select": "interp", "elems_per_warp": 512}]
-# Histogram radix select ("hist", the default): defaults (shared-memory histogram in PTX, register caps by
-# keys per thread, two-piece rows), no register cap, one padded piece, 7- and 10-bit digits, half the warps,
-# a tighter cap, and Triton's own tl.histogram (warp ballots) instead of the PTX histogram
+# Histogram radix select ("hist", the default): defaults (shared-memory histogram in PTX, per-warp bin scans,
+# atomic min/max, 4 columns per access, register caps by keys per thread, two-piece rows), no register cap,
+# one padded piece, 7- and 10-bit digits, half the warps, a tighter cap, block-wide scans with Triton's
+# min/max, Triton's choice of 16 columns per access, and Triton's own tl.histogram (warp ballots) instead of
+# the PTX histogram
 HIST_VARIANTS = [{"select": "hist"}, {"select": "hist", "maxnreg": 255}, {"select": "hist", "split": False},
                  {"select": "hist", "bits0": 7, "bits": 7}, {"select": "hist", "bits": 10},
                  {"select": "hist", "elems_per_warp": 512, "maxnreg": 48}, {"select": "hist", "maxnreg": 56},
+                 {"select": "hist", "wscan": False, "amm": False}, {"select": "hist", "vec": 16},
                  {"select": "hist", "asm": False}]
 
 

@@ -51,6 +51,7 @@ if HAS_TRITON:
     # for the min, the smallest as s32 for the max.
     _INIT_MM = tl.constexpr("{ .reg .u32 a; mov.u32 a, lpk_h0; st.shared.u32 [a+4112], -1; "
                             "st.shared.u32 [a+4116], 0; mov.u32 $0, 0; }")
+
     def _ptx_minmax(pack: int):
         """PTX adding the min and max of ``pack`` keys of each thread, reduced over the warp, to the two slots."""
         ins = [f"${pack + i}" for i in range(pack)]

@@ -57,19 +57,10 @@ if HAS_TRITON:
         """``_hist_step`` at 256 bins, each warp scanning all bins itself (no barrier after the counts)."""
         lo32 = lo.to(tl.int32)
         if ASM:
-            if ZERO:
-                _hist_zero(256, REGION)
-                tl.debug_barrier()
-            _hist_add(key, lo32, s, 256, REGION, INRANGE)
-            if B2 > 0:
-                _hist_add(key2, lo32, s, 256, REGION)
-            tl.debug_barrier()
+            _hist_count_smem(key, key2, lo32, s, 256, REGION, ZERO, B2, INRANGE)
             h0, h1, h2, h3, h4, h5, h6, h7 = _hist_read8(REGION)
         else:
-            h = _tl_hist(key, lo32, s, 256)
-            if B2 > 0:
-                h += _tl_hist(key2, lo32, s, 256)
-            h2d = tl.reshape(h, [32, 8])
+            h2d = tl.reshape(_tl_hist_pieces(key, key2, lo32, s, 256, B2), [32, 8])
             h0, h1, h2, h3 = _col8(h2d, 0), _col8(h2d, 1), _col8(h2d, 2), _col8(h2d, 3)
             h4, h5, h6, h7 = _col8(h2d, 4), _col8(h2d, 5), _col8(h2d, 6), _col8(h2d, 7)
         tot = h0 + h1 + h2 + h3 + h4 + h5 + h6 + h7
@@ -86,32 +77,48 @@ if HAS_TRITON:
         b, ex, hb, run = _pick(h5, run, k, 5, b, ex, hb)
         b, ex, hb, run = _pick(h6, run, k, 6, b, ex, hb)
         b, ex, hb, run = _pick(h7, run, k, 7, b, ex, hb)
-        # exactly one lane's bin holds the k-th key: pack (bin, keys below it, keys in it) into one sum
-        lane_hit = (excl < k) & (run >= k)
-        packed = ((tl.arange(0, 32) * 8 + b).to(tl.int64) << 42) | (ex.to(tl.int64) << 21) | hb.to(tl.int64)
-        got = tl.sum(tl.where(lane_hit, packed, 0), axis=0)
-        bin_ = got >> 42
-        return lo + (bin_ << s.to(tl.int64)), ((got >> 21) & 0x1FFFFF).to(tl.int32), (got & 0x1FFFFF).to(tl.int32)
+        lane_hit = (excl < k) & (run >= k)  # exactly one lane's bin holds the k-th key
+        return _selected_bin(tl.arange(0, 32) * 8 + b, ex, hb, lane_hit, lo, s)
+
+    @triton.jit
+    def _selected_bin(bin_, ex, h, sel, lo, s):
+        """(start of bin, keys below it, keys in it) of the one element where ``sel``: packed into one sum."""
+        packed = (bin_.to(tl.int64) << 42) | (ex.to(tl.int64) << 21) | h.to(tl.int64)
+        got = tl.sum(tl.where(sel, packed, 0), axis=0)
+        return lo + ((got >> 42) << s.to(tl.int64)), ((got >> 21) & 0x1FFFFF).to(tl.int32), (got & 0x1FFFFF).to(tl.int32)
+
+    @triton.jit
+    def _hist_count_smem(key, key2, lo32, s, NB: tl.constexpr, REGION: tl.constexpr, ZERO: tl.constexpr,
+                         B2: tl.constexpr, INRANGE: tl.constexpr):
+        """Count the keys of both pieces in shared array REGION (zeroed here when ZERO, else by the caller before
+        a barrier), then a barrier: the counts are ready to read. INRANGE: see ``_hist_step``."""
+        if ZERO:
+            _hist_zero(NB, REGION)
+            tl.debug_barrier()
+        _hist_add(key, lo32, s, NB, REGION, INRANGE)
+        if B2 > 0:
+            _hist_add(key2, lo32, s, NB, REGION)
+        tl.debug_barrier()
+
+    @triton.jit
+    def _tl_hist_pieces(key, key2, lo32, s, NB: tl.constexpr, B2: tl.constexpr):
+        """The same counts by ``tl.histogram`` (the interpreter, or pieces narrower than the threads)."""
+        h = _tl_hist(key, lo32, s, NB)
+        if B2 > 0:
+            h += _tl_hist(key2, lo32, s, NB)
+        return h
 
     @triton.jit
     def _hist_level(key, key2, lo32, s, NB: tl.constexpr, ASM: tl.constexpr, REGION: tl.constexpr,
-                    ZERO: tl.constexpr, B2: tl.constexpr):
+                    ZERO: tl.constexpr, B2: tl.constexpr, INRANGE: tl.constexpr):
         """Counts of the keys (of both row pieces when B2 > 0) in [lo, lo + NB << s) by digit (key - lo) >> s;
         other keys are not counted. ASM: in shared array REGION, zeroed here when ZERO (else by the caller,
         before a barrier)."""
         if ASM:
-            if ZERO:
-                _hist_zero(NB, REGION)
-                tl.debug_barrier()
-            _hist_add(key, lo32, s, NB, REGION)
-            if B2 > 0:
-                _hist_add(key2, lo32, s, NB, REGION)
-            tl.debug_barrier()
+            _hist_count_smem(key, key2, lo32, s, NB, REGION, ZERO, B2, INRANGE)
             h = _hist_read(NB, REGION)
         else:
-            h = _tl_hist(key, lo32, s, NB)
-            if B2 > 0:
-                h += _tl_hist(key2, lo32, s, NB)
+            h = _tl_hist_pieces(key, key2, lo32, s, NB, B2)
         return h
 
     @triton.jit
@@ -127,15 +134,10 @@ if HAS_TRITON:
         INRANGE: every key of the first piece is valid and inside the level's range (the first level)."""
         if WSCAN:
             return _hist_step_warp(key, key2, lo, s, cnt, k, ASM, REGION, ZERO, B2, INRANGE)
-        h = _hist_level(key, key2, lo.to(tl.int32), s, NB, ASM, REGION, ZERO, B2)
+        h = _hist_level(key, key2, lo.to(tl.int32), s, NB, ASM, REGION, ZERO, B2, INRANGE)
         cum = cnt + tl.cumsum(h, axis=0)  # keys below the end of each bin
         ex = cum - h
-        # exactly one bin holds the k-th key: pack (bin, keys below it, keys in it) into one sum
-        sel = (ex < k) & (cum >= k)
-        packed = (tl.arange(0, NB).to(tl.int64) << 42) | (ex.to(tl.int64) << 21) | h.to(tl.int64)
-        got = tl.sum(tl.where(sel, packed, 0), axis=0)
-        b = got >> 42
-        return lo + (b << s.to(tl.int64)), ((got >> 21) & 0x1FFFFF).to(tl.int32), (got & 0x1FFFFF).to(tl.int32)
+        return _selected_bin(tl.arange(0, NB), ex, h, (ex < k) & (cum >= k), lo, s)  # one bin holds the k-th key
 
     @triton.jit
     def _hist_select(key, valid, key2, valid2, k, n, BITS0: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,

@@ -2,13 +2,14 @@
 
 A GGUF file is dequantized by ``transformers`` (with the ``gguf`` package), which takes ~25-40 s for
 SmolLM2-135M on two cores; the dequantized model and tokenizer are cached on disk as a plain
-``save_pretrained`` directory, keyed by the file's name, size and modification time, so later loads
-take a second.
+``save_pretrained`` directory, keyed by the file's content (SHA-256) and the ``transformers`` version,
+so later loads take a second and reinstalling the same file reuses the entry.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -55,12 +56,46 @@ def cache_root() -> Path:
     return Path(base) / "llmprune_kernels"
 
 
+def _content_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, memoized per (path, size, mtime) in ``<cache>/digests.json``.
+
+    The cache is keyed by content, not by path or mtime: every fresh install of the embedded package
+    (a new venv, a CI run) gives the same file a new mtime, and a mtime key left one 0.5 GB cache
+    entry behind per install.
+    """
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo_file = cache_root() / "digests.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo.get(ident), str):
+        return memo[ident]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    memo = {k: v for k, v in memo.items() if Path(k.split("|")[0]).exists()}  # drop vanished files
+    memo[ident] = digest
+    try:  # best effort and atomic: a read-only or full cache only costs a re-hash next time
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
+        os.replace(tmp, memo_file)
+    except OSError as exc:
+        log.debug("could not write %s: %s", memo_file, exc)
+    return digest
+
+
 def gguf_cache_dir(gguf: Path) -> Path:
-    """Cache directory of a dequantized GGUF: ``<cache>/<stem>-<hash of name, size, mtime, transformers>``."""
+    """Cache directory of a dequantized GGUF: ``<cache>/<stem>-<hash of content, transformers version>``."""
     import transformers
 
-    st = gguf.stat()
-    key = f"{gguf.name}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    key = f"{_content_digest(gguf)}|{transformers.__version__}"
     return cache_root() / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

@@ -35,18 +35,46 @@ def test_missing_embedded_package_error(monkeypatch):
         models.embedded_gguf_path()
 
 
-def test_cache_dir_follows_env_and_file_identity(tmp_path, monkeypatch):
+def test_cache_dir_follows_env_and_file_content(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + b"\0" * 100)
     first = models.gguf_cache_dir(f)
     assert first.parent == tmp_path / "cache" and first.name.startswith("m-")
     assert models.gguf_cache_dir(f) == first  # stable
+    # A reinstall (new mtime, new path, same bytes) reuses the entry: the cache must not grow per venv.
     os.utime(f, ns=(1_000_000_000, 1_000_000_000))
-    assert models.gguf_cache_dir(f) != first  # a replaced file gets a new cache entry
+    assert models.gguf_cache_dir(f) == first
+    (tmp_path / "venv2").mkdir()
+    copy = tmp_path / "venv2" / "m.gguf"
+    copy.write_bytes(f.read_bytes())
+    assert models.gguf_cache_dir(copy) == first
+    # Different bytes of the same size (a replaced file, so a new mtime) get a new entry.
+    f.write_bytes(b"GGUF" + b"\1" * 100)
+    os.utime(f, ns=(2_000_000_000, 2_000_000_000))
+    assert models.gguf_cache_dir(f) != first
     monkeypatch.delenv("LLMPRUNE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert models.cache_root() == tmp_path / "xdg" / "llmprune_kernels"
+
+
+def test_content_digest_memo_is_used_and_survives_corruption(tmp_path, monkeypatch):
+    """The digest is memoized per (path, size, mtime); a corrupt memo is ignored, not fatal."""
+    import hashlib
+
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"\2" * 1000)
+    want = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert models._content_digest(f) == want
+    memo = tmp_path / "cache" / "digests.json"
+    assert want in memo.read_text()
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-hashed")))
+    assert models._content_digest(f) == want  # served from the memo, the file is not read again
+    monkeypatch.setattr("builtins.open", real_open)
+    memo.write_text("{not json")
+    assert models._content_digest(f) == want
 
 
 def test_resolve_model_source_errors(tmp_path):

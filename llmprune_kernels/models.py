@@ -79,13 +79,12 @@ def _content_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     digest = h.hexdigest()
-    memo = {k: v for k, v in memo.items() if Path(k.split("|")[0]).exists()}  # drop vanished files
+    memo = {k: v for k, v in memo.items() if Path(k.rsplit("|", 2)[0]).exists()}  # drop vanished files
     memo[ident] = digest
-    try:  # best effort and atomic: a read-only or full cache only costs a re-hash next time
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
-        os.replace(tmp, memo_file)
+    from llmprune_kernels.report import write_json
+
+    try:  # best effort: a read-only or full cache only costs a re-hash next time
+        write_json(memo, memo_file)
     except OSError as exc:
         log.debug("could not write %s: %s", memo_file, exc)
     return digest

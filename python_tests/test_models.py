@@ -63,10 +63,13 @@ def test_content_digest_memo_is_used_and_survives_corruption(tmp_path, monkeypat
     import hashlib
 
     monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
-    f = tmp_path / "m.gguf"
+    f = tmp_path / "m|1.gguf"  # a "|" in the path must not look like a vanished file when the memo is pruned
     f.write_bytes(b"GGUF" + b"\2" * 1000)
     want = hashlib.sha256(f.read_bytes()).hexdigest()
     assert models._content_digest(f) == want
+    other = tmp_path / "n.gguf"
+    other.write_bytes(b"GGUF")
+    models._content_digest(other)  # rewrites the memo, pruning entries of files that are gone
     memo = tmp_path / "cache" / "digests.json"
     assert want in memo.read_text()
     real_open = open

@@ -30,11 +30,11 @@ if not torch.cuda.is_available():
     pytest.skip("2:4 inference benchmarks need a CUDA GPU", allow_module_level=True)
 
 from llmprune_kernels import backends  # noqa: E402
-from llmprune_kernels.nn import SparseLinear  # noqa: E402
-from llmprune_kernels.ops import sparse24_matmul as s24
-from llmprune_kernels.ops import sparse24_mmasp as mm  # noqa: E402
-from llmprune_kernels.sparse24 import cusparselt as cslt  # noqa: E402
-from llmprune_kernels.sparse24 import cutlass_sm90 as ctl  # noqa: E402
+from llmprune_kernels.sparse24 import SparseLinear  # noqa: E402
+from llmprune_kernels.sparse24.backends import decode as s24
+from llmprune_kernels.sparse24.backends import mmasp as mm  # noqa: E402
+from llmprune_kernels.sparse24.backends import cusparselt as cslt  # noqa: E402
+from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl  # noqa: E402
 from llmprune_kernels.sparse24 import dispatch  # noqa: E402
 from llmprune_kernels.sparse24.pack import pack_24  # noqa: E402
 

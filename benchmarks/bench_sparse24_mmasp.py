@@ -37,7 +37,7 @@ def _env() -> dict:
 
 @torch.no_grad()
 def run(out_path: str, dtypes, shapes, ms, budget_s: float = 240.0) -> dict:
-    from llmprune_kernels.ops import sparse24_mmasp as mm
+    from llmprune_kernels.sparse24.backends import mmasp as mm
     from llmprune_kernels.sparse24.dispatch import (
         random_24_weight,
         time_ms,
@@ -117,7 +117,7 @@ def run(out_path: str, dtypes, shapes, ms, budget_s: float = 240.0) -> dict:
 def test_mmasp_decode_vs_dense(benchmark):
     import pytest
 
-    from llmprune_kernels.ops import sparse24_mmasp as mm
+    from llmprune_kernels.sparse24.backends import mmasp as mm
 
     if not mm.available():
         pytest.skip("needs the CUDA build of _C and a GPU")

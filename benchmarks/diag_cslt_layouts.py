@@ -25,7 +25,7 @@ def _child(layout: int, out_path: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    from llmprune_kernels.sparse24 import cusparselt as cslt
+    from llmprune_kernels.sparse24.backends import cusparselt as cslt
     from llmprune_kernels.sparse24.dispatch import random_24_weight, time_ms_interleaved
 
     ms = [int(v) for v in os.environ.get("CSLT_MS", "2048,8192").split(",")]

@@ -8,10 +8,10 @@ import sys
 
 PRE = """
 import torch, torch.nn.functional as F
-from llmprune_kernels.sparse24 import cusparselt as cslt
+from llmprune_kernels.sparse24.backends import cusparselt as cslt
 from llmprune_kernels.sparse24.dispatch import random_24_weight, time_ms
 from llmprune_kernels.sparse24.pack import pack_24
-from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
+from llmprune_kernels.sparse24.backends.decode import sparse24_mm
 w = random_24_weight(4096, 4096, torch.float16, 'cuda')
 def err(y, x): r = F.linear(x.float(), w.float()); return float((y.float() - r).abs().max() / r.abs().max())
 """

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmprune_kernels.nn import SparseLinear
-from llmprune_kernels.sparse24 import cusparselt as cslt
-from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
+from llmprune_kernels.sparse24 import SparseLinear
+from llmprune_kernels.sparse24.backends import cusparselt as cslt
+from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24 import dispatch
 
 

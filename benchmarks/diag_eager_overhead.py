@@ -18,9 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmprune_kernels.nn import SparseLinear
-from llmprune_kernels.ops import sparse24_mmasp as mmasp
-from llmprune_kernels.sparse24 import cusparselt as cslt
+from llmprune_kernels.sparse24 import SparseLinear
+from llmprune_kernels.sparse24.backends import mmasp as mmasp
+from llmprune_kernels.sparse24.backends import cusparselt as cslt
 from llmprune_kernels.sparse24.dispatch import random_24_weight
 
 N = 2000

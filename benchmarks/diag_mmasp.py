@@ -1,7 +1,7 @@
 """GPU diagnostics of the mma.sp 2:4 kernel's layout (run first by benchmarks/run_mmasp_gpu.sh).
 
 1. Probe: one hardware ``mma.sp`` on random registers vs the CPU emulator's documented semantics
-   (:func:`llmprune_kernels.reference.sparse24_mmasp.mma_sp_m16n8k32`), fp16 / bf16, selector 0 / 1. On a
+   (:func:`llmprune_kernels.testing.mmasp_emulator.mma_sp_m16n8k32`), fp16 / bf16, selector 0 / 1. On a
    mismatch, every transform of the metadata words in a small family (which lane of a quad supplies the
    words, 16-bit halves swapped, the two 2-bit indices of a nibble swapped) is tried on the hardware; a
    transform T with ``hw(T(e)) == emulator(e)`` says how ``to_mmasp_layout`` must change.
@@ -18,8 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from llmprune_kernels.ops import sparse24_mmasp as mm
-from llmprune_kernels.reference.sparse24_mmasp import mma_sp_m16n8k32, probe_inputs, regs_as_int32
+from llmprune_kernels.sparse24.backends import mmasp as mm
+from llmprune_kernels.testing.mmasp_emulator import mma_sp_m16n8k32, probe_inputs, regs_as_int32
 from llmprune_kernels.sparse24.dispatch import random_24_weight
 from llmprune_kernels.sparse24.pack import pack_24
 

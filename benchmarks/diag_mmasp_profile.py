@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from llmprune_kernels.ops import sparse24_mmasp as mm
+from llmprune_kernels.sparse24.backends import mmasp as mm
 from llmprune_kernels.sparse24.dispatch import random_24_weight, time_ms
 from llmprune_kernels.sparse24.pack import pack_24
 

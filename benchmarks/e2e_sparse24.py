@@ -18,9 +18,9 @@ import time
 import torch
 import torch.nn as nn
 
-from llmprune_kernels.nn import SparseLinear, sparsify_
-from llmprune_kernels.ops import sparse24_matmul as s24
-from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
+from llmprune_kernels.sparse24 import SparseLinear, sparsify_
+from llmprune_kernels.sparse24.backends import decode as s24
+from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24 import dispatch
 
 

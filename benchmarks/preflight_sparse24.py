@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from llmprune_kernels.ops import sparse24_matmul as s24
+from llmprune_kernels.sparse24.backends import decode as s24
 from llmprune_kernels.reference.sparse24_matmul import sparse24_linear_reference
 from llmprune_kernels.sparse24.dispatch import random_24_weight
 from llmprune_kernels.sparse24.pack import pack_24

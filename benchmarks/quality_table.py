@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from llmprune_kernels import SparsityConfig
-from llmprune_kernels import data as D
-from llmprune_kernels.evaluate import perplexity
-from llmprune_kernels.models import load_model, model_display_name
+from llmprune_kernels.pipeline import data as D
+from llmprune_kernels.pipeline.evaluate import perplexity
+from llmprune_kernels.pipeline.models import load_model, model_display_name
 from llmprune_kernels.pipeline import prune_model
-from llmprune_kernels.report import host, versions, write_json
+from llmprune_kernels.pipeline.report import host, versions, write_json
 
 # (key, method, sparsity or "N:M", owl)
 ROWS = [
@@ -51,7 +51,7 @@ def _config(s) -> SparsityConfig:
 
 
 def run_row(dense_model, calib, eval_ids, key, method, sparsity, owl, args) -> dict:
-    from llmprune_kernels.owl import owl_layer_sparsity
+    from llmprune_kernels.pipeline.owl import owl_layer_sparsity
 
     model = copy.deepcopy(dense_model)
     cfg = _config(sparsity)

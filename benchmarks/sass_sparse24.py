@@ -23,8 +23,8 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sass_tools import compile_kernel, sass_stats  # noqa: E402
 
-from llmprune_kernels.ops import sparse24_gemv as sg
-from llmprune_kernels.ops import sparse24_matmul as s24
+from llmprune_kernels.sparse24.backends import _decode_stream as sg
+from llmprune_kernels.sparse24.backends import decode as s24
 
 def candidate_stats(cfg: tuple, m: int, dtype: torch.dtype) -> dict:
     bn, bk, _, warps, _, kind = cfg

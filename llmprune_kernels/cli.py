@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=_positive_int, default=DEFAULT_NSAMPLES,
                    help=f"calibration windows (default: {DEFAULT_NSAMPLES}; the papers use 128 windows of 2048 tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets (default: 0)")
-    from llmprune_kernels.owl import add_cli_arguments as _owl_arguments
+    from llmprune_kernels.pipeline.owl import add_cli_arguments as _owl_arguments
 
-    _owl_arguments(p)  # --owl, --owl-m, --owl-lambda (OWL layer-wise sparsity, llmprune_kernels/owl.py)
+    _owl_arguments(p)  # --owl, --owl-m, --owl-lambda (OWL layer-wise sparsity, llmprune_kernels/pipeline/owl.py)
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="method option passed to the pruner, repeatable (e.g. --option blocksize=128)")
     p.add_argument("--output", "-o", default=None, metavar="DIR",
@@ -126,7 +126,7 @@ def _device(name: str | None) -> torch.device:
 
 
 def _load(args):
-    from llmprune_kernels.models import load_model, model_display_name
+    from llmprune_kernels.pipeline.models import load_model, model_display_name
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, use_cache=not args.no_cache)
@@ -134,7 +134,7 @@ def _load(args):
 
 
 def _windows(args, tokenizer, nsamples: int | None, evaluate: bool = True):
-    from llmprune_kernels import data
+    from llmprune_kernels.pipeline import data
 
     text = data.load_text(args.text, args.eval_text)
     calib = None
@@ -153,7 +153,7 @@ def _windows(args, tokenizer, nsamples: int | None, evaluate: bool = True):
 
 
 def _ppl(model, eval_ids, device, args) -> tuple[float, float]:
-    from llmprune_kernels.evaluate import timed_perplexity
+    from llmprune_kernels.pipeline.evaluate import timed_perplexity
 
     return timed_perplexity(model, eval_ids, device=device, batch_size=args.batch_size, progress=not args.quiet)
 
@@ -161,7 +161,7 @@ def _ppl(model, eval_ids, device, args) -> tuple[float, float]:
 def cmd_prune(args) -> int:
     from llmprune_kernels.methods import get_method
     from llmprune_kernels.pipeline import prune_model
-    from llmprune_kernels.report import build_report, write_json
+    from llmprune_kernels.pipeline.report import build_report, write_json
 
     t_start = time.perf_counter()
     config = SparsityConfig.parse(args.sparsity, args.pattern)
@@ -180,7 +180,7 @@ def cmd_prune(args) -> int:
     if args.evaluate:
         dense, timings["eval_dense"] = _ppl(model, eval_ids, device, args)
         print(f"dense perplexity: {dense:.3f}", flush=True)
-    from llmprune_kernels.owl import cli_layer_sparsity
+    from llmprune_kernels.pipeline.owl import cli_layer_sparsity
 
     layer_sparsity, owl_report = cli_layer_sparsity(args, model, calib, config, device)
     result = prune_model(model, calib, args.method, config, device=device, batch_size=args.batch_size,
@@ -198,7 +198,7 @@ def cmd_prune(args) -> int:
     if result.method_report:  # GBLM gradient memory, SparseLLM per-block objective histories / NaN fallbacks
         report["method_report"] = result.method_report
     if args.output:
-        from llmprune_kernels.save import save_model
+        from llmprune_kernels.pipeline.save import save_model
 
         t0 = time.perf_counter()
         save_model(model, tokenizer, args.output, overwrite=args.overwrite,
@@ -234,7 +234,7 @@ def _summary(name, method, config, result, dense, pruned, timings, output, repor
 
 
 def cmd_eval(args) -> int:
-    from llmprune_kernels.report import build_report, write_json
+    from llmprune_kernels.pipeline.report import build_report, write_json
 
     t_start = time.perf_counter()
     device = _device(args.device)

@@ -11,7 +11,7 @@ import torch
 from tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 
 from llmprune_kernels.cli import build_parser, main
-from llmprune_kernels.save import save_model
+from llmprune_kernels.pipeline.save import save_model
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_report_json_is_strict(tmp_path):
     from tiny_models import random_ids
 
     from llmprune_kernels.pipeline import prune_model
-    from llmprune_kernels.report import build_report, write_json
+    from llmprune_kernels.pipeline.report import build_report, write_json
     from llmprune_kernels.validation import SparsityConfig
 
     result = prune_model(tiny_model("llama"), random_ids(2, 16), "wanda", SparsityConfig(n=2, m=4), progress=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmprune_kernels import data
+from llmprune_kernels.pipeline import data
 
 
 def test_default_text_is_deterministic_and_split_by_topic():

@@ -8,8 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from llmprune_kernels import SparsityConfig
-from llmprune_kernels.evaluate import perplexity
-from llmprune_kernels.owl import owl_layer_sparsity
+from llmprune_kernels.pipeline.evaluate import perplexity
+from llmprune_kernels.pipeline.owl import owl_layer_sparsity
 from llmprune_kernels.pipeline import prune_model
 
 
@@ -123,7 +123,7 @@ def test_owl_in_pipeline_exact_mean():
 
 @pytest.fixture(scope="module")
 def tiny_cli_dir(tmp_path_factory):
-    from llmprune_kernels.save import save_model
+    from llmprune_kernels.pipeline.save import save_model
     from tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("cli_global")

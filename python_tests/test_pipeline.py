@@ -11,10 +11,10 @@ from tiny_models import random_ids, tiny_model
 from torch import nn
 
 from llmprune_kernels import SparsityConfig
-from llmprune_kernels.layerwise import capture_layer_inputs, walk_layers
+from llmprune_kernels.pipeline.layerwise import capture_layer_inputs, walk_layers
 from llmprune_kernels.methods import available_methods, get_method
 from llmprune_kernels.methods.base import _REGISTRY, LayerPruner, register_method
-from llmprune_kernels.models import find_decoder_layers, linear_modules
+from llmprune_kernels.pipeline.models import find_decoder_layers, linear_modules
 from llmprune_kernels.pipeline import prune_model
 
 KINDS = ["llama", "qwen2", "mistral"]
@@ -293,8 +293,8 @@ SLOW_NSAMPLES, SLOW_SEQLEN, SLOW_EVAL_WINDOWS = 8, 256, 8
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from llmprune_kernels import data
-    from llmprune_kernels.models import load_model
+    from llmprune_kernels.pipeline import data
+    from llmprune_kernels.pipeline.models import load_model
 
     model, tokenizer = load_model()
     calib, held = data.get_calibration_and_eval(tokenizer, nsamples=SLOW_NSAMPLES, seqlen=SLOW_SEQLEN, seed=0,
@@ -308,7 +308,7 @@ def smollm2_pruned(smollm2):
 
     The model stays on the CPU; pruning and evaluation run on ``device`` (layer by layer for pruning).
     """
-    from llmprune_kernels.evaluate import perplexity
+    from llmprune_kernels.pipeline.evaluate import perplexity
 
     base, _, calib, held = smollm2
     cache = {}
@@ -387,8 +387,8 @@ def test_smollm2_two_four_pattern(smollm2, device):
 def test_smollm2_saved_model_reloads_with_plain_transformers(smollm2, smollm2_pruned, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from llmprune_kernels.evaluate import perplexity
-    from llmprune_kernels.save import save_model
+    from llmprune_kernels.pipeline.evaluate import perplexity
+    from llmprune_kernels.pipeline.save import save_model
 
     _, tokenizer, _, held = smollm2
     model, _, ppl = smollm2_pruned("wanda", "cpu")

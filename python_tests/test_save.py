@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
-from llmprune_kernels.save import save_model
+from llmprune_kernels.pipeline.save import save_model
 
 
 def _leftovers(parent):

@@ -1,4 +1,4 @@
-"""CUTLASS sm90 2:4 GEMM (llmprune_kernels.sparse24.cutlass_sm90): every tile config equals the masked dense
+"""CUTLASS sm90 2:4 GEMM (llmprune_kernels.sparse24.backends.cutlass_sm90): every tile config equals the masked dense
 linear, in eager mode and CUDA graphs, at token counts that do not fill a tile; tuning measures it and
 the table keeps its config; bad input is refused with a message naming it."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
+from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24 import dispatch
 from llmprune_kernels.sparse24.dispatch import random_24_weight
 
@@ -171,7 +171,7 @@ def test_tuning_measures_cutlass_and_keeps_its_config():
 def test_sparse_linear_shares_the_packed_values_when_they_match(dtype):
     """SparseLinear's CUTLASS weight reads the module's packed values when CUTLASS's compressed values equal
     them (then only the metadata is extra), and the output is the masked dense linear either way."""
-    from llmprune_kernels.nn import SparseLinear
+    from llmprune_kernels.sparse24 import SparseLinear
     from llmprune_kernels.sparse24.pack import pack_24
 
     w = random_24_weight(1024, 2048, dtype, "cuda")

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from llmprune_kernels.ops import sparse24_matmul as s24
-from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
+from llmprune_kernels.sparse24.backends import decode as s24
+from llmprune_kernels.sparse24.backends.decode import sparse24_mm
 from llmprune_kernels.reference.sparse24_matmul import sparse24_linear_reference
-from llmprune_kernels.sparse24 import cusparselt as cslt
+from llmprune_kernels.sparse24.backends import cusparselt as cslt
 from llmprune_kernels.sparse24.dispatch import random_24_weight
 from llmprune_kernels.sparse24.pack import pack_24, unpack_24
 

@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmprune_kernels.nn import SparseLinear, sparsify_
-from llmprune_kernels.ops import sparse24_matmul as s24
-from llmprune_kernels.ops import sparse24_mmasp as mmasp
-from llmprune_kernels.sparse24 import cusparselt as cslt
-from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
+from llmprune_kernels.sparse24 import SparseLinear, sparsify_
+from llmprune_kernels.sparse24.backends import decode as s24
+from llmprune_kernels.sparse24.backends import mmasp as mmasp
+from llmprune_kernels.sparse24.backends import cusparselt as cslt
+from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24 import dispatch
 from llmprune_kernels.sparse24.checkpoint import (
     expand_to_dense, from_pretrained_compressed, load_compressed, read_compressed, save_compressed,
@@ -562,7 +562,7 @@ def test_device_move_rebuilds_caches():
 # ---------------------------------------------------------------------------------- real model
 def _load_smollm2():
     try:
-        from llmprune_kernels.models import load_model
+        from llmprune_kernels.pipeline.models import load_model
 
         return load_model(None)
     except ImportError:

@@ -378,7 +378,7 @@ def smollm2_layer0_tensors() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Layer-0 q_proj / down_proj weights of SmolLM2-135M and their real Hessians, from two short
     pydoc_data windows run through the model on the CPU."""
     try:
-        from llmprune_kernels.models import load_model
+        from llmprune_kernels.pipeline.models import load_model
 
         model, tok = load_model(None)
     except ImportError:  # the pipeline helper's loader not present: plain transformers on the GGUF
@@ -413,11 +413,6 @@ def smollm2_layer0_tensors() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def smollm2_layer0():
-    # LLMPRUNE_SMOLLM2_LAYER0: a torch.save of smollm2_layer0_tensors(), for machines without the model
-    # package (the GPU machine); the tensors are the same real weights and Hessians.
-    cached = os.environ.get("LLMPRUNE_SMOLLM2_LAYER0")
-    if cached and os.path.exists(cached):
-        return torch.load(cached)
     try:
         return smollm2_layer0_tensors()
     except FileNotFoundError as exc:

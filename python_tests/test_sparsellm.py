@@ -9,7 +9,7 @@ from torch import nn
 
 from llmprune_kernels import SparsityConfig
 from llmprune_kernels.reference.sparsegpt import sparsegpt_prune
-from llmprune_kernels.reference.sparsellm import FFNBlock, SparseLLMOptions, sparsellm_ffn_
+from llmprune_kernels.methods.sparsellm_ffn import FFNBlock, SparseLLMOptions, sparsellm_ffn_
 from llmprune_kernels.reference.wanda import wanda_prune_
 
 
@@ -148,8 +148,8 @@ def test_objective_non_increasing_on_real_smollm2_block():
     Wanda as the local pruner keeps this CPU test short; the SparseGPT default behaves the same (measured:
     8 iterations, objective 7.8e5 -> 8.2e4, block output error 0.235 -> 0.206; see the README).
     """
-    from llmprune_kernels import data as D
-    from llmprune_kernels.models import load_model
+    from llmprune_kernels.pipeline import data as D
+    from llmprune_kernels.pipeline.models import load_model
 
     model, tok = load_model(None)
     text = D.load_text(None, None)

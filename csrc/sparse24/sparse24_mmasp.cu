@@ -2,7 +2,7 @@
 //
 // The weight is the sparse A operand (16 output features per MMA), x^T is B (tokens = MMA N: one n8 MMA
 // for M <= 8, two for M <= 16), fp32 accumulation. The weight comes re-laid out in fragment order
-// (llmprune_kernels/ops/sparse24_mmasp.py: a_frag [RB, NC*8, 32, 8], e_frag [RB, NC, 32, 4]), so each lane
+// (llmprune_kernels/sparse24/backends/mmasp.py: a_frag [RB, NC*8, 32, 8], e_frag [RB, NC, 32, 4]), so each lane
 // streams one 16-byte load per k-step for its A registers and one 16-byte load per 256 columns for its
 // metadata words; everything is read once from HBM (L1 not allocated).
 //
@@ -13,7 +13,7 @@
 // ahead of the MMAs. The `splits` CTAs of a row tile form one thread-block cluster: each writes its fp32
 // partial tile to shared memory, and cluster rank q sums all partials (distributed shared memory, rank
 // order) for 1/splits of the tile's rows, adds the bias and stores y. One launch, no workspace, no atomics.
-// The CPU emulator llmprune_kernels/reference/sparse24_mmasp.py mirrors every index computed here.
+// The CPU emulator llmprune_kernels/testing/mmasp_emulator.py mirrors every index computed here.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>

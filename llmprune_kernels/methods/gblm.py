@@ -3,7 +3,7 @@
 Gradient norms come, in this order of precedence, from the option ``gradient`` (the G tensor of this
 Linear), the option ``gradients`` (a mapping or ``GradientNorms`` keyed by full module name, looked up by
 ``layer_name``), or ``model_info``: the pipeline calls ``prepare_model`` first, which computes them from
-the calibration windows (``llmprune_kernels.gradients``; options ``gblm_scale`` (100) and
+the calibration windows (``llmprune_kernels.pipeline.gradients``; options ``gblm_scale`` (100) and
 ``gblm_grad_dtype`` ("float16" as the reference, or "float32"), ``gblm_accumulate_device`` (where the
 fp32 accumulator lives; default the weights' device, "cpu" keeps it off the GPU as the reference does)).
 """
@@ -28,7 +28,7 @@ def _lookup_gradient(options: dict[str, Any]) -> torch.Tensor:
     if grads is None:
         raise ValueError(
             f"{name}: method 'gblm' needs gradient norms (option 'gradient' or 'gradients'); compute them with "
-            "llmprune_kernels.gradients.collect_gradient_norms"
+            "llmprune_kernels.pipeline.gradients.collect_gradient_norms"
         )
     grads = getattr(grads, "norms", grads)
     if name not in grads:
@@ -49,8 +49,8 @@ class GBLMPruner(LayerPruner):
         options = options or {}
         if options.get("gradients") is not None or options.get("gradient") is not None:
             return None
-        from llmprune_kernels.gradients import collect_gradient_norms
-        from llmprune_kernels.models import parse_dtype
+        from llmprune_kernels.pipeline.gradients import collect_gradient_norms
+        from llmprune_kernels.pipeline.models import parse_dtype
 
         home = next(model.parameters()).device
         device = torch.device(device or home)

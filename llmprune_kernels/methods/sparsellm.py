@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from llmprune_kernels.methods.base import LayerPruner, get_method, register_method
-from llmprune_kernels.reference.sparsellm import LOCAL_PRUNERS, FFNBlock, SparseLLMOptions, sparsellm_ffn_
+from llmprune_kernels.methods.sparsellm_ffn import LOCAL_PRUNERS, FFNBlock, SparseLLMOptions, sparsellm_ffn_
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,13 @@ H100-tuned defaults; the kernels live in
   shared memory through a few lines of PTX on CUDA (``score_mask_hist_smem``);
 * ``score_mask_radix``: ``select="radix1"``, a bitwise radix search of the k-th key (one full-row count per
   key bit); its chunked kernel streams rows longer than ``MAX_BLOCK`` for every select;
-* ``score_mask_sample``: the opt-in ``select="sample"`` (``LLMPRUNE_SCORE_MASK_SELECT=sample``): bracket
-  of the k-th key from a sample of the row, radix search when the bracket overflows (slower on the H100);
-* ``score_mask_interp``: the opt-in ``select="interp"``: two interpolated pivots per full-row count narrow a
-  bracket of the k-th key to a few keys (~4-6 counts instead of 15 bit steps), then a pairwise rank;
 * ``score_mask_nm``: N:M, the rank of each element inside its group of M.
 
 Cost on H100 (benchmarks/results/score_mask_h100.json): N:M runs at 1.3-1.4x of a plain copy of the same
 bytes; the unstructured hist select at 1.2-1.5x of that copy (radix1: 6-11x). Outputs: a bool mask,
 and/or packed bits (bit i of byte b = column 8b+i, numpy ``bitorder='little'``), and/or W zeroed in place.
+Where Triton cannot run (no Triton, or a CPU tensor without ``TRITON_INTERPRET=1``), ``score_and_mask``
+computes the same outputs with the plain-PyTorch reference.
 """
 from __future__ import annotations
 
@@ -29,7 +27,9 @@ import os
 import torch
 
 from llmprune_kernels.ops.score_mask_common import HAS_TRITON
-from llmprune_kernels.reference.ria import ria_factor, ria_sums
+from llmprune_kernels.reference.gblm import gblm_score
+from llmprune_kernels.reference.ria import ria_factor, ria_score, ria_sums
+from llmprune_kernels.reference.wanda import mask_from_score, wanda_score
 from llmprune_kernels.validation import (
     SparsityConfig,
     check_finite,
@@ -43,13 +43,11 @@ if HAS_TRITON:
 
     from llmprune_kernels.ops.score_mask_hist import _rows_hist_kernel
     from llmprune_kernels.ops.score_mask_hist_smem import MM_PACK
-    from llmprune_kernels.ops.score_mask_interp import _rows_interp_kernel
     from llmprune_kernels.ops.score_mask_nm import _nm_kernel
     from llmprune_kernels.ops.score_mask_radix import (
         _row_topk_chunked_kernel,
         _rows_kernel,
     )
-    from llmprune_kernels.ops.score_mask_sample import _rows_sample_kernel
 
 __all__ = ["HAS_TRITON", "INTERPRET", "pack_mask_bits", "score_and_mask", "triton_usable", "unpack_mask_bits"]
 
@@ -63,21 +61,10 @@ ROWS_PER_PROG = 1  # rows per program
 ROW_ELEMS_PER_WARP = 2048  # a row gets one warp per this many (padded) columns: 64 keys per thread
 DIGIT_BITS = 1  # radix bits per dependent step of the high-half search (2: fewer steps, 1.5x the compares)
 PAIRWISE_MAX_BLOCK = 16384  # rank the bucket's keys pairwise (not 16 more search steps) up to this row width
-# Unstructured selection: "hist" = histogram radix select (_rows_hist_kernel, the default since the H100
-# runs of 2026-11-24), "radix1" = bitwise search (_rows_kernel), "sample" / "interp" = bracket selects
-# (opt-in, slower on the H100). The environment variable switches a whole run without code changes;
-# ``_tune={"select": ...}`` switches one call.
-SELECTS = ("radix1", "sample", "interp", "hist")
-SELECT = os.environ.get("LLMPRUNE_SCORE_MASK_SELECT", "hist")
-if SELECT not in SELECTS:
-    raise ValueError(f"LLMPRUNE_SCORE_MASK_SELECT={SELECT!r}; allowed: {', '.join(map(repr, SELECTS))}")
-SAMPLE_ELEMS_PER_WARP = 1024  # sample: a row gets one warp per this many (padded) columns: 32 keys per thread
-# sample up to this padded width; longer rows keep radix1. 4096: at 16384 every sample launch tried spills
-# under Triton 3.6 (benchmarks/results/score_mask_sass_sm90_triton3.6.json); 32768 untimed
-SAMPLE_MAX_BLOCK = 4096
-INTERP_ELEMS_PER_WARP = 1024  # interp: a row gets one warp per this many (padded) columns: 32 keys per thread
-INTERP_MAX_BLOCK = 32768  # interp up to this padded width (one row in registers); longer rows stream (chunked)
-INTERP_CAP = 64  # interp: the bracket is narrowed to at most this many keys, then ranked pairwise
+# Unstructured selection: "hist" = histogram radix select (_rows_hist_kernel, the default), "radix1" =
+# bitwise search (_rows_kernel); ``_tune={"select": ...}`` picks one per call.
+SELECTS = ("radix1", "hist")
+SELECT = "hist"
 HIST_ELEMS_PER_WARP = 1024  # hist: a row gets one warp per this many (first-piece) columns; twice that past 8192
 # hist: register cap by keys per thread, so that more rows fit on an SM (H100 sweeps score_mask_hist_h100_run8f/g:
 # 4096 columns 0.044 -> 0.038 ms with 72; 11008 = 8192 + 4096 at 96 keys per thread 0.113 -> 0.101 with 168)
@@ -107,7 +94,7 @@ def pack_mask_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool (rows, cols) mask to uint8 (rows, ceil(cols/8)); bit i of byte b is column 8b+i."""
     rows, cols = mask.shape
     pad = (-cols) % 8
-    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).view(rows, -1, 8)
+    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).view(rows, (cols + pad) // 8, 8)
     shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
     return (m << shifts).sum(-1, dtype=torch.uint8)
 
@@ -137,6 +124,8 @@ def score_and_mask(
     ``mask=False``). ``inplace=True`` zeroes the pruned weights of ``weight``. Equal bit for bit to the
     reference ``mask_from_score`` of ``wanda_score`` / ``gblm_score`` / ``ria_score``. ``check=False``
     skips the NaN/Inf checks of the norms and G (each costs a device sync; G's a pass over G).
+    Where Triton cannot run on ``weight``'s device (see ``triton_usable``), the same outputs come from the
+    plain-PyTorch reference.
     """
     check_weight(weight)
     rows, cols = weight.shape
@@ -144,20 +133,10 @@ def score_and_mask(
         raise ValueError(
             f"activation norms have shape {tuple(act_norm_sq.shape)}, expected ({cols},) for weight {tuple(weight.shape)}"
         )
-    if not triton_usable(weight.device):
-        raise RuntimeError(
-            f"the Triton score-and-mask kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before import); got "
-            f"device {weight.device}, triton installed: {HAS_TRITON}. Use the reference (backend='reference')."
-        )
     if grad is not None and ria:
         raise ValueError("give either grad (GBLM) or ria=True, not both")
     if check:
         check_finite(act_norm_sq, "activation norms")
-    tune = _tune or {}
-    dev = weight.device
-    w = weight if weight.stride(1) == 1 else weight.contiguous()
-    mode, gpromo = _MODES["wanda"], 0
-    g = rs = cs = w  # placeholders for pointers a mode does not read
     if grad is not None:
         if grad.shape != weight.shape:
             raise ValueError(
@@ -167,6 +146,16 @@ def score_and_mask(
             raise TypeError(f"gradient norms have dtype {grad.dtype}; allowed: float16, bfloat16, float32, float64")
         if check:
             check_finite(grad, "gradient norms")
+    if config.is_nm:
+        check_nm(config.n, config.m, cols)
+    if not triton_usable(weight.device):
+        return _reference_score_and_mask(weight, act_norm_sq, config, grad, ria, ria_alpha, inplace, mask, packed)
+    tune = _tune or {}
+    dev = weight.device
+    w = weight if weight.stride(1) == 1 else weight.contiguous()
+    mode, gpromo = _MODES["wanda"], 0
+    g = rs = cs = w  # placeholders for pointers a mode does not read
+    if grad is not None:
         g = grad.to(dev)
         g = g if g.stride(1) == 1 else g.contiguous()
         mode, gpromo = _MODES["gblm"], _PROMO[torch.promote_types(weight.dtype, grad.dtype)]
@@ -176,8 +165,6 @@ def score_and_mask(
         f = ria_factor(act_norm_sq.to(dev), ria_alpha).contiguous()
     else:
         f = torch.sqrt(act_norm_sq.to(dev).float()).contiguous()  # the reference's exact fp32 factor
-    if config.is_nm:
-        check_nm(config.n, config.m, cols)
     # N:M packs in-kernel when a tile's width is whole bytes; otherwise pack the bool mask afterwards
     host_pack = packed and config.is_nm and not _nm_tile(config, cols, tune)[3]
     keep = mask or host_pack
@@ -199,6 +186,26 @@ def score_and_mask(
         weight.copy_(w)
     if host_pack:
         bits = pack_mask_bits(out)
+    result = out if mask else None
+    return (result, bits) if packed else result
+
+
+@torch.no_grad()
+def _reference_score_and_mask(weight, act_norm_sq, config, grad, ria, ria_alpha, inplace, mask, packed):
+    """``score_and_mask`` where the Triton kernels cannot run (no Triton, or a CPU tensor without
+    ``TRITON_INTERPRET=1``): the reference score and selection, with the same outputs."""
+    dev = weight.device
+    norm = act_norm_sq.to(dev)
+    if grad is not None:
+        score = gblm_score(weight, norm, grad.to(dev))
+    elif ria:
+        score = ria_score(weight, norm, ria_alpha)
+    else:
+        score = wanda_score(weight, norm)
+    out = mask_from_score(score, config)
+    bits = pack_mask_bits(out) if packed else None
+    if inplace:
+        weight.masked_fill_(out, 0)
     result = out if mask else None
     return (result, bits) if packed else result
 
@@ -236,14 +243,6 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
         cap = tune.get("cap", 512)
         return dict(kernel=_row_topk_chunked_kernel, chunked=True, rows_per_prog=1, cap=cap, block=block,
                     consts=dict(BLOCK=block, CAP=cap), num_warps=tune.get("num_warps", 8))
-    if select == "sample" and block <= tune.get("sample_max_block", SAMPLE_MAX_BLOCK):
-        r = tune.get("rows_per_prog", 1)
-        samp = tune.get("sample", min(512, max(32, block // 16)))
-        cap = tune.get("cap", min(512, max(32, block // 16)))
-        warps = max(1, min(32, r * block // tune.get("elems_per_warp", SAMPLE_ELEMS_PER_WARP)))
-        return dict(kernel=_rows_sample_kernel, chunked=False, rows_per_prog=r, cap=cap, block=block,
-                    consts=dict(R=r, BLOCK=block, CAP=cap, SAMPLE=samp, BRACKET=tune.get("bracket", True)),
-                    num_warps=tune.get("num_warps", warps))
     if select == "hist" and block <= min(max_block, tune.get("hist_max_block", HIST_MAX_BLOCK)):
         # a row as one power-of-two piece, or two (the largest power of two <= cols, then the rest padded)
         # when that pads less: 11008 -> 8192 + 4096 instead of 16384
@@ -269,13 +268,6 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
                                 and all(b % (32 * warps * MM_PACK) == 0 for b in (b1, b2)),
                                 VEC=tune.get("vec", HIST_VEC)),
                     num_warps=warps, options={"maxnreg": maxnreg} if maxnreg and not INTERPRET else {})
-    if select == "interp" and block <= tune.get("interp_max_block", INTERP_MAX_BLOCK):
-        cap = tune.get("cap", INTERP_CAP)
-        warps = tune.get("num_warps", max(1, min(32, block // tune.get("elems_per_warp", INTERP_ELEMS_PER_WARP))))
-        # scratch per row: CAP bracket keys, then the slot counter
-        return dict(kernel=_rows_interp_kernel, chunked=False, rows_per_prog=1, cap=cap + 1, block=block,
-                    consts=dict(BLOCK=block, CAP=cap, FLOAT=tune.get("float", FLOAT_COMPARE)),
-                    num_warps=warps)
     c = min(block, 32 * (16 // element_size))  # one warp's lanes, 16-byte loads each
     wpr = tune.get("warps_per_row", max(1, block // ROW_ELEMS_PER_WARP))
     r = tune.get("rows_per_prog", ROWS_PER_PROG)
@@ -289,8 +281,7 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
 
 
 def _launch_rows(w, g, f, cs, rs, out, bits, k, flags, tune):
-    """Unstructured: rows in registers (``select`` radix1, sample or interp), or streamed in chunks when too
-    long."""
+    """Unstructured: rows in registers (``select`` hist or radix1), or streamed in chunks when too long."""
     rows, cols = w.shape
     cfg = _rows_config(cols, w.element_size(), tune)
     ptrs = (w, g, f, cs, rs, out, bits)

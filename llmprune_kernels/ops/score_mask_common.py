@@ -1,6 +1,6 @@
 """Triton helpers shared by the score-and-mask kernels: the score, its order-preserving key, row reductions.
 
-Every selection kernel (radix, sample, N:M) must compute the same fp32 score as the reference and order it
+Every selection kernel (hist, radix, N:M) must compute the same fp32 score as the reference and order it
 as ``torch.sort`` does, so these pieces live once here. Importing this module without Triton only sets
 ``HAS_TRITON = False``.
 """

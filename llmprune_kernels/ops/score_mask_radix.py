@@ -142,24 +142,6 @@ if HAS_TRITON:
         return t, cnt
 
     @triton.jit
-    def _rows_radix_search(key, k):
-        """Per row of an [R, N] key tile: (t, count(key < t)) for the k-th smallest key t, 32 one-bit steps.
-
-        Bit 31 first: the keys are signed, so candidate 0 decides it (t = 0 when fewer than k keys are
-        negative, else the smallest int32); then bits 30..0 as in ``_search_lo``. Padding keys (int32 max)
-        are never below a candidate.
-        """
-        c = tl.sum((key < 0).to(tl.int32), axis=1)
-        t = tl.where(c < k, 0, -2147483647 - 1)
-        cnt = tl.where(c < k, c, 0)
-        for i in range(31):
-            cand = t + (1 << (30 - i))
-            c = tl.sum((key < cand[:, None]).to(tl.int32), axis=1)
-            t = tl.where(c < k, cand, t)
-            cnt = tl.where(c < k, c, cnt)
-        return t, cnt
-
-    @triton.jit
     def _rows_kernel(w_ptr, g_ptr, f_ptr, cs_ptr, rs_ptr, mask_ptr, bits_ptr, scratch_ptr,
                      n_rows, n_cols, k, stride_w, stride_g, stride_m, stride_b,
                      MODE: tl.constexpr, GPROMO: tl.constexpr, W: tl.constexpr, R: tl.constexpr, C: tl.constexpr,

@@ -5,7 +5,7 @@ Score, as ``prune_gblm`` of the reference code (default, non-inverted gradient b
     S = |W| * sqrt(||X_j||^2)  +  |W| * |G|
 
 where ||X_j||^2 is Wanda's running mean of squared input-channel norms (fp32) and G the gradient norm of
-``llmprune_kernels.gradients`` (sqrt of the summed squares of 100x-scaled per-sample gradients, stored in
+``llmprune_kernels.pipeline.gradients`` (sqrt of the summed squares of 100x-scaled per-sample gradients, stored in
 fp16 by the reference). Precision follows the reference exactly: the Wanda term is fp32; the gradient
 term is computed in torch's promoted dtype of W and G (so fp16 for an fp16 model with fp16 G, fp32 for an
 fp32 model) and then cast to fp32 before the sum. Selection: the k = floor(in * s) lowest scores per

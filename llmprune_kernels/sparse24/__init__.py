@@ -1,4 +1,6 @@
-"""2:4 sparse inference: packing, dispatch tuning, cuSPARSELt wrapper, compressed checkpoints."""
+"""2:4 sparse inference: packing, compressed checkpoints, backends behind one dispatch, ``SparseLinear``."""
 from llmprune_kernels.sparse24.pack import Packed24, check_24, mask_24, pack_24, to_torch_semi_structured, unpack_24
+from llmprune_kernels.sparse24.linear import SparseLinear, sparsify_
 
-__all__ = ["Packed24", "check_24", "mask_24", "pack_24", "to_torch_semi_structured", "unpack_24"]
+__all__ = ["Packed24", "SparseLinear", "check_24", "mask_24", "pack_24", "sparsify_", "to_torch_semi_structured",
+           "unpack_24"]

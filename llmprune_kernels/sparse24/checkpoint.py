@@ -63,7 +63,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 def save_compressed(model: nn.Module, out_dir: str) -> str:
     """Save a sparsified model (SparseLinear modules packed) to ``out_dir``; returns the file path."""
-    from llmprune_kernels.nn.sparse_linear import SparseLinear
+    from llmprune_kernels.sparse24.linear import SparseLinear
 
     sparse = {fqn: {"shape": [m.out_features, m.in_features], "dtype": str(m.values.dtype).removeprefix("torch."),
                     "bias": m.bias is not None}
@@ -99,7 +99,7 @@ def read_compressed(path: str) -> tuple[dict[str, torch.Tensor], dict[str, dict]
 @torch.no_grad()
 def load_compressed(model: nn.Module, path: str) -> nn.Module:
     """Swap the checkpoint's SparseLinear modules into ``model`` (same architecture) and load every tensor."""
-    from llmprune_kernels.nn.sparse_linear import SparseLinear
+    from llmprune_kernels.sparse24.linear import SparseLinear
 
     state, sparse, aliases = read_compressed(path)
     for fqn, info in sparse.items():

@@ -1,9 +1,9 @@
 """Which 2:4 path runs a ``SparseLinear`` for M input rows: measured per weight shape, cached in a table.
 
 Paths: ``decode`` (our Triton kernel on the packed weight, small M), ``mmasp`` (our CUDA kernel on the
-sparse tensor cores, M <= 16, sm_90; :mod:`llmprune_kernels.ops.sparse24_mmasp`), ``cusparselt`` (our
+sparse tensor cores, M <= 16, sm_90; :mod:`llmprune_kernels.sparse24.backends.mmasp`), ``cusparselt`` (our
 extension's cached-plan cuSPARSELt op, large M), ``cutlass`` (CUTLASS's sm90 wgmma.sp GEMM, large M;
-:mod:`llmprune_kernels.sparse24.cutlass_sm90`) and ``dense`` (a dense copy of the masked weight, where
+:mod:`llmprune_kernels.sparse24.backends.cutlass_sm90`) and ``dense`` (a dense copy of the masked weight, where
 sparse would lose). M is rounded up to a power-of-two bucket; each bucket's path is measured on this GPU when the
 model is sparsified (``tune_shape``), or comes from a saved JSON table (which also holds the decode
 kernel's measured config, so a loaded table needs no re-measuring).
@@ -25,11 +25,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llmprune_kernels.ops import sparse24_matmul as s24
-from llmprune_kernels.ops import sparse24_mmasp as mmasp
-from llmprune_kernels.ops.sparse24_matmul import HAS_TRITON, sparse24_mm
-from llmprune_kernels.sparse24 import cusparselt as cslt
-from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
+from llmprune_kernels.sparse24.backends import decode as s24
+from llmprune_kernels.sparse24.backends import mmasp as mmasp
+from llmprune_kernels.sparse24.backends.decode import HAS_TRITON, sparse24_mm
+from llmprune_kernels.sparse24.backends import cusparselt as cslt
+from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24.pack import pack_24
 
 PATHS = ("dense", "decode", "cusparselt", "mmasp", "cutlass")

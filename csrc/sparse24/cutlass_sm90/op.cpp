@@ -3,7 +3,7 @@
 // chosen tile config. The call builds its TMA descriptors on
 // the host (a few microseconds) and launches one persistent kernel; nothing is cached or synchronised,
 // so it works in eager mode and inside CUDA graphs. Inputs are validated in Python
-// (llmprune_kernels/sparse24/cutlass_sm90.py) and again here.
+// (llmprune_kernels/sparse24/backends/cutlass_sm90.py) and again here.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -60,7 +60,7 @@ class GradientNorms:
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside the decoder layers, keyed by its full module name (as ``named_modules``)."""
-    from llmprune_kernels.models import find_decoder_layers
+    from llmprune_kernels.pipeline.models import find_decoder_layers
 
     _, layers = find_decoder_layers(model)
     wanted = {id(m) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprune_kernels.models import decoder_layers_parent, find_decoder_layers
+from llmprune_kernels.pipeline.models import decoder_layers_parent, find_decoder_layers
 from llmprune_kernels.validation import check_finite
 
 class _StopForward(Exception):

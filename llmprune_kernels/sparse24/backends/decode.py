@@ -11,7 +11,7 @@ limit. Kernels ("kinds", measured per weight shape and M, the fastest is used):
 * dot-swap (kind 4): the same with ``W @ x.T``, so a 64/128-row weight tile is the MMA's M side and
   Hopper's wgmma can run it (split-K supplies the programs);
 * stream-select / stream-expand (kinds 2, 3; M <= 16, 16-bit): CUDA-core FMAs, see
-  :mod:`llmprune_kernels.ops.sparse24_gemv`.
+  :mod:`llmprune_kernels.sparse24.backends._decode_stream`.
 
 Common to all: whole tiles are loaded without per-column masks (16-byte vectors; the ragged last tile is
 a separate masked step) and one tile ahead of the math (register double buffering: Triton's pipeliner
@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from llmprune_kernels.ops.sparse24_decode_configs import (  # noqa: F401  (the configs are part of this API)
+from llmprune_kernels.sparse24.backends._decode_configs import (  # noqa: F401  (the configs are part of this API)
     _INTERPRET,
     _TUNED,
     DEFAULT_CONFIG,
@@ -49,7 +49,7 @@ from llmprune_kernels.ops.sparse24_decode_configs import (  # noqa: F401  (the c
     tune_config,
     tuned_config,
 )
-from llmprune_kernels.ops.sparse24_gemv import as_pairs, plan_stream
+from llmprune_kernels.sparse24.backends._decode_stream import as_pairs, plan_stream
 from llmprune_kernels.sparse24.pack import expand_24
 
 try:
@@ -61,7 +61,7 @@ except ImportError:  # pragma: no cover - triton is an optional dependency
     HAS_TRITON = False
 
 if HAS_TRITON:
-    from llmprune_kernels.ops.sparse24_gemv import _two_byte_aligned
+    from llmprune_kernels.sparse24.backends._decode_stream import _two_byte_aligned
 
     @triton.jit
     def _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn, stride_mn, k0, k_end,

@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmprune_kernels.ops import sparse24_matmul as s24
-from llmprune_kernels.ops import sparse24_mmasp as mmasp
-from llmprune_kernels.ops.sparse24_matmul import sparse24_mm
-from llmprune_kernels.sparse24 import cusparselt as cslt
-from llmprune_kernels.sparse24 import cutlass_sm90 as ctl
+from llmprune_kernels.sparse24.backends import decode as s24
+from llmprune_kernels.sparse24.backends import mmasp as mmasp
+from llmprune_kernels.sparse24.backends.decode import sparse24_mm
+from llmprune_kernels.sparse24.backends import cusparselt as cslt
+from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24 import dispatch
 from llmprune_kernels.sparse24.pack import Packed24, check_24, expand_24, meta_width, pack_24, unpack_24
 

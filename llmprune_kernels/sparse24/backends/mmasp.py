@@ -20,7 +20,7 @@ kernel streams it with coalesced 16-byte loads and no index math:
 * The nibble is ours (``i0 | i1 << 2``, ``i0 < i1``): PTX's metadata encoding, ordered as
   ``mma.sp::ordered_metadata`` requires. Padding (rows to 16, columns to 256) holds zeros with nibble 0b0100.
 
-``from_mmasp_layout`` is the exact inverse. :mod:`llmprune_kernels.reference.sparse24_mmasp` emulates the
+``from_mmasp_layout`` is the exact inverse. :mod:`llmprune_kernels.testing.mmasp_emulator` emulates the
 kernel lane by lane on the CPU (the oracle for this layout); ``mmasp_linear`` calls the CUDA op.
 """
 from __future__ import annotations

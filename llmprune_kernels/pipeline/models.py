@@ -81,7 +81,7 @@ def _content_digest(path: Path) -> str:
     digest = h.hexdigest()
     memo = {k: v for k, v in memo.items() if Path(k.rsplit("|", 2)[0]).exists()}  # drop vanished files
     memo[ident] = digest
-    from llmprune_kernels.report import write_json
+    from llmprune_kernels.pipeline.report import write_json
 
     try:  # best effort: a read-only or full cache only costs a re-hash next time
         write_json(memo, memo_file)
@@ -139,7 +139,7 @@ def _load_gguf(path: Path, use_cache: bool) -> tuple[nn.Module, Any]:
     """Dequantize a GGUF once, then serve it from the on-disk cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmprune_kernels.save import save_model
+    from llmprune_kernels.pipeline.save import save_model
 
     cached = gguf_cache_dir(path)
     if use_cache and (cached / "config.json").exists():
@@ -156,7 +156,7 @@ def _load_gguf(path: Path, use_cache: bool) -> tuple[nn.Module, Any]:
         except OSError as exc:  # read-only home, full disk: still usable, only slower next time
             log.warning("could not cache the dequantized model in %s: %s", cached, exc)
     else:
-        from llmprune_kernels.save import _strip_load_only_config
+        from llmprune_kernels.pipeline.save import _strip_load_only_config
 
         _strip_load_only_config(model)
     return model, tokenizer

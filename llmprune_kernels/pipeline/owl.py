@@ -99,8 +99,8 @@ def collect_outlier_ratios(
     through the dense model (the pipeline's ``walk_layers``: one layer on ``device`` at a time); each
     layer's Linears collect Wanda's input norms on the way.
     """
-    from llmprune_kernels.models import linear_modules
-    from llmprune_kernels.layerwise import capture_layer_inputs, walk_layers
+    from llmprune_kernels.pipeline.models import linear_modules
+    from llmprune_kernels.pipeline.layerwise import capture_layer_inputs, walk_layers
     from llmprune_kernels.reference.wanda import ActNormStats, wanda_score
 
     if not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
@@ -154,7 +154,7 @@ def owl_layer_sparsity(
 
 def layer_param_counts(model: nn.Module) -> list[int]:
     """Number of prunable (decoder Linear) weights per decoder layer: OWL's weights for the mean."""
-    from llmprune_kernels.models import find_decoder_layers
+    from llmprune_kernels.pipeline.models import find_decoder_layers
 
     _, layers = find_decoder_layers(model)
     return [sum(mod.weight.numel() for mod in layer.modules() if isinstance(mod, nn.Linear)) for layer in layers]

@@ -1,4 +1,4 @@
-"""Launch configs of the Triton 2:4 decode kernels (:mod:`llmprune_kernels.ops.sparse24_matmul`): the
+"""Launch configs of the Triton 2:4 decode kernels (:mod:`llmprune_kernels.sparse24.backends.decode`): the
 candidate tables, their names, and the per-process measurement that picks one per weight shape, dtype and
 power-of-two M (``tune_config``), or installs one from a saved tuning table (``set_tuned_config``)."""
 from __future__ import annotations
@@ -78,7 +78,7 @@ def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -
     import triton
 
     # the kernels' module imports this one: imported here, at first use
-    from llmprune_kernels.ops.sparse24_matmul import _launch
+    from llmprune_kernels.sparse24.backends.decode import _launch
     from llmprune_kernels.sparse24.dispatch import random_24_weight
     from llmprune_kernels.sparse24.pack import pack_24
 

@@ -1,6 +1,6 @@
 """CPU emulator of the mma.sp 2:4 decode kernel (``csrc/sparse24/sparse24_mmasp.cu``), lane by lane.
 
-It reads the fragment-order buffers of :mod:`llmprune_kernels.ops.sparse24_mmasp` exactly as each lane of
+It reads the fragment-order buffers of :mod:`llmprune_kernels.sparse24.backends.mmasp` exactly as each lane of
 the kernel does (same offsets, same ``ldmatrix`` addresses, same split-K ranges and epilogue rows) and
 applies the documented PTX semantics of ``mma.sp::ordered_metadata.m16n8k32`` (f16 / bf16):
 
@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from llmprune_kernels.ops.sparse24_mmasp import CHUNK, KSTEP, MAX_M, ROWS, MmaspLayout, check_config, padded_dims
+from llmprune_kernels.sparse24.backends.mmasp import CHUNK, KSTEP, MAX_M, ROWS, MmaspLayout, check_config, padded_dims
 
 _LANE = torch.arange(32)
 _G, _T = _LANE // 4, _LANE % 4

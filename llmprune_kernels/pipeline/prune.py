@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprune_kernels.layerwise import CapturedInputs, LayerStep, capture_layer_inputs, walk_layers
+from llmprune_kernels.pipeline.layerwise import CapturedInputs, LayerStep, capture_layer_inputs, walk_layers
 from llmprune_kernels.methods import get_method
-from llmprune_kernels.models import find_decoder_layers, linear_modules
+from llmprune_kernels.pipeline.models import find_decoder_layers, linear_modules
 from llmprune_kernels.validation import SparsityConfig, check_finite
 
 __all__ = ["CapturedInputs", "LayerStep", "LinearStats", "PruneResult", "capture_layer_inputs", "nm_satisfied",

@@ -71,9 +71,9 @@ def _setup(shape, dtype):
         torch.cuda.empty_cache()
         out_f, in_f = shape
         dispatch.tune([(out_f, in_f, dtype)], TABLE, buckets=tuple(MS))
-        dense = [dispatch.random_24_weight(out_f, in_f, dtype, "cuda")]
+        dense = [random_24_weight(out_f, in_f, dtype, "cuda")]
         n = dispatch.weight_copies(pack_24(dense[0]).nbytes(), "cuda")
-        dense += [dispatch.random_24_weight(out_f, in_f, dtype, "cuda") for _ in range(n - 1)]
+        dense += [random_24_weight(out_f, in_f, dtype, "cuda") for _ in range(n - 1)]
         mods, lins = [], []
         for w in dense:
             lin = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=dtype)

@@ -49,7 +49,7 @@ def eager_us(fn, n: int = 200) -> float:
 def main() -> None:
     for dtype in (torch.float16, torch.bfloat16):
         for out_f, in_f in ((4096, 4096), (4096, 11008)):
-            w = dispatch.random_24_weight(out_f, in_f, dtype, "cuda")
+            w = random_24_weight(out_f, in_f, dtype, "cuda")
             lin = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=dtype)
             lin.weight.data = w
             sl = SparseLinear.from_linear(lin)

@@ -26,9 +26,9 @@ def main() -> None:
     out_f, in_f = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (11008, 4096)
     dtype = getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.bfloat16
     ms = [int(sys.argv[4])] if len(sys.argv) > 4 else [64, 256, 2048]
-    dense = [dispatch.random_24_weight(out_f, in_f, dtype, "cuda")]
+    dense = [random_24_weight(out_f, in_f, dtype, "cuda")]
     n = dispatch.weight_copies(pack_24(dense[0]).nbytes(), "cuda")
-    dense += [dispatch.random_24_weight(out_f, in_f, dtype, "cuda") for _ in range(n - 1)]
+    dense += [random_24_weight(out_f, in_f, dtype, "cuda") for _ in range(n - 1)]
     own = {f: [ctl.compress(w, f) for w in dense] for f in ctl.FORMATS}
     mods = []
     for w in dense:

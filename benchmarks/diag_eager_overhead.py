@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from llmprune_kernels.sparse24 import SparseLinear
 from llmprune_kernels.sparse24.backends import mmasp as mmasp
 from llmprune_kernels.sparse24.backends import cusparselt as cslt
-from llmprune_kernels.sparse24.dispatch import random_24_weight
+from llmprune_kernels.testing import random_24_weight
 
 N = 2000
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from llmprune_kernels.sparse24.backends import mmasp as mm
 from llmprune_kernels.testing.mmasp_emulator import mma_sp_m16n8k32, probe_inputs, regs_as_int32
-from llmprune_kernels.sparse24.dispatch import random_24_weight
+from llmprune_kernels.testing import random_24_weight
 from llmprune_kernels.sparse24.pack import pack_24
 
 

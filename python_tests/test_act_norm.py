@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from llmprune_kernels import ActNormStats, TritonActNormStats, act_norm_update_
+from llmprune_kernels.ops.act_norm import TritonActNormStats, act_norm_update_
+from llmprune_kernels.reference.wanda import ActNormStats
 from llmprune_kernels.ops.score_mask import triton_usable
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

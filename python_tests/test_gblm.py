@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from llmprune_kernels import ActNormStats, SparsityConfig, get_method, wanda_mask
+from llmprune_kernels import SparsityConfig, get_method
+from llmprune_kernels.reference.wanda import ActNormStats, wanda_mask
 from llmprune_kernels.pipeline.gradients import collect_gradient_norms, decoder_linears
 from llmprune_kernels.reference.gblm import gblm_mask, gblm_prune_, gblm_score
 

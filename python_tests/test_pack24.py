@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmprune_kernels.sparse24.dispatch import random_24_weight
+from llmprune_kernels.testing import random_24_weight
 from llmprune_kernels.sparse24.pack import Packed24, check_24, mask_24, pack_24, to_torch_semi_structured, unpack_24
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from llmprune_kernels import ActNormStats, SparsityConfig, magnitude_mask, magnitude_prune_, wanda_mask, wanda_prune_
+from llmprune_kernels import SparsityConfig
+from llmprune_kernels.reference.magnitude import magnitude_mask, magnitude_prune_
+from llmprune_kernels.reference.wanda import ActNormStats, wanda_mask, wanda_prune_
 from llmprune_kernels.selection import prune_lowest_per_row, prune_nm
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24 import dispatch
-from llmprune_kernels.sparse24.dispatch import random_24_weight
+from llmprune_kernels.testing import random_24_weight
 
 needs_cutlass = pytest.mark.skipif(not ctl.available(), reason="CUTLASS sm90 ops not built or no sm_90 GPU")
 # fp32 accumulation, one rounding of the output: relative to the largest |output|

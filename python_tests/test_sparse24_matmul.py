@@ -10,7 +10,7 @@ from llmprune_kernels.sparse24.backends import decode as s24
 from llmprune_kernels.sparse24.backends.decode import sparse24_mm
 from llmprune_kernels.reference.sparse24_matmul import sparse24_linear_reference
 from llmprune_kernels.sparse24.backends import cusparselt as cslt
-from llmprune_kernels.sparse24.dispatch import random_24_weight
+from llmprune_kernels.testing import random_24_weight
 from llmprune_kernels.sparse24.pack import pack_24, unpack_24
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}

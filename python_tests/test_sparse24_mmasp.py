@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from llmprune_kernels.sparse24.backends import mmasp as mm
 from llmprune_kernels.testing.mmasp_emulator import (emulate_mmasp_linear, mma_sp_m16n8k32, probe_inputs,
                                                        regs_as_int32)
-from llmprune_kernels.sparse24.dispatch import random_24_weight
+from llmprune_kernels.testing import random_24_weight
 from llmprune_kernels.sparse24.pack import pack_24, unpack_24
 
 DTYPES = (torch.float16, torch.bfloat16)

@@ -20,7 +20,7 @@ from llmprune_kernels.sparse24 import dispatch
 from llmprune_kernels.sparse24.checkpoint import (
     expand_to_dense, from_pretrained_compressed, load_compressed, read_compressed, save_compressed,
 )
-from llmprune_kernels.sparse24.dispatch import random_24_weight
+from llmprune_kernels.testing import random_24_weight
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 

@@ -31,6 +31,7 @@ from llmprune_kernels.sparse24.backends.decode import HAS_TRITON, sparse24_mm
 from llmprune_kernels.sparse24.backends import cusparselt as cslt
 from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl
 from llmprune_kernels.sparse24.pack import pack_24
+from llmprune_kernels.testing import random_24_weight
 
 PATHS = ("dense", "decode", "cusparselt", "mmasp", "cutlass")
 # mma.sp launch configs (warps, rows_per_warp, splits) measured per bucket besides the shape's default: the
@@ -267,14 +268,6 @@ def time_ms_interleaved(groups, reps: int = 20, graph: bool = True, trials: int 
 def time_ms(fns, reps: int = 20, graph: bool = True, trials: int = 5) -> float:
     """Median time of one call, cycling through ``fns``; replayed as a CUDA graph when ``graph``."""
     return time_ms_interleaved([fns], reps=reps, graph=graph, trials=trials)[0]
-
-
-def random_24_weight(out_features: int, in_features: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A random weight pruned 2:4 by magnitude (the 2 smallest |w| of every 4 zeroed)."""
-    from llmprune_kernels.selection import prune_nm
-
-    w = torch.randn(out_features, in_features, device=device).to(dtype)
-    return w.masked_fill_(prune_nm(w.abs().float(), 2, 4), 0)
 
 
 def weight_copies(nbytes_sparse: int, device) -> int:

@@ -79,7 +79,7 @@ def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -
 
     # the kernels' module imports this one: imported here, at first use
     from llmprune_kernels.sparse24.backends.decode import _launch
-    from llmprune_kernels.sparse24.dispatch import random_24_weight
+    from llmprune_kernels.testing import random_24_weight
     from llmprune_kernels.sparse24.pack import pack_24
 
     m = _m_class(m)

@@ -15,6 +15,7 @@ from torch import nn
 
 from llmprune_kernels import SparsityConfig, get_method
 from llmprune_kernels.methods.wanda import resolve_backend
+from llmprune_kernels.ops import score_mask as sm
 from llmprune_kernels.ops.score_mask import pack_mask_bits, score_and_mask, triton_usable, unpack_mask_bits
 from llmprune_kernels.reference.gblm import gblm_score
 from llmprune_kernels.reference.ria import ria_score
@@ -129,38 +130,6 @@ def test_launch_variants(tune):
     check(quantized(3, 300, levels=4), torch.ones(300, device=DEV), SparsityConfig(0.45), **tune)
 
 
-SAMPLE = [dict(select="sample"), dict(select="sample", cap=32, rows_per_prog=2)]
-SAMPLE_IDS = ["sample", "sample_cap32_r2"]
-
-
-@pytest.mark.parametrize("cols", [13, 576, 1536])
-@pytest.mark.parametrize("dtype,tune", [(torch.float32, SAMPLE[0]), (torch.float16, SAMPLE[1])], ids=SAMPLE_IDS)
-def test_sample_select_equals_reference(cols, dtype, tune):
-    """Sample-bracket selection: random rows, an all-zero row, a row of ties; k = 0, cols/2, cols - 1.
-    cap=32: brackets larger than the scratch buffer take the radix search."""
-    w = torch.randn(3, cols, device=DEV).to(dtype)
-    w[1] = 0
-    w[2] = quantized(1, cols, levels=4, dtype=dtype)[0]
-    norm = torch.rand(cols, device=DEV) * 3
-    for s in [0.0, 0.5, (cols - 1) / cols + 1e-4]:
-        check(w, norm, SparsityConfig(s), **tune)
-
-
-def test_sample_select_special_values_and_outputs():
-    """NaN / Inf / subnormal / signed-zero scores, GBLM and RIA scores, packed bits and in-place zeroing."""
-    tune = SAMPLE[0]
-    w = torch.randn(4, 40, device=DEV)
-    w[0, [3, 7, 30]] = float("nan")
-    w[1, [2, 9]] = float("inf")
-    w[2, ::3] = 1e-40
-    w[3, ::2] = -0.0
-    norm = torch.rand(40, device=DEV)
-    for s in [0.5, 0.95]:
-        check(w, norm, SparsityConfig(s), **tune)
-        check(w, norm, SparsityConfig(s), bracket=False, **tune)
-    check_modes_and_outputs(**tune)
-
-
 def check_modes_and_outputs(**tune):
     """GBLM and RIA scores, then the bool mask, packed bits and W zeroed in place from one call."""
     wh = torch.randn(3, 99, device=DEV).half()
@@ -175,9 +144,8 @@ def check_modes_and_outputs(**tune):
 
 
 def paired(rows, cols, dtype=torch.float32, device=DEV, spread=True):
-    """Rows where every value appears exactly twice, in random column order. With equal norms a bracket of
-    the k-th score holds both copies, so a 1-key buffer always overflows. spread=False: all values within a
-    few ulps of 1.0 (one 16-bit key bucket)."""
+    """Rows where every value appears exactly twice, in random column order: with equal norms every score
+    is tied with its copy. spread=False: all values within a few ulps of 1.0 (one 16-bit key bucket)."""
     half = cols // 2
     if spread:
         v = torch.randn(rows, half, device=device).abs()
@@ -186,21 +154,6 @@ def paired(rows, cols, dtype=torch.float32, device=DEV, spread=True):
     v = v.repeat(1, 2)
     perm = torch.argsort(torch.rand(rows, v.shape[1], device=device), dim=1)
     return torch.gather(v, 1, perm).to(dtype)
-
-
-@pytest.mark.parametrize("tune", [dict(select="sample", cap=1), dict(select="sample", bracket=False),
-                                  dict(select="sample", bracket=False, rows_per_prog=2)],
-                         ids=["cap1_overflow", "no_bracket", "no_bracket_r2"])
-def test_sample_radix_fallback(tune):
-    """The sample kernel's bitwise radix search (bracket overflow, or the bracket switched off): rows of
-    paired values, quantized ties, an all-zero and a constant row; k = 0, 1, cols/2, cols - 1."""
-    cols = 96
-    w = torch.cat([paired(2, cols), paired(1, cols, spread=False), quantized(1, cols, levels=4, dtype=torch.float32),
-                   torch.zeros(1, cols, device=DEV), torch.full((1, cols), 0.25, device=DEV)])
-    ones = torch.ones(cols, device=DEV)
-    for k in [0, 1, cols // 2, cols - 1]:
-        check(w, ones, SparsityConfig(k / cols + 1e-6), **tune)
-    check(w.half(), torch.rand(cols, device=DEV), SparsityConfig(0.3), **tune)
 
 
 def test_chunked_low_bits_full_row_fallback():
@@ -214,7 +167,7 @@ def test_chunked_low_bits_full_row_fallback():
 
 def test_unknown_select_errors():
     w = torch.randn(2, 16, device=DEV)
-    with pytest.raises(ValueError, match="select='hist8'; allowed: 'radix1', 'sample'"):
+    with pytest.raises(ValueError, match="select='hist8'; allowed: 'radix1', 'hist'"):
         score_and_mask(w, torch.rand(16, device=DEV), SparsityConfig(0.5), _tune={"select": "hist8"})
 
 
@@ -291,6 +244,50 @@ def test_bad_input_errors():
     assert resolve_backend("auto", "cpu") == "reference"
 
 
+@pytest.mark.parametrize("mode", ["wanda", "gblm", "ria"])
+@pytest.mark.parametrize("pattern", [SparsityConfig(0.5), SparsityConfig(n=2, m=4)], ids=["unstructured", "2:4"])
+def test_reference_fallback_without_triton(monkeypatch, mode, pattern):
+    """Where Triton cannot run (here: flagged off, as without Triton or TRITON_INTERPRET=1), score_and_mask
+    computes the reference's outputs on CPU, no kernel launched: the bool mask, packed bits, W zeroed in place
+    (also through a non-contiguous view), and the same input checks."""
+    monkeypatch.setattr(sm, "HAS_TRITON", False)
+    monkeypatch.setattr(sm, "INTERPRET", False)
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched")
+
+    monkeypatch.setattr(sm, "_launch_rows", no_kernel)
+    monkeypatch.setattr(sm, "_launch_nm", no_kernel)
+    assert not sm.triton_usable("cpu")
+    cols = 100  # not whole bytes: the last byte of the packed bits is padded
+    w = torch.randn(5, cols).half()
+    w[1] = quantized(1, cols, levels=4, device="cpu")[0]  # ties
+    w[2] = 0
+    norm = torch.rand(cols)
+    grad = torch.rand(5, cols).half() * 0.1 if mode == "gblm" else None
+    ria = mode == "ria"
+    if grad is not None:
+        score = gblm_score(w, norm, grad)
+    elif ria:
+        score = ria_score(w, norm)
+    else:
+        score = wanda_score(w, norm)
+    ref = mask_from_score(score, pattern)
+    assert torch.equal(score_and_mask(w, norm, pattern, grad=grad, ria=ria), ref)
+    w2 = w.clone()
+    mask, bits = score_and_mask(w2, norm, pattern, grad=grad, ria=ria, inplace=True, packed=True)
+    assert torch.equal(mask, ref) and torch.equal(bits, pack_mask_bits(ref))
+    assert bits.shape == (5, (cols + 7) // 8) and torch.equal(unpack_mask_bits(bits, cols), ref)
+    assert torch.equal(w2, w.masked_fill(ref, 0))
+    none, bits_only = score_and_mask(w.clone(), norm, pattern, grad=grad, ria=ria, mask=False, packed=True)
+    assert none is None and torch.equal(bits_only, bits)
+    wt = w.t().contiguous().t()  # non-contiguous rows
+    assert score_and_mask(wt, norm, pattern, grad=grad, ria=ria, inplace=True, mask=False) is None
+    assert torch.equal(wt, w.masked_fill(ref, 0))
+    with pytest.raises(ValueError, match="NaN"):
+        score_and_mask(w, torch.full((cols,), float("nan")), pattern, grad=grad, ria=ria)
+
+
 def test_wanda_method_triton_backend_equals_reference():
     torch.manual_seed(1)
     lin = nn.Linear(96, 5, bias=False, device=DEV)
@@ -355,36 +352,6 @@ def test_gblm_ria_full_size_cuda(pattern):
     norm = torch.rand(11008, device="cuda")
     check(w, norm, pattern, grad=torch.rand_like(w) * 0.05)
     check(w, norm, pattern, ria=True)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("tune", SAMPLE + [dict(select="sample", elems_per_warp=512),
-                                           dict(select="sample", sample_max_block=32768),
-                                           dict(select="sample", bracket=False),
-                                           dict(select="sample", bracket=False, sample_max_block=32768)],
-                         ids=SAMPLE_IDS + ["sample_epw512", "sample_at_32768", "no_bracket", "no_bracket_at_32768"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_sample_select_full_width_cuda(tune, dtype):
-    for cols in [4096, 11008, 28672]:
-        w = torch.randn(48, cols, device="cuda").to(dtype)
-        w[3] = 0
-        norm = torch.rand(cols, device="cuda") * 4
-        for s in [0.0, 0.1, 0.5, 0.9, (cols - 1) / cols + 1e-6]:
-            check(w, norm, SparsityConfig(s), **tune)
-        check(quantized(48, cols, dtype=dtype, device="cuda"), torch.ones(cols, device="cuda"), SparsityConfig(0.5),
-              **tune)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("cols", [4096, 11008, 28672])
-def test_sample_radix_fallback_cuda(cols):
-    """Compiled bracket overflow: paired rows and a 1-key buffer (fallback on every row), 32-key buffer."""
-    ones = torch.ones(cols, device="cuda")
-    w = torch.cat([paired(16, cols, device="cuda"), paired(4, cols, device="cuda", spread=False)])
-    for tune in [dict(select="sample", cap=1, sample_max_block=32768), dict(select="sample", cap=32)]:
-        for s in [0.0, 0.5, (cols - 1) / cols + 1e-6]:
-            check(w, ones, SparsityConfig(s), **tune)
-            check(w[:16].half(), ones, SparsityConfig(s), **tune)
 
 
 @pytest.mark.cuda

@@ -18,10 +18,65 @@ from llmprune_kernels.ops.score_mask import pack_mask_bits, score_and_mask, trit
 from llmprune_kernels.reference.wanda import mask_from_score, wanda_score
 
 from test_score_mask import DEV, DTYPES, check, check_modes_and_outputs, paired, quantized
-from test_score_mask_interp import check_full_width, check_llama7b_shape, check_mixed_rows, rows_mix, special_rows
 
 pytestmark = pytest.mark.skipif(not triton_usable(DEV), reason="Triton is not usable here")
 HIST = {"select": "hist"}
+
+
+def rows_mix(cols, dtype, device=DEV):
+    """Random, all-zero, quantized (ties), paired (every value twice) and constant rows."""
+    w = torch.randn(5, cols, device=device)
+    w[1] = 0
+    w[2] = quantized(1, cols, levels=4, dtype=torch.float32, device=device)[0]
+    w[3] = paired(1, cols, device=device)[0] if cols % 2 == 0 else w[3]
+    w[4] = 0.25
+    return w.to(dtype)
+
+
+def check_mixed_rows(cols, dtype, **tune):
+    """A select on the mixed rows at k = 0, 10%, 50%, 90% and cols - 1."""
+    w = rows_mix(cols, dtype)
+    norm = torch.rand(cols, device=DEV) * 3
+    for s in [0.0, 0.1, 0.5, 0.9, (cols - 1) / cols + 1e-4]:  # k = 0 ... cols - 1
+        check(w, norm, SparsityConfig(s), **tune)
+
+
+def special_rows():
+    """40-column rows with NaN (sorts last), +inf, subnormal and signed-zero weights, and one row whose k-th
+    score at 50% is 0."""
+    w = torch.randn(5, 40, device=DEV)
+    w[0, [3, 7, 30]] = float("nan")
+    w[1, [2, 9]] = float("inf")
+    w[2, ::3] = 1e-40
+    w[3, ::2] = -0.0
+    w[4, :30] = 0.0
+    return w
+
+
+def check_full_width(cols, dtype, **tune):
+    """A select on CUDA at a full row width: random rows with an all-zero one at sparsities 0 ... (cols - 1)/cols,
+    the mixed rows, dequantized-like rows full of ties, and paired rows."""
+    w = torch.randn(48, cols, device="cuda").to(dtype)
+    w[3] = 0
+    norm = torch.rand(cols, device="cuda") * 4
+    for s in [0.0, 0.1, 0.5, 0.9, (cols - 1) / cols + 1e-6]:
+        check(w, norm, SparsityConfig(s), **tune)
+    check(rows_mix(cols, dtype, device="cuda"), norm, SparsityConfig(0.5), **tune)
+    check(quantized(32, cols, dtype=dtype, device="cuda"), torch.ones(cols, device="cuda"), SparsityConfig(0.5),
+          **tune)
+    check(paired(16, cols, device="cuda").to(dtype), torch.ones(cols, device="cuda"), SparsityConfig(0.6), **tune)
+
+
+def check_llama7b_shape(shape, **tune):
+    """A select on CUDA at a LLaMA-7B weight shape: the mask, W zeroed in place, and the packed bits."""
+    w = torch.randn(shape, device="cuda").half()
+    norm = torch.rand(shape[1], device="cuda")
+    mask = check(w, norm, SparsityConfig(0.5), **tune)
+    w2 = w.clone()
+    score_and_mask(w2, norm, SparsityConfig(0.5), inplace=True, mask=False, _tune=tune)
+    assert torch.equal(w2, w.masked_fill(mask, 0))
+    _, bits = score_and_mask(w, norm, SparsityConfig(0.5), mask=False, packed=True, _tune=tune)
+    assert torch.equal(bits, pack_mask_bits(mask))
 
 
 @pytest.mark.parametrize("cols", [13, 576, 1536])

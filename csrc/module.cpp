@@ -1,4 +1,4 @@
-// Python module entry of llmprune_kernels._C. Ops register themselves with TORCH_LIBRARY_FRAGMENT
+// Python module entry of llmprune_kernels._C. Ops register their kernels with TORCH_LIBRARY_IMPL
 // in their own files (callable as torch.ops.llmprune_kernels.<op>, so they work under
 // torch.compile and CUDA graphs); this file only reports how the library was built.
 #include <torch/extension.h>

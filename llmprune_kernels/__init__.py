@@ -4,7 +4,7 @@ The top level holds what a user of the whole job needs; everything else is impor
 (``llmprune_kernels.ops.score_mask``, ``llmprune_kernels.ops.sparsegpt``, ``llmprune_kernels.reference``,
 ``llmprune_kernels.sparse24``, ``llmprune_kernels.pipeline``).
 """
-from llmprune_kernels import _ext  # noqa: F401  (loads _C or warns once)
+from llmprune_kernels import _ext, library  # noqa: F401  (loads _C or warns once; defines the ops)
 from llmprune_kernels.backends import backends
 from llmprune_kernels.methods import available_methods, get_method, register_method
 from llmprune_kernels.pipeline import PruneResult, prune_model

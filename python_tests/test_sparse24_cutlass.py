@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl
-from llmprune_kernels.sparse24 import dispatch
+from llmprune_kernels.sparse24 import backends, dispatch, tuning
 from llmprune_kernels.testing import random_24_weight
 
 needs_cutlass = pytest.mark.skipif(not ctl.available(), reason="CUTLASS sm90 ops not built or no sm_90 GPU")
@@ -56,16 +56,16 @@ def test_compress_rejects_bad_input():
 
 
 def test_choice_json_keeps_the_cutlass_config_and_lean_choice_uses_it():
-    c = dispatch.Choice("dense", None, {"dense": 1.0, "cutlass": 1.03}, cutlass=2)
+    c = dispatch.Choice("dense", {"dense": 1.0, "cutlass": 1.03}, {"cutlass": 2})
     back = dispatch.Choice.from_json(c.to_json())
-    assert back.cutlass == 2 and back.path == "dense"
+    assert back.config("cutlass") == 2 and back.path == "dense"
     lean = dispatch.lean_choice(back, 0.05)
-    assert lean.path == "cutlass" and lean.cutlass == 2
-    assert dispatch.lean_choice(dispatch.Choice("dense", None, {"dense": 1.0, "cutlass": 1.03}), 0.05).path == "dense"
+    assert lean.path == "cutlass" and lean.config() == 2
+    assert dispatch.lean_choice(dispatch.Choice("dense", {"dense": 1.0, "cutlass": 1.03}), 0.05).path == "dense"
     with pytest.raises(ValueError, match="must be an int"):
-        dispatch.Choice.from_json({**c.to_json(), "cutlass": 99})
+        dispatch.Choice.from_json({**c.to_json(), "configs": {"cutlass": 99}})
     with pytest.raises(ValueError, match="is unknown: tile must be one of"):
-        dispatch.Choice.from_json({**c.to_json(), "cutlass": {"tile": "512x512x64", "swizzle": 1, "raster": 0}})
+        dispatch.Choice.from_json({**c.to_json(), "configs": {"cutlass": {"tile": "512x512x64", "swizzle": 1, "raster": 0}}})
 
 
 @pytest.mark.parametrize("config", [0, 3, 6, 7, 20, 83])
@@ -77,7 +77,7 @@ def test_tables_of_the_seven_tile_build_keep_their_meaning(config):
     sched = config // 7
     want = (f"{legacy_tiles[config % 7]}, swizzle {1 << (sched % 4)}, raster "
             f"{('heuristic', 'along rows', 'along tokens')[sched // 4]}")
-    new = dispatch.Choice.from_json({"path": "cutlass", "cutlass": config}).cutlass
+    new = dispatch.Choice.from_json({"path": "cutlass", "cutlass": config}).config()  # a table with one key per backend
     assert ctl.describe(new) == want
 
 
@@ -158,10 +158,10 @@ def test_every_schedule_gives_the_same_bits():
 @pytest.mark.cuda
 @needs_cutlass
 def test_tuning_measures_cutlass_and_keeps_its_config():
-    choices = dispatch.tune_shape(512, 1024, torch.bfloat16, "cuda", buckets=(16, 2048), reps=3)
+    choices = tuning.tune_shape(512, 1024, torch.bfloat16, "cuda", buckets=(16, 2048), reps=3)
     assert "cutlass" not in choices[16].times_ms  # below ctl.MIN_M
     c = choices[2048]
-    assert c.cutlass in ctl.CONFIGS and "cutlass" in c.times_ms
+    assert c.config("cutlass") in ctl.CONFIGS and "cutlass" in c.times_ms
     assert c.path == dispatch.choose_path(c.times_ms)
 
 
@@ -183,7 +183,7 @@ def test_sparse_linear_shares_the_packed_values_when_they_match(dtype):
     sl = SparseLinear.from_linear(lin)
     sl.force_path = "cutlass"
     sl.prepare()
-    assert (sl._cutlass().values.data_ptr() == sl.values.data_ptr()) == same
+    assert (sl.layout("cutlass").values.data_ptr() == sl.values.data_ptr()) == same
     print(f"CUTLASS values equal pack_24 values: {same}")
     x = torch.randn(2048, 2048, device="cuda", dtype=dtype)
     assert rel_err(sl(x), F.linear(x.float(), w.float())) <= TOL[dtype]
@@ -199,12 +199,13 @@ def test_tile_formats_follow_the_k_step():
 
 def test_table_names_the_formats_its_cutlass_configs_read():
     table = dispatch.TuningTable()
-    assert table.cutlass_formats(256, 512, torch.bfloat16) == {0}
+    cutlass = backends.get("cutlass")
+    assert {cutlass.state_key(c) for c in table.configs_for("cutlass", 256, 512, torch.bfloat16)} == {0}
     k128 = ctl.TILE_FORMATS.index(1)
     table.entries[dispatch.shape_key(256, 512, torch.bfloat16)] = {
-        64: dispatch.Choice("cutlass", cutlass=0), 2048: dispatch.Choice("cutlass", cutlass=k128),
+        64: dispatch.Choice("cutlass", configs={"cutlass": 0}), 2048: dispatch.Choice("cutlass", configs={"cutlass": k128}),
         8192: dispatch.Choice("dense")}
-    assert table.cutlass_formats(256, 512, torch.bfloat16) == {0, 1}
+    assert {cutlass.state_key(c) for c in table.configs_for("cutlass", 256, 512, torch.bfloat16)} == {0, 1}
 
 
 @pytest.mark.cuda

@@ -110,13 +110,6 @@ def test_candidate_configs_are_well_formed(monkeypatch):
             assert {s24.KIND_DOT, s24.KIND_DOT_SWAP} <= kinds and s24.KIND_EXPAND not in kinds
 
 
-def test_candidate_kinds_env_filter(monkeypatch):
-    monkeypatch.setenv("LLMPRUNE_SPARSE24_KINDS", "0,2")
-    assert {c[-1] for c in s24.candidates(1, torch.float16)} == {s24.KIND_DOT, s24.KIND_SELECT}
-    monkeypatch.setenv("LLMPRUNE_SPARSE24_KINDS", "3")
-    assert s24.candidates(1, torch.float16) == [s24.DEFAULT_CONFIG]  # nothing left: the default dot tile
-
-
 def test_every_fp16_candidate_runs_under_the_interpreter(tdevice):
     """Each candidate config (big tiles, masks over a small weight) gives the reference result."""
     n, k = 40, 264

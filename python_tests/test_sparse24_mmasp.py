@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmprune_kernels import library
 from llmprune_kernels.sparse24.backends import mmasp as mm
 from llmprune_kernels.testing.mmasp_emulator import (emulate_mmasp_linear, mma_sp_m16n8k32, probe_inputs,
                                                        regs_as_int32)
@@ -206,7 +207,7 @@ def test_backward_formula_cpu():
     grad = torch.randn(5, 40).half()
     ctx = SimpleNamespace(saved_tensors=(lay.a_frag, lay.e_frag), shape=(40, 300),
                           needs_input_grad=(True, False, False, False, True, False, False, False))
-    gx, *rest = mm._backward(ctx, grad)
+    gx, *rest = library._mmasp_backward(ctx, grad)
     assert torch.equal(gx, grad @ w)
     assert torch.equal(rest[3], grad.sum(0)) and all(g is None for i, g in enumerate(rest) if i != 3)
 

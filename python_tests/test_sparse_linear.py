@@ -12,11 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmprune_kernels.sparse24 import SparseLinear, sparsify_
-from llmprune_kernels.sparse24.backends import decode as s24
-from llmprune_kernels.sparse24.backends import mmasp as mmasp
+from llmprune_kernels.sparse24 import backends, dispatch, tuning
 from llmprune_kernels.sparse24.backends import cusparselt as cslt
 from llmprune_kernels.sparse24.backends import cutlass_sm90 as ctl
-from llmprune_kernels.sparse24 import dispatch
+from llmprune_kernels.sparse24.backends import decode as s24
+from llmprune_kernels.sparse24.backends import mmasp
 from llmprune_kernels.sparse24.checkpoint import (
     expand_to_dense, from_pretrained_compressed, load_compressed, read_compressed, save_compressed,
 )
@@ -104,12 +104,12 @@ def test_sparsify_default_filter_and_filter_fn():
 
 def test_lean_choice_runs_a_close_sparse_path_instead_of_a_dense_copy():
     cfg = cslt.CsltConfig(6)
-    close = dispatch.Choice("dense", cfg, {"dense": 1.0, "cusparselt": 1.04, "decode": 2.0})
-    far = dispatch.Choice("dense", cfg, {"dense": 1.0, "cusparselt": 1.2})
-    unknown = dispatch.Choice("dense", None, {"dense": 1.0, "cusparselt": 1.01})  # no measured config kept
-    sparse = dispatch.Choice("mmasp", None, {"dense": 1.0, "mmasp": 0.7}, None, (4, 1, 4))
+    close = dispatch.Choice("dense", {"dense": 1.0, "cusparselt": 1.04, "decode": 2.0}, {"cusparselt": cfg})
+    far = dispatch.Choice("dense", {"dense": 1.0, "cusparselt": 1.2}, {"cusparselt": cfg})
+    unknown = dispatch.Choice("dense", {"dense": 1.0, "cusparselt": 1.01})  # no measured config kept
+    sparse = dispatch.Choice("mmasp", {"dense": 1.0, "mmasp": 0.7}, {"mmasp": (4, 1, 4)})
     lean = dispatch.lean_choice(close, 0.05)
-    assert lean.path == "cusparselt" and lean.cslt == cfg and lean.times_ms == close.times_ms
+    assert lean.path == "cusparselt" and lean.config() == cfg and lean.times_ms == close.times_ms
     assert dispatch.lean_choice(close, 0.03).path == "dense"  # 4% slower is outside a 3% tolerance
     assert dispatch.lean_choice(close, 0.0) is close
     assert dispatch.lean_choice(far, 0.05) is far
@@ -128,27 +128,27 @@ def test_lean_choice_runs_a_close_sparse_path_instead_of_a_dense_copy():
 def test_tuning_table_json_round_trip(tmp_path):
     table = dispatch.TuningTable({
         dispatch.shape_key(64, 128, torch.float16): {
-            1: dispatch.Choice("decode", None, {"dense": 0.02, "decode": 0.01}, (8, 1024, 1, 4, 1, 2)),
-            2048: dispatch.Choice("cusparselt", cslt.CsltConfig(3, 1, -1, -1), {"cusparselt": 0.1}),
+            1: dispatch.Choice("decode", {"dense": 0.02, "decode": 0.01}, {"decode": (8, 1024, 1, 4, 1, 2)}),
+            2048: dispatch.Choice("cusparselt", {"cusparselt": 0.1}, {"cusparselt": cslt.CsltConfig(3, 1, -1, -1)}),
             64: dispatch.Choice("dense"),
-            16: dispatch.Choice("mmasp", None, {"dense": 0.02, "mmasp": 0.012}, None, (8, 2, 4)),
+            16: dispatch.Choice("mmasp", {"dense": 0.02, "mmasp": 0.012}, {"mmasp": (8, 2, 4)}),
         }}, device_name="test")
     path = tmp_path / "sub" / "table.json"
     table.save(str(path))
     back = dispatch.TuningTable.load(str(path))
     assert back.device_name == "test"
     assert back.lookup(64, 128, torch.float16, 1).path == "decode"
-    assert back.lookup(64, 128, torch.float16, 1).decode == (8, 1024, 1, 4, 1, 2)
-    assert json.load(open(path))["entries"]["64x128:float16"]["1"]["decode_kernel"].startswith("stream-select")
-    assert back.lookup(64, 128, torch.float16, 64).decode is None
-    assert back.lookup(64, 128, torch.float16, 1500).cslt == cslt.CsltConfig(3, 1, -1, -1)
+    assert back.lookup(64, 128, torch.float16, 1).config("decode") == (8, 1024, 1, 4, 1, 2)
+    assert json.load(open(path))["entries"]["64x128:float16"]["1"]["labels"]["decode"].startswith("stream-select")
+    assert back.lookup(64, 128, torch.float16, 64).config("decode") is None
+    assert back.lookup(64, 128, torch.float16, 1500).config("cusparselt") == cslt.CsltConfig(3, 1, -1, -1)
     assert back.lookup(64, 128, torch.float16, 33).path == "dense"  # bucket 64
     assert back.lookup(64, 128, torch.float16, 4) is None  # unmeasured bucket -> defaults
     assert back.lookup(64, 128, torch.bfloat16, 1) is None
-    assert back.lookup(64, 128, torch.float16, 9).mmasp == (8, 2, 4)  # bucket 16
+    assert back.lookup(64, 128, torch.float16, 9).config("mmasp") == (8, 2, 4)  # bucket 16
     assert back.paths_for(64, 128, torch.float16) == {"decode", "cusparselt", "dense", "mmasp"}
     bad = json.load(open(path))
-    bad["entries"]["64x128:float16"]["16"]["mmasp"] = [3, 1, 1]
+    bad["entries"]["64x128:float16"]["16"]["configs"]["mmasp"] = [3, 1, 1]
     json.dump(bad, open(path, "w"))
     with pytest.raises(ValueError, match="warps"):
         dispatch.TuningTable.load(str(path))
@@ -167,7 +167,7 @@ def test_choose_path_margin():
     assert dispatch.choose_path({"dense": math.inf, "decode": 2.0}) == "decode"  # dense could not run
     assert dispatch.choose_path({"decode": math.inf}) == "dense"
     assert dispatch.choose_path({}) == "dense"
-    # equal sparse times: the earlier path in PATHS wins, whatever the dict order
+    # equal sparse times: the earlier backend in registry order wins, whatever the dict order
     assert dispatch.choose_path({"cusparselt": 0.5, "decode": 0.5, "dense": 1.0}) == "decode"
     assert dispatch.choose_path({"dense": 1.0, "decode": 0.99}, margin=0.0) == "decode"
     # the bf16 M=8192 case that measured 0.93x: tuning said cuSPARSELt 334.7 us vs dense 352.8 us
@@ -176,21 +176,33 @@ def test_choose_path_margin():
     assert dispatch.choose_path(t) == "cusparselt" and dispatch.close_call(t) == "cusparselt"
 
 
-def test_eager_choice_prefers_the_cpp_op_over_triton_decode():
+def test_eager_choice_prefers_the_cpp_op_over_triton_decode(monkeypatch):
     """Outside graph capture a measured decode choice runs mma.sp when mma.sp beat dense by the margin."""
     cfg, dcfg = (4, 1, 4), (8, 1024, 1, 4, 1, 2)
-    decode = dispatch.Choice("decode", None, {"dense": 1.0, "decode": 0.6, "mmasp": 0.7}, dcfg, cfg)
-    got = dispatch.eager_choice(decode, mmasp_ok=True)
-    assert got.path == "mmasp" and got.mmasp == cfg and got.times_ms == decode.times_ms
-    assert dispatch.eager_choice(decode, mmasp_ok=False) is decode  # op not built / GPU too old
-    close = dispatch.Choice("decode", None, {"dense": 1.0, "decode": 0.6, "mmasp": 0.98}, dcfg, cfg)
-    assert dispatch.eager_choice(close, mmasp_ok=True) is close  # mma.sp within the margin of dense
-    failed = dispatch.Choice("decode", None, {"dense": 1.0, "decode": 0.6, "mmasp": math.inf}, dcfg, cfg)
-    assert dispatch.eager_choice(failed, mmasp_ok=True) is failed
-    unmeasured = dispatch.Choice("decode", None, {"dense": 1.0, "decode": 0.6}, dcfg, None)
-    assert dispatch.eager_choice(unmeasured, mmasp_ok=True) is unmeasured
-    for kept in (dispatch.PINNED["decode"], dispatch.Choice("cusparselt", None, {"dense": 1.0, "mmasp": 0.5})):
-        assert dispatch.eager_choice(kept, mmasp_ok=True) is kept  # pinned decode, other paths
+    mm_backend = backends.get("mmasp")
+    monkeypatch.setattr(type(mm_backend), "available", lambda self, device: True)  # as on an sm_90 CUDA build
+    cuda = torch.device("cuda")
+    shape = (64, 128, torch.float16, cuda)
+
+    def eager(choice, m=1, shape=shape):
+        return dispatch.eager_choice(choice, m, *shape)
+
+    decode = dispatch.Choice("decode", {"dense": 1.0, "decode": 0.6, "mmasp": 0.7}, {"decode": dcfg, "mmasp": cfg})
+    got = eager(decode)
+    assert got.path == "mmasp" and got.config() == cfg and got.times_ms == decode.times_ms
+    assert eager(decode, m=32) is decode  # mma.sp takes M <= 16
+    assert eager(decode, shape=(64, 128, torch.float32, cuda)) is decode  # dtype it does not run
+    monkeypatch.setattr(type(mm_backend), "available", lambda self, device: False)
+    assert eager(decode) is decode  # op not built / GPU too old
+    monkeypatch.setattr(type(mm_backend), "available", lambda self, device: True)
+    close = dispatch.Choice("decode", {"dense": 1.0, "decode": 0.6, "mmasp": 0.98}, {"decode": dcfg, "mmasp": cfg})
+    assert eager(close) is close  # mma.sp within the margin of dense
+    failed = dispatch.Choice("decode", {"dense": 1.0, "decode": 0.6, "mmasp": math.inf}, {"decode": dcfg, "mmasp": cfg})
+    assert eager(failed) is failed
+    unmeasured = dispatch.Choice("decode", {"dense": 1.0, "decode": 0.6}, {"decode": dcfg})
+    assert eager(unmeasured) is unmeasured
+    for kept in (dispatch.pinned("decode"), dispatch.Choice("cusparselt", {"dense": 1.0, "mmasp": 0.5})):
+        assert eager(kept) is kept  # pinned decode, other paths
 
 
 def test_close_call_window():
@@ -221,26 +233,27 @@ def test_tune_shape_retimes_close_calls(monkeypatch):
         calls.append(tuple(paths))
         return [statistics.median(retimed[p]) for p in paths]
 
-    monkeypatch.setattr(dispatch, "time_ms", fake_time)
-    monkeypatch.setattr(dispatch, "time_ms_interleaved", fake_interleaved)
-    monkeypatch.setattr(dispatch, "weight_copies", lambda nbytes, device: 1)
-    monkeypatch.setattr(dispatch.cslt, "available", lambda: False)
-    monkeypatch.setattr(dispatch.mmasp, "supports", lambda dtype, in_features: False)  # a CUDA build has it
+    monkeypatch.setattr(tuning, "time_ms", fake_time)
+    monkeypatch.setattr(tuning, "time_ms_interleaved", fake_interleaved)
+    monkeypatch.setattr(tuning, "weight_copies", lambda nbytes, device: 1)
+    for b in backends.registered():  # only the decode kernel competes with dense, here on the CPU
+        if b.name != "dense":
+            monkeypatch.setattr(type(b), "available", lambda self, device, on=b.name == "decode": on)
     monkeypatch.setattr(s24, "tune_config", lambda n, k, dtype, m, device: (8, 1024, 1, 4, 1, 2))
-    choices = dispatch.tune_shape(64, 128, torch.float16, "cpu", buckets=(1,))
+    choices = tuning.tune_shape(64, 128, torch.float16, "cpu", buckets=(1,))
     c = choices[1]
     assert calls == ["dense", "decode", ("dense", "decode")]
-    assert c.path == "decode" and c.decode == (8, 1024, 1, 4, 1, 2)
+    assert c.path == "decode" and c.config() == (8, 1024, 1, 4, 1, 2)
     assert c.times_ms == {"dense": 1.0, "decode": 0.90}  # medians of the re-timing
     calls.clear()
     first.update(dense=1.0, decode=0.5)  # clearly faster: no re-timing
-    c = dispatch.tune_shape(64, 128, torch.float16, "cpu", buckets=(1,))[1]
+    c = tuning.tune_shape(64, 128, torch.float16, "cpu", buckets=(1,))[1]
     assert calls == ["dense", "decode"] and c.path == "decode"
     calls.clear()
     first.update(dense=1.0, decode=0.98)
     retimed.update(dense=[1.0, 1.0, 1.0], decode=[0.99, 0.98, 0.985])  # stays within the margin
-    c = dispatch.tune_shape(64, 128, torch.float16, "cpu", buckets=(1,))[1]
-    assert c.path == "dense" and c.decode == (8, 1024, 1, 4, 1, 2)
+    c = tuning.tune_shape(64, 128, torch.float16, "cpu", buckets=(1,))[1]
+    assert c.path == "dense" and c.config("decode") == (8, 1024, 1, 4, 1, 2)
 
 
 def test_runner_cache_dropped_on_reassignment():
@@ -281,7 +294,7 @@ def test_compile_with_cold_dense_cache_cpu():
     x = torch.randn(5, 64)
     compiled = torch.compile(sl, backend="aot_eager", fullgraph=True)
     y = compiled(x)
-    assert "dense" not in sl._cache  # nothing cached from inside the trace
+    assert ("dense", None) not in sl._cache  # nothing cached from inside the trace
     assert torch.equal(y, sl(x))
 
 
@@ -374,7 +387,7 @@ def test_sparsify_tunes_and_dispatches_cuda(tmp_path):
     for m in (1, 16, 256, 2048):
         c = table.lookup(512, 1024, torch.float16, m)
         assert c.path == dispatch.choose_path(c.times_ms)
-        assert (c.decode is not None) == (m <= dispatch.DECODE_MAX_M)
+        assert (c.config("decode") is not None) == (m <= s24.DECODE_MAX_M)
         x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
         ref = F.linear(F.relu(F.linear(x, model[0].weight, model[0].bias)), model[2].weight, model[2].bias)
         assert_close(model(x), ref, torch.float16)
@@ -382,7 +395,7 @@ def test_sparsify_tunes_and_dispatches_cuda(tmp_path):
     m2 = nn.Sequential(linear_24(512, 1024, torch.float16, "cuda"))
     sparsify_(m2, table=path)
     assert m2[0].table.lookup(512, 1024, torch.float16, 1).path == table.lookup(512, 1024, torch.float16, 1).path
-    assert s24.tuned_config(512, 1024, torch.float16, 1) == table.lookup(512, 1024, torch.float16, 1).decode
+    assert s24.tuned_config(512, 1024, torch.float16, 1) == table.lookup(512, 1024, torch.float16, 1).config("decode")
 
 
 @pytest.mark.cuda
@@ -401,7 +414,7 @@ def test_eager_fast_path_matches_general_path(path):
     sl.force_path = "dense"
     assert not sl._runners
     x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
-    assert torch.equal(sl(x), F.linear(x, sl._dense(), sl.bias))
+    assert torch.equal(sl(x), F.linear(x, sl.layout("dense"), sl.bias))
     with pytest.raises(TypeError):
         _pinned("decode")(x.float())
 
@@ -447,11 +460,11 @@ def test_eager_calls_run_mmasp_where_graphs_run_decode():
     dcfg, mcfg = s24.DEFAULT_CONFIG, mmasp.default_config(512, 1024, 1)
     table = dispatch.TuningTable()
     table.entries[dispatch.shape_key(512, 1024, torch.float16)] = {
-        1: dispatch.Choice("decode", None, {"dense": 1.0, "decode": 0.5, "mmasp": 0.6}, dcfg, mcfg)}
+        1: dispatch.Choice("decode", {"dense": 1.0, "decode": 0.5, "mmasp": 0.6}, {"decode": dcfg, "mmasp": mcfg})}
     sl.table = table
     sl.prepare()
     x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
-    want_eager = mmasp.mmasp_linear(x, sl._mmasp_layout(), sl.bias, mcfg)
+    want_eager = mmasp.mmasp_linear(x, sl.layout("mmasp"), sl.bias, mcfg)
     want_graph = s24.sparse24_mm(x, sl.values, sl.meta, sl.bias, 1024, block=dcfg)
     assert torch.equal(sl(x), want_eager)
     assert torch.equal(_graph_replay(sl, x), want_graph)
@@ -474,7 +487,7 @@ def test_mmasp_eager_runner_bypasses_python_autograd_only_when_no_grad_can_flow(
     y = sl(xg)
     assert y.requires_grad
     y.float().sum().backward()
-    F.linear(xr, sl._dense(), sl.bias).float().sum().backward()
+    F.linear(xr, sl.layout("dense"), sl.bias).float().sum().backward()
     assert_close(xg.grad, xr.grad, torch.float16)
 
     class Seen(TorchDispatchMode):
@@ -499,7 +512,7 @@ def test_library_paths_give_input_and_bias_gradients(path):
     if path not in CUDA_PATHS:
         pytest.skip(f"{path} is not built here")
     sl = _pinned(path)
-    sl._cache.pop("dense", None)
+    sl._cache.pop(("dense", None), None)
     x = torch.randn(300, 1024, device="cuda", dtype=torch.float16)
     xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     bias_ref = sl.bias.detach().clone().requires_grad_()
@@ -508,7 +521,7 @@ def test_library_paths_give_input_and_bias_gradients(path):
     F.linear(xr, w, bias_ref).float().sum().backward()
     assert_close(xg.grad, xr.grad, torch.float16)
     assert_close(sl.bias.grad, bias_ref.grad, torch.float16)
-    assert "dense" not in sl._cache
+    assert ("dense", None) not in sl._cache
     with torch.no_grad():
         assert not sl(x).requires_grad
 
@@ -522,16 +535,16 @@ def test_dense_tolerance_keeps_no_dense_copy_cuda():
     lin = linear_24(512, 1024, torch.float16, "cuda")
     times = {"dense": 1.0, "cusparselt": 1.02}
     table = dispatch.TuningTable({dispatch.shape_key(512, 1024, torch.float16): {
-        256: dispatch.Choice("dense", cslt.CsltConfig(0), times)}})
+        256: dispatch.Choice("dense", times, {"cusparselt": cslt.CsltConfig(0)})}})
     strict, lean = (SparseLinear.from_linear(lin) for _ in range(2))
     for sl, tol in ((strict, 0.0), (lean, 0.05)):
         sl.table, sl.dense_tolerance = table, tol
         sl.prepare()
-    assert "dense" in strict._cache and "dense" not in lean._cache
+    assert ("dense", None) in strict._cache and ("dense", None) not in lean._cache
     x = torch.randn(200, 1024, device="cuda", dtype=torch.float16)
     assert lean.choose(200).path == "cusparselt" and strict.choose(200).path == "dense"
     assert_close(lean(x), F.linear(x, lin.weight, lin.bias), torch.float16)
-    assert "dense" not in lean._cache
+    assert ("dense", None) not in lean._cache
 
 
 @pytest.mark.cuda

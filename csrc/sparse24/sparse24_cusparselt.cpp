@@ -314,13 +314,9 @@ int64_t cslt_plan_count() {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
-  m.def("sparse24_cslt_compress(Tensor weight, int layout=0) -> Tensor");
-  m.def("sparse24_cslt_linear(Tensor x, Tensor compressed, int out_features, Tensor? bias, int alg_id=-1, "
-        "int split_k=-1, int split_k_mode=-1, int split_k_buffers=-1, int layout=0) -> Tensor");
-  m.def("sparse24_cslt_search(Tensor x, Tensor compressed, int out_features, int layout=0) -> int[]");
-  m.def("sparse24_cslt_max_alg_id(Tensor x, Tensor compressed, int out_features, int layout=0) -> int");
-  m.def("sparse24_cslt_plan_count() -> int", &cslt_plan_count);  // no tensor argument: one catch-all kernel
+// Schemas: llmprune_kernels/library.py. The plan count takes no tensor: one kernel for every key.
+TORCH_LIBRARY_IMPL(llmprune_kernels, CompositeImplicitAutograd, m) {
+  m.impl("sparse24_cslt_plan_count", &cslt_plan_count);
 }
 
 TORCH_LIBRARY_IMPL(llmprune_kernels, CUDA, m) {

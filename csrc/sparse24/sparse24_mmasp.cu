@@ -410,12 +410,7 @@ at::Tensor mmasp_probe(const at::Tensor& a, const at::Tensor& b, const at::Tenso
 }  // namespace sparse24_mmasp
 }  // namespace llmprune
 
-TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
-  m.def("sparse24_mmasp_linear(Tensor x, Tensor a_frag, Tensor e_frag, int out_features, Tensor? bias, int warps, "
-        "int rows_per_warp, int splits) -> Tensor");
-  m.def("sparse24_mmasp_probe(Tensor a, Tensor b, Tensor e, int selector, bool bf16) -> Tensor");
-}
-
+// Schemas: llmprune_kernels/library.py.
 TORCH_LIBRARY_IMPL(llmprune_kernels, CUDA, m) {
   m.impl("sparse24_mmasp_linear", &llmprune::sparse24_mmasp::mmasp_linear);
   m.impl("sparse24_mmasp_probe", &llmprune::sparse24_mmasp::mmasp_probe);

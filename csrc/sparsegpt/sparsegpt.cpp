@@ -287,13 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, double, int64_t> prune(
 }  // namespace sparsegpt
 }  // namespace llmprune
 
-TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
-  m.def("sparsegpt_add_batch(Tensor(a!) H, Tensor inp, int nsamples) -> int");
-  m.def(
-      "sparsegpt_prune(Tensor weight, Tensor H, float sparsity, int prunen, int prunem, int blocksize, "
-      "float percdamp, int max_retries, str name, bool fast_inverse=False) -> (Tensor, Tensor, Tensor, float, int)");
-}
-
+// Schemas: llmprune_kernels/library.py.
 TORCH_LIBRARY_IMPL(llmprune_kernels, CPU, m) {
   m.impl("sparsegpt_add_batch", &llmprune::sparsegpt::add_batch);
   m.impl("sparsegpt_prune", &llmprune::sparsegpt::prune);

@@ -106,12 +106,7 @@ at::Tensor cutlass_linear(const at::Tensor& x, const at::Tensor& values, const a
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(llmprune_kernels, m) {
-  m.def("sparse24_cutlass_compress(Tensor weight, int format=0) -> Tensor[]");
-  m.def("sparse24_cutlass_linear(Tensor x, Tensor values, Tensor meta, int out_features, Tensor? bias, int config=0) "
-        "-> Tensor");
-}
-
+// Schemas: llmprune_kernels/library.py.
 TORCH_LIBRARY_IMPL(llmprune_kernels, CUDA, m) {
   m.impl("sparse24_cutlass_compress", &cutlass_compress);
   m.impl("sparse24_cutlass_linear", &cutlass_linear);

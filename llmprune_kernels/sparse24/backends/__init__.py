@@ -1,1 +1,20 @@
-"""2:4 matmul backends."""
+"""2:4 matmul backends, one module each, registered here in the order that breaks ties between equal times.
+
+``dense`` (F.linear on the masked weight), ``decode`` (Triton, small M), ``cusparselt`` (cuSPARSELt with
+cached plans, large M), ``mmasp`` (our mma.sp CUDA kernel, M <= 16, sm_90), ``cutlass`` (CUTLASS's sm90
+wgmma.sp GEMM, large M). See :mod:`.base` for the interface.
+"""
+from llmprune_kernels.sparse24.backends.base import Backend, get, names, register, registered, unregister
+from llmprune_kernels.sparse24.backends.cusparselt import CusparseltBackend
+from llmprune_kernels.sparse24.backends.cutlass_sm90 import CutlassBackend
+from llmprune_kernels.sparse24.backends.decode import DecodeBackend
+from llmprune_kernels.sparse24.backends.dense import DenseBackend
+from llmprune_kernels.sparse24.backends.mmasp import MmaspBackend
+
+register(DenseBackend())
+register(DecodeBackend())
+register(CusparseltBackend())
+register(MmaspBackend())
+register(CutlassBackend())
+
+__all__ = ["Backend", "get", "names", "register", "registered", "unregister"]

@@ -35,15 +35,10 @@ TUNE_ERRORS: dict[tuple, str] = {}  # (n, k, dtype, m, config) -> why that candi
 
 
 def candidates(m: int, dtype: torch.dtype) -> list[tuple]:
-    """The configs ``tune_config`` measures for M rows of ``dtype`` (only the kinds listed in
-    $LLMPRUNE_SPARSE24_KINDS, e.g. "0,4", when it is set: the GPU runner drops kinds that fail a preflight)."""
+    """The configs ``tune_config`` measures for M rows of ``dtype``."""
     cands = list(DOT_CONFIGS) + list(SWAP_CONFIGS)
     if dtype in (torch.float16, torch.bfloat16) and m <= STREAM_TUNE_MAX_M:
         cands += STREAM_CONFIGS
-    kinds = os.environ.get("LLMPRUNE_SPARSE24_KINDS")
-    if kinds:
-        allowed = {int(v) for v in kinds.split(",") if v.strip()}
-        cands = [c for c in cands if c[-1] in allowed] or [DEFAULT_CONFIG]
     return cands
 
 

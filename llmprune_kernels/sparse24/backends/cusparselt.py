@@ -1,24 +1,23 @@
 """Python side of the cuSPARSELt 2:4 ops in ``csrc/sparse24/sparse24_cusparselt.cpp``.
 
 The C++ op compresses a weight once and keeps one plan per (shape, dtype, padded M, algorithm) in a
-process-wide cache, so an eager call pays only the matmul. This module registers the fake (meta)
-implementation that torch.compile needs and wraps the search that picks the algorithm.
+process-wide cache, so an eager call pays only the matmul. This module wraps the ops (schemas and fakes:
+:mod:`llmprune_kernels.library`), the search that picks the algorithm, and the backend.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 
 from llmprune_kernels import _ext
+from llmprune_kernels.sparse24.backends.base import Backend
+from llmprune_kernels.sparse24.pack import Packed24, unpack_24
 from llmprune_kernels.validation import check_compressible_24
 
 
 def available() -> bool:
-    """Our cuSPARSELt ops were compiled in, a GPU is visible, and LLMPRUNE_NO_CUSPARSELT is not set."""
-    if os.environ.get("LLMPRUNE_NO_CUSPARSELT", "0") == "1":
-        return False
+    """Our cuSPARSELt ops were compiled in and a GPU is visible."""
     return _ext.ext_with_cusparselt() and torch.cuda.is_available()
 
 
@@ -113,13 +112,45 @@ def plan_count() -> int:
     return int(torch.ops.llmprune_kernels.sparse24_cslt_plan_count())
 
 
-if _ext.ext_with_cusparselt():
-    @torch.library.register_fake("llmprune_kernels::sparse24_cslt_linear")
-    def _linear_fake(x, compressed, out_features, bias=None, alg_id=-1, split_k=-1, split_k_mode=-1,
-                     split_k_buffers=-1, layout=0):
-        return x.new_empty(x.shape[0], out_features)
+class CusparseltBackend(Backend):
+    """Our cached-plan cuSPARSELt op on cuSPARSELt's compressed weight; large M."""
 
-    @torch.library.register_fake("llmprune_kernels::sparse24_cslt_compress")
-    def _compress_fake(weight, layout=0):
-        # The real size is library-defined; compile never traces compression (done at load time).
-        return weight.new_empty(weight.numel() * weight.element_size() * 9 // 16, dtype=torch.uint8)
+    name = "cusparselt"
+    default_priority = 2
+
+    def available(self, device: torch.device) -> bool:
+        return device.type == "cuda" and available()
+
+    def supports(self, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+        return shape_ok(out_features, in_features, dtype)
+
+    def prepare(self, packed: Packed24, config=None) -> torch.Tensor:
+        return compress(unpack_24(packed))
+
+    def default_config(self, out_features, in_features, dtype, m):
+        return DEFAULT_CONFIG
+
+    def bind(self, state, config, m, in_features, out_features, bias):
+        op = torch.ops.llmprune_kernels.sparse24_cslt_linear.default
+        c = config or DEFAULT_CONFIG
+        args = (c.alg_id, c.split_k, c.split_k_mode, c.split_k_buffers)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            y = op(x.reshape(m, in_features), state, out_features, bias, *args)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
+        return run
+
+    def call(self, state, config, x, out_features, bias):
+        y = linear(x.reshape(-1, x.shape[-1]), state, out_features, bias, config or DEFAULT_CONFIG)
+        return y.reshape(*x.shape[:-1], out_features)
+
+    def tune(self, states, x, out_features, time_fn):
+        cfg, t, _ = search(x, states, out_features, lambda fns: time_fn(fns, trials=3))
+        return cfg, t, [lambda c=c: linear(x, c, out_features, None, cfg) for c in states]
+
+    def config_to_json(self, config):
+        return config.as_dict()
+
+    def config_from_json(self, value):
+        return CsltConfig(**value)
+

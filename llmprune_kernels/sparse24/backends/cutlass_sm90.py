@@ -9,12 +9,13 @@ sm_90a.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
 from llmprune_kernels import _ext
+from llmprune_kernels.sparse24.backends.base import Backend
+from llmprune_kernels.sparse24.pack import Packed24, unpack_24
 from llmprune_kernels.validation import check_compressible_24
 
 TILES = ("128x128x64 cluster 2x1", "128x256x64 cluster 1x2", "256x128x64 cluster 2x1",
@@ -65,9 +66,7 @@ class CutlassWeight(NamedTuple):
 
 
 def available(device: torch.device | int | None = None) -> bool:
-    """The CUTLASS ops were compiled in, the GPU is sm_90 and LLMPRUNE_NO_CUTLASS is not set."""
-    if os.environ.get("LLMPRUNE_NO_CUTLASS", "0") == "1":
-        return False
+    """The CUTLASS ops were compiled in and the GPU is sm_90."""
     if not (_ext.ext_with_cutlass_sm90() and torch.cuda.is_available()):
         return False
     if isinstance(device, (str, torch.device)) and torch.device(device).type != "cuda":
@@ -197,7 +196,56 @@ def search(x: torch.Tensor, weights: dict[int, list[CutlassWeight]], out_feature
     return best, times[best], times
 
 
-if _ext.ext_with_cutlass_sm90():
-    @torch.library.register_fake("llmprune_kernels::sparse24_cutlass_linear")
-    def _linear_fake(x, values, meta, out_features, bias=None, config=0):
-        return x.new_empty(x.shape[0], out_features)
+class CutlassBackend(Backend):
+    """CUTLASS's sm90 sparse GEMM (wgmma.sp) on its own compressed weight, one per metadata format; large M."""
+
+    name = "cutlass"
+    tune_min_m = MIN_M
+
+    def available(self, device: torch.device) -> bool:
+        return device.type == "cuda" and available(device)
+
+    def supports(self, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+        return shape_ok(out_features, in_features, dtype)
+
+    def state_key(self, config) -> int:
+        return format_of(config if config is not None else 0)
+
+    def prepare(self, packed: Packed24, config=None) -> CutlassWeight:
+        # values shared with the packed weight where the layouts agree: only the metadata is extra
+        return share_values(compress(unpack_24(packed), self.state_key(config)), packed.values)
+
+    def default_config(self, out_features, in_features, dtype, m):
+        return 0
+
+    def bind(self, state: CutlassWeight, config, m, in_features, out_features, bias):
+        op = torch.ops.llmprune_kernels.sparse24_cutlass_linear.default
+        cfg = _check_config(config)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype != state.values.dtype:  # the op's own check would raise from C++ (see ``linear``)
+                raise TypeError(f"SparseLinear holds {state.values.dtype} weights, got a {x.dtype} input")
+            y = op(x.reshape(m, in_features), state.values, state.meta, out_features, bias, cfg)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], out_features)
+        return run
+
+    def call(self, state, config, x, out_features, bias):
+        y = linear(x.reshape(-1, x.shape[-1]), state, out_features, bias, config if config is not None else 0)
+        return y.reshape(*x.shape[:-1], out_features)
+
+    def tuning_states(self, packed):
+        return {f: [compress(unpack_24(p), f) for p in packed] for f in FORMATS}
+
+    def tune(self, states, x, out_features, time_fn):
+        cfg, t, _ = search(x, states, out_features, lambda fns: time_fn(fns, trials=3))
+        return cfg, t, [lambda w=w: linear(x, w, out_features, None, cfg) for w in states[format_of(cfg)]]
+
+    def describe(self, config) -> str:
+        return describe(config)
+
+    def config_to_json(self, config):
+        return config_to_json(config)
+
+    def config_from_json(self, value):
+        return config_from_json(value)
+

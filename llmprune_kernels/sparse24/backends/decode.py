@@ -49,171 +49,15 @@ from llmprune_kernels.sparse24.backends._decode_configs import (  # noqa: F401  
     tune_config,
     tuned_config,
 )
+from llmprune_kernels.sparse24.backends._decode_dot import HAS_TRITON
 from llmprune_kernels.sparse24.backends._decode_stream import as_pairs, plan_stream
-from llmprune_kernels.sparse24.pack import expand_24
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is an optional dependency
-    HAS_TRITON = False
+from llmprune_kernels.sparse24.backends.base import Backend
+from llmprune_kernels.sparse24.pack import Packed24
 
 if HAS_TRITON:
-    from llmprune_kernels.sparse24.backends._decode_stream import _two_byte_aligned
+    import triton
 
-    @triton.jit
-    def _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn, stride_mn, k0, k_end,
-                   FULL: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The packed weight and x [BLOCK_M, BLOCK_K] of one K tile.
-
-        ``PAIRS`` (16-bit weights): one int32 per group (its two kept values) [BLOCK_N, BLOCK_K/4], else the
-        values [BLOCK_N, BLOCK_K/2]; metadata bytes [BLOCK_N, BLOCK_K/8] (PAIRS: 2 bytes a thread, the groups
-        of its value load, see ``_two_byte_aligned``).
-        ``FULL``: the tile lies inside K or is skipped whole, so no mask varies along K and the loads stay
-        16-byte vectors (per-column masks split them into 2-byte loads); otherwise every column is masked
-        (the ragged last tile). Masked elements load as 0 and add nothing."""
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        if PAIRS:
-            offs_c = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-            offs_b = _two_byte_aligned(offs_b, k_end)
-            c_end = k_end // 4
-        else:
-            offs_c = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            c_end = k_end // 2
-        if FULL:
-            # A dead tile masks whole rows (a scalar & a row mask trips the Triton interpreter).
-            live = k0 + BLOCK_K <= k_end
-            v_ok = (offs_n < tl.where(live, N, 0))[:, None]
-            b_ok = v_ok
-            x_ok = (offs_m < tl.where(live, M, 0))[:, None]
-        else:
-            n_ok = offs_n < N
-            m_ok = offs_m < M
-            v_ok = n_ok[:, None] & (offs_c[None, :] < c_end)
-            b_ok = n_ok[:, None] & (offs_b[None, :] * 8 < k_end)
-            x_ok = m_ok[:, None] & (offs_k[None, :] < k_end)
-        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_c[None, :], mask=v_ok, other=0)
-        mb = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_b[None, :], mask=b_ok, other=0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_ok, other=0.0)
-        return v, mb, x
-
-    @triton.jit
-    def _expand(v, mb, x, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The dense [BLOCK_N, BLOCK_K] weight tile (x's dtype) from one tile of ``_load_tile``."""
-        mb = mb.to(tl.int32)
-        if PAIRS:
-            # Integer selects on the int32 pair give each group's (d0, d1) and (d2, d3) halves directly.
-            t = tl.reshape(tl.join(mb & 15, mb >> 4), [BLOCK_N, BLOCK_K // 4])  # each group's nibble
-            b0 = (t & 1) != 0
-            b1 = (t & 2) != 0
-            b2 = (t & 4) != 0
-            b3 = (t & 8) != 0
-            z = tl.zeros_like(v)
-            # i0 = (b1 b0) in {0, 1, 2}, i1 = (b3 b2) in {1, 2, 3}, i0 < i1; v = v0 | v1 << 16.
-            d01 = tl.where(b1, z, tl.where(b0, v << 16, tl.where(b3, v & 0xFFFF, v)))
-            d23 = tl.where(b1, v, tl.where(b3, tl.where(b2, v & -65536, (v >> 16) & 0xFFFF), z))
-            d0 = (d01 & 0xFFFF).to(tl.int16).to(x.dtype, bitcast=True)
-            d1 = (d01 >> 16).to(tl.int16).to(x.dtype, bitcast=True)
-            d2 = (d23 & 0xFFFF).to(tl.int16).to(x.dtype, bitcast=True)
-            d3 = (d23 >> 16).to(tl.int16).to(x.dtype, bitcast=True)
-        else:
-            v0, v1 = tl.split(tl.reshape(v, [BLOCK_N, BLOCK_K // 4, 2]))
-            # Metadata: one byte per two groups, low nibble first.
-            nib = tl.reshape(tl.join(mb & 15, mb >> 4), [BLOCK_N, BLOCK_K // 4])
-            i0 = nib & 3
-            i1 = nib >> 2
-            zero = tl.zeros_like(v0)
-            # i0 < i1, so column 0 can only hold v0 and column 3 only v1.
-            d0 = tl.where(i0 == 0, v0, zero)
-            d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
-            d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
-            d3 = tl.where(i1 == 3, v1, zero)
-        # join(join(d0, d2), join(d1, d3)) flattens to d0, d1, d2, d3 per group.
-        return tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BLOCK_N, BLOCK_K])
-
-    @triton.jit
-    def _mma(acc, x, w, IEEE: tl.constexpr, SWAP: tl.constexpr):
-        """acc += x @ w.T ([BLOCK_M, BLOCK_N]), or with SWAP acc += w @ x.T ([BLOCK_N, BLOCK_M]: the weight
-        is the MMA's M side, so BLOCK_N >= 64 can use Hopper's wgmma)."""
-        if IEEE:
-            # fp32 weights (and bf16 under the Triton interpreter, whose bf16 dot is wrong): fp32 math.
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-            if SWAP:
-                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        elif SWAP:
-            acc = tl.dot(w, tl.trans(x), acc)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
-        return acc
-
-    @triton.jit
-    def _sparse24_mm_kernel(
-        x_ptr, v_ptr, m_ptr, b_ptr, y_ptr,
-        M, N, K, K_PER_SPLIT,
-        stride_xm, stride_vn, stride_mn, stride_ym, stride_ys,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr, PAIRS: tl.constexpr,
-        SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n_ok = offs_n < N
-        m_ok = offs_m < M
-        k_start = pid_k * K_PER_SPLIT
-        k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-        k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K  # end of the whole tiles
-        if SWAP:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        v_nxt, mb_nxt, x_nxt = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn,
-                                          stride_mn, k_start, k_end, True, PAIRS, BLOCK_K)
-        for k0 in range(k_start, k_full, BLOCK_K):
-            v = v_nxt
-            mb = mb_nxt
-            x = x_nxt
-            # Issue the next tile's loads before this tile's math (register double buffering).
-            v_nxt, mb_nxt, x_nxt = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm,
-                                              stride_vn, stride_mn, k0 + BLOCK_K, k_end, True, PAIRS, BLOCK_K)
-            acc = _mma(acc, x, _expand(v, mb, x, PAIRS, BLOCK_N, BLOCK_K), IEEE, SWAP)
-        if k_full < k_end:  # the ragged last tile, masked per column
-            v, mb, x = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn, stride_mn,
-                                  k_full, k_end, False, PAIRS, BLOCK_K)
-            acc = _mma(acc, x, _expand(v, mb, x, PAIRS, BLOCK_N, BLOCK_K), IEEE, SWAP)
-        if SWAP:  # acc[n, m]: store through transposed offsets
-            out_off = offs_m[None, :] * stride_ym + offs_n[:, None]
-            out_mask = m_ok[None, :] & n_ok[:, None]
-            bias_b = offs_n[:, None]
-        else:
-            out_off = offs_m[:, None] * stride_ym + offs_n[None, :]
-            out_mask = m_ok[:, None] & n_ok[None, :]
-            bias_b = offs_n[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + bias_b, mask=bias_b < N, other=0.0).to(tl.float32)
-            tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-        else:  # fp32 partial of this K slice
-            tl.store(y_ptr + pid_k * stride_ys + out_off, acc, mask=out_mask)
-
-    @triton.jit
-    def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < MN
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in range(SPLIT_K):  # fixed order: deterministic
-            acc += tl.load(p_ptr + s * MN + offs, mask=ok, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    from llmprune_kernels.sparse24.backends._decode_dot import _sparse24_mm_kernel, _splitk_reduce_kernel
 
 
 def _plan(values, meta, bias, m, n, k, config):
@@ -317,32 +161,52 @@ def sparse24_mm(
     return y.reshape(*lead, n)
 
 
-if HAS_TRITON:
-    # torch.library registration so the kernel is opaque to torch.compile (and still capturable in
-    # CUDA graphs); the eager path in SparseLinear calls sparse24_mm directly to skip the op overhead.
-    @torch.library.custom_op("llmprune_kernels::sparse24_mm", mutates_args=())
-    def sparse24_mm_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                       bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
-        return sparse24_mm(x, values, meta, bias, in_features)
+DECODE_MAX_M = 64  # tuning measures the decode kernels up to here; they are designed for M <= 16
 
-    @sparse24_mm_op.register_fake
-    def _(x, values, meta, bias, in_features):
-        return x.new_empty(*x.shape[:-1], values.shape[0])
 
-    def _setup_context(ctx, inputs, output):
-        x, values, meta, bias, in_features = inputs
-        ctx.save_for_backward(values, meta)
-        ctx.in_features = in_features
+class DecodeBackend(Backend):
+    """The Triton decode kernels on the packed weight itself (no extra layout); small M."""
 
-    def _backward(ctx, grad):
-        """Gradients for x and bias (the packed weight is frozen: pruned weights are not trained here)."""
-        values, meta = ctx.saved_tensors
-        gx = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = grad @ expand_24(values, meta, ctx.in_features)
-        if ctx.needs_input_grad[3]:
-            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return gx, None, None, gb, None
+    name = "decode"
+    tune_max_m = DECODE_MAX_M
+    default_priority, default_max_m = 1, 16
+    # a Triton launch costs more host time than it saves on a small layer outside a CUDA graph (H100: 0.4-0.7x
+    # of dense per eager call at 4096x4096), while the C++ mma.sp op launches like F.linear
+    eager_substitute = "mmasp"
 
-    # torch.compile traces a backward whenever an input (e.g. the bias Parameter) requires grad.
-    sparse24_mm_op.register_autograd(_backward, setup_context=_setup_context)
+    def available(self, device: torch.device) -> bool:
+        return HAS_TRITON and device.type == "cuda"
+
+    def supports(self, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+        return True
+
+    def resolve(self, config, out_features, in_features, dtype, m, device, capturing):
+        cfg = config or tuned_config(out_features, in_features, dtype, m)
+        if cfg is not None:
+            return cfg, True
+        if capturing:  # no timing inside a graph capture: a fixed config, not kept for eager calls
+            return DEFAULT_CONFIG, False
+        return tune_config(out_features, in_features, dtype, m, device), True
+
+    def install(self, config, out_features, in_features, dtype, m) -> None:
+        set_tuned_config(out_features, in_features, dtype, m, config)
+
+    def bind(self, state: Packed24, config, m, in_features, out_features, bias):
+        return decode_runner(state.values, state.meta, bias, m, in_features, config)
+
+    def call(self, state: Packed24, config, x, out_features, bias):
+        if torch.compiler.is_compiling():
+            return torch.ops.llmprune_kernels.sparse24_mm(x, state.values, state.meta, bias, state.shape[1])
+        return sparse24_mm(x, state.values, state.meta, bias, state.shape[1], block=config)
+
+    def tune(self, states, x, out_features, time_fn):
+        m, k = x.shape
+        cfg = tune_config(out_features, k, x.dtype, m, x.device)
+        return cfg, None, [lambda p=p: sparse24_mm(x, p.values, p.meta, None, k, block=cfg) for p in states]
+
+    def describe(self, config) -> str:
+        return config_name(config)
+
+    def config_to_json(self, config):
+        return list(config)
+

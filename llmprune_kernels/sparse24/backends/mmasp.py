@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from llmprune_kernels import _ext
-from llmprune_kernels.sparse24.pack import Packed24, meta_indices, meta_width, unpack_24
+from llmprune_kernels.sparse24.backends.base import Backend
+from llmprune_kernels.sparse24.pack import Packed24, meta_indices, meta_width
 
 ROWS = 16  # output features per MMA (row block)
 KSTEP = 32  # input columns per MMA
@@ -230,37 +231,56 @@ def probe(a_regs: torch.Tensor, b_regs: torch.Tensor, e: torch.Tensor, selector:
     return torch.ops.llmprune_kernels.sparse24_mmasp_probe(a_regs, b_regs, e, int(selector), bool(bf16))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, a_frag, e_frag, out_features, bias, *_ = inputs
-    ctx.save_for_backward(a_frag, e_frag)
-    ctx.shape = (out_features, x.shape[1])
+_CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+# launch configs (warps, rows_per_warp, splits) tuning measures besides the shape's default: the winners of an
+# H100 sweep of every config
+TUNE_CONFIGS = ((4, 1, 2), (4, 1, 4), (8, 1, 2), (8, 1, 4), (8, 2, 4))
 
 
-def _backward(ctx, grad: torch.Tensor):
-    """Gradients for x and bias (the weight is frozen: pruned weights are not trained here), from the dense
-    weight rebuilt from the fragment-order layout."""
-    a_frag, e_frag = ctx.saved_tensors
-    gx = gb = None
-    if ctx.needs_input_grad[0]:
-        gx = grad @ unpack_24(from_mmasp_layout(MmaspLayout(a_frag, e_frag, ctx.shape)))
-    if ctx.needs_input_grad[4]:
-        gb = grad.sum(0)
-    return gx, None, None, None, gb, None, None, None
+class MmaspBackend(Backend):
+    """Our CUDA kernel on the sparse tensor cores for M <= 16, reading the fragment-order layout."""
 
+    name = "mmasp"
+    max_m = MAX_M
+    default_priority, default_max_m = 0, MAX_M
+    traceable = False  # torch.compile of the op trips a data-dependent guard: compiled graphs run ``decode``
 
-if hasattr(torch.library, "register_fake"):
-    def _register_fake() -> None:
-        @torch.library.register_fake("llmprune_kernels::sparse24_mmasp_linear")
-        def _(x, a_frag, e_frag, out_features, bias, warps, rows_per_warp, splits):
-            return x.new_empty(x.shape[0], out_features)
+    def available(self, device: torch.device) -> bool:
+        return device.type == "cuda" and available()
 
-        # Without it, backward through the op (a SparseLinear in a model being fine-tuned or differentiated,
-        # e.g. for GBLM gradients) would silently give no gradient for x.
-        torch.library.register_autograd("llmprune_kernels::sparse24_mmasp_linear", _backward,
-                                        setup_context=_setup_context)
+    def supports(self, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+        return dtype in (torch.float16, torch.bfloat16) and in_features % 4 == 0
 
-    try:
-        if hasattr(torch.ops.llmprune_kernels, "sparse24_mmasp_linear"):
-            _register_fake()
-    except (RuntimeError, AttributeError):  # op not compiled in (CPU build)
-        pass
+    def prepare(self, packed: Packed24, config=None) -> MmaspLayout:
+        return to_mmasp_layout(packed)
+
+    def default_config(self, out_features, in_features, dtype, m):
+        return default_config(out_features, in_features, m)
+
+    def candidates(self, out_features, in_features, dtype, m):
+        configs = dict.fromkeys((default_config(out_features, in_features, m),) + TUNE_CONFIGS)
+        return [c for c in configs if config_fits(m, in_features, c)]
+
+    def bind(self, state: MmaspLayout, config, m, in_features, out_features, bias):
+        op = torch.ops.llmprune_kernels.sparse24_mmasp_linear.default
+        cfg = check_config(config)
+        if not config_fits(m, in_features, cfg):
+            raise ValueError(f"mma.sp config {cfg} does not fit in_features={in_features}, M={m}")
+        a, e, n, k = state.a_frag, state.e_frag, out_features, in_features
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            # straight to the CUDA kernel: the caller adds the frozen-weight gradient (the op's Python autograd
+            # kernel would cost ~10 us of host time a call, which eager decoding pays on every Linear)
+            if torch._C._len_torch_dispatch_stack() == 0:
+                y = op.redispatch(_CUDA_KEYS, x.reshape(m, k), a, e, n, bias, *cfg)
+            else:  # a dispatch mode is watching: let it see the op
+                y = op(x.reshape(m, k), a, e, n, bias, *cfg)
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+        return run
+
+    def call(self, state, config, x, out_features, bias):
+        return mmasp_linear(x, state, bias, config)
+
+    def config_from_json(self, value):
+        return check_config(value)
+

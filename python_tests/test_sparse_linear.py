@@ -314,7 +314,14 @@ def tiny_llama(seed=0):
     return model
 
 
+def test_save_compressed_refuses_a_model_that_was_never_sparsified(tmp_path):
+    with pytest.raises(ValueError, match="no SparseLinear module.*sparsify_"):
+        save_compressed(tiny_llama(), str(tmp_path / "ck"))
+    assert not (tmp_path / "ck").exists() and not list(tmp_path.iterdir())  # nothing written
+
+
 def test_checkpoint_round_trip_bit_exact_and_dense_expansion(tmp_path):
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     model = tiny_llama()
@@ -339,9 +346,20 @@ def test_checkpoint_round_trip_bit_exact_and_dense_expansion(tmp_path):
         assert torch.equal(loaded(ids).logits, ref)
     # Dense expansion: plain transformers loads it and computes the same logits.
     expand_to_dense(str(tmp_path / "ck"), str(tmp_path / "dense"))
+    with safe_open(str(tmp_path / "dense" / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # the tied head is stored once
     dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense")).eval()
+    assert dense.lm_head.weight.data_ptr() == dense.model.embed_tokens.weight.data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(dense(ids).logits, ref, rtol=0, atol=0)
+    # an untied head keeps its own tensor
+    cfg = json.load(open(tmp_path / "ck" / "config.json"))
+    json.dump({**cfg, "tie_word_embeddings": False}, open(tmp_path / "ck" / "config.json", "w"))
+    expand_to_dense(str(tmp_path / "ck"), str(tmp_path / "dense_untied"))
+    with safe_open(str(tmp_path / "dense_untied" / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" in set(f.keys())
+    json.dump(cfg, open(tmp_path / "ck" / "config.json", "w"))
     # load_compressed into a fresh model of the same architecture.
     fresh = tiny_llama(seed=1)
     load_compressed(fresh, str(tmp_path / "ck"))

@@ -68,6 +68,9 @@ def save_compressed(model: nn.Module, out_dir: str) -> str:
     sparse = {fqn: {"shape": [m.out_features, m.in_features], "dtype": str(m.values.dtype).removeprefix("torch."),
                     "bias": m.bias is not None}
               for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
+    if not sparse:
+        raise ValueError("save_compressed: the model has no SparseLinear module, so there is nothing to compress; "
+                         "prune it 2:4 and call sparsify_(model) first, or save it dense with save_model")
     tensors, aliases = _dedupe(model.state_dict())
     meta = {"format": FORMAT, "version": VERSION, "sparse24": json.dumps(sparse), "aliases": json.dumps(aliases)}
     tmp = _atomic_dir(out_dir)
@@ -120,21 +123,34 @@ def load_compressed(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
-def dense_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The checkpoint with every packed weight expanded to ``<fqn>.weight`` (aliases restored)."""
+def dense_state_dict(path: str, with_aliases: bool = True) -> dict[str, torch.Tensor]:
+    """The checkpoint with every packed weight expanded to ``<fqn>.weight`` (tied aliases restored as copies
+    unless ``with_aliases=False``)."""
     state, sparse, aliases = read_compressed(path)
     for fqn, info in sparse.items():
         packed = Packed24(state.pop(f"{fqn}.values"), state.pop(f"{fqn}.meta"), tuple(info["shape"]))
         state[f"{fqn}.weight"] = unpack_24(packed)
-    for alias, kept in aliases.items():
+    for alias, kept in aliases.items() if with_aliases else ():
         state.setdefault(alias, state[kept].clone())
     return state
 
 
+def _tied_in_config(src_dir: str) -> bool:
+    """Whether the checkpoint's transformers config ties the output embedding to the input one (its default)."""
+    cfg = os.path.join(src_dir, "config.json")
+    if not os.path.exists(cfg):
+        return False
+    with open(cfg) as f:
+        return bool(json.load(f).get("tie_word_embeddings", True))
+
+
 def expand_to_dense(path: str, out_dir: str) -> str:
-    """Write a dense ``save_pretrained``-style directory (``model.safetensors`` + config) from a compressed one."""
-    state = dense_state_dict(path)
+    """Write a dense ``save_pretrained``-style directory (``model.safetensors`` + config) from a compressed one.
+
+    Tied tensors (e.g. ``lm_head.weight`` sharing the embedding) are stored once when the config ties them,
+    as ``save_pretrained`` does: transformers re-ties them on load."""
     src_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    state = dense_state_dict(path, with_aliases=not _tied_in_config(src_dir))
     tmp = _atomic_dir(out_dir)
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, DENSE_FILENAME),

@@ -113,12 +113,14 @@ class SparseLinear(nn.Module):
         return self.out_features, self.in_features, self.values.dtype
 
     def choose(self, m: int) -> dispatch.Choice:
-        """The backend for M input rows on this module's device."""
+        """The backend for M input rows on this module's device: a pinned backend where it can take this call
+        (else dense), else the tuning table's choice, else the defaults (dense off CUDA)."""
         dev = self.values.device
+        if self.force_path is not None:
+            b = backends.get(self.force_path)
+            return dispatch.pinned(b.name if b.serves(m) and b.available(dev) else "dense")
         if dev.type != "cuda":
             return dispatch.pinned("dense")
-        if self.force_path is not None:  # a pinned backend that cannot take this M runs dense
-            return dispatch.pinned(self.force_path if backends.get(self.force_path).serves(m) else "dense")
         c = self._table().lookup(*self._shape(), m)
         if c is not None:
             return dispatch.lean_choice(c, self.dense_tolerance)
@@ -191,17 +193,14 @@ class SparseLinear(nn.Module):
 
     def _forward_general(self, x: torch.Tensor) -> torch.Tensor:
         """CPU, torch.compile tracing, and anything the eager fast path does not cover."""
-        m = x.numel() // self.in_features
-        if not x.is_cuda and self.force_path != "decode":  # CPU: decode only when pinned (interpreter tests)
-            return backends.get("dense").call(self.layout("dense"), None, x, self.out_features, self.bias)
-        choice = self.choose(m) if x.is_cuda else dispatch.pinned("decode")
+        choice = self.choose(x.numel() // self.in_features)
         b = backends.get(choice.path)
         if torch.compiler.is_compiling() and (not b.traceable or (choice.path != "dense"
                                                                   and grad_can_flow(x, self.bias))):
             # compiled graphs that cannot trace this backend, or need gradients from it, run the decode op,
             # which has a fake and an autograd formula
             choice, b = dispatch.pinned("decode"), backends.get("decode")
-        config = choice.config() if x.is_cuda else None
+        config = choice.config()
         state = self.layout(choice.path, config)
         if b.differentiable or torch.compiler.is_compiling() or not grad_can_flow(x, self.bias):
             return b.call(state, config, x, self.out_features, self.bias)

@@ -1,6 +1,6 @@
 """Launch configs of the Triton 2:4 decode kernels (:mod:`llmprune_kernels.sparse24.backends.decode`): the
-candidate tables, their names, and the per-process measurement that picks one per weight shape, dtype and
-power-of-two M (``tune_config``), or installs one from a saved tuning table (``set_tuned_config``)."""
+candidate tables and their names. ``decode.tune_config`` measures them per weight shape, dtype and
+power-of-two M."""
 from __future__ import annotations
 
 import os
@@ -10,8 +10,7 @@ import torch
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Decode kernels ("kinds"); a config is (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, kind), BLOCK_K in
-# input columns for every kind. Kind 1 (a gemv that gathered x per kept value from global memory and
-# always needed a second reduce launch) was replaced by the streaming kernels 2 and 3.
+# input columns for every kind.
 KIND_DOT, KIND_SELECT, KIND_EXPAND, KIND_DOT_SWAP = 0, 2, 3, 4
 KIND_NAMES = {KIND_DOT: "dot", KIND_SELECT: "stream-select", KIND_EXPAND: "stream-expand", KIND_DOT_SWAP: "dot-swap"}
 # Candidates, measured per weight shape and M on first use. dot: x @ W.T on tensor cores (mma.sync),
@@ -19,8 +18,8 @@ KIND_NAMES = {KIND_DOT: "dot", KIND_SELECT: "stream-select", KIND_EXPAND: "strea
 # split-K gives it enough programs. stream-select (CUDA cores, 16-bit weights) is measured for M <= 2:
 # above that its FMAs need more issue slots per weight group than the HBM stream leaves; stream-expand
 # (kind 3) runs any M <= 16 but is not measured: its main loop never beats dot-swap's. Main-loop SASS per
-# weight group and candidate, compiled for sm_90 on a CPU: benchmarks/results/sparse24_sass_sm90_triton*.json
-# (Triton 3.6, the H100 machine's: select ~23 at M=1, ~30 at M=2; dot-swap 22-25; dot 36-46; expand 43-67).
+# weight group and candidate, compiled for sm_90 (Triton 3.6): select ~23 at M=1, ~30 at M=2; dot-swap 22-25;
+# dot 36-46; expand 43-67.
 DOT_CONFIGS = [(32, 256, 1, 4, 1, 0), (16, 256, 2, 4, 1, 0), (32, 256, 4, 4, 1, 0)]
 SWAP_CONFIGS = [
     (64, 128, 4, 4, 1, 4), (64, 64, 4, 4, 1, 4), (64, 128, 8, 4, 1, 4), (128, 128, 2, 8, 1, 4), (128, 64, 4, 8, 1, 4),
@@ -29,9 +28,6 @@ STREAM_CONFIGS = [(8, 1024, 1, 4, 1, 2), (16, 512, 1, 4, 1, 2), (4, 1024, 1, 2, 
                   (8, 1024, 2, 4, 1, 2)]
 STREAM_TUNE_MAX_M = 2
 DEFAULT_CONFIG = (16, 256, 2, 4, 1, 0)
-_TUNED: dict[tuple, tuple] = {}
-TUNE_TIMES: dict[tuple, dict[tuple, float]] = {}  # every candidate's time (ms) per tuned key, for reports
-TUNE_ERRORS: dict[tuple, str] = {}  # (n, k, dtype, m, config) -> why that candidate could not run
 
 
 def candidates(m: int, dtype: torch.dtype) -> list[tuple]:
@@ -62,43 +58,3 @@ def _norm(config) -> tuple:
     if len(c) == 5:
         c = c + (0,)
     return c
-
-
-def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -> tuple:
-    """Measure every candidate config (L2 flushed before each run, median of triton.testing.do_bench) and
-    cache the fastest per (shape, dtype, power-of-two M); all times are kept in ``TUNE_TIMES``."""
-    key = (n, k, dtype, _m_class(m))
-    if key in _TUNED:
-        return _TUNED[key]
-    import triton
-
-    # the kernels' module imports this one: imported here, at first use
-    from llmprune_kernels.sparse24.backends.decode import _launch
-    from llmprune_kernels.testing import random_24_weight
-    from llmprune_kernels.sparse24.pack import pack_24
-
-    m = _m_class(m)
-    p = pack_24(random_24_weight(n, k, dtype, device))
-    x = torch.randn(m, k, device=device, dtype=dtype)
-    y = torch.empty(m, n, device=device, dtype=dtype)
-    times = {}
-    for cfg in candidates(m, dtype):
-        try:
-            times[cfg] = triton.testing.do_bench(
-                lambda cfg=cfg: _launch(x, p.values, p.meta, None, y, m, n, k, cfg), warmup=5, rep=25,
-                return_mode="median")
-        except Exception as exc:  # e.g. out of shared memory for this shape: does not compete (kept for reports)
-            TUNE_ERRORS[(*key, cfg)] = f"{type(exc).__name__}: {exc}"[:300]
-    TUNE_TIMES[key] = times
-    _TUNED[key] = min(times, key=times.get) if times else DEFAULT_CONFIG
-    return _TUNED[key]
-
-
-def tuned_config(n: int, k: int, dtype: torch.dtype, m: int) -> tuple | None:
-    """The config measured for this shape and M (None if not tuned in this process)."""
-    return _TUNED.get((n, k, dtype, _m_class(m)))
-
-
-def set_tuned_config(n: int, k: int, dtype: torch.dtype, m: int, config) -> None:
-    """Install a config (e.g. from a saved tuning table) so calls do not re-measure."""
-    _TUNED[(n, k, dtype, _m_class(m))] = _norm(config)

@@ -16,12 +16,12 @@ K in tiles of BLOCK_G groups (4 columns):
   rebuilt once (cost independent of M), then 4 FMAs per group and x row. fp32 math; bf16 widens by a
   shift, fp16 by a convert;
 * the output (+ bias) is stored directly with SPLIT_K = 1; SPLIT_K > 1 (weights with few rows) writes fp32
-  partials that ``sparse24_matmul``'s reduce kernel sums in a fixed order (deterministic).
+  partials that the dot kernels' reduce kernel sums in a fixed order (deterministic).
 
 Both run any M <= 16, but the FMAs grow with M while a tensor-core kernel's cost does not: from the sm_90
 SASS (benchmarks/sass_sparse24.py) SELECT's main loop costs about 23 instructions per weight group at
 M = 1 and 30 at M = 2, EXPAND 43 and more, the wgmma dot-swap kernel 22-25 at any M. So only SELECT at
-M <= 2 is a tuning candidate; the measurement per weight shape (``sparse24_matmul.tune_config``) decides.
+M <= 2 is a tuning candidate; the measurement per weight shape (``decode.tune_config``) decides.
 """
 from __future__ import annotations
 

@@ -28,7 +28,6 @@ import torch
 
 from llmprune_kernels.sparse24.backends._decode_configs import (  # noqa: F401  (the configs are part of this API)
     _INTERPRET,
-    _TUNED,
     DEFAULT_CONFIG,
     DOT_CONFIGS,
     KIND_DOT,
@@ -39,20 +38,16 @@ from llmprune_kernels.sparse24.backends._decode_configs import (  # noqa: F401  
     STREAM_CONFIGS,
     STREAM_TUNE_MAX_M,
     SWAP_CONFIGS,
-    TUNE_ERRORS,
-    TUNE_TIMES,
     _m_class,
     _norm,
     candidates,
     config_name,
-    set_tuned_config,
-    tune_config,
-    tuned_config,
 )
 from llmprune_kernels.sparse24.backends._decode_dot import HAS_TRITON
 from llmprune_kernels.sparse24.backends._decode_stream import as_pairs, plan_stream
 from llmprune_kernels.sparse24.backends.base import Backend
-from llmprune_kernels.sparse24.pack import Packed24
+from llmprune_kernels.sparse24.pack import Packed24, pack_24
+from llmprune_kernels.testing import random_24_weight
 
 if HAS_TRITON:
     import triton
@@ -101,6 +96,46 @@ def _plan(values, meta, bias, m, n, k, config):
 
 def _launch(x2, values, meta, bias, y, m, n, k, config):
     _plan(values, meta, bias, m, n, k, config)(x2, x2.stride(0), y)
+
+
+_TUNED: dict[tuple, tuple] = {}
+TUNE_TIMES: dict[tuple, dict[tuple, float]] = {}  # every candidate's time (ms) per tuned key, for reports
+TUNE_ERRORS: dict[tuple, str] = {}  # (n, k, dtype, m, config) -> why that candidate could not run
+
+
+def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -> tuple:
+    """Measure every candidate config (L2 flushed before each run, median of triton.testing.do_bench) and
+    cache the fastest per (shape, dtype, power-of-two M); all times are kept in ``TUNE_TIMES``."""
+    key = (n, k, dtype, _m_class(m))
+    if key in _TUNED:
+        return _TUNED[key]
+    import triton
+
+    m = _m_class(m)
+    p = pack_24(random_24_weight(n, k, dtype, device))
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    y = torch.empty(m, n, device=device, dtype=dtype)
+    times = {}
+    for cfg in candidates(m, dtype):
+        try:
+            times[cfg] = triton.testing.do_bench(
+                lambda cfg=cfg: _launch(x, p.values, p.meta, None, y, m, n, k, cfg), warmup=5, rep=25,
+                return_mode="median")
+        except Exception as exc:  # e.g. out of shared memory for this shape: does not compete (kept for reports)
+            TUNE_ERRORS[(*key, cfg)] = f"{type(exc).__name__}: {exc}"[:300]
+    TUNE_TIMES[key] = times
+    _TUNED[key] = min(times, key=times.get) if times else DEFAULT_CONFIG
+    return _TUNED[key]
+
+
+def tuned_config(n: int, k: int, dtype: torch.dtype, m: int) -> tuple | None:
+    """The config measured for this shape and M (None if not tuned in this process)."""
+    return _TUNED.get((n, k, dtype, _m_class(m)))
+
+
+def set_tuned_config(n: int, k: int, dtype: torch.dtype, m: int, config) -> None:
+    """Install a config (e.g. from a saved tuning table) so calls do not re-measure."""
+    _TUNED[(n, k, dtype, _m_class(m))] = _norm(config)
 
 
 def decode_runner(values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, m: int, in_features: int,
@@ -175,7 +210,7 @@ class DecodeBackend(Backend):
     eager_substitute = "mmasp"
 
     def available(self, device: torch.device) -> bool:
-        return HAS_TRITON and device.type == "cuda"
+        return HAS_TRITON and (device.type == "cuda" or _INTERPRET)  # the interpreter runs it on CPU tensors
 
     def supports(self, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
         return True

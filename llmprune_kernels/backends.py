@@ -1,4 +1,4 @@
-"""Which execution backends are usable in this process, and why not."""
+"""What can run in this process, in one vocabulary: the compute engines and the registered 2:4 backends."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,19 +17,19 @@ def triton_available() -> bool:
 
 
 def backends() -> dict[str, bool]:
-    """Report which of ``cpu`` / ``triton`` / ``cuda`` / ``cusparselt`` / ``cutlass_sm90`` are usable.
+    """Which engines and 2:4 backends are usable here (the plain-PyTorch reference always is).
 
-    * ``cpu``: the compiled C++ CPU ops (``_C``); the plain PyTorch reference always works regardless.
-    * ``triton``: Triton kernels (CUDA GPU, or ``TRITON_INTERPRET=1`` on the CPU).
-    * ``cuda``: the compiled CUDA ops, with a visible GPU.
-    * ``cusparselt``: our cuSPARSELt 2:4 matmul with cached plans, with a visible GPU.
-    * ``cutlass_sm90``: CUTLASS's Hopper 2:4 GEMM (built for sm_90a), with an sm_90 GPU.
+    * ``cpp``: the compiled C++ ops of ``_C`` (CPU kernels, e.g. SparseGPT);
+    * ``cuda``: ``_C``'s CUDA kernels, with a visible GPU;
+    * ``triton``: Triton kernels (a CUDA GPU, or ``TRITON_INTERPRET=1`` on the CPU);
+    * one key per registered 2:4 backend (``dense``, ``decode``, ``cusparselt``, ``mmasp``, ``cutlass``, ...):
+      whether it can run on the current CUDA device (``dense`` also without one).
     """
+    from llmprune_kernels.sparse24 import backends as sparse24_backends
+
     gpu = torch.cuda.is_available()
-    return {
-        "cpu": _ext.HAS_EXT,
-        "triton": triton_available(),
-        "cuda": _ext.ext_with_cuda() and gpu,
-        "cusparselt": _ext.ext_with_cusparselt() and gpu,
-        "cutlass_sm90": _ext.ext_with_cutlass_sm90() and gpu and torch.cuda.get_device_capability() == (9, 0),
-    }
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    found = {"cpp": _ext.HAS_EXT, "cuda": _ext.ext_with_cuda() and gpu, "triton": triton_available()}
+    for b in sparse24_backends.registered():
+        found[b.name] = bool(b.available(device))
+    return found

@@ -12,6 +12,7 @@ import argparse
 import ast
 import logging
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -38,10 +39,15 @@ def _positive_int(text: str) -> int:
 
 
 def _option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` method option; VALUE is read as a Python literal when it is one, else a string."""
+    """``KEY=VALUE`` method option; VALUE is a Python literal (true/false too) when it is one, else a string.
+
+    Names and types are checked by ``methods.check_options``, the check ``prune_model`` uses too.
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"method option {text!r} is not of the form KEY=VALUE (e.g. blocksize=128)")
+    if raw.lower() in ("true", "false"):
+        return key, raw.lower() == "true"
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -159,15 +165,15 @@ def _ppl(model, eval_ids, device, args) -> tuple[float, float]:
 
 
 def cmd_prune(args) -> int:
-    from llmprune_kernels.methods import get_method
+    from llmprune_kernels.methods import check_options, get_method
     from llmprune_kernels.pipeline import prune_model
     from llmprune_kernels.pipeline.report import build_report, write_json
 
     t_start = time.perf_counter()
     config = SparsityConfig.parse(args.sparsity, args.pattern)
-    get_method(args.method)  # unknown method: fail before loading anything
+    cls = get_method(args.method)  # unknown method or options: fail before loading anything
+    options = check_options(cls, dict(args.option))
     device = _device(args.device)
-    options = dict(args.option)
     if args.output:
         from pathlib import Path
 
@@ -217,8 +223,11 @@ def _summary(name, method, config, result, dense, pruned, timings, output, repor
     lines = [
         f"model:            {name}",
         f"method:           {method} {config.label} ({'N:M' if config.is_nm else 'unstructured'})",
-        f"pruned Linears:   {len(result.linears)}, overall sparsity {result.overall_sparsity:.4f}",
     ]
+    if result.options:
+        lines.append(textwrap.fill(", ".join(f"{k}={v}" for k, v in result.options.items()), width=110,
+                                   initial_indent="options:          ", subsequent_indent=" " * 18))
+    lines.append(f"pruned Linears:   {len(result.linears)}, overall sparsity {result.overall_sparsity:.4f}")
     if config.is_nm:
         lines.append(f"N:M pattern held: {all(s.nm_ok for s in result.linears)}")
     if errs:

@@ -43,7 +43,7 @@ def test_prune_writes_report_and_model(tiny_dir, tmp_path, capsys):
     assert len(report["linears"]) == 14 and all(s["sparsity"] == 0.5 for s in report["linears"])
     assert all(0 < s["rel_error"] < 1.5 and s["time_s"] >= 0 for s in report["linears"])
     assert {"load", "prune", "eval_dense", "eval_pruned", "total"} <= set(report["timings_s"])
-    assert set(report["backends"]) == {"cpu", "triton", "cuda", "cusparselt", "cutlass_sm90"}
+    assert set(report["backends"]) == {"cpp", "cuda", "triton", "dense", "decode", "cusparselt", "mmasp", "cutlass"}
     assert report["versions"]["torch"] == torch.__version__
     assert json.loads((out / "pruning_report.json").read_text())["method"] == "wanda"
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -58,17 +58,34 @@ def test_prune_pattern_without_eval(tiny_dir, capsys):
     assert "N:M pattern held: True" in printed and "perplexity" not in printed
 
 
-def test_method_options_pass_through(tiny_dir, tmp_path):
-    from llmprune_kernels.methods import available_methods
-
-    if "sparsegpt" not in available_methods():
-        pytest.skip("method 'sparsegpt' is not registered yet")
+def test_method_options_pass_through(tiny_dir, tmp_path, capsys):
     rep = tmp_path / "r.json"
     assert main(["prune", *_args(tiny_dir, "--method", "sparsegpt", "--option", "blocksize=32", "--option",
-                                 "percdamp=0.05", "--no-eval", "--report", str(rep))]) == 0
-    assert json.loads(rep.read_text())["options"] == {"blocksize": 32, "percdamp": 0.05}
+                                 "percdamp=0.05", "--option", "tf32=false", "--no-eval", "--report", str(rep))]) == 0
+    # The report records the validated options with every default filled in.
+    assert json.loads(rep.read_text())["options"] == {"blocksize": 32, "percdamp": 0.05, "max_retries": 4,
+                                                      "backend": "auto", "tf32": False, "fast_inverse": None}
+    assert "options:          blocksize=32, percdamp=0.05, max_retries=4" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse usage error, exit status 2
         main(["prune", *_args(tiny_dir, "--option", "no_equals_sign")])
+
+
+@pytest.mark.parametrize("option, message", [
+    ("blocksise=32", r"unknown option 'blocksise' for method 'sparsegpt' \(did you mean 'blocksize'\?\); "
+                     r"allowed: blocksize \(int\), percdamp \(float\), max_retries \(int\)"),
+    ("blocksize=abc", r"option blocksize='abc' of method 'sparsegpt' is not of type int; allowed: blocksize"),
+    ("blocksize=1.5", r"option blocksize=1.5 of method 'sparsegpt' is not of type int"),
+    ("backend=fast", r"option backend='fast' .* is not of type 'auto' \| 'reference' \| 'ext'"),
+])
+def test_bad_method_option_fails_before_loading(tiny_dir, capsys, monkeypatch, option, message):
+    import re
+
+    import llmprune_kernels.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the options check"))
+    assert main(["prune", *_args(tiny_dir, "--method", "sparsegpt", "--option", option)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmprune: error: ") and re.search(message, err), err
 
 
 def test_eval_command(tiny_dir, tmp_path, capsys):

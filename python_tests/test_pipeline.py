@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from llmprune_kernels import SparsityConfig
 from llmprune_kernels.pipeline.layerwise import capture_layer_inputs, walk_layers
 from llmprune_kernels.methods import available_methods, get_method
-from llmprune_kernels.methods.base import _REGISTRY, LayerPruner, register_method
+from llmprune_kernels.methods.base import _REGISTRY, LayerPruner, option, register_method
 from llmprune_kernels.pipeline.models import find_decoder_layers, linear_modules
 from llmprune_kernels.pipeline import prune_model
 
@@ -137,24 +138,29 @@ def test_exact_sparsity_per_linear(kind, method, target, device):
 def recording_method():
     """A test-only method that records what its hook saw and prunes nothing."""
 
+    @dataclass(frozen=True)
+    class RecorderOptions:
+        alpha: int = option(0, "a test option")
+
     @register_method("_record")
     class Recorder(LayerPruner):
+        Options = RecorderOptions
         seen: dict = {}
         prepared = None
 
         @classmethod
-        def prepare_model(cls, model, calibration, config, *, device, options):
-            cls.prepared = (type(model).__name__, tuple(calibration.shape), config.label, options)
+        def prepare_model(cls, model, calibration, config, *, device, options, progress):
+            cls.prepared = (type(model).__name__, tuple(calibration.shape), config.label, options, progress)
             return {"hello": 1}
 
         def add_batch(self, inp):
-            self.seen.setdefault(self.options["layer_name"], []).append(inp.clone())
+            self.seen.setdefault(self.layer_name, []).append(inp.clone())
 
         def prune(self):
-            assert self.options["model_info"] == {"hello": 1} and self.options["alpha"] == 3
+            assert self.model_info == {"hello": 1} and self.options.alpha == 3
             with torch.no_grad():
                 self.layer.weight[:, 0] = 0  # a visible, tiny change downstream layers must see
-            return {"seen_batches": len(self.seen[self.options["layer_name"]])}
+            return {"seen_batches": len(self.seen[self.layer_name])}
 
     Recorder.seen = {}
     yield Recorder
@@ -167,8 +173,9 @@ def test_each_layer_sees_outputs_of_already_pruned_layers(recording_method):
     ids = random_ids(3, 16)
     result = prune_model(model, ids, "_record", SparsityConfig(0.5), batch_size=2, options={"alpha": 3},
                          progress=False)
-    assert recording_method.prepared == ("MistralForCausalLM", (3, 16), "0.5", {"alpha": 3})
-    assert "model_info" not in result.options and result.options == {"alpha": 3}
+    assert recording_method.prepared == ("MistralForCausalLM", (3, 16), "0.5", recording_method.Options(alpha=3),
+                                         False)
+    assert result.options == {"alpha": 3}
     assert all(s.extra == {"seen_batches": 2} for s in result.linears)
     # Re-run the finished (pruned) model: q_proj of layer 1 must get exactly what the pruner saw.
     got = {}

@@ -1,7 +1,20 @@
-"""The per-layer pruner interface the pipeline drives, and the method registry."""
+"""The per-layer pruner interface the pipeline drives, the method registry, and typed method options.
+
+Each method declares its options as a dataclass (``LayerPruner.Options``) whose fields carry a default and
+a one-line doc (``option(default, doc)``). ``check_options`` is the one check every entry point uses (the
+CLI's ``--option KEY=VALUE`` and ``prune_model(options=...)``): unknown names and ill-typed values fail
+with the list of allowed options, before any work is done.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, NamedTuple, Union
 
 import torch
 from torch import nn
@@ -9,20 +22,38 @@ from torch import nn
 from llmprune_kernels.validation import SparsityConfig
 
 
+def option(default: Any, doc: str) -> Any:
+    """A dataclass field with its default and one-line doc (shown by ``llmprune methods``)."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that takes none."""
+
+
 class LayerPruner:
     """Prunes one ``nn.Linear`` from statistics of its calibration inputs.
 
     The pipeline calls ``add_batch`` (from a forward hook) for each calibration batch, then ``prune``
     once, then ``free``. ``prune`` modifies ``layer.weight`` in place and returns extra report fields.
+    ``options``: an ``Options`` instance or a mapping; keyword arguments are options too. ``layer_name``
+    (for messages) and ``model_info`` (what ``prepare_model`` returned) come from the pipeline.
     """
 
     name: str = "base"
     needs_calibration: bool = True
+    Options: type = NoOptions
 
-    def __init__(self, layer: nn.Linear, config: SparsityConfig, **options: Any) -> None:
+    def __init__(self, layer: nn.Linear, config: SparsityConfig, options: Any = None, *,
+                 layer_name: str = "layer", model_info: Any = None, **kwargs: Any) -> None:
+        if kwargs:
+            options = {**_as_dict(options), **kwargs}
         self.layer = layer
         self.config = config
-        self.options = options
+        self.options = check_options(type(self), options)
+        self.layer_name = layer_name
+        self.model_info = model_info
 
     def add_batch(self, inp: torch.Tensor) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -58,3 +89,131 @@ def get_method(name: str) -> type[LayerPruner]:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown pruning method {name!r}; allowed: {', '.join(available_methods())}") from None
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+class OptionInfo(NamedTuple):
+    """One declared option of a method: name, type (as text), default and doc."""
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+
+
+def _hints(options_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(options_cls)
+
+
+def type_name(tp: Any) -> str:
+    """``int``, ``float | None``, ``'auto' | 'reference'``: a type as a user reads it."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if origin is not None:
+        args = ", ".join(type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def method_options(method: str | type[LayerPruner]) -> list[OptionInfo]:
+    """The options ``method`` declares, in declaration order."""
+    cls = get_method(method) if isinstance(method, str) else method
+    hints = _hints(cls.Options)
+    return [OptionInfo(f.name, type_name(hints[f.name]), f.default, f.metadata.get("doc", ""))
+            for f in dataclasses.fields(cls.Options)]
+
+
+def describe_options(method: str | type[LayerPruner]) -> str:
+    """``blocksize (int), percdamp (float), ...``: the allowed options, for error messages."""
+    infos = method_options(method)
+    return ", ".join(f"{o.name} ({o.type})" for o in infos) if infos else "none"
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(value fits ``tp``, the value to store); ints are accepted (as floats) for floats, bools never for numbers."""
+    if tp is Any:
+        return True, value
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp) and not isinstance(value, bool), value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, out = _coerce(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    return isinstance(value, origin or tp), value
+
+
+def _as_dict(options: Any) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    if isinstance(options, Mapping):
+        return dict(options)
+    raise ValueError(f"method options must be a mapping of name -> value, got {type(options).__name__}")
+
+
+def check_options(method: str | type[LayerPruner], options: Any = None) -> Any:
+    """The validated, complete ``Options`` of ``method`` (defaults filled in) from a mapping or instance.
+
+    Unknown names and values of the wrong type raise a ``ValueError`` naming them and listing the
+    allowed options with their types; an ``Options.validate()`` then checks ranges and choices.
+    """
+    cls = get_method(method) if isinstance(method, str) else method
+    given = _as_dict(options)
+    hints = _hints(cls.Options)
+    allowed = describe_options(cls)
+    values = {}
+    for key, value in given.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown option {key!r} for method {cls.name!r}{hint}; allowed: {allowed}")
+        ok, out = _coerce(value, hints[key])
+        if not ok:
+            raise ValueError(f"option {key}={value!r} of method {cls.name!r} is not of type {type_name(hints[key])}"
+                             f"; allowed: {allowed}")
+        if isinstance(out, float) and not math.isfinite(out):
+            raise ValueError(f"option {key}={value!r} of method {cls.name!r} is not finite; allowed: {allowed}")
+        values[key] = out
+    opts = cls.Options(**values)
+    validate = getattr(opts, "validate", None)
+    if callable(validate):
+        validate()
+    return opts
+
+
+def options_for_report(options: Any) -> dict[str, Any]:
+    """Options as JSON-able values: tensors and mappings of them (e.g. gradients) as a short description."""
+    out = {}
+    for key, value in _as_dict(options).items():
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif isinstance(value, (torch.dtype, torch.device)):
+            out[key] = str(value)
+        elif isinstance(value, torch.Tensor):
+            out[key] = f"tensor{tuple(value.shape)}"
+        elif isinstance(value, Mapping):
+            out[key] = f"{type(value).__name__} of {len(value)} entries"
+        else:
+            out[key] = type(value).__name__
+    return out

@@ -1,36 +1,63 @@
 """GBLM-Pruner for the pipeline: Wanda's activation statistics plus a precomputed gradient-norm tensor.
 
 Gradient norms come, in this order of precedence, from the option ``gradient`` (the G tensor of this
-Linear), the option ``gradients`` (a mapping or ``GradientNorms`` keyed by full module name, looked up by
-``layer_name``), or ``model_info``: the pipeline calls ``prepare_model`` first, which computes them from
-the calibration windows (``llmprune_kernels.pipeline.gradients``; options ``gblm_scale`` (100) and
-``gblm_grad_dtype`` ("float16" as the reference, or "float32"), ``gblm_accumulate_device`` (where the
-fp32 accumulator lives; default the weights' device, "cpu" keeps it off the GPU as the reference does)).
+Linear), the option ``gradients`` (a mapping, e.g. ``GradientNorms``, keyed by full module name, looked up
+by the layer's name), or ``model_info``: the pipeline calls ``prepare_model`` first, which computes them
+from the calibration windows (``llmprune_kernels.pipeline.gradients``).
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-from llmprune_kernels.methods.base import LayerPruner, register_method
+from llmprune_kernels.methods.base import LayerPruner, option, register_method
 from llmprune_kernels.reference.gblm import gblm_prune_
 from llmprune_kernels.reference.wanda import ActNormStats
 
+GRAD_DTYPES = ("float16", "float32", "bfloat16")
 
-def _lookup_gradient(options: dict[str, Any]) -> torch.Tensor:
-    name = options.get("layer_name", "layer")
-    if options.get("gradient") is not None:
-        return options["gradient"]
-    grads = options.get("gradients")
-    if grads is None:
-        grads = options.get("model_info")
+
+@dataclass(frozen=True)
+class GBLMOptions:
+    """Options of ``gblm``."""
+
+    gblm_scale: float = option(100.0, "gradients are scaled by this before squaring (reference: 100)")
+    gblm_grad_dtype: Literal[GRAD_DTYPES] | torch.dtype = option(
+        "float16", "dtype the gradient norms are stored in ('float16' as the reference)")
+    gblm_accumulate_device: str | torch.device | None = option(
+        None, "device of the fp32 gradient accumulator; None: the weights' device ('cpu': as the reference)")
+    gradients: Mapping[str, torch.Tensor] | None = option(
+        None, "Python API: precomputed gradient norms by module name (skips the gradient pass)")
+    gradient: torch.Tensor | None = option(None, "Python API: the gradient norm of this one Linear")
+
+    def validate(self) -> None:
+        if not self.gblm_scale > 0:
+            raise ValueError(f"GBLM gblm_scale={self.gblm_scale} is invalid; allowed: a number > 0 (reference: 100)")
+        if self.gblm_accumulate_device is not None:
+            try:
+                torch.device(self.gblm_accumulate_device)
+            except RuntimeError:
+                raise ValueError(f"GBLM gblm_accumulate_device={self.gblm_accumulate_device!r} is not a device; "
+                                 "allowed: e.g. 'cpu', 'cuda', 'cuda:1' or None") from None
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        d = self.gblm_grad_dtype
+        return getattr(torch, d) if isinstance(d, str) else d
+
+
+def _lookup_gradient(options: GBLMOptions, name: str, model_info: Any) -> torch.Tensor:
+    if options.gradient is not None:
+        return options.gradient
+    grads = options.gradients if options.gradients is not None else model_info
     if grads is None:
         raise ValueError(
             f"{name}: method 'gblm' needs gradient norms (option 'gradient' or 'gradients'); compute them with "
             "llmprune_kernels.pipeline.gradients.collect_gradient_norms"
         )
-    grads = getattr(grads, "norms", grads)
     if name not in grads:
         raise ValueError(f"{name}: no gradient norm for this layer; the gradients hold e.g. "
                          f"{next(iter(grads), None)!r}")
@@ -39,45 +66,45 @@ def _lookup_gradient(options: dict[str, Any]) -> torch.Tensor:
 
 @register_method("gblm")
 class GBLMPruner(LayerPruner):
+    """Wanda's score plus gradient norms from backward passes over the calibration windows (Das et al. 2023)."""
+
+    Options = GBLMOptions
+
     @classmethod
-    def prepare_model(cls, model, calibration, config, device=None, options=None):
+    def prepare_model(cls, model, calibration, config, *, device=None, options=None, progress=False):
         """Gradient norms over the calibration windows (skipped when the caller passes ``gradients``).
 
         The backward pass needs the whole model on one device: it is moved to ``device`` for this pass
         and back afterwards.
         """
-        options = options or {}
-        if options.get("gradients") is not None or options.get("gradient") is not None:
+        options = options if options is not None else GBLMOptions()
+        if options.gradients is not None or options.gradient is not None:
             return None
         from llmprune_kernels.pipeline.gradients import collect_gradient_norms
-        from llmprune_kernels.pipeline.models import parse_dtype
 
         home = next(model.parameters()).device
         device = torch.device(device or home)
-        store = options.get("gblm_grad_dtype", "float16")
-        store = parse_dtype(store) if isinstance(store, str) else store
         model.to(device)
         try:
             return collect_gradient_norms(
-                model, list(calibration), scale=float(options.get("gblm_scale", 100.0)), store_dtype=store,
-                accumulate_device=options.get("gblm_accumulate_device"),
-                progress=bool(options.get("progress", False)),
+                model, list(calibration), scale=options.gblm_scale, store_dtype=options.store_dtype,
+                accumulate_device=options.gblm_accumulate_device, progress=progress,
             )
         finally:
             model.to(home)
 
-    def __init__(self, layer, config, **options: Any) -> None:
-        super().__init__(layer, config, **options)
-        self.stats = ActNormStats(layer.in_features, device=layer.weight.device)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stats = ActNormStats(self.layer.in_features, device=self.layer.weight.device)
 
     def add_batch(self, inp: torch.Tensor) -> None:
-        self.stats.add_batch(inp, name=self.options.get("layer_name", "activations"))
+        self.stats.add_batch(inp, name=self.layer_name)
 
     def prune(self) -> dict[str, Any]:
-        name = self.options.get("layer_name", "layer")
+        name = self.layer_name
         if self.stats.nsamples == 0:
             raise ValueError(f"{name}: no calibration data reached this layer")
-        grad = _lookup_gradient(self.options)
+        grad = _lookup_gradient(self.options, name, self.model_info)
         gblm_prune_(self.layer.weight.data, self.stats.scaler_row, grad.to(self.layer.weight.device), self.config)
         return {}
 

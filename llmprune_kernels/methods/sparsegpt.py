@@ -1,49 +1,65 @@
-"""SparseGPT pruner for the pipeline: running Hessian from a forward hook, then the blocked OBS update.
-
-Options: ``blocksize`` (128), ``percdamp`` (0.01), ``max_retries`` (4, Cholesky retries with 10x damping),
-``backend`` ("auto": the C++/CUDA extension when built for the layer's device, else the reference;
-"reference"; "ext"), ``tf32`` (False; see ``ops.sparsegpt`` for its tolerance), ``fast_inverse`` (None = on
-where the extension runs on CUDA; False = the reference's bit-identical factor; see
-``ops.sparsegpt.sparsegpt_prune``), ``layer_name`` (for errors).
-"""
+"""SparseGPT pruner for the pipeline: running Hessian from a forward hook, then the blocked OBS update."""
 from __future__ import annotations
 
+import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-from llmprune_kernels.methods.base import LayerPruner, register_method
+from llmprune_kernels.methods.base import LayerPruner, option, register_method
 from llmprune_kernels.ops import sparsegpt as ops
+
+
+@dataclass(frozen=True)
+class SparseGPTOptions:
+    """Options of ``sparsegpt`` (defaults: the reference code's)."""
+
+    blocksize: int = option(128, "columns per block of the OBS update (and per mask block, unstructured)")
+    percdamp: float = option(0.01, "dampening added to the Hessian diagonal, as a fraction of its mean")
+    max_retries: int = option(4, "Cholesky retries, each with 10x the dampening")
+    backend: Literal[ops.BACKENDS] = option("auto", "'auto': the C++/CUDA extension where built for the "
+                                                    "device, else the reference; 'ext': the extension or an error")
+    tf32: bool = option(False, "TF32 for the fp32 GEMMs on CUDA (faster; some mask entries differ, see ops.sparsegpt)")
+    fast_inverse: bool | None = option(None, "fp64 inverse-Hessian factor from one factorisation; None: on where "
+                                             "the extension runs on CUDA; False: the reference's factor")
+
+    def validate(self) -> None:
+        if self.blocksize < 1:
+            raise ValueError(f"SparseGPT blocksize={self.blocksize} is invalid; allowed: an integer >= 1")
+        if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
+            raise ValueError(f"SparseGPT percdamp={self.percdamp} is invalid; allowed: a finite number >= 0")
+        if self.max_retries < 0:
+            raise ValueError(f"SparseGPT max_retries={self.max_retries} is invalid; allowed: an integer >= 0")
 
 
 @register_method("sparsegpt")
 class SparseGPTPruner(LayerPruner):
-    def __init__(self, layer, config, **options: Any) -> None:
-        super().__init__(layer, config, **options)
-        self.name = options.get("layer_name", "layer")
-        self.blocksize = int(options.get("blocksize", 128))
-        self.percdamp = float(options.get("percdamp", 0.01))
-        self.max_retries = int(options.get("max_retries", 4))
-        self.tf32 = bool(options.get("tf32", False))
-        fast = options.get("fast_inverse")
-        self.fast_inverse = None if fast is None else bool(fast)
-        self.backend = ops.resolve_backend(options.get("backend", "auto"), layer.weight.device, self.blocksize)
+    """Blocked OBS update with the calibration Hessian: prune, then correct the rest (Frantar & Alistarh 2023)."""
+
+    Options = SparseGPTOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        o, layer = self.options, self.layer
+        self.backend = ops.resolve_backend(o.backend, layer.weight.device, o.blocksize)
         n = layer.in_features
         self.H = torch.zeros(n, n, dtype=torch.float32, device=layer.weight.device)
         self.nsamples = 0
 
     def add_batch(self, inp: torch.Tensor) -> None:
-        self.nsamples = ops.hessian_add_batch(self.H, self.nsamples, inp.detach(), self.backend, self.tf32,
-                                              name=f"{self.name} input activations")
+        self.nsamples = ops.hessian_add_batch(self.H, self.nsamples, inp.detach(), self.backend, self.options.tf32,
+                                              name=f"{self.layer_name} input activations")
 
     def prune(self) -> dict[str, Any]:
         if self.nsamples == 0:
-            raise ValueError(f"{self.name}: no calibration data reached this layer")
+            raise ValueError(f"{self.layer_name}: no calibration data reached this layer")
+        o = self.options
         t0 = time.perf_counter()
         res, used = ops.sparsegpt_prune(
-            self.layer.weight.data, self.H, self.config, self.blocksize, self.percdamp, self.max_retries,
-            self.backend, self.tf32, self.name, self.fast_inverse,
+            self.layer.weight.data, self.H, self.config, o.blocksize, o.percdamp, o.max_retries,
+            self.backend, o.tf32, self.layer_name, o.fast_inverse,
         )
         self.layer.weight.data.copy_(res.weight)
         return {
@@ -51,7 +67,7 @@ class SparseGPTPruner(LayerPruner):
             "sparsegpt_damp": res.damp,
             "sparsegpt_damp_retries": res.retries,
             "sparsegpt_backend": used,
-            "sparsegpt_tf32": self.tf32,
+            "sparsegpt_tf32": o.tf32,
             "sparsegpt_fast_inverse": res.fast_inverse,
             "sparsegpt_seconds": time.perf_counter() - t0,
         }

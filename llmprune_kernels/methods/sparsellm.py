@@ -3,15 +3,11 @@
 The pipeline creates one pruner per Linear of a decoder layer, feeds them all from one forward pass,
 then calls ``prune()`` Linear by Linear. The pruners of one feed-forward block find each other through
 a coordinator shared via ``prepare_model`` (the pipeline hands its return value to every pruner as the
-option ``model_info``). The block is solved when ``prune()`` has been called on its LAST Linear, so the
+argument ``model_info``). The block is solved when ``prune()`` has been called on its LAST Linear, so the
 earlier ones are still dense when the pipeline snapshots them for its reconstruction-error report. Only
 the block input X is stored (by the up projection's pruner); z, s, p and Y follow from X and the dense
-weights.
-
-Options: ``local`` ("sparsegpt" default, or "wanda"), ``alpha``, ``beta``, ``gamma`` (default by family:
-5.0 LLaMA family, 0.1 OPT), ``iterations`` (4), ``s_steps``, ``s_lr``, and the SparseGPT options
-``percdamp``, ``blocksize``, ``backend``; ``min_tokens_factor`` (1.0: with fewer calibration tokens than
-the block's widest dimension the least-squares steps are skipped and the local pruner's result is kept).
+weights. Options: ``SparseLLMOptions`` (``sparsellm_ffn``); the attention projections get the local
+pruner with its defaults, SparseGPT's ``percdamp``, ``blocksize`` and ``backend`` passed on.
 """
 from __future__ import annotations
 
@@ -22,7 +18,7 @@ import torch
 from torch import nn
 
 from llmprune_kernels.methods.base import LayerPruner, get_method, register_method
-from llmprune_kernels.methods.sparsellm_ffn import LOCAL_PRUNERS, FFNBlock, SparseLLMOptions, sparsellm_ffn_
+from llmprune_kernels.methods.sparsellm_ffn import FFNBlock, SparseLLMOptions, sparsellm_ffn_
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +27,6 @@ ROLES = {
     "swiglu": {"mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"},
     "relu": {"fc1": "up", "fc2": "down"},
 }
-_OPTION_NAMES = ("alpha", "beta", "gamma", "iterations", "local", "percdamp", "blocksize", "backend", "s_steps",
-                 "s_lr", "s_chunk", "min_tokens_factor",
-                 "keep_best")
 
 
 def ffn_kind(model: nn.Module) -> str:
@@ -57,9 +50,9 @@ def ffn_kind(model: nn.Module) -> str:
 class SparseLLMCoordinator:
     """Shared by the pruners of one run: finds each block's Linears and solves the block once."""
 
-    def __init__(self, kind: str, options: dict[str, Any]) -> None:
+    def __init__(self, kind: str, options: SparseLLMOptions) -> None:
         self.kind = kind
-        self.options = SparseLLMOptions(**{k: options[k] for k in _OPTION_NAMES if k in options})
+        self.options = options
         self.options.resolved(kind)  # validate now, before any layer is touched
         self.blocks: dict[str, dict[str, "SparseLLMPruner"]] = {}
         self.pruned: dict[str, set[str]] = {}
@@ -102,30 +95,38 @@ class SparseLLMCoordinator:
                               "blocks": self.reports}}
 
 
+def local_options(options: SparseLLMOptions) -> dict[str, Any]:
+    """Options of the local pruner of the attention projections: SparseGPT gets its three."""
+    if options.local == "sparsegpt":
+        return {"percdamp": options.percdamp, "blocksize": options.blocksize, "backend": options.backend}
+    return {}
+
+
 @register_method("sparsellm")
 class SparseLLMPruner(LayerPruner):
-    @classmethod
-    def prepare_model(cls, model, calibration, config, device=None, options=None) -> SparseLLMCoordinator:
-        return SparseLLMCoordinator(ffn_kind(model), dict(options or {}))
+    """Feed-forward blocks pruned jointly by alternating updates, attention by a local pruner (Bai et al. 2024)."""
 
-    def __init__(self, layer, config, **options: Any) -> None:
-        super().__init__(layer, config, **options)
-        self.name = options.get("layer_name", "layer")
-        coord = options.get("model_info")
+    Options = SparseLLMOptions
+
+    @classmethod
+    def prepare_model(cls, model, calibration, config, *, device=None, options=None,
+                      progress=False) -> SparseLLMCoordinator:
+        return SparseLLMCoordinator(ffn_kind(model), options if options is not None else SparseLLMOptions())
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        coord = self.model_info
         if not isinstance(coord, SparseLLMCoordinator):
-            raise ValueError(f"{self.name}: method 'sparsellm' must be run through the pipeline (prune_model), "
-                             "which calls SparseLLMPruner.prepare_model first")
+            raise ValueError(f"{self.layer_name}: method 'sparsellm' must be run through the pipeline "
+                             "(prune_model), which calls SparseLLMPruner.prepare_model first")
         self.coord = coord
         self.inputs: list[torch.Tensor] = []
         self.nsamples = 0
         self.local: LayerPruner | None = None
-        found = coord.role(self.name)
+        found = coord.role(self.layer_name)
         if found is None:  # attention projections (and anything outside the block): the local pruner
-            local = options.get("local", "sparsegpt")
-            if local not in LOCAL_PRUNERS:
-                raise ValueError(f"SparseLLM local pruner {local!r} is unknown; allowed: {', '.join(LOCAL_PRUNERS)}")
-            local_opts = {k: v for k, v in options.items() if k not in ("model_info",)}
-            self.local = get_method(local)(layer, config, **local_opts)
+            self.local = get_method(self.options.local)(self.layer, self.config, local_options(self.options),
+                                                        layer_name=self.layer_name)
             self.block = self.role = None
         else:
             self.block, self.role = found

@@ -50,41 +50,48 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmprune_kernels.methods.base import option
+from llmprune_kernels.ops.sparsegpt import BACKENDS as SPARSEGPT_BACKENDS
 from llmprune_kernels.validation import SparsityConfig, check_finite
 
 FAMILY_DEFAULT = {"swiglu": 5.0, "relu": 0.1}
 LOCAL_PRUNERS = ("sparsegpt", "wanda")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparseLLMOptions:
-    alpha: float | None = None  # None: the family default (5.0 SwiGLU / 0.1 ReLU)
-    beta: float | None = None
-    gamma: float | None = None
-    iterations: int = 4
-    local: str = "sparsegpt"
-    percdamp: float = 0.01
-    blocksize: int = 128
-    backend: str = "auto"  # SparseGPT backend
-    s_steps: int = 2  # SwiGLU gate step: gradient steps per iteration (reference: 2)
-    s_lr: float = 0.01  # and their step size (reference: 0.01)
-    s_chunk: int = 1000  # tokens per chunk of the gate step (memory only: tokens are independent)
-    min_tokens_factor: float = 1.0  # need tokens > factor * max(hidden, intermediate) for the least squares
-    keep_best: bool = True  # keep the iterate with the lowest block-output error on the calibration tokens
+    """Options of ``sparsellm`` (the block solver's and its local pruner's)."""
+
+    alpha: float | None = option(None, "weight of the pre-activation terms; None: 5.0 LLaMA family, 0.1 OPT")
+    beta: float | None = option(None, "weight of the block-output term; None: the family default as alpha")
+    gamma: float | None = option(None, "weight of the activation term; None: the family default as alpha")
+    iterations: int = option(4, "alternating updates per block (the reference runs 8 LLaMA, 10 OPT)")
+    local: Literal[LOCAL_PRUNERS] = option("sparsegpt", "local pruner of each block weight and of attention")
+    percdamp: float = option(0.01, "SparseGPT dampening (local pruner 'sparsegpt')")
+    blocksize: int = option(128, "SparseGPT block size (local pruner 'sparsegpt')")
+    backend: Literal[SPARSEGPT_BACKENDS] = option("auto", "SparseGPT backend (local pruner 'sparsegpt')")
+    s_steps: int = option(2, "SwiGLU gate step: gradient steps per iteration (reference: 2)")
+    s_lr: float = option(0.01, "SwiGLU gate step: step size (reference: 0.01)")
+    s_chunk: int = option(1000, "tokens per chunk of the gate step (memory only)")
+    min_tokens_factor: float = option(1.0, "least squares only with tokens > factor x the block's widest dimension")
+    keep_best: bool = option(True, "keep the iterate with the lowest block-output error on the calibration tokens")
+
+    def validate(self) -> None:
+        """The checks of ``resolved`` that do not depend on the model family."""
+        self.resolved("swiglu")
 
     def resolved(self, kind: str) -> "SparseLLMOptions":
         d = FAMILY_DEFAULT[kind]
-        out = SparseLLMOptions(**asdict(self))
-        out.alpha = d if self.alpha is None else float(self.alpha)
-        out.beta = d if self.beta is None else float(self.beta)
-        out.gamma = d if self.gamma is None else float(self.gamma)
+        out = replace(self, alpha=d if self.alpha is None else float(self.alpha),
+                      beta=d if self.beta is None else float(self.beta),
+                      gamma=d if self.gamma is None else float(self.gamma))
         for k in ("alpha", "beta", "gamma"):
             v = getattr(out, k)
             if not (math.isfinite(v) and v > 0):
@@ -93,6 +100,9 @@ class SparseLLMOptions:
             raise ValueError(f"SparseLLM iterations={self.iterations!r} is invalid; allowed: an integer >= 1")
         if self.local not in LOCAL_PRUNERS:
             raise ValueError(f"SparseLLM local pruner {self.local!r} is unknown; allowed: {', '.join(LOCAL_PRUNERS)}")
+        if self.blocksize < 1 or not (math.isfinite(self.percdamp) and self.percdamp >= 0):
+            raise ValueError(f"SparseLLM blocksize={self.blocksize}, percdamp={self.percdamp} is invalid; allowed: "
+                             "blocksize >= 1, a finite percdamp >= 0")
         if not self.min_tokens_factor >= 0:
             raise ValueError(f"SparseLLM min_tokens_factor={self.min_tokens_factor!r} is invalid; allowed: >= 0")
         if not (isinstance(self.s_steps, int) and self.s_steps >= 0) or not self.s_lr > 0 or self.s_chunk < 1:

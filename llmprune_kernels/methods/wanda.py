@@ -1,16 +1,15 @@
 """Wanda pruner for the pipeline: activation-norm statistics, then per-row scoring and masking.
 
-Option ``backend``: ``"auto"`` (default: the fused Triton kernels for CUDA weights, the PyTorch reference
-otherwise), ``"triton"`` (the kernels; on CPU only under ``TRITON_INTERPRET=1``) or ``"reference"``.
-Both give bit-identical masks; the statistics agree within fp32 rounding.
+Both backends give bit-identical masks; the statistics agree within fp32 rounding.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-from llmprune_kernels.methods.base import LayerPruner, register_method
+from llmprune_kernels.methods.base import LayerPruner, option, register_method
 from llmprune_kernels.ops.score_mask import score_and_mask, triton_usable
 from llmprune_kernels.reference.wanda import ActNormStats, wanda_prune_
 
@@ -32,11 +31,24 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
+@dataclass(frozen=True)
+class WandaOptions:
+    """Options of ``wanda``."""
+
+    backend: Literal[BACKENDS] = option("auto", "'auto': the fused Triton kernels on CUDA, else the PyTorch "
+                                                "reference; 'triton' runs on CPU only under TRITON_INTERPRET=1")
+
+
 @register_method("wanda")
 class WandaPruner(LayerPruner):
-    def __init__(self, layer, config, **options: Any) -> None:
-        super().__init__(layer, config, **options)
-        self.backend = resolve_backend(options.get("backend", "auto"), layer.weight.device)
+    """|W| times the input-activation norm, per output row (Sun et al. 2023)."""
+
+    Options = WandaOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        layer = self.layer
+        self.backend = resolve_backend(self.options.backend, layer.weight.device)
         if self.backend == "triton":
             from llmprune_kernels.ops.act_norm import TritonActNormStats
 
@@ -45,11 +57,11 @@ class WandaPruner(LayerPruner):
             self.stats = ActNormStats(layer.in_features, device=layer.weight.device)
 
     def add_batch(self, inp: torch.Tensor) -> None:
-        self.stats.add_batch(inp, name=self.options.get("layer_name", "activations"))
+        self.stats.add_batch(inp, name=self.layer_name)
 
     def prune(self) -> dict[str, Any]:
         if self.stats.nsamples == 0:
-            raise ValueError(f"{self.options.get('layer_name', 'layer')}: no calibration data reached this layer")
+            raise ValueError(f"{self.layer_name}: no calibration data reached this layer")
         weight = self.layer.weight.data
         if self.backend == "triton" and triton_usable(weight.device):
             score_and_mask(weight, self.stats.scaler_row.to(weight.device), self.config, inplace=True, mask=False)

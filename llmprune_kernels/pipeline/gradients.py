@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -35,9 +36,12 @@ from llmprune_kernels.validation import check_finite
 GBLM_SCALE = 100.0
 
 
-@dataclass
-class GradientNorms:
-    """Per-Linear gradient norms G (same shape as the weight) keyed by full module name."""
+@dataclass(eq=False)
+class GradientNorms(Mapping):
+    """Per-Linear gradient norms G (same shape as the weight) keyed by full module name.
+
+    A read-only mapping name -> G (of ``norms``), so it can be passed as GBLM's ``gradients`` option.
+    """
 
     norms: dict[str, torch.Tensor]
     nsamples: int
@@ -45,6 +49,15 @@ class GradientNorms:
     losses: list[float] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.norms[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.norms)
+
+    def __len__(self) -> int:
+        return len(self.norms)
 
     def report(self) -> dict:
         """JSON-able summary (no tensors) for the pipeline's report."""

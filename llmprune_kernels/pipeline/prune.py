@@ -7,7 +7,7 @@ also measures each Linear's relative reconstruction error ||(W - W')X|| / ||WX||
 Linear receives when the calibration windows run through the already-pruned network.
 
 Methods needing model-level information can define a classmethod ``prepare_model(model, calibration,
-config, device=..., options=...)``; its return value reaches every pruner as the option ``model_info``.
+config, *, device, options, progress)``; its return value reaches every pruner as ``model_info``.
 Non-uniform sparsity (e.g. OWL) is a ``layer_sparsity`` mapping from decoder-layer index to sparsity.
 """
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune_kernels.methods import check_options, get_method
+from llmprune_kernels.methods.base import options_for_report
 from llmprune_kernels.pipeline.layerwise import CapturedInputs, LayerStep, capture_layer_inputs, walk_layers
-from llmprune_kernels.methods import get_method
 from llmprune_kernels.pipeline.models import find_decoder_layers, linear_modules
 from llmprune_kernels.validation import SparsityConfig, check_finite
 
@@ -47,7 +48,7 @@ class LinearStats:
 class PruneResult:
     method: str
     config: SparsityConfig
-    options: dict[str, Any]
+    options: dict[str, Any]  # the validated options with defaults filled in (JSON-able)
     linears: list[LinearStats]
     layer_times_s: list[float]
     capture_time_s: float
@@ -107,7 +108,7 @@ def _prune_without_data(model, cls, configs, options, progress) -> tuple[list[Li
         for rel, lin in linear_modules(layer).items():
             name = f"{path}.{i}.{rel}"
             t0 = time.perf_counter()
-            pruner = cls(lin, configs[i], layer_name=name, **options)
+            pruner = cls(lin, configs[i], options, layer_name=name)
             extra = pruner.prune() or {}
             pruner.free()
             stats.append(_linear_stats(name, lin.weight, configs[i], None, time.perf_counter() - t0, extra))
@@ -143,7 +144,7 @@ def prune_model(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     layer_sparsity: Mapping[int, float | SparsityConfig] | Sequence[float] | None = None,
-    options: Mapping[str, Any] | None = None,
+    options: Any = None,
     measure_error: bool = True,
     offload_activations: bool = False,
     progress: bool = True,
@@ -153,27 +154,31 @@ def prune_model(
     ``calibration``: (n, seqlen) token ids (see ``data.calibration_windows``); may be ``None`` only
     for methods without calibration (magnitude). ``config``: uniform sparsity or N:M (default 50%).
     ``layer_sparsity``: optional decoder-layer index -> sparsity overrides (unstructured only).
-    ``options``: passed to the method's constructor. Returns per-Linear statistics and timings.
+    ``options``: the method's options, a mapping or its ``Options`` (checked before any work; see
+    ``llmprune methods``). Returns per-Linear statistics, timings and the complete options.
     The embeddings and ``lm_head`` are not pruned (as in the papers).
     """
     t_start = time.perf_counter()
     cls = get_method(method)
+    opts = check_options(cls, options)
     config = config or SparsityConfig()
-    options = dict(options or {})
     device = torch.device(device)
-    if batch_size < 1:
-        raise ValueError(f"batch size {batch_size} is invalid; allowed: an integer >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size {batch_size!r} is invalid; allowed: an integer >= 1")
     _, layers = find_decoder_layers(model)
     configs = _layer_configs(config, len(layers), layer_sparsity)
+    needs_data = getattr(cls, "needs_calibration", True)
     if calibration is None:
-        if getattr(cls, "needs_calibration", True):
+        if needs_data:
             raise ValueError(f"method {method!r} needs calibration data; pass calibration token windows")
-        stats, times = _prune_without_data(model, cls, configs, options, progress)
-        return PruneResult(method, config, options, stats, times, 0.0, time.perf_counter() - t_start)
+        stats, times = _prune_without_data(model, cls, configs, opts, progress)
+        return PruneResult(method, config, options_for_report(opts), stats, times, 0.0,
+                           time.perf_counter() - t_start)
 
     prepare = getattr(cls, "prepare_model", None)
+    model_info = None
     if callable(prepare):
-        options["model_info"] = prepare(model, calibration, config, device=device, options=dict(options))
+        model_info = prepare(model, calibration, config, device=device, options=opts, progress=progress)
     t0 = time.perf_counter()
     captured = capture_layer_inputs(model, calibration, device, batch_size, offload_activations)
     capture_time = time.perf_counter() - t0
@@ -185,8 +190,9 @@ def prune_model(
         t_layer = time.perf_counter()
         cfg = configs[step.index]
         linears = linear_modules(step.layer)
-        pruners = {rel: cls(lin, cfg, layer_name=f"{step.name}.{rel}", **options) for rel, lin in linears.items()}
-        if getattr(cls, "needs_calibration", True):
+        pruners = {rel: cls(lin, cfg, opts, layer_name=f"{step.name}.{rel}", model_info=model_info)
+                   for rel, lin in linears.items()}
+        if needs_data:
             step.forward({lin: _feed(pruners[rel]) for rel, lin in linears.items()})
         # Snapshot every dense weight before any prune() call: a method may change several Linears of
         # the layer at once (SparseLLM solves the feed-forward block jointly).
@@ -213,14 +219,9 @@ def prune_model(
         if progress and measure_error and layer_stats:
             bar.set_postfix(err=f"{sum(s.rel_error for s in layer_stats) / len(layer_stats):.3f}")
     # Model-level methods (GBLM gradients, SparseLLM blocks) summarise themselves through model_info.report().
-    report_fn = getattr(options.get("model_info"), "report", None)
-    return PruneResult(method, config, options_for_report(options), stats, times, capture_time,
+    report_fn = getattr(model_info, "report", None)
+    return PruneResult(method, config, options_for_report(opts), stats, times, capture_time,
                        time.perf_counter() - t_start, report_fn() if callable(report_fn) else None)
-
-
-def options_for_report(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Method options without bulky model-level data (``model_info``)."""
-    return {k: v for k, v in options.items() if k != "model_info"}
 
 
 def _feed(pruner) -> Callable:

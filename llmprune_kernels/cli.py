@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the JSON report here (default: DIR/pruning_report.json when --output is given)")
     p.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure dense and pruned perplexity (default: on)")
-    p.add_argument("--no-error", dest="measure_error", action="store_false",
-                   help="skip the per-Linear reconstruction error (saves one matmul per Linear)")
+    p.add_argument("--error", dest="measure_error", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-Linear reconstruction error on the calibration windows (default: on, except for "
+                        "magnitude, where it would cost a forward pass per layer)")
     p.set_defaults(func=cmd_prune)
 
     e = sub.add_parser("eval", help="held-out perplexity of a model")

@@ -1,8 +1,9 @@
 """Typed method options: declared with type, default and doc, checked once (CLI and API) before any work,
-recorded complete in the report."""
+recorded complete in the report; and the magnitude pruner's fast mask (equal to the reference's)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -116,3 +117,30 @@ def test_pruner_takes_keyword_options_or_an_options_instance():
     assert cls(layer, SparsityConfig(0.5), cls.Options(percdamp=0.1), layer_name="x").options.percdamp == 0.1
     with pytest.raises(ValueError, match="unknown option 'blocksise'"):
         cls(layer, SparsityConfig(0.5), blocksise=32)
+
+
+def _tied_weight(dtype):
+    """Random weights with many exact ties, zeros and negative zeros (as dequantized checkpoints have)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 80, generator=g)
+    w[:, ::3] = torch.round(w[:, ::3] * 4) / 4
+    w[7:12] = torch.randint(-3, 4, (5, 80), generator=g).float()
+    w[5], w[6] = 0.0, -0.0
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target", ["0.0", "0.1", "0.5", "0.73", "0.99", "2:4", "4:8"])
+def test_magnitude_pruner_mask_equals_reference(dtype, target):
+    from llmprune_kernels.reference.magnitude import magnitude_mask
+
+    config = SparsityConfig.parse(pattern=target) if ":" in target else SparsityConfig.parse(float(target))
+    w = _tied_weight(dtype)
+    expected = magnitude_mask(w, config)
+    if not config.is_nm:
+        assert int(expected.sum()) == math.floor(w.numel() * config.sparsity)
+    layer = nn.Linear(80, 48, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    get_method("magnitude")(layer, config).prune()
+    assert torch.equal(layer.weight.detach(), w.masked_fill(expected, 0))

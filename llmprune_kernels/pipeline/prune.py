@@ -8,6 +8,7 @@ Linear receives when the calibration windows run through the already-pruned netw
 
 Methods needing model-level information can define a classmethod ``prepare_model(model, calibration,
 config, *, device, options, progress)``; its return value reaches every pruner as ``model_info``.
+Methods without calibration (magnitude) skip the layer walk unless the reconstruction error is asked for.
 Non-uniform sparsity (e.g. OWL) is a ``layer_sparsity`` mapping from decoder-layer index to sparsity.
 """
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _prune_without_data(model, cls, configs, options, progress) -> tuple[list[LinearStats], list[float]]:
-    """Methods that need no calibration (magnitude) when no calibration windows are given."""
+    """Methods that need no calibration (magnitude): each Linear where it is, no forward pass."""
     path, layers = find_decoder_layers(model)
     stats, times = [], []
     for i, layer in enumerate(_bar(layers, progress, cls.name, configs[0])):
@@ -145,7 +146,7 @@ def prune_model(
     batch_size: int = 8,
     layer_sparsity: Mapping[int, float | SparsityConfig] | Sequence[float] | None = None,
     options: Any = None,
-    measure_error: bool = True,
+    measure_error: bool | None = None,
     offload_activations: bool = False,
     progress: bool = True,
 ) -> PruneResult:
@@ -155,7 +156,9 @@ def prune_model(
     for methods without calibration (magnitude). ``config``: uniform sparsity or N:M (default 50%).
     ``layer_sparsity``: optional decoder-layer index -> sparsity overrides (unstructured only).
     ``options``: the method's options, a mapping or its ``Options`` (checked before any work; see
-    ``llmprune methods``). Returns per-Linear statistics, timings and the complete options.
+    ``llmprune methods``). ``measure_error``: the per-Linear reconstruction error on the calibration
+    windows; default: for methods that use calibration (for magnitude it would cost a forward pass per
+    layer). Returns per-Linear statistics, timings and the complete options.
     The embeddings and ``lm_head`` are not pruned (as in the papers).
     """
     t_start = time.perf_counter()
@@ -168,7 +171,9 @@ def prune_model(
     _, layers = find_decoder_layers(model)
     configs = _layer_configs(config, len(layers), layer_sparsity)
     needs_data = getattr(cls, "needs_calibration", True)
-    if calibration is None:
+    if measure_error is None:
+        measure_error = needs_data
+    if calibration is None or not (needs_data or measure_error):
         if needs_data:
             raise ValueError(f"method {method!r} needs calibration data; pass calibration token windows")
         stats, times = _prune_without_data(model, cls, configs, opts, progress)

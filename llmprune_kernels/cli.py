@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
 from llmprune_kernels.validation import SparsityConfig
 
 # CPU-friendly defaults: the README command finishes in a few minutes on 2 cores. The papers
@@ -71,7 +72,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
                    help=f"evaluate on the first N non-overlapping held-out windows; 0 = all "
                         f"(default: {DEFAULT_EVAL_WINDOWS}, which keeps CPU runs short)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass (default: 4)")
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+                   help=f"windows per forward pass (default: {DEFAULT_BATCH_SIZE}, as prune_model and perplexity)")
     p.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN,
                    help=f"tokens per window (default: {DEFAULT_SEQLEN}; the papers use 2048)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the dequantized-GGUF cache")

@@ -133,6 +133,20 @@ def test_help_names_paper_settings(capsys):
     assert "128" in text and "2048" in text and "--pattern" in text
 
 
+def test_one_default_batch_size():
+    """CLI, prune_model, the capture, OWL and perplexity share one default (different batches round differently)."""
+    import inspect
+
+    from llmprune_kernels.pipeline import evaluate, layerwise, owl, prune_model
+    from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
+
+    cli_default = build_parser().parse_args(["prune"]).batch_size
+    assert cli_default is DEFAULT_BATCH_SIZE and build_parser().parse_args(["eval"]).batch_size is DEFAULT_BATCH_SIZE
+    for fn in (prune_model, layerwise.capture_layer_inputs, owl.collect_outlier_ratios, owl.owl_layer_sparsity,
+               evaluate.nll_sum):
+        assert inspect.signature(fn).parameters["batch_size"].default is DEFAULT_BATCH_SIZE, fn.__name__
+
+
 def test_console_script_is_installed():
     exe = shutil.which("llmprune")
     if exe is None:

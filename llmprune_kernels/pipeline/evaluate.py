@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
+
 
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
@@ -25,7 +27,7 @@ def nll_sum(
     windows: torch.Tensor,
     *,
     device: torch.device | str | None = None,
-    batch_size: int = 4,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
 ) -> tuple[float, int]:
     """(sum of next-token NLLs in nats, number of predicted tokens) of ``windows`` (n, seqlen).

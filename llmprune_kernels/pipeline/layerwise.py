@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
 from llmprune_kernels.pipeline.models import decoder_layers_parent, find_decoder_layers
 from llmprune_kernels.validation import check_finite
+
 
 class _StopForward(Exception):
     """Raised by the last recorder to end the capture forward early (nothing after it is needed)."""
@@ -76,7 +78,7 @@ def capture_layer_inputs(
     model: nn.Module,
     input_ids: torch.Tensor,
     device: torch.device | str = "cpu",
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     offload: bool = False,
 ) -> CapturedInputs:
     """Run ``input_ids`` (n, seqlen) up to the decoder layers; see the module docstring.

@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
 from llmprune_kernels.validation import check_sparsity
 
 OWL_M = 5.0
@@ -90,7 +91,7 @@ def collect_outlier_ratios(
     calibration: torch.Tensor,
     m: float = OWL_M,
     device: torch.device | str = "cpu",
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
 ) -> list[float]:
     """OWL outlier ratio of every decoder layer, from Wanda scores on the dense model.
@@ -133,7 +134,7 @@ def owl_layer_sparsity(
     m: float = OWL_M,
     lam: float = OWL_LAMBDA,
     device: torch.device | str = "cpu",
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
 ) -> tuple[list[float], dict]:
     """Per-decoder-layer sparsities for ``prune_model(layer_sparsity=...)`` and a JSON-able OWL report."""
@@ -181,4 +182,5 @@ def cli_layer_sparsity(args, model: nn.Module, calibration, config, device) -> t
     if calibration is None:
         raise ValueError("--owl needs calibration windows (its outlier ratios come from Wanda scores)")
     return owl_layer_sparsity(model, calibration, config.sparsity, args.owl_m, args.owl_lambda, device=device,
-                              batch_size=getattr(args, "batch_size", 8), progress=not getattr(args, "quiet", False))
+                              batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
+                              progress=not getattr(args, "quiet", False))

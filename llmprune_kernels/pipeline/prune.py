@@ -23,6 +23,7 @@ from torch import nn
 
 from llmprune_kernels.methods import check_options, get_method
 from llmprune_kernels.methods.base import options_for_report
+from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
 from llmprune_kernels.pipeline.layerwise import CapturedInputs, LayerStep, capture_layer_inputs, walk_layers
 from llmprune_kernels.pipeline.models import find_decoder_layers, linear_modules
 from llmprune_kernels.validation import SparsityConfig, check_finite
@@ -143,7 +144,7 @@ def prune_model(
     config: SparsityConfig | None = None,
     *,
     device: torch.device | str = "cpu",
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     layer_sparsity: Mapping[int, float | SparsityConfig] | Sequence[float] | None = None,
     options: Any = None,
     measure_error: bool | None = None,

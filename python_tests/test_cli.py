@@ -126,11 +126,47 @@ def test_empty_text_and_existing_output(tiny_dir, tmp_path, capsys):
     assert "already exists; pass --overwrite" in capsys.readouterr().err
 
 
-def test_help_names_paper_settings(capsys):
+def _help(capsys, *argv) -> str:
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["prune", "--help"])
-    text = capsys.readouterr().out
+        build_parser().parse_args([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_names_paper_settings(capsys):
+    text = _help(capsys, "prune")
     assert "128" in text and "2048" in text and "--pattern" in text
+
+
+def test_help_is_plain_text_with_examples(capsys):
+    """No reST/markdown or %-escapes reach the terminal; examples, where the options are listed, --version."""
+    import llmprune_kernels
+
+    top, prune, ev = _help(capsys), _help(capsys, "prune"), _help(capsys, "eval")
+    for text in (top, prune, ev, _help(capsys, "methods")):
+        assert "``" not in text and "%%" not in text and "**" not in text and "%(" not in text, text
+    for text in (top, prune):
+        assert "examples:" in text and text.count("\n  llmprune ") >= 4
+        assert "llmprune methods" in text
+    assert "20%" in prune and "sparsegpt: blocksize, percdamp" in prune and "magnitude: no options" in prune
+    assert "SmolLM2-135M-Instruct" in ev
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"llmprune {llmprune_kernels.__version__}"
+
+
+def test_methods_command_lists_every_option(capsys):
+    from llmprune_kernels.methods import available_methods, method_options
+
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    for name in available_methods():
+        assert f"\n{name}: " in f"\n{text}", name
+        for o in method_options(name):
+            assert f"  {o.name} ({o.type}, default {o.default!r})" in text and o.doc[:30] in text
+    assert "blocksize (int, default 128)" in text and "(no options)" in text
+    assert main(["methods", "wanda"]) == 0
+    assert capsys.readouterr().out.startswith("wanda: ")
+    assert main(["methods", "nope"]) == 2 and "unknown pruning method 'nope'" in capsys.readouterr().err
 
 
 def test_one_default_batch_size():
@@ -145,6 +181,21 @@ def test_one_default_batch_size():
     for fn in (prune_model, layerwise.capture_layer_inputs, owl.collect_outlier_ratios, owl.owl_layer_sparsity,
                evaluate.nll_sum):
         assert inspect.signature(fn).parameters["batch_size"].default is DEFAULT_BATCH_SIZE, fn.__name__
+
+
+def test_slow_cpu_paths_get_a_cost_note():
+    from llmprune_kernels.cli import _cost_note
+    from llmprune_kernels.methods import get_method
+    from llmprune_kernels.validation import SparsityConfig
+
+    cpu, half, two_four = torch.device("cpu"), SparsityConfig(0.5), SparsityConfig(n=2, m=4)
+    assert "sparsellm 0.5 on CPU may take about 45 minutes for the default model" in \
+        _cost_note(get_method("sparsellm"), half, cpu, None)
+    assert "may take about 8 minutes" in _cost_note(get_method("sparsegpt"), two_four, cpu, None)
+    assert _cost_note(get_method("sparsegpt"), half, cpu, None) is None
+    assert _cost_note(get_method("sparsellm"), half, torch.device("cuda"), None) is None
+    assert _cost_note(get_method("sparsellm"), half, cpu, "some/model") is None  # estimates hold for the default
+    assert _cost_note(get_method("wanda"), two_four, cpu, None) is None
 
 
 def test_console_script_is_installed():

@@ -91,6 +91,16 @@ def test_sparsellm_in_pipeline(make, last):
     assert math.isfinite(perplexity(model, ids(2, 16)))
 
 
+def test_gblm_and_owl_progress_bars_have_totals(capsys):
+    """The GBLM gradient pass and the OWL walk show a bar with its total (both take minutes on CPU)."""
+    prune_model(tiny_llama(), ids(3, 16), "gblm", SparsityConfig(0.5), progress=True)
+    err = capsys.readouterr().err
+    assert "GBLM gradients" in err and "3/3" in err
+    owl_layer_sparsity(tiny_llama(layers=3), ids(2, 16), 0.5, progress=True)
+    err = capsys.readouterr().err
+    assert "OWL outlier ratios" in err and "3/3" in err
+
+
 def test_sparsellm_needs_pipeline_and_supported_model():
     from llmprune_kernels import get_method
 
@@ -137,7 +147,7 @@ def _cli(root, *extra):
             "--device", "cpu", "-q", "--no-eval", *extra]
 
 
-def test_cli_owl_gblm_sparsellm_reports(tiny_cli_dir, tmp_path):
+def test_cli_owl_gblm_sparsellm_reports(tiny_cli_dir, tmp_path, capsys):
     import json
 
     from llmprune_kernels.cli import main
@@ -148,6 +158,9 @@ def test_cli_owl_gblm_sparsellm_reports(tiny_cli_dir, tmp_path):
     owl = json.loads(rep.read_text())["owl"]
     assert owl["M"] == 3.0 and owl["lambda"] == 0.1 and len(owl["layer_sparsity"]) == len(owl["outlier_ratios_percent"])
     assert abs(owl["weighted_mean_sparsity"] - 0.6) < 1e-12
+    lo, hi = min(owl["layer_sparsity"]), max(owl["layer_sparsity"])
+    assert (f"OWL:              layer sparsity {lo:.4f} to {hi:.4f} over 2 layers (M 3, lambda 0.1; weighted "
+            f"mean 0.6000)") in capsys.readouterr().out
     rep = tmp_path / "gblm.json"
     assert main(_cli(tiny_cli_dir, "--method", "gblm", "--pattern", "2:4", "--report", str(rep))) == 0
     r = json.loads(rep.read_text())

@@ -64,6 +64,11 @@ class LayerPruner:
     def free(self) -> None:
         """Release calibration statistics."""
 
+    @classmethod
+    def cpu_cost(cls, config: SparsityConfig) -> str | None:
+        """Rough CPU run time on the default model (SmolLM2-135M, CLI defaults), where it is long."""
+        return None
+
 
 _REGISTRY: dict[str, type[LayerPruner]] = {}
 

@@ -40,6 +40,10 @@ class SparseGPTPruner(LayerPruner):
 
     Options = SparseGPTOptions
 
+    @classmethod
+    def cpu_cost(cls, config) -> str | None:
+        return "about 8 minutes" if config.is_nm else None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         o, layer = self.options, self.layer

@@ -113,6 +113,10 @@ class SparseLLMPruner(LayerPruner):
                       progress=False) -> SparseLLMCoordinator:
         return SparseLLMCoordinator(ffn_kind(model), options if options is not None else SparseLLMOptions())
 
+    @classmethod
+    def cpu_cost(cls, config) -> str | None:
+        return "about 45 minutes"
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         coord = self.model_info

@@ -149,7 +149,8 @@ def collect_gradient_norms(
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(samples, desc="GBLM gradients", unit="sample")
+            total = len(samples) if isinstance(samples, Sequence) else None
+            it = tqdm(samples, desc="GBLM gradients", unit="sample", total=total, dynamic_ncols=True)
         for i, ids in enumerate(it):
             ids = torch.as_tensor(ids)
             if ids.dim() == 1:

@@ -100,7 +100,7 @@ def collect_outlier_ratios(
     through the dense model (the pipeline's ``walk_layers``: one layer on ``device`` at a time); each
     layer's Linears collect Wanda's input norms on the way.
     """
-    from llmprune_kernels.pipeline.models import linear_modules
+    from llmprune_kernels.pipeline.models import find_decoder_layers, linear_modules
     from llmprune_kernels.pipeline.layerwise import capture_layer_inputs, walk_layers
     from llmprune_kernels.reference.wanda import ActNormStats, wanda_score
 
@@ -111,7 +111,8 @@ def collect_outlier_ratios(
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="OWL outlier ratios", unit="layer")
+        steps = tqdm(steps, desc="OWL outlier ratios", unit="layer", total=len(find_decoder_layers(model)[1]),
+                     dynamic_ncols=True)
     ratios = []
     for step in steps:
         lins = linear_modules(step.layer)

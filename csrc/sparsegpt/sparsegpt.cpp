@@ -124,7 +124,7 @@ void lower_triangular_inverse_into(const at::Tensor& L, at::Tensor out) {
 // Hd^-1 = (J L^-1 J)^T (J L^-1 J) and J L^-1 J is upper triangular with a positive diagonal, so it is
 // the unique upper Cholesky factor of Hd^-1. The fast path runs in fp64 and rounds the factor to fp32
 // once: on the H100 fp64 Cholesky and GEMMs are as fast as fp32 (tensor cores), and the factor is then
-// closer to the exact one than the reference's fp32 chain (benchmarks/results/sparsegpt_h100.json), but
+// closer to the exact one than the reference's fp32 chain (benchmarks/results/sparsegpt.json), but
 // not bit for bit equal to it.
 bool factor_inverse(const at::Tensor& Hd, bool fast, at::Tensor& U) {
   if (fast) {

@@ -13,7 +13,7 @@ H100-tuned defaults; the kernels live in
   key bit); its chunked kernel streams rows longer than ``MAX_BLOCK`` for every select;
 * ``score_mask_nm``: N:M, the rank of each element inside its group of M.
 
-Cost on H100 (benchmarks/results/score_mask_h100.json): N:M runs at 1.3-1.4x of a plain copy of the same
+Cost on H100 (``benchmarks/results/score_mask.json``): N:M runs at 1.3-1.4x of a plain copy of the same
 bytes; the unstructured hist select at 1.2-1.5x of that copy (radix1: 6-11x). Outputs: a bool mask,
 and/or packed bits (bit i of byte b = column 8b+i, numpy ``bitorder='little'``), and/or W zeroed in place.
 Where Triton cannot run (no Triton, or a CPU tensor without ``TRITON_INTERPRET=1``), ``score_and_mask``
@@ -56,7 +56,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK = 32768  # longest row kept in registers; longer rows use the chunked kernel
 CHUNK = 4096
 FLOAT_COMPARE = True  # count with fp32 compares where a row's scores are finite (see _tile_select)
-# Launch defaults of the radix1 in-register kernel, from the H100 sweep in benchmarks/bench_score_mask.py:
+# Launch defaults of the radix1 in-register kernel, measured best on the H100:
 ROWS_PER_PROG = 1  # rows per program
 ROW_ELEMS_PER_WARP = 2048  # a row gets one warp per this many (padded) columns: 64 keys per thread
 DIGIT_BITS = 1  # radix bits per dependent step of the high-half search (2: fewer steps, 1.5x the compares)
@@ -66,8 +66,8 @@ PAIRWISE_MAX_BLOCK = 16384  # rank the bucket's keys pairwise (not 16 more searc
 SELECTS = ("radix1", "hist")
 SELECT = "hist"
 HIST_ELEMS_PER_WARP = 1024  # hist: a row gets one warp per this many (first-piece) columns; twice that past 8192
-# hist: register cap by keys per thread, so that more rows fit on an SM (H100 sweeps score_mask_hist_h100_run8f/g:
-# 4096 columns 0.044 -> 0.038 ms with 72; 11008 = 8192 + 4096 at 96 keys per thread 0.113 -> 0.101 with 168)
+# hist: register cap by keys per thread, so that more rows fit on an SM (H100: 4096 columns 0.044 -> 0.038 ms
+# with 72; 11008 = 8192 + 4096 at 96 keys per thread 0.113 -> 0.101 with 168)
 HIST_MAXNREG = {32: 72, 48: 128, 64: 128, 96: 168}
 HIST_MAX_BLOCK = 32768  # hist up to this padded width (one row in registers); longer rows stream (chunked)
 HIST_BITS0 = 8  # hist: radix digit of the first histogram level, over the row's key range (256 bins)
@@ -230,7 +230,7 @@ def _rows_config(cols: int, element_size: int, tune: dict) -> dict:
     """Launch parameters of an unstructured select for rows of ``cols`` columns (all but pointers and flags).
 
     ``kernel``, ``rows_per_prog``, scratch ``cap`` per row, padded ``block``, the selection ``consts``
-    (constexprs) and ``num_warps``; ``chunked`` when the row is streamed. Shared with benchmarks/sass_score_mask.py
+    (constexprs) and ``num_warps``; ``chunked`` when the row is streamed. Shared with tools/sass_score_mask.py
     so that static costs are those of the real launch.
     """
     select = tune.get("select", SELECT)

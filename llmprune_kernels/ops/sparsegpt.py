@@ -12,7 +12,7 @@ real layers.
 
 TF32 (``tf32=True``) lets the fp32 GEMMs (Hessian accumulation, lazy block updates) run in TF32 on CUDA;
 the column loop and the factorisations keep their precision. Measured on the H100
-at LLaMA-7B shapes (benchmarks/results/sparsegpt_h100.json): 5-9% faster per layer, 0.05% (4096 columns)
+at LLaMA-7B shapes (benchmarks/results/sparsegpt.json): 5-9% faster per layer, 0.05% (4096 columns)
 to 1.7% (11008 columns) of mask entries differ from the fp32 result, weights differ by 2-13% in relative
 Frobenius norm (mostly the flipped entries), and the SparseGPT loss changes by less than 1e-4 relative.
 Use it when bit-exactness against the reference is not needed.
@@ -131,7 +131,7 @@ def sparsegpt_prune(
     weights differ by <= 2e-6 relative where the reference's differ by up to 1.2e-5 (python_tests,
     near-singular Hessian). It is not bit-identical to the reference: on large ill-conditioned layers
     (the benchmark's 11008 columns from 8192 tokens) masks differ at near-ties, and a flip changes the later
-    updates (benchmarks/results/sparsegpt_h100.json gives the fractions and the loss change).
+    updates (benchmarks/results/sparsegpt.json gives the fractions and the loss change).
     ``fast_inverse=False`` reproduces the reference bit for bit (same ATen calls). The result's
     ``fast_inverse`` says which factor ran.
     """

@@ -1,9 +1,8 @@
 // CUTLASS 3 structured-sparse (2:4) GEMM for Hopper (wgmma.sp, TMA, warp-specialised persistent
 // kernels), for the large-M buckets where cuSPARSELt 0.8's bf16 kernels are barely faster than dense.
 //
-// Torch-free on purpose: the gemm_*.cu files here define api.h's entry points from it, and the standalone
-// probe (benchmarks/cutlass_sm90_probe.cu) links the same files, so it can be built and timed without a
-// CUDA torch.
+// Torch-free: the gemm_*.cu files here define api.h's entry points from it, so a standalone program can
+// link the same files and build and time them without a CUDA torch.
 //
 // y[M, out] = x[M, in] @ W[out, in]^T is computed as the GEMM D = A B with A = W (structured, row-major,
 // K-major), B = x^T (column-major, i.e. x row-major) and D = y^T column-major (i.e. y row-major), so no
@@ -90,7 +89,7 @@ template <class E> struct ConfigOf<E, 6> { using T = SparseGemm<E, 64, 256, 64, 
 template <class E> struct ConfigOf<E, 7> { using T = SparseGemm<E, 256, 128, 64, 1, 2, cutlass::gemm::StreamKScheduler>; };
 template <class E> struct ConfigOf<E, 8> { using T = SparseGemm<E, 256, 128, 64, 2, 2>; };
 // 9-11: a K step of 128 (CUTLASS's generator halves sparse K tiles to 64 for more pipeline stages; at M >=
-// 2048 on the H100 the deeper step measured 2-9% faster in bf16, benchmarks/cutlass_sm90_k128_probe.cu).
+// 2048 on the H100 the deeper step measured 2-9% faster in bf16).
 // They read metadata format 1 (CUTLASS's metadata atom spans min(TK, 128) columns).
 template <class E> struct ConfigOf<E, 9> { using T = SparseGemm<E, 256, 128, 128, 1, 2>; };
 template <class E> struct ConfigOf<E, 10> { using T = SparseGemm<E, 256, 128, 128, 1, 2, cutlass::gemm::StreamKScheduler>; };

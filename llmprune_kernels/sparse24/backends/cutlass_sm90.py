@@ -147,8 +147,8 @@ def linear(x: torch.Tensor, weight: CutlassWeight, out_features: int, bias: torc
            config: int = 0) -> torch.Tensor:
     """``x [M, in] @ W.T (+ bias)`` for a weight from :func:`compress`.
 
-    Checked here, not only by the op: an error raised inside our extension has crashed the process on the
-    H100 machine (a C++ exception through the dispatcher, cause not isolated), so the op only sees valid input.
+    Checked here, not only by the op: a C++ exception raised through the dispatcher can take the process
+    down, so the op only sees valid input.
     """
     config = _check_config(config)
     fmt = format_of(config)

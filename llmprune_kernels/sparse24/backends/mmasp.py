@@ -232,8 +232,8 @@ def probe(a_regs: torch.Tensor, b_regs: torch.Tensor, e: torch.Tensor, selector:
 
 
 _CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
-# launch configs (warps, rows_per_warp, splits) tuning measures besides the shape's default: the winners of an
-# H100 sweep of every config
+# launch configs (warps, rows_per_warp, splits) tuning measures besides the shape's default: those that won
+# somewhere in an H100 measurement of every config
 TUNE_CONFIGS = ((4, 1, 2), (4, 1, 4), (8, 1, 2), (8, 1, 4), (8, 2, 4))
 
 

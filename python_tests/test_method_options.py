@@ -144,3 +144,13 @@ def test_magnitude_pruner_mask_equals_reference(dtype, target):
         layer.weight.copy_(w)
     get_method("magnitude")(layer, config).prune()
     assert torch.equal(layer.weight.detach(), w.masked_fill(expected, 0))
+
+
+def test_magnitude_mask_with_nonfinite_weights_equals_reference():
+    from llmprune_kernels.methods.magnitude import lowest_global_mask
+    from llmprune_kernels.selection import prune_lowest_global
+
+    score = _tied_weight(torch.float32).abs()
+    score[3, 4], score[9, 1] = float("nan"), float("inf")
+    for k in (0, 1, 100, score.numel() // 2, score.numel() - 1):
+        assert torch.equal(lowest_global_mask(score, k), prune_lowest_global(score, k)), k

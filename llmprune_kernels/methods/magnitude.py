@@ -20,12 +20,13 @@ def lowest_global_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the ``k`` lowest entries of ``score`` (ties: lower row-major index), as ``prune_lowest_global``.
 
     Everything below the k-th smallest value is pruned, then the first entries equal to it (in flat order)
-    until ``k`` are; non-finite scores go through the sort of ``selection.prune_lowest_global``.
+    until ``k`` are; non-finite scores (NaN or Inf make the maximum non-finite) go through the sort of
+    ``selection.prune_lowest_global``.
     """
     from llmprune_kernels.selection import prune_lowest_global
 
     flat = score.reshape(-1)
-    if k <= 0 or k >= flat.numel() or not bool(torch.isfinite(flat).all()):
+    if k <= 0 or k >= flat.numel() or not bool(torch.isfinite(flat.max())):
         return prune_lowest_global(score, k)
     kth = torch.kthvalue(flat, k).values
     mask = flat < kth

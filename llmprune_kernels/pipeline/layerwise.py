@@ -113,7 +113,7 @@ def capture_layer_inputs(
                 raise RuntimeError(f"{type(model).__name__} called {len(sink)} of its {len(layers)} decoder layers "
                                    f"during capture; the pipeline needs every layer called once per forward")
             h0 = sink[0][0]
-            _check_finite_fast(h0, "first decoder layer inputs (embeddings)")
+            check_finite_fast(h0, "first decoder layer inputs (embeddings)")
             hidden.append(h0.cpu() if offload else h0)
             distinct: list[tuple[tuple, dict]] = []
             idx = []
@@ -137,7 +137,7 @@ def capture_layer_inputs(
     return CapturedInputs(hidden, calls, layer_call)
 
 
-def _check_finite_fast(t: torch.Tensor, what: str) -> None:
+def check_finite_fast(t: torch.Tensor, what: str) -> None:
     """``check_finite`` at the cost of one reduction: NaN/Inf make the fp32 sum non-finite.
 
     Only when the sum is not finite (a NaN/Inf, or an fp32 overflow of huge values) is the exact,
@@ -173,7 +173,7 @@ class LayerStep:
             for h, (args, kwargs) in zip(self.inputs, self.calls):
                 out = _layer_output(self.layer(h.to(self.device), *args, **kwargs))
                 if keep:
-                    _check_finite_fast(out, f"outputs of decoder layer {self.name}")
+                    check_finite_fast(out, f"outputs of decoder layer {self.name}")
                     outs.append(out.cpu() if self.offload else out)
         finally:
             for hd in handles:

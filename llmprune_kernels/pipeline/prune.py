@@ -24,9 +24,11 @@ from torch import nn
 from llmprune_kernels.methods import check_options, get_method
 from llmprune_kernels.methods.base import options_for_report
 from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
-from llmprune_kernels.pipeline.layerwise import CapturedInputs, LayerStep, capture_layer_inputs, walk_layers
+from llmprune_kernels.pipeline.layerwise import (
+    CapturedInputs, LayerStep, capture_layer_inputs, check_finite_fast, walk_layers,
+)
 from llmprune_kernels.pipeline.models import find_decoder_layers, linear_modules
-from llmprune_kernels.validation import SparsityConfig, check_finite
+from llmprune_kernels.validation import SparsityConfig
 
 __all__ = ["CapturedInputs", "LayerStep", "LinearStats", "PruneResult", "capture_layer_inputs", "nm_satisfied",
            "prune_model", "walk_layers"]
@@ -120,7 +122,7 @@ def _prune_without_data(model, cls, configs, options, progress) -> tuple[list[Li
 
 def _linear_stats(name, weight, config, rel_error, seconds, extra) -> LinearStats:
     w = weight.detach()
-    check_finite(w, f"pruned weight of {name}")
+    check_finite_fast(w, f"pruned weight of {name}")
     return LinearStats(
         name=name, shape=(w.shape[0], w.shape[1]), target=config.label,
         sparsity=float((w == 0).sum()) / w.numel(),

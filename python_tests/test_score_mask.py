@@ -32,15 +32,20 @@ def quantized(rows, cols, levels=16, dtype=torch.float16, device=DEV):
     return (q * 0.0123).to(dtype)
 
 
-def check(w, norm, cfg, grad=None, ria=False, **tune):
-    """Kernel mask == reference mask, and the mask prunes exactly k per row / n per group."""
+def reference_mask(w, norm, cfg, grad=None, ria=False):
+    """The reference's mask for the score ``score_and_mask`` computes (GBLM with ``grad``, RIA, else Wanda)."""
     if grad is not None:
         score = gblm_score(w, norm, grad)
     elif ria:
         score = ria_score(w, norm)
     else:
         score = wanda_score(w, norm)
-    ref = mask_from_score(score, cfg)
+    return mask_from_score(score, cfg)
+
+
+def check(w, norm, cfg, grad=None, ria=False, **tune):
+    """Kernel mask == reference mask, and the mask prunes exactly k per row / n per group."""
+    ref = reference_mask(w, norm, cfg, grad, ria)
     got = score_and_mask(w, norm, cfg, grad=grad, ria=ria, _tune=tune or None)
     if not torch.equal(got, ref):
         bad = (got != ref).nonzero()[:8].tolist()
@@ -266,13 +271,7 @@ def test_reference_fallback_without_triton(monkeypatch, mode, pattern):
     norm = torch.rand(cols)
     grad = torch.rand(5, cols).half() * 0.1 if mode == "gblm" else None
     ria = mode == "ria"
-    if grad is not None:
-        score = gblm_score(w, norm, grad)
-    elif ria:
-        score = ria_score(w, norm)
-    else:
-        score = wanda_score(w, norm)
-    ref = mask_from_score(score, pattern)
+    ref = reference_mask(w, norm, pattern, grad, ria)
     assert torch.equal(score_and_mask(w, norm, pattern, grad=grad, ria=ria), ref)
     w2 = w.clone()
     mask, bits = score_and_mask(w2, norm, pattern, grad=grad, ria=ria, inplace=True, packed=True)

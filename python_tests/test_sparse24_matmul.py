@@ -90,10 +90,9 @@ def test_decode_kernel_rejects_bad_configs(tdevice):
         sparse24_mm(torch.randn(1, 64, device=tdevice).half(), p.values, p.meta, None, 64, block=(32, 64, 1, 4, 1, 1))
 
 
-def test_candidate_configs_are_well_formed(monkeypatch):
+def test_candidate_configs_are_well_formed():
     """Every tuning candidate names a known kernel with a legal tile; the stream kernel only for 16-bit
     weights and M <= 2 (expand is not tuned), and every config has a readable name for the reports."""
-    monkeypatch.delenv("LLMPRUNE_SPARSE24_KINDS", raising=False)
     for m in (1, 2, 4, 8, 16, 64):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             cands = s24.candidates(m, dtype)

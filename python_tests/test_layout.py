@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
+import torch
 
 import llmprune_kernels
 
@@ -91,3 +95,28 @@ def test_public_api_is_small_and_importable():
     assert len(names) <= 20, names
     for name in names:
         assert getattr(llmprune_kernels, name) is not None
+
+
+def test_every_op_has_a_schema_and_a_fake():
+    """library.py defines each op the C++ files implement, and a fake for each op torch.compile may trace."""
+    from llmprune_kernels import library
+
+    csrc = PKG.parent / "csrc"
+    implemented = set()
+    for path in list(csrc.rglob("*.cpp")) + list(csrc.rglob("*.cu")):
+        implemented |= set(re.findall(r'm\.impl\("(\w+)"', path.read_text()))
+    assert implemented and implemented <= set(library.SCHEMAS), implemented - set(library.SCHEMAS)
+    for name in library.SCHEMAS:
+        assert hasattr(getattr(torch.ops.llmprune_kernels, name), "default"), name
+
+
+def test_sparsegpt_ops_pass_opcheck():
+    if not llmprune_kernels._ext.HAS_EXT:
+        pytest.skip("_C not built")
+    w, x = torch.randn(16, 64), torch.randn(2, 8, 64)
+    H = torch.zeros(64, 64)
+    torch.library.opcheck(torch.ops.llmprune_kernels.sparsegpt_add_batch.default, (H, x, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+    H = x.reshape(-1, 64).T @ x.reshape(-1, 64) + torch.eye(64)
+    torch.library.opcheck(torch.ops.llmprune_kernels.sparsegpt_prune.default,
+                          (w, H, 0.5, 0, 0, 32, 0.01, 2, "layer", False), test_utils=("test_schema", "test_faketensor"))

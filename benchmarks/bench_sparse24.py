@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from conftest import (HAS_CUDA, QUICK, Results, cold_copies, l2_bytes, ratio, replayer, requires_cuda, synced,
                       time_interleaved, try_run)
 from llmprune_kernels import SparseLinear, backends, pack_24, sparsify_
+from llmprune_kernels.sparse24 import backends as sparse24_backends
 from llmprune_kernels.testing import random_24_weight
 
 pytestmark = requires_cuda
@@ -42,8 +43,14 @@ MS = [1, 16, 2048] if QUICK else [1, 4, 16, 64, 256, 2048, 8192]
 TRIALS = 5 if QUICK else 7
 CASES = [(s, d, m) for s in SHAPES for d in DTYPES for m in MS]
 ENGINES = ("cpp", "cuda", "triton")  # backends()'s compute engines; its other keys are the 2:4 backends
-# the M range where tuning measures each backend (outside it a pinned backend is slow, or runs dense)
-M_RANGE = {"decode": (1, 64), "mmasp": (1, 16), "cutlass": (64, 1 << 30)}
+
+
+def _tuned_range(path: str) -> tuple[int, int]:
+    """The M range where tuning measures a backend (outside it a pinned backend is slow, or runs dense)."""
+    b = sparse24_backends.get(path)
+    return b.tune_min_m, b.tune_max_m or b.max_m or 1 << 30
+
+
 _SETUP: dict = {}
 
 
@@ -132,7 +139,7 @@ def _linear_case(benchmark, results, shape, dtype, m):
         runs[f"dispatched_{cache}"] = try_run([lambda s=dispatched[i]: s(x) for i in idx], errors=errors,
                                               name=f"dispatched_{cache}")
     for path in _paths():
-        lo, hi = M_RANGE.get(path, (1, 1 << 30))
+        lo, hi = _tuned_range(path)
         if not lo <= m <= hi:
             continue
         try:

@@ -271,7 +271,7 @@ class Results:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Say which canonical JSON files this session wrote (run_all.sh prints them too)."""
+    """Say which canonical JSON files this pytest run wrote (run_all.sh prints them too)."""
     written = sorted({str(r.path) for r in _ALL_RESULTS if r.data["figures"]})
     if written:
         sys.stdout.write("\nresults written: " + ", ".join(written) + "\n")

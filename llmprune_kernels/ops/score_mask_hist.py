@@ -11,11 +11,11 @@ to ``mask_from_score``.
 
 On CUDA the histogram lives in shared memory through a few lines of PTX (one shared atomic increment per
 key and level): Triton 3.6's ``tl.histogram`` counts with warp ballots, ~100 instructions per key and
-level at 256 bins, which made this select slower than the bitwise radix search (``score_mask_radix``,
+level at 256 bins, which would make this select slower than the bitwise radix search (``score_mask_radix``,
 one dependent full-row count per key bit). The interpreter (CI) runs ``tl.histogram``, same counts. Rows
 whose padded width wastes much (11008 -> 16384) are held as two power-of-two pieces (8192 + 4096).
 
-Barriers bound this kernel more than instructions, so (H100, ninth session): every warp scans the 256
+Barriers bound this kernel more than instructions (H100), so: every warp scans the 256
 counts itself from [32]-lane tensors, which Triton replicates in every warp (``WSCAN``; a level costs the
 one barrier after its atomics); the row's min and max come from a warp reduction and two shared atomics
 (``AMM``, one barrier instead of the ~5 of two Triton reductions); and a contiguity hint gives each thread

@@ -45,12 +45,6 @@ CASES = [(s, d, m) for s in SHAPES for d in DTYPES for m in MS]
 ENGINES = ("cpp", "cuda", "triton")  # backends()'s compute engines; its other keys are the 2:4 backends
 
 
-def _tuned_range(path: str) -> tuple[int, int]:
-    """The M range where tuning measures a backend (outside it a pinned backend is slow, or runs dense)."""
-    b = sparse24_backends.get(path)
-    return b.tune_min_m, b.tune_max_m or b.max_m or 1 << 30
-
-
 _SETUP: dict = {}
 
 
@@ -139,7 +133,7 @@ def _linear_case(benchmark, results, shape, dtype, m):
         runs[f"dispatched_{cache}"] = try_run([lambda s=dispatched[i]: s(x) for i in idx], errors=errors,
                                               name=f"dispatched_{cache}")
     for path in _paths():
-        lo, hi = _tuned_range(path)
+        lo, hi = sparse24_backends.get(path).tuned_m_range()  # outside it a pinned backend is slow or runs dense
         if not lo <= m <= hi:
             continue
         try:

@@ -79,13 +79,14 @@ class Choice:
         return cls(d["path"], dict(d.get("times_ms", {})), configs)
 
 
-PINNED = {b.name: Choice(b.name) for b in backends.registered()}  # constants: forward never builds objects
+_PINNED: dict[str, Choice] = {}
 
 
 def pinned(path: str) -> Choice:
-    c = PINNED.get(path)
-    if c is None:  # registered after import
-        c = PINNED[path] = Choice(backends.get(path).name)
+    """The measurement-free choice of one backend, one shared object per name (forward builds no objects)."""
+    c = _PINNED.get(path)
+    if c is None:
+        c = _PINNED[path] = Choice(backends.get(path).name)
     return c
 
 

@@ -109,7 +109,8 @@ def tune_shape(out_features: int, in_features: int, dtype: torch.dtype, device="
         cands = {"dense": [lambda w=w, x=x: F.linear(x, w) for w in dense]}
         times, configs = {}, {}
         for b in sparse:
-            if b.name not in states or not (b.tune_min_m <= m <= (b.tune_max_m or b.max_m or math.inf)):
+            lo, hi = b.tuned_m_range()
+            if b.name not in states or not lo <= m <= hi:
                 continue
             try:
                 configs[b.name], t, cands[b.name] = b.tune(states[b.name], x, out_features, time_fn)

@@ -52,6 +52,10 @@ class Backend:
     def serves(self, m: int) -> bool:
         return m >= self.min_m and (self.max_m is None or m <= self.max_m)
 
+    def tuned_m_range(self) -> tuple[int, float]:
+        """The M range where tuning measures this backend (outside it, it runs only when pinned)."""
+        return self.tune_min_m, self.tune_max_m or self.max_m or float("inf")
+
     def usable(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
         return self.available(device) and self.supports(out_features, in_features, dtype)
 

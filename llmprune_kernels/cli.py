@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from llmprune_kernels.cli_checks import preflight, run
 from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
 from llmprune_kernels.validation import SparsityConfig
 
@@ -41,6 +42,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 0 (0 = all)")
     return value
 
 
@@ -74,7 +85,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-text", nargs="+", metavar="FILE", default=None, help="text file(s) for evaluation")
     p.add_argument("--eval-seqlen", type=_positive_int, default=None,
                    help="evaluation window length in tokens (default: --seqlen)")
-    p.add_argument("--eval-windows", type=int, default=DEFAULT_EVAL_WINDOWS,
+    p.add_argument("--eval-windows", type=_nonnegative_int, default=DEFAULT_EVAL_WINDOWS,
                    help=f"evaluate on the first N non-overlapping held-out windows; 0 = all "
                         f"(default: {DEFAULT_EVAL_WINDOWS}, which keeps CPU runs short)")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
@@ -83,6 +94,13 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"tokens per window (default: {DEFAULT_SEQLEN}; the papers use 2048)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the dequantized-GGUF cache")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _debug(p)
+
+
+def _debug(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    # SUPPRESS in the subcommands: ``llmprune --debug prune`` and ``llmprune prune --debug`` both work
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show the traceback of a failure instead of a one-line error")
 
 
 def _method_names() -> str:
@@ -103,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = f"{EXAMPLES}\n  llmprune methods                                # every method's options\n\n{MODEL_NOTE}"
     parser = argparse.ArgumentParser(prog="llmprune", description=DESCRIPTION, epilog=epilog, formatter_class=raw)
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
+    _debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,eval,methods}")
 
     p = sub.add_parser("prune", help="prune a model layer by layer and report perplexity", formatter_class=raw,
@@ -148,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The pruning methods and the options each takes: llmprune prune --option "
                                    "KEY=VALUE, or prune_model(options={...}) in Python.")
     m.add_argument("names", nargs="*", metavar="METHOD", help="only these methods (default: all)")
+    _debug(m)
     m.set_defaults(func=cmd_methods, quiet=True)
     return parser
 
@@ -193,7 +213,8 @@ def _load(args):
     return model, tokenizer, model_display_name(args.model), time.perf_counter() - t0
 
 
-def _windows(args, tokenizer, nsamples: int | None, evaluate: bool = True):
+def _windows(args, tokenizer, nsamples: int | None, evaluate: bool = True, model=None):
+    """Calibration and evaluation windows, checked against ``model`` (vocabulary, max positions)."""
     from llmprune_kernels.pipeline import data
 
     text = data.load_text(args.text, args.eval_text)
@@ -205,6 +226,9 @@ def _windows(args, tokenizer, nsamples: int | None, evaluate: bool = True):
     if evaluate:
         eval_ids = data.eval_windows(data.tokenize(tokenizer, text.evaluation, "evaluation text"),
                                      args.eval_seqlen or args.seqlen, args.eval_windows or None)
+    for ids, what in ((calib, "calibration windows"), (eval_ids, "evaluation windows")):
+        if ids is not None:
+            data.check_windows(ids, model, what)
     info = {"source": text.source, "text_files": args.text, "eval_text_files": args.eval_text,
             "nsamples": nsamples, "seqlen": args.seqlen, "seed": getattr(args, "seed", None),
             "eval_seqlen": None if eval_ids is None else int(eval_ids.shape[1]),
@@ -237,16 +261,12 @@ def cmd_prune(args) -> int:
     cls = get_method(args.method)  # unknown method or options: fail before loading anything
     options = check_options(cls, dict(args.option))
     device = _device(args.device)
-    if args.output:
-        from pathlib import Path
-
-        if Path(args.output).exists() and not args.overwrite:
-            raise FileExistsError(f"output directory {args.output!r} already exists; pass --overwrite to replace it")
+    preflight(args)  # --output, --report and the text files, before the model is loaded
     note = _cost_note(cls, config, device, args.model)
     if note:
         print(note, file=sys.stderr, flush=True)
     model, tokenizer, name, t_load = _load(args)
-    calib, eval_ids, data_info = _windows(args, tokenizer, args.nsamples, args.evaluate)
+    calib, eval_ids, data_info = _windows(args, tokenizer, args.nsamples, args.evaluate, model)
     timings = {"load": t_load}
     dense = pruned = None
     if args.evaluate:
@@ -318,8 +338,9 @@ def cmd_eval(args) -> int:
 
     t_start = time.perf_counter()
     device = _device(args.device)
+    preflight(args)
     model, tokenizer, name, t_load = _load(args)
-    _, eval_ids, data_info = _windows(args, tokenizer, None)
+    _, eval_ids, data_info = _windows(args, tokenizer, None, model=model)
     ppl, t_eval = _ppl(model, eval_ids, device, args)
     timings = {"load": t_load, "eval": t_eval, "total": time.perf_counter() - t_start}
     if args.report:
@@ -338,12 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        # Bad input: one clear line instead of a traceback.
-        print(f"llmprune: error: {exc}", file=sys.stderr)
-        return 2
+    return run(args.func, args, debug=args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -15,18 +16,26 @@ class SparsityConfig:
     weights of every ``m`` consecutive input columns are pruned (2:4 and 4:8 read the same either way).
     """
 
-    sparsity: float = 0.5
+    sparsity: float | None = None  # None: 0.5 unstructured, n/m for N:M
     n: int = 0
     m: int = 0
 
     def __post_init__(self) -> None:
+        n, m = _integer("N", self.n), _integer("M", self.m)
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "m", m)
         if self.is_nm:
-            check_nm(self.n, self.m)
-            object.__setattr__(self, "sparsity", self.n / self.m)
+            check_nm(n, m)
+            given = self.sparsity
+            if given is not None and (isinstance(given, bool) or not isinstance(given, (int, float))
+                                      or not math.isclose(given, n / m, rel_tol=0.0, abs_tol=1e-9)):
+                raise ValueError(f"sparsity {given!r} contradicts the N:M pattern {n}:{m} (sparsity {n / m:g}); "
+                                 f"allowed: leave sparsity out for N:M, or give exactly n/m")
+            object.__setattr__(self, "sparsity", n / m)
         else:
-            if self.n or self.m:
-                raise ValueError(f"N:M pattern {self.n}:{self.m} is invalid: both N and M must be positive")
-            check_sparsity(self.sparsity)
+            if n or m:
+                raise ValueError(f"N:M pattern {n}:{m} is invalid: both N and M must be positive")
+            object.__setattr__(self, "sparsity", check_sparsity(0.5 if self.sparsity is None else self.sparsity))
 
     @property
     def is_nm(self) -> bool:
@@ -67,9 +76,18 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+def _integer(what: str, value) -> int:
+    """``value`` as a Python int: ints and integer types such as numpy's, not bools, floats or strings."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{what} {value!r} ({type(value).__name__}) is not an integer; allowed: an integer "
+                        f"(N:M patterns such as 2:4, 4:8)")
+    return operator.index(value)
+
+
 def check_nm(n: int, m: int, width: int | None = None) -> None:
-    """N:M needs 1 <= N < M, and the row width (if given) divisible by M."""
-    if not (isinstance(n, int) and isinstance(m, int)) or n < 1 or m < 2 or n >= m:
+    """N:M needs integers 1 <= N < M (numpy integers too), and the row width (if given) divisible by M."""
+    n, m = _integer("N", n), _integer("M", m)
+    if n < 1 or m < 2 or n >= m:
         raise ValueError(f"N:M pattern {n}:{m} is invalid: allowed 1 <= N < M (e.g. 2:4, 4:8)")
     if width is not None and width % m != 0:
         raise ValueError(f"N:M pattern {n}:{m} needs the input width to be a multiple of {m}, got width {width}")
@@ -122,3 +140,33 @@ def check_act_norms(weight: torch.Tensor, act_norm_sq: torch.Tensor) -> None:
             f"{tuple(weight.shape)}"
         )
     check_finite(act_norm_sq, "activation norms")
+    check_nonnegative(act_norm_sq, "activation norms")
+
+
+def check_nonnegative(t: torch.Tensor, what: str) -> None:
+    """Raise if ``t`` holds a negative value (squared norms, Hessian diagonals), naming the first one."""
+    neg = t < 0
+    if bool(neg.any()):
+        first = neg.flatten().nonzero()[0, 0]
+        raise ValueError(f"{what} hold {int(neg.sum())} negative value(s), the first {float(t.flatten()[first]):g} "
+                         f"at flat index {int(first)}; allowed: values >= 0 (squared norms)")
+
+
+def check_config(config: object) -> "SparsityConfig":
+    """``config`` must be a :class:`SparsityConfig`; a bare number or pattern string gets a hint."""
+    if isinstance(config, SparsityConfig):
+        return config
+    hint = ""
+    if isinstance(config, (int, float)) and not isinstance(config, bool):
+        hint = f"; for {config:g} unstructured pass SparsityConfig({config!r})"
+    elif isinstance(config, str):
+        hint = f"; for a pattern pass SparsityConfig.parse(pattern={config!r})"
+    raise TypeError(f"config {config!r} ({type(config).__name__}) is not a SparsityConfig{hint}; allowed: "
+                    f"SparsityConfig(sparsity) or SparsityConfig(n=N, m=M)")
+
+
+def check_max_retries(max_retries: object) -> int:
+    """Cholesky retries: an integer >= 0."""
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries {max_retries!r} is invalid; allowed: an integer >= 0 (0 = no retry)")
+    return max_retries

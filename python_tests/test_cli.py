@@ -123,7 +123,111 @@ def test_empty_text_and_existing_output(tiny_dir, tmp_path, capsys):
     existing = tmp_path / "exists"
     existing.mkdir()
     assert main(["prune", *_args(tiny_dir, "--output", str(existing))]) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "already exists; pass overwrite=True (CLI: --overwrite)" in capsys.readouterr().err
+
+
+def _no_load(monkeypatch):
+    import llmprune_kernels.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the path check"))
+
+
+def _one_error_line(capsys, pattern: str) -> str:
+    import re
+
+    err = capsys.readouterr().err
+    assert err.startswith("llmprune: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(pattern, err), err
+    return err
+
+
+def test_output_and_report_paths_are_checked_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
+    _no_load(monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    cases = [
+        (["--output", str(a_file / "out")], r"cannot create output directory .*a_file.* is a file, not a directory"),
+        (["--output", str(a_file)], r"output .*a_file' exists and is not a directory"),
+        (["--report", str(a_dir)], r"output .*a_dir' exists and is a directory; give a file path"),
+        (["--report", str(a_file / "r.json")], r"cannot create output file .* is a file, not a directory"),
+        (["--output", str(tmp_path / "new"), "--report", str(tmp_path / "new")],
+         r"--report .* names the --output directory; allowed: a file path"),
+        (["--text", str(tmp_path / "missing.txt")], r"--text file .*missing.txt' does not exist or is not a file"),
+    ]
+    for extra, pattern in cases:
+        assert main(["prune", *_args(tiny_dir, *extra)]) == 2, extra
+        _one_error_line(capsys, pattern)
+    assert main(["eval", str(tiny_dir / "model"), "--report", str(a_dir)]) == 2
+    _one_error_line(capsys, r"exists and is a directory")
+
+
+def test_unwritable_output_is_checked_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("directory permissions do not apply to this user (root)")
+        _no_load(monkeypatch)
+        assert main(["prune", *_args(tiny_dir, "--output", str(locked / "out"))]) == 2
+        _one_error_line(capsys, r"directory .*locked' is not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_garbage_config_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{this is not json")
+    assert main(["eval", str(bad), "-q"]) == 2
+    _one_error_line(capsys, r"config\.json' is not a valid JSON file")
+    with pytest.raises(OSError, match="not a valid JSON file"):
+        main(["eval", str(bad), "-q", "--debug"])
+    with pytest.raises(OSError, match="not a valid JSON file"):
+        main(["--debug", "eval", str(bad), "-q"])
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_dir, capsys, monkeypatch):
+    import llmprune_kernels.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupted)
+    assert main(["prune", *_args(tiny_dir)]) == 130
+    assert capsys.readouterr().err == "llmprune: interrupted\n"
+
+
+def test_a_failure_while_running_is_one_line(tiny_dir, capsys, monkeypatch):
+    import llmprune_kernels.cli as cli
+
+    def fails(args):
+        raise RuntimeError("Cholesky failed\nafter 4 retries")
+
+    monkeypatch.setattr(cli, "_load", fails)
+    assert main(["prune", *_args(tiny_dir)]) == 1
+    _one_error_line(capsys, r"RuntimeError: Cholesky failed after 4 retries \(rerun with --debug for the traceback\)")
+
+
+def test_eval_windows_error_names_the_flag(tiny_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", *_args(tiny_dir, "--eval-windows", "-1")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --eval-windows: -1 is invalid; allowed: an integer >= 0" in err
+    assert "max_windows" not in err
+
+
+def test_windows_longer_than_the_model_positions(tiny_dir, capsys):
+    # the tiny model has max_position_embeddings=256
+    assert main(["prune", *_args(tiny_dir, "--seqlen", "300", "--no-eval")]) == 2
+    _one_error_line(capsys, r"calibration windows are 300 tokens long, longer than the model's "
+                            r"max_position_embeddings 256; allowed: a sequence length <= 256")
+    assert main(["eval", str(tiny_dir / "model"), "--text", str(tiny_dir / "text.txt"), "--seqlen", "300", "-q"]) == 2
+    _one_error_line(capsys, r"evaluation windows are 300 tokens long")
 
 
 def _help(capsys, *argv) -> str:

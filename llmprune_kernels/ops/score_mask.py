@@ -32,8 +32,10 @@ from llmprune_kernels.reference.ria import ria_factor, ria_score, ria_sums
 from llmprune_kernels.reference.wanda import mask_from_score, wanda_score
 from llmprune_kernels.validation import (
     SparsityConfig,
+    check_config,
     check_finite,
     check_nm,
+    check_nonnegative,
     check_weight,
 )
 
@@ -123,11 +125,13 @@ def score_and_mask(
     Returns the bool mask (True = pruned), or ``(mask, bits)`` with ``packed=True`` (mask is None when
     ``mask=False``). ``inplace=True`` zeroes the pruned weights of ``weight``. Equal bit for bit to the
     reference ``mask_from_score`` of ``wanda_score`` / ``gblm_score`` / ``ria_score``. ``check=False``
-    skips the NaN/Inf checks of the norms and G (each costs a device sync; G's a pass over G).
+    skips the checks that the norms are finite and >= 0 and G finite (each costs a device sync; G's a pass
+    over G).
     Where Triton cannot run on ``weight``'s device (see ``triton_usable``), the same outputs come from the
     plain-PyTorch reference.
     """
     check_weight(weight)
+    config = check_config(config)
     rows, cols = weight.shape
     if act_norm_sq.shape != (cols,):
         raise ValueError(
@@ -137,6 +141,7 @@ def score_and_mask(
         raise ValueError("give either grad (GBLM) or ria=True, not both")
     if check:
         check_finite(act_norm_sq, "activation norms")
+        check_nonnegative(act_norm_sq, "activation norms")
     if grad is not None:
         if grad.shape != weight.shape:
             raise ValueError(

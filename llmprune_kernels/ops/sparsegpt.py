@@ -27,7 +27,8 @@ import torch
 
 from llmprune_kernels import _ext
 from llmprune_kernels.reference import sparsegpt as ref
-from llmprune_kernels.validation import SparsityConfig, calibration_batch, check_nm, check_weight
+from llmprune_kernels.validation import (SparsityConfig, calibration_batch, check_config, check_max_retries, check_nm,
+                                         check_weight)
 
 BACKENDS = ("auto", "reference", "ext")
 
@@ -136,6 +137,8 @@ def sparsegpt_prune(
     ``fast_inverse`` says which factor ran.
     """
     check_weight(weight)
+    config = check_config(config)
+    check_max_retries(max_retries)
     if H.device != weight.device:
         raise ValueError(f"{name}: Hessian is on {H.device} but the weight on {weight.device}")
     if not isinstance(blocksize, int) or blocksize < 1:
@@ -148,6 +151,7 @@ def sparsegpt_prune(
         if used == "reference":
             return ref.sparsegpt_prune(weight, H, config, blocksize, percdamp, max_retries, name), used
         ref.check_hessian(H, weight.shape[1], name)
+        ref.check_finite_weight(weight, name)  # the reference's check (its own entry runs it on that path)
         if config.is_nm:
             check_nm(config.n, config.m, weight.shape[1])
             if blocksize % config.m:

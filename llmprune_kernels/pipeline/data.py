@@ -151,6 +151,50 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
+def model_limits(model: Any) -> tuple[int | None, int | None]:
+    """(vocabulary size, longest window) the model takes: its input embedding's rows and the config's
+    ``max_position_embeddings`` (``n_positions`` for GPT-2 style configs); None where unknown."""
+    vocab = None
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if emb is not None and hasattr(emb, "num_embeddings"):
+        vocab = int(emb.num_embeddings)
+    config = getattr(model, "config", None)
+    if vocab is None and isinstance(getattr(config, "vocab_size", None), int):
+        vocab = config.vocab_size
+    positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(config, k, None), int)), None)
+    return vocab, positions
+
+
+def check_windows(ids: Any, model: Any = None, what: str = "calibration windows", min_seqlen: int = 1) -> None:
+    """Token windows a model can take: a non-empty 2-D int64 tensor ``(n >= 1, seqlen >= min_seqlen)``, with
+    ``model`` given: ids in ``[0, vocabulary size)`` and ``seqlen <= max_position_embeddings``.
+
+    Raises ``ValueError`` naming the bad value and what is allowed (instead of an IndexError from inside
+    the model's embedding or position tables).
+    """
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{what} must be a 2-D int64 tensor (n, seqlen) of token ids, got {got}")
+    n, seqlen = ids.shape
+    if n < 1 or seqlen < min_seqlen:
+        raise ValueError(f"{what} have shape {tuple(ids.shape)}; allowed: at least 1 window of at least {min_seqlen} "
+                         f"token(s)")
+    if model is None:
+        return
+    vocab, positions = model_limits(model)
+    if positions is not None and seqlen > positions:
+        raise ValueError(f"{what} are {seqlen} tokens long, longer than the model's max_position_embeddings "
+                         f"{positions}; allowed: a sequence length <= {positions}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        bad = lo if lo < 0 else hi
+        allowed = f"[0, {vocab - 1}]" if vocab is not None else ">= 0"
+        raise ValueError(f"{what} hold token id {bad}, outside the model's vocabulary; allowed: ids in {allowed} "
+                         f"(is the tokenizer the model's own?)")
+
+
 def get_calibration_and_eval(
     tokenizer: Any,
     *,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
+from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE, check_windows
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -35,10 +35,8 @@ def nll_sum(
     ``device``: where to run (default: where the model is). A model elsewhere is moved there for the
     evaluation and moved back afterwards.
     """
-    if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[1] < 2 or windows.shape[0] < 1:
-        raise ValueError(f"evaluation windows must be a non-empty 2-D int64 tensor (n, seqlen >= 2), got "
-                         f"{tuple(windows.shape)} {windows.dtype}")
-    if batch_size < 1:
+    check_windows(windows, model, "evaluation windows", min_seqlen=2)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size {batch_size} is invalid; allowed: an integer >= 1")
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
@@ -69,9 +67,14 @@ def nll_sum(
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, **kwargs: Any) -> float:
-    """exp(mean NLL) of ``model`` over ``windows``; keyword arguments as ``nll_sum``."""
+    """exp(mean NLL) of ``model`` over ``windows``; keyword arguments as ``nll_sum``.
+
+    ``inf`` when the mean NLL overflows exp; ``nan`` when it is NaN (the model produced NaN logits).
+    """
     total, count = nll_sum(model, windows, **kwargs)
     mean = total / count
+    if math.isnan(mean):
+        return math.nan
     return math.exp(mean) if mean < 700 else math.inf
 
 

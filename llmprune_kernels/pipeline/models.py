@@ -127,11 +127,16 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
+# Never run Python code shipped inside a model directory (``auto_map`` in its config).
+NO_REMOTE_CODE = {"trust_remote_code": False}
+
+
 def _load_dir(path: Path, dtype: torch.dtype | None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, **{_dtype_kwarg(): dtype if dtype is not None else "auto"})
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **NO_REMOTE_CODE,
+                                                 **{_dtype_kwarg(): dtype if dtype is not None else "auto"})
+    tokenizer = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
     return model, tokenizer
 
 
@@ -148,8 +153,9 @@ def _load_gguf(path: Path, use_cache: bool) -> tuple[nn.Module, Any]:
         except Exception as exc:  # a corrupt cache must not block loading: rebuild it
             log.warning("ignoring unreadable model cache %s (%s); converting the GGUF again", cached, exc)
     log.info("dequantizing %s (first load only; cached in %s)", path, cached)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **{_dtype_kwarg(): torch.float32})
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **NO_REMOTE_CODE,
+                                                 **{_dtype_kwarg(): torch.float32})
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **NO_REMOTE_CODE)
     if use_cache:
         try:
             save_model(model, tokenizer, cached, overwrite=True)

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from llmprune_kernels.selection import prune_lowest_global, prune_nm
-from llmprune_kernels.validation import SparsityConfig, calibration_batch, check_nm, check_weight
+from llmprune_kernels.validation import (SparsityConfig, calibration_batch, check_config, check_finite,
+                                         check_max_retries, check_nm, check_weight)
 
 
 class HessianStats:
@@ -81,6 +82,7 @@ class SparseGPTResult:
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float, max_retries: int = 4,
                            name: str = "layer") -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor of ``(H + damp*I)^-1`` with ``damp = percdamp * mean(diag H)``; see module doc."""
+    check_max_retries(max_retries)
     mean_diag = torch.mean(torch.diag(H))
     for attempt in range(max_retries + 1):
         damp = percdamp * mean_diag
@@ -106,6 +108,11 @@ def check_hessian(H: torch.Tensor, columns: int, name: str) -> None:
         raise ValueError(f"{name}: Hessian contains NaN or Inf values; pruning needs finite calibration inputs")
 
 
+def check_finite_weight(weight: torch.Tensor, name: str) -> None:
+    """SparseGPT needs a finite weight: a NaN would spread through the OBS updates of its row."""
+    check_finite(weight, f"{name}: weight")
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
@@ -124,8 +131,11 @@ def sparsegpt_prune(
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype {compute_dtype} not allowed (torch.float32, torch.float64)")
     check_weight(weight)
+    config = check_config(config)
+    check_max_retries(max_retries)
     rows, columns = weight.shape
     check_hessian(H, columns, name)
+    check_finite_weight(weight, name)
     if config.is_nm:
         check_nm(config.n, config.m, columns)
         if blocksize % config.m:

@@ -11,7 +11,8 @@ import math
 import torch
 
 from llmprune_kernels.selection import prune_lowest_per_row, prune_nm
-from llmprune_kernels.validation import SparsityConfig, calibration_batch, check_act_norms, check_nm, check_weight
+from llmprune_kernels.validation import (SparsityConfig, calibration_batch, check_act_norms, check_config, check_nm,
+                                         check_weight)
 
 
 class ActNormStats:
@@ -57,7 +58,7 @@ def wanda_mask(weight: torch.Tensor, act_norm_sq: torch.Tensor, config: Sparsity
 
 @torch.no_grad()
 def wanda_prune_(weight: torch.Tensor, act_norm_sq: torch.Tensor, config: SparsityConfig) -> torch.Tensor:
-    """Zero the Wanda-pruned weights in place; returns the mask."""
-    mask = wanda_mask(weight, act_norm_sq, config)
+    """Zero the Wanda-pruned weights in place; returns the mask. ``act_norm_sq`` must be finite and >= 0."""
+    mask = wanda_mask(weight, act_norm_sq, check_config(config))
     weight[mask] = 0
     return mask

@@ -41,8 +41,11 @@ class SparseLinear(nn.Module):
         # (M, capturing a CUDA graph) -> bound CUDA call: eager calls and graph captures may take other paths
         self._runners: dict[tuple[int, bool], Callable[[torch.Tensor], torch.Tensor]] = {}
         self._epoch = dispatch.EPOCH
-        if in_features % 4 != 0:
-            raise ValueError(f"SparseLinear needs in_features to be a multiple of 4 for 2:4, got {in_features}")
+        for what, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"SparseLinear {what} {v!r} is invalid; allowed: an integer >= 0")
+        if in_features % 4 != 0 or in_features == 0:
+            raise ValueError(f"SparseLinear needs in_features to be a positive multiple of 4 (2:4), got {in_features}")
         self.in_features, self.out_features = in_features, out_features
         dtype = dtype or torch.get_default_dtype()
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, device=device, dtype=dtype))
@@ -236,6 +239,10 @@ def sparsify_(
     ``dense_tolerance`` in [0, 1): where dense measured fastest but a sparse path within this fraction of its
     time, run the sparse path and keep no dense copy of the weight (memory for up to that much speed).
     """
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn {filter_fn!r} ({type(filter_fn).__name__}) is not callable; allowed: None or a "
+                        f"function (module, fqn) -> bool. sparsify_ takes no sparsity: prune first (prune_model "
+                        f"with SparsityConfig(n=2, m=4)), then sparsify_(model) packs the 2:4 Linears")
     dense_tolerance = dispatch.check_dense_tolerance(dense_tolerance)
     if isinstance(table, str):
         table = dispatch.TuningTable.load(table)

@@ -7,8 +7,11 @@ Layout (ours; the Triton decode kernel and the checkpoint format read it directl
   is ``i0 | (i1 << 2)`` with ``i0 < i1`` the in-group column indices of the two kept weights.
 
 fp16 / bf16 therefore move 4 + 0.5 bytes per 4 weights instead of 8 (the 1.78x decode limit).
-``unpack_24(pack_24(w))`` equals ``w`` bit for bit: when a group has fewer than two nonzeros the kept
-slots prefer nonzero values, then nonzero bit patterns (``-0.0``), then the lower column index.
+``unpack_24(pack_24(w))`` equals ``w`` in value everywhere, and bit for bit wherever a group of 4 holds at
+most two nonzero bit patterns: when a group has fewer than two nonzeros the kept slots prefer nonzero
+values, then nonzero bit patterns (``-0.0``), then the lower column index. Two slots cannot hold more: in a
+group with more than two nonzero bit patterns (e.g. three ``-0.0``, or a nonzero and two ``-0.0``) the
+``-0.0`` beyond the two kept slots come back as ``+0.0``. A weight has 0 or more rows.
 """
 from __future__ import annotations
 
@@ -80,7 +83,8 @@ def _bits_nonzero(w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def pack_24(weight: torch.Tensor) -> Packed24:
-    """Compress a 2:4-sparse weight ``[out, in]`` (fp16 / bf16 / fp32, any device) into :class:`Packed24`."""
+    """Compress a 2:4-sparse weight ``[out, in]`` (fp16 / bf16 / fp32, any device, ``out >= 0``) into
+    :class:`Packed24`; see the module docstring for which ``-0.0`` survive the round trip."""
     check_24(weight)
     w = weight.detach().contiguous()
     out, inp = w.shape
@@ -96,7 +100,7 @@ def pack_24(weight: torch.Tensor) -> Packed24:
     nib = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)  # [out, g]
     if g % 2:
         nib = torch.nn.functional.pad(nib, (0, 1))
-    nib = nib.reshape(out, -1, 2)
+    nib = nib.reshape(out, meta_width(inp), 2)  # explicit sizes: a weight may have 0 rows
     meta = (nib[..., 0] | (nib[..., 1] << 4)).contiguous()
     return Packed24(values.contiguous(), meta, (out, inp))
 
@@ -104,7 +108,7 @@ def pack_24(weight: torch.Tensor) -> Packed24:
 def meta_indices(meta: torch.Tensor, in_features: int) -> torch.Tensor:
     """Decode the metadata to the kept in-group indices ``[out, in/4, 2]`` (int64)."""
     m = meta.to(torch.int64)
-    nib = torch.stack((m & 0xF, m >> 4), dim=-1).reshape(m.shape[0], -1)[:, : in_features // 4]
+    nib = torch.stack((m & 0xF, m >> 4), dim=-1).reshape(m.shape[0], 2 * m.shape[1])[:, : in_features // 4]
     return torch.stack((nib & 3, nib >> 2), dim=-1)
 
 

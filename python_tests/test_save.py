@@ -46,7 +46,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     assert _leftovers(tmp_path) == []
     file_target = tmp_path / "file"
     file_target.write_text("x")
-    with pytest.raises(FileExistsError, match="is not a directory"):
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
         save_model(model, None, file_target, overwrite=True)
 
 

@@ -1,19 +1,20 @@
 """Save a (pruned) model as a ``save_pretrained`` directory, atomically.
 
 Everything is written into a hidden temporary sibling of the target and renamed into place only at
-the end, so an interrupted or failed run never leaves a half-written result under the target name.
+the end (:mod:`llmprune_kernels.atomic`), so an interrupted or failed run never leaves a half-written
+result under the target name, and a killed run's leftovers are cleaned up by the next one.
 The result is plain safetensors + config + tokenizer files that stock ``transformers`` loads.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from llmprune_kernels.atomic import atomic_dir, resolve_target
 
 
 def _strip_load_only_config(model: nn.Module) -> None:
@@ -41,36 +42,22 @@ def save_model(
 ) -> Path:
     """Write ``model`` (safetensors) and ``tokenizer`` to ``output_dir`` via a temporary sibling + rename.
 
-    ``overwrite=False`` refuses an existing target; ``overwrite=True`` replaces it only after the new
-    directory is complete. ``extra_json`` maps file names to objects written as JSON beside the weights
-    (e.g. the pruning report). Returns the final path.
+    ``overwrite=False`` refuses an existing target (FileExistsError), also one created while this one was
+    being written; ``overwrite=True`` replaces it only after the new directory is complete. Another live
+    writer of the same target raises ``atomic.TargetBusyError`` before anything is written; to fail before
+    the work that produces the model, hold ``atomic.reserve(output_dir, overwrite=..., kind="dir")``
+    around it. ``extra_json`` maps file names to objects written as JSON beside the weights (e.g. the
+    pruning report). Returns the final path.
     """
-    out = Path(output_dir).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {str(out)!r} already exists; pass overwrite=True (CLI: --overwrite)")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {str(out)!r} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    old = out.parent / f".{out.name}.old-{tag}"
-    _strip_load_only_config(model)
-    try:
+    extra = {name: json.dumps(obj, indent=2, default=str) + "\n" for name, obj in (extra_json or {}).items()}
+    out = resolve_target(output_dir)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        _strip_load_only_config(model)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, obj in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no .safetensors file into {tmp}")
-        if out.exists():
-            # Two renames instead of rmtree-then-rename: the target name never points at a partial tree.
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return out

@@ -7,12 +7,12 @@ import json
 import math
 import os
 import platform
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmprune_kernels.atomic import atomic_file, resolve_target
 from llmprune_kernels.backends import backends
 
 REPORT_VERSION = 1
@@ -79,17 +79,18 @@ def build_report(
     return report
 
 
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write JSON via a temporary file and an atomic rename (never a truncated report)."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+def write_json(obj: Any, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write JSON via a temporary sibling and an atomic rename (never a truncated report).
+
+    ``overwrite=True`` (the default: reports, manifests and caches are rewritten in place) replaces an
+    existing file; ``overwrite=False`` refuses it (FileExistsError). The object is serialised first, so a
+    value JSON cannot hold fails before anything is written.
+    """
+    text = json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False) + "\n"
+    target = resolve_target(path)
+    with atomic_file(target, overwrite=overwrite) as tmp:
+        tmp.write_text(text)
+    return target
 
 
 def _finite(obj: Any) -> Any:

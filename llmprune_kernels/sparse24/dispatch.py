@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from llmprune_kernels.atomic import atomic_file
 from llmprune_kernels.sparse24 import backends
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -191,27 +191,40 @@ class TuningTable:
         found = [c.configs[path] for c in self.choices(out_features, in_features, dtype).values() if path in c.configs]
         return found or [None]
 
-    def save(self, path: str) -> None:
-        """Write atomically (temp file + rename; the temp file is removed if the write fails)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+        """Write atomically (temporary sibling + rename, :mod:`llmprune_kernels.atomic`).
+
+        ``overwrite=True`` (the default: a table is a cache that ``sparsify_(table=p, save_table=p)`` extends
+        in place) replaces an existing file; ``overwrite=False`` refuses it (FileExistsError)."""
         data = {"device_name": self.device_name,
                 "entries": {k: {str(b): c.to_json() for b, c in v.items()} for k, v in self.entries.items()}}
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        text = json.dumps(data, indent=1)
+        with atomic_file(path, overwrite=overwrite) as tmp:
+            tmp.write_text(text)
 
     @classmethod
-    def load(cls, path: str) -> "TuningTable":
+    def load(cls, path: str | os.PathLike) -> "TuningTable":
+        """Read a table written by ``save``; a malformed file raises ValueError naming the file and entry."""
+        path = os.path.expanduser(os.fspath(path))
         with open(path) as f:
-            data = json.load(f)
-        entries = {k: {int(b): Choice.from_json(c) for b, c in v.items()} for k, v in data["entries"].items()}
+            try:
+                data = json.load(f)
+            except ValueError as exc:
+                raise ValueError(f"tuning table {path!r} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+            raise ValueError(f"tuning table {path!r} has no 'entries' object; allowed: a file written by "
+                             f"TuningTable.save")
+        entries: dict[str, dict[int, Choice]] = {}
+        for k, v in data["entries"].items():
+            if not isinstance(v, dict):
+                raise ValueError(f"tuning table {path!r}: entries[{k!r}] is {type(v).__name__}; allowed: "
+                                 f"an object of bucket -> choice")
+            for b, c in v.items():
+                try:
+                    entries.setdefault(k, {})[int(b)] = Choice.from_json(c)
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    raise ValueError(f"tuning table {path!r}: entries[{k!r}][{b!r}]: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         bump_epoch()
         return cls(entries, data.get("device_name"))
 

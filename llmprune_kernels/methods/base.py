@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, NamedTuple, Union
 import torch
 from torch import nn
 
+from llmprune_kernels.methods.statistics import ActNormSum, HessianSum, StatisticSpec, make_statistic
 from llmprune_kernels.validation import SparsityConfig
 
 
@@ -35,15 +36,26 @@ class NoOptions:
 class LayerPruner:
     """Prunes one ``nn.Linear`` from statistics of its calibration inputs.
 
-    The pipeline calls ``add_batch`` (from a forward hook) for each calibration batch, then ``prune``
-    once, then ``free``. ``prune`` modifies ``layer.weight`` in place and returns extra report fields.
-    ``options``: an ``Options`` instance or a mapping; keyword arguments are options too. ``layer_name``
-    (for messages) and ``model_info`` (what ``prepare_model`` returned) come from the pipeline.
+    The pipeline feeds each calibration batch, then calls ``prune`` once, then ``free``. ``prune``
+    modifies ``layer.weight`` in place and returns extra report fields. ``options``: an ``Options``
+    instance or a mapping; keyword arguments are options too. ``layer_name`` (for messages) and
+    ``model_info`` (what ``prepare_model`` returned) come from the pipeline.
+
+    Feeding, two ways:
+
+    * ``statistic = None`` (the default): ``add_batch(inp)`` gets every calibration batch of this
+      Linear's inputs (from a forward hook); the method keeps whatever state it needs.
+    * ``statistic = "hessian"`` or ``"act_norm"``: the pipeline accumulates that statistic
+      (``methods.statistics``) once per distinct input and ``statistic_spec()``, shared by the
+      Linears reading it (q/k/v, gate/up), and hands it over by ``use_statistic`` before ``prune``;
+      ``self.stats.finalize()`` then gives H or the activation norms. ``add_batch`` still works
+      (an accumulator of this pruner's own), for use outside the pipeline.
     """
 
     name: str = "base"
     needs_calibration: bool = True
     Options: type = NoOptions
+    statistic: str | None = None  # "hessian" | "act_norm": accumulated by the pipeline, see the class doc
 
     def __init__(self, layer: nn.Linear, config: SparsityConfig, options: Any = None, *,
                  layer_name: str = "layer", model_info: Any = None, **kwargs: Any) -> None:
@@ -54,9 +66,36 @@ class LayerPruner:
         self.options = check_options(type(self), options)
         self.layer_name = layer_name
         self.model_info = model_info
+        if self.statistic is not None:
+            self.stats = None  # the accumulator: set by use_statistic, or by the first add_batch
 
-    def add_batch(self, inp: torch.Tensor) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def statistic_spec(self) -> StatisticSpec | None:
+        """What the pipeline accumulates for this pruner (``None``: it calls ``add_batch`` instead).
+
+        Default: ``statistic`` of this Linear's width on its weight's device; methods add their options.
+        """
+        if self.statistic is None:
+            return None
+        return StatisticSpec(self.statistic, self.layer.in_features, self.layer.weight.device)
+
+    def use_statistic(self, stats: HessianSum | ActNormSum) -> None:
+        """Receive the (possibly shared) accumulator of ``statistic_spec()``, before ``prune``."""
+        self.stats = stats
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """A calibration batch of this Linear's inputs; with a ``statistic``, into an accumulator of its own."""
+        spec = self.statistic_spec()
+        if spec is None:  # pragma: no cover - interface
+            raise NotImplementedError(f"method {self.name!r} declares no statistic and no add_batch")
+        if self.stats is None:
+            self.stats = make_statistic(spec, self.layer_name)
+        self.stats.add_batch(inp, name=self.layer_name)
+
+    def finalized_statistic(self) -> torch.Tensor:
+        """``self.stats.finalize()``: H or the activation norms; errors name the Linear when no data came."""
+        if self.stats is None or self.stats.nsamples == 0:
+            raise ValueError(f"{self.layer_name}: no calibration data reached this layer")
+        return self.stats.finalize()
 
     def prune(self) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -15,7 +15,6 @@ import torch
 
 from llmprune_kernels.methods.base import LayerPruner, option, register_method
 from llmprune_kernels.reference.gblm import gblm_prune_
-from llmprune_kernels.reference.wanda import ActNormStats
 
 GRAD_DTYPES = ("float16", "float32", "bfloat16")
 
@@ -69,6 +68,7 @@ class GBLMPruner(LayerPruner):
     """Wanda's score plus gradient norms from backward passes over the calibration windows (Das et al. 2023)."""
 
     Options = GBLMOptions
+    statistic = "act_norm"  # Wanda's activation norms, shared like Wanda's; the gradients come from model_info
 
     @classmethod
     def prepare_model(cls, model, calibration, config, *, device=None, options=None, progress=False):
@@ -93,19 +93,11 @@ class GBLMPruner(LayerPruner):
         finally:
             model.to(home)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.stats = ActNormStats(self.layer.in_features, device=self.layer.weight.device)
-
-    def add_batch(self, inp: torch.Tensor) -> None:
-        self.stats.add_batch(inp, name=self.layer_name)
-
     def prune(self) -> dict[str, Any]:
         name = self.layer_name
-        if self.stats.nsamples == 0:
-            raise ValueError(f"{name}: no calibration data reached this layer")
+        norms = self.finalized_statistic()
         grad = _lookup_gradient(self.options, name, self.model_info)
-        gblm_prune_(self.layer.weight.data, self.stats.scaler_row, grad.to(self.layer.weight.device), self.config)
+        gblm_prune_(self.layer.weight.data, norms, grad.to(self.layer.weight.device), self.config)
         return {}
 
     def free(self) -> None:

@@ -1,4 +1,4 @@
-"""SparseGPT pruner for the pipeline: running Hessian from a forward hook, then the blocked OBS update."""
+"""SparseGPT pruner for the pipeline: the calibration Hessian (``methods.statistics``), then the blocked OBS update."""
 from __future__ import annotations
 
 import math
@@ -6,9 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 from llmprune_kernels.methods.base import LayerPruner, option, register_method
+from llmprune_kernels.methods.statistics import StatisticSpec
 from llmprune_kernels.ops import sparsegpt as ops
 
 
@@ -39,6 +38,7 @@ class SparseGPTPruner(LayerPruner):
     """Blocked OBS update with the calibration Hessian: prune, then correct the rest (Frantar & Alistarh 2023)."""
 
     Options = SparseGPTOptions
+    statistic = "hessian"
 
     @classmethod
     def cpu_cost(cls, config) -> str | None:
@@ -48,21 +48,19 @@ class SparseGPTPruner(LayerPruner):
         super().__init__(*args, **kwargs)
         o, layer = self.options, self.layer
         self.backend = ops.resolve_backend(o.backend, layer.weight.device, o.blocksize)
-        n = layer.in_features
-        self.H = torch.zeros(n, n, dtype=torch.float32, device=layer.weight.device)
-        self.nsamples = 0
 
-    def add_batch(self, inp: torch.Tensor) -> None:
-        self.nsamples = ops.hessian_add_batch(self.H, self.nsamples, inp.detach(), self.backend, self.options.tf32,
-                                              name=f"{self.layer_name} input activations")
+    def statistic_spec(self) -> StatisticSpec:
+        """The Hessian of this Linear's inputs; fp16/bf16 activations on CUDA go through tensor cores with fp32
+        accumulation (``ops.sparsegpt.gram_add_``), fp32 ones through fp32 GEMMs (TF32 with ``tf32``)."""
+        layer = self.layer
+        return StatisticSpec("hessian", layer.in_features, layer.weight.device, tf32=self.options.tf32)
 
     def prune(self) -> dict[str, Any]:
-        if self.nsamples == 0:
-            raise ValueError(f"{self.layer_name}: no calibration data reached this layer")
+        H = self.finalized_statistic()
         o = self.options
         t0 = time.perf_counter()
         res, used = ops.sparsegpt_prune(
-            self.layer.weight.data, self.H, self.config, o.blocksize, o.percdamp, o.max_retries,
+            self.layer.weight.data, H, self.config, o.blocksize, o.percdamp, o.max_retries,
             self.backend, o.tf32, self.layer_name, o.fast_inverse,
         )
         self.layer.weight.data.copy_(res.weight)
@@ -77,4 +75,4 @@ class SparseGPTPruner(LayerPruner):
         }
 
     def free(self) -> None:
-        self.H = None
+        self.stats = None

@@ -136,6 +136,14 @@ class SparseLLMPruner(LayerPruner):
             self.block, self.role = found
             coord.register(self.block, self.role, self)
 
+    def statistic_spec(self):
+        """Attention projections: the local pruner's statistic (shared across q/k/v); the feed-forward block
+        keeps its inputs through ``add_batch``."""
+        return self.local.statistic_spec() if self.local is not None else None
+
+    def use_statistic(self, stats) -> None:
+        self.local.use_statistic(stats)
+
     def add_batch(self, inp: torch.Tensor) -> None:
         if self.local is not None:
             self.local.add_batch(inp)

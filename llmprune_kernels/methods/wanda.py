@@ -1,4 +1,5 @@
-"""Wanda pruner for the pipeline: activation-norm statistics, then per-row scoring and masking.
+"""Wanda pruner for the pipeline: activation-norm statistics (``methods.statistics``), then per-row scoring
+and masking.
 
 Both backends give bit-identical masks; the statistics agree within fp32 rounding.
 """
@@ -11,7 +12,8 @@ import torch
 
 from llmprune_kernels.methods.base import LayerPruner, option, register_method
 from llmprune_kernels.ops.score_mask import score_and_mask, triton_usable
-from llmprune_kernels.reference.wanda import ActNormStats, wanda_prune_
+from llmprune_kernels.methods.statistics import StatisticSpec
+from llmprune_kernels.reference.wanda import wanda_prune_
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -44,29 +46,23 @@ class WandaPruner(LayerPruner):
     """|W| times the input-activation norm, per output row (Sun et al. 2023)."""
 
     Options = WandaOptions
+    statistic = "act_norm"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.backend = resolve_backend(self.options.backend, self.layer.weight.device)
+
+    def statistic_spec(self) -> StatisticSpec:
         layer = self.layer
-        self.backend = resolve_backend(self.options.backend, layer.weight.device)
-        if self.backend == "triton":
-            from llmprune_kernels.ops.act_norm import TritonActNormStats
-
-            self.stats = TritonActNormStats(layer.in_features, device=layer.weight.device)
-        else:
-            self.stats = ActNormStats(layer.in_features, device=layer.weight.device)
-
-    def add_batch(self, inp: torch.Tensor) -> None:
-        self.stats.add_batch(inp, name=self.layer_name)
+        return StatisticSpec("act_norm", layer.in_features, layer.weight.device, triton=self.backend == "triton")
 
     def prune(self) -> dict[str, Any]:
-        if self.stats.nsamples == 0:
-            raise ValueError(f"{self.layer_name}: no calibration data reached this layer")
+        norms = self.finalized_statistic()
         weight = self.layer.weight.data
         if self.backend == "triton" and triton_usable(weight.device):
-            score_and_mask(weight, self.stats.scaler_row.to(weight.device), self.config, inplace=True, mask=False)
+            score_and_mask(weight, norms.to(weight.device), self.config, inplace=True, mask=False)
         else:
-            wanda_prune_(weight, self.stats.scaler_row.to(weight.device), self.config)
+            wanda_prune_(weight, norms.to(weight.device), self.config)
         return {"backend": self.backend}
 
     def free(self) -> None:

@@ -8,6 +8,10 @@
 with fp32 accumulation, in one launch: each program streams all tokens of a block of columns and applies
 the running-mean update itself, so the result is deterministic. It equals the reference within fp32
 rounding (the reference squares a ``vector_norm``; the summation order differs).
+
+``sq_norm_sum_(acc, x)`` is the raw-sum form the pipeline's statistics use (``methods.statistics``):
+``acc += sum_tokens(x.float() ** 2)``, the same kernel with no rescale; one division by the sequence count
+at the end gives the running mean, and raw sums of several processes add up by a plain all-reduce.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 
 from llmprune_kernels.ops.score_mask import HAS_TRITON, triton_usable
 from llmprune_kernels.reference.wanda import ActNormStats
-from llmprune_kernels.validation import check_finite
+from llmprune_kernels.validation import calibration_batch, check_finite
 
 if HAS_TRITON:
     import triton
@@ -61,6 +65,22 @@ def _launch_config(device: torch.device, n_cols: int) -> tuple[int, int, int]:
     return 8192 // bc, bc, 8
 
 
+def _launch(x2: torch.Tensor, old: torch.Tensor, new: torch.Tensor, decay: float, divisor: float,
+            config=None) -> None:
+    """new = old * decay + sum_tokens(x2.float() ** 2) / divisor, one program per column block."""
+    n_cols = old.shape[0]
+    bt, bc, warps = config or _launch_config(x2.device, n_cols)
+    _act_norm_kernel[(triton.cdiv(n_cols, bc),)](
+        x2, old, new, x2.shape[0], n_cols, x2.stride(0), decay, divisor,
+        BT=bt, BC=bc, num_warps=warps, enable_fp_fusion=False,
+    )
+
+
+def _rows(inp: torch.Tensor, in_features: int) -> torch.Tensor:
+    x2 = inp.detach().reshape(-1, in_features)
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
 @torch.no_grad()
 def act_norm_update_(
     stats: ActNormStats, inp: torch.Tensor, name: str = "activations", check: bool = True, _config=None
@@ -76,20 +96,46 @@ def act_norm_update_(
         ActNormStats.add_batch(stats, inp, name=name)
         return
     batch = inp.shape[0] if inp.dim() == 3 else 1
-    x2 = inp.detach().reshape(-1, stats.in_features)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
     n_new = stats.nsamples + batch
     new = torch.empty_like(stats.scaler_row)
-    bt, bc, warps = _config or _launch_config(x2.device, stats.in_features)
-    _act_norm_kernel[(triton.cdiv(stats.in_features, bc),)](
-        x2, stats.scaler_row, new, x2.shape[0], stats.in_features, x2.stride(0), stats.nsamples / n_new,
-        float(n_new), BT=bt, BC=bc, num_warps=warps, enable_fp_fusion=False,
-    )
+    _launch(_rows(inp, stats.in_features), stats.scaler_row, new, stats.nsamples / n_new, float(n_new), _config)
     if check and not bool(torch.isfinite(new).all()):
         check_finite(inp, name)  # raises the reference's message when the input holds NaN/Inf
     stats.scaler_row = new
     stats.nsamples = n_new
+
+
+@torch.no_grad()
+def sq_norm_sum_reference(acc: torch.Tensor, inp: torch.Tensor, name: str = "activations") -> int:
+    """``acc += ||x_j||_2^2`` per input column j (fp32, the reference's squared ``vector_norm``), in place.
+
+    The raw-sum form of ``ActNormStats.add_batch``: dividing the sum by the sequence count once gives the
+    running mean. Returns the batch's sequence count.
+    """
+    x, batch = calibration_batch(inp, acc.shape[0], name)
+    acc += torch.linalg.vector_norm(x.float(), ord=2, dim=0) ** 2
+    return batch
+
+
+@torch.no_grad()
+def sq_norm_sum_(acc: torch.Tensor, inp: torch.Tensor, name: str = "activations", triton: bool = True,
+                 _config=None) -> int:
+    """``sq_norm_sum_reference`` in one Triton launch where usable (``triton``), fp32 accumulation from any
+    float dtype; equal to the reference within fp32 rounding (rtol 2e-6, python_tests/test_statistics.py).
+
+    The kernel reads fp16/bf16 activations directly (no fp32 copy of x). NaN/Inf inputs raise like the
+    reference; the check looks at the updated sums (one device sync instead of a pass over x).
+    """
+    if inp.shape[-1] != acc.shape[0]:
+        raise ValueError(f"{name} have width {inp.shape[-1]}, expected in_features={acc.shape[0]}")
+    if not (triton and triton_usable(inp.device)) or inp.numel() == 0 or not inp.is_floating_point():
+        return sq_norm_sum_reference(acc, inp, name)
+    new = torch.empty_like(acc)
+    _launch(_rows(inp, acc.shape[0]), acc, new, 1.0, 1.0, _config)
+    if not bool(torch.isfinite(new).all()):
+        check_finite(inp, name)
+    acc.copy_(new)
+    return inp.shape[0] if inp.dim() == 3 else 1
 
 
 class TritonActNormStats(ActNormStats):

@@ -87,11 +87,79 @@ def tf32_matmul(enabled: bool) -> Iterator[None]:
         m.fp32_precision = old
 
 
+TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
+_FUSED_ADDMM: dict[torch.device, bool] = {}
+
+
+def tensor_cores_apply(x: torch.Tensor, tensor_cores: bool = True) -> bool:
+    """``gram_add_`` multiplies ``x`` on tensor cores: fp16/bf16 on CUDA, with ``tensor_cores`` on."""
+    return bool(tensor_cores) and x.is_cuda and x.dtype in TENSOR_CORE_DTYPES
+
+
+def _fused_addmm(device: torch.device) -> bool:
+    """``torch.addmm(S, a, b, out_dtype=float32, out=S)`` with an fp32 ``S`` and fp16 ``a``, ``b`` works here.
+
+    Checked once per device on a 2 x 2 case (older torch builds require ``S`` in the inputs' dtype); where
+    it does not, ``gram_add_`` multiplies into a temporary and adds it.
+    """
+    if device not in _FUSED_ADDMM:
+        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device)
+        S = torch.ones(2, 2, device=device)
+        try:
+            torch.addmm(S, a.half(), a.half(), beta=2.0, alpha=0.5, out_dtype=torch.float32, out=S)
+            _FUSED_ADDMM[device] = bool(torch.equal(S, 2.0 + 0.5 * (a @ a)))
+        except RuntimeError:
+            _FUSED_ADDMM[device] = False
+    return _FUSED_ADDMM[device]
+
+
+@torch.no_grad()
+def gram_add_(S: torch.Tensor, x: torch.Tensor, alpha: float = 1.0, beta: float = 1.0,
+              tensor_cores: bool = True) -> torch.Tensor:
+    """``S <- beta * S + alpha * x^T x`` in place for an fp32 ``S`` (in, in) and activations ``x`` (tokens, in).
+
+    fp16/bf16 ``x`` on CUDA (``tensor_cores``): one tensor-core GEMM with fp32 accumulation
+    (``addmm(..., out_dtype=torch.float32)``); each product of two fp16/bf16 values is exact in fp32, so the
+    result differs from ``gram_add_reference`` (x cast to fp32 first) only in the summation order.
+    Elsewhere (CPU, fp32, ``tensor_cores=False``): ``x`` cast to fp32 and one fp32 ``addmm_`` (TF32 where the
+    caller enabled it). See ``HESSIAN_TOLERANCE`` for what the tests hold it to.
+    """
+    if tensor_cores_apply(x, tensor_cores):
+        if _fused_addmm(x.device):
+            return torch.addmm(S, x.t(), x, beta=beta, alpha=alpha, out_dtype=torch.float32, out=S)
+        prod = torch.mm(x.t(), x, out_dtype=torch.float32)
+        return S.mul_(beta).add_(prod, alpha=alpha) if beta != 1 else S.add_(prod, alpha=alpha)
+    xf = x.float()
+    return S.addmm_(xf.t(), xf, beta=beta, alpha=alpha)
+
+
+@torch.no_grad()
+def gram_add_reference(S: torch.Tensor, x: torch.Tensor, alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
+    """Plain-PyTorch reference of ``gram_add_``: x cast to fp32, ``S * beta + alpha * (x^T @ x)``."""
+    xf = x.float()
+    S.mul_(beta)
+    return S.add_(xf.t() @ xf, alpha=alpha)
+
+
+# |fast - reference| <= HESSIAN_TOLERANCE * max(diag(reference)) for every entry, where both accumulate the same
+# (2/n) sum x x^T in fp32 (running mean or raw sum, fp32 cast or tensor cores): they differ in rounding only.
+HESSIAN_TOLERANCE = 1e-5
+
+
 @torch.no_grad()
 def hessian_add_batch(H: torch.Tensor, nsamples: int, inp: torch.Tensor, backend: str = "auto",
-                      tf32: bool = False, name: str = "activations") -> int:
-    """Add a calibration batch to the running Hessian ``H`` in place; returns the new sample count."""
+                      tf32: bool = False, name: str = "activations", tensor_cores: bool = True) -> int:
+    """Add a calibration batch to the running Hessian ``H`` in place; returns the new sample count.
+
+    fp16/bf16 activations on CUDA go through ``gram_add_`` on tensor cores (with ``tensor_cores``, the
+    default; within ``HESSIAN_TOLERANCE`` of the reference): the running-mean rescale becomes the GEMM's
+    ``beta``, no extra pass over H. Otherwise the extension's op (``backend='ext'``) or the reference.
+    """
     with tf32_matmul(tf32):
+        if tensor_cores_apply(inp, tensor_cores):
+            x, batch = calibration_batch(inp, H.shape[0], name)
+            gram_add_(H, x, alpha=2 / (nsamples + batch), beta=nsamples / (nsamples + batch))
+            return nsamples + batch
         if resolve_backend(backend, H.device) == "ext":
             calibration_batch(inp, H.shape[0], name)  # the same checks as the reference
             return int(torch.ops.llmprune_kernels.sparsegpt_add_batch(H, inp, nsamples))

@@ -28,6 +28,7 @@ from llmprune_kernels.pipeline.layerwise import (
     CapturedInputs, LayerStep, capture_layer_inputs, check_finite_fast, walk_layers,
 )
 from llmprune_kernels.pipeline.models import find_decoder_layers, linear_modules
+from llmprune_kernels.pipeline.statistics import feed_statistics
 from llmprune_kernels.validation import SparsityConfig
 
 __all__ = ["CapturedInputs", "LayerStep", "LinearStats", "PruneResult", "capture_layer_inputs", "nm_satisfied",
@@ -201,7 +202,7 @@ def prune_model(
         pruners = {rel: cls(lin, cfg, opts, layer_name=f"{step.name}.{rel}", model_info=model_info)
                    for rel, lin in linears.items()}
         if needs_data:
-            step.forward({lin: _feed(pruners[rel]) for rel, lin in linears.items()})
+            feed_statistics(step, {lin: pruners[rel] for rel, lin in linears.items()})
         # Snapshot every dense weight before any prune() call: a method may change several Linears of
         # the layer at once (SparseLLM solves the feed-forward block jointly).
         dense = {rel: lin.weight.detach().clone() for rel, lin in linears.items()} if measure_error else {}
@@ -230,12 +231,6 @@ def prune_model(
     report_fn = getattr(model_info, "report", None)
     return PruneResult(method, config, options_for_report(opts), stats, times, capture_time,
                        time.perf_counter() - t_start, report_fn() if callable(report_fn) else None)
-
-
-def _feed(pruner) -> Callable:
-    def hook(module, inputs, output):
-        pruner.add_batch(inputs[0].detach())
-    return hook
 
 
 def _error_hook(dense_weight: torch.Tensor, acc: list[float]) -> Callable:

@@ -1,0 +1,169 @@
+"""Calibration statistics of a Linear's inputs as raw sums: the SparseGPT Hessian and Wanda's activation norms.
+
+A pruner declares the statistic it needs (``LayerPruner.statistic``, ``LayerPruner.statistic_spec()``); the
+pipeline creates one accumulator per distinct input and spec (q/k/v share one, gate/up one:
+``pipeline.statistics``) and hands it to every pruner reading that input before ``prune()``.
+
+Each accumulator keeps raw sums and the sequence count, so the statistics of several processes (a
+``torch.distributed`` run over shards of the calibration set) add up by a plain all-reduce::
+
+    for t in acc.tensors().values():
+        torch.distributed.all_reduce(t)  # SUM
+    H = acc.finalize()
+
+``finalize()`` turns the sums into what the solver consumes, in place and once (later calls return the same
+tensor): ``HessianSum`` gives ``H = (2/n) sum x x^T``, ``ActNormSum`` the mean squared column norm
+``(1/n) sum ||x_j||^2``. Both equal the running means of ``reference.sparsegpt.HessianStats`` and
+``reference.wanda.ActNormStats`` up to fp32 rounding: every entry of H within ``HESSIAN_TOLERANCE`` (1e-5) of
+the largest diagonal entry, the norms within rtol 2e-6 (python_tests/test_statistics.py), with the same
+masks on the tiny test models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from llmprune_kernels.ops.act_norm import sq_norm_sum_
+from llmprune_kernels.ops.sparsegpt import HESSIAN_TOLERANCE, gram_add_, tf32_matmul
+from llmprune_kernels.validation import check_finite
+
+__all__ = ["ActNormSum", "HESSIAN_TOLERANCE", "HessianSum", "StatisticSpec", "make_statistic", "reference_statistic"]
+
+KINDS = ("hessian", "act_norm")
+
+
+@dataclass(frozen=True)
+class StatisticSpec:
+    """What to accumulate from a Linear's inputs; pruners of one method with equal specs can share it.
+
+    ``kind``: ``"hessian"`` (``HessianSum``) or ``"act_norm"`` (``ActNormSum``). ``tensor_cores``
+    (Hessian): fp16/bf16 activations on CUDA multiplied on tensor cores with fp32 accumulation, else cast
+    to fp32 first. ``tf32`` (Hessian): TF32 for fp32 activations on CUDA. ``triton`` (act_norm): the
+    Triton kernel where usable, else the PyTorch form.
+    """
+
+    kind: Literal[KINDS]
+    in_features: int
+    device: torch.device
+    tensor_cores: bool = True
+    tf32: bool = False
+    triton: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown statistic {self.kind!r}; allowed: {', '.join(KINDS)}")
+        if isinstance(self.in_features, bool) or not isinstance(self.in_features, int) or self.in_features < 1:
+            raise ValueError(f"statistic width {self.in_features!r} is invalid; allowed: an integer >= 1")
+        object.__setattr__(self, "device", torch.device(self.device))
+
+
+class _RawSum:
+    """Raw sum and sequence count (an int64 tensor beside the sum, so both all-reduce alike)."""
+
+    def __init__(self, spec: StatisticSpec, shape: tuple[int, ...], name: str) -> None:
+        self.spec, self.name = spec, name
+        self.sum = torch.zeros(shape, dtype=torch.float32, device=spec.device)
+        self.count = torch.zeros((), dtype=torch.int64, device=spec.device)
+        self.value: torch.Tensor | None = None  # set by finalize()
+
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def nsamples(self) -> int:
+        """Calibration sequences added (each leading batch entry of a 3-D input; a 2-D input is one)."""
+        return int(self.count)
+
+    @property
+    def finalized(self) -> bool:
+        return self.value is not None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The accumulator's state (raw sums and count), live: an in-place all-reduce (SUM) of each combines
+        processes. Only before ``finalize()``."""
+        self._check_open("tensors()")
+        return {"sum": self.sum, "count": self.count}
+
+    def _check_open(self, what: str) -> None:
+        if self.value is not None:
+            raise RuntimeError(f"{self.name}: {what} after finalize(); the statistic is already the solver's input")
+
+    def _check_nonempty(self) -> int:
+        n = self.nsamples
+        if n <= 0:
+            raise ValueError(f"{self.name}: no calibration data reached this layer")
+        return n
+
+
+class HessianSum(_RawSum):
+    """``S = sum x^T x`` (fp32) over calibration batches; ``finalize()`` -> ``H = (2/n) S`` (SparseGPT's H)."""
+
+    def __init__(self, spec: StatisticSpec, name: str = "activations") -> None:
+        super().__init__(spec, (spec.in_features, spec.in_features), name)
+
+    @torch.no_grad()
+    def add_batch(self, inp: torch.Tensor, name: str | None = None) -> None:
+        """Add (batch, seq, in) or (tokens, in) activations in any float dtype; NaN/Inf raise naming the layer.
+
+        The finiteness check reads the updated diagonal (a NaN/Inf input makes its column's sum of squares
+        non-finite): one sync, no extra pass over the activations.
+        """
+        self._check_open("add_batch()")
+        name = name or self.name
+        if inp.shape[-1] != self.in_features:
+            raise ValueError(f"{name} have width {inp.shape[-1]}, expected in_features={self.in_features}")
+        if inp.device != self.sum.device:
+            raise ValueError(f"{name} are on {inp.device}, the statistic on {self.sum.device}")
+        x = inp.detach().reshape(-1, self.in_features)
+        with tf32_matmul(self.spec.tf32):
+            gram_add_(self.sum, x, tensor_cores=self.spec.tensor_cores)
+        if not bool(torch.isfinite(self.sum.diagonal()).all()):
+            check_finite(inp, name)  # raises the reference's message
+            raise ValueError(f"{name}: the Hessian sum overflowed fp32")
+        self.count += inp.shape[0] if inp.dim() == 3 else 1
+
+    @torch.no_grad()
+    def finalize(self) -> torch.Tensor:
+        """``H = (2/n) * sum x x^T`` in place (fp32, (in, in)); the same tensor on every later call."""
+        if self.value is None:
+            self.value = self.sum.mul_(2 / self._check_nonempty())
+        return self.value
+
+
+class ActNormSum(_RawSum):
+    """``s_j = sum ||x_j||^2`` (fp32) over calibration batches; ``finalize()`` -> ``s / n`` (Wanda's norms)."""
+
+    def __init__(self, spec: StatisticSpec, name: str = "activations") -> None:
+        super().__init__(spec, (spec.in_features,), name)
+
+    @torch.no_grad()
+    def add_batch(self, inp: torch.Tensor, name: str | None = None) -> None:
+        """Add (batch, seq, in) or (tokens, in) activations; NaN/Inf raise naming the layer."""
+        self._check_open("add_batch()")
+        self.count += sq_norm_sum_(self.sum, inp, name or self.name, triton=self.spec.triton)
+
+    @torch.no_grad()
+    def finalize(self) -> torch.Tensor:
+        """Mean squared L2 norm of each input column over the calibration sequences, in place (fp32, (in,))."""
+        if self.value is None:
+            self.value = self.sum.div_(self._check_nonempty())
+        return self.value
+
+
+def make_statistic(spec: StatisticSpec, name: str = "activations") -> HessianSum | ActNormSum:
+    """An empty accumulator for ``spec``; ``name`` (e.g. the Linear's) goes into error messages."""
+    return (HessianSum if spec.kind == "hessian" else ActNormSum)(spec, name)
+
+
+def reference_statistic(spec: StatisticSpec, inputs) -> torch.Tensor:
+    """The reference running mean of ``spec``'s statistic over ``inputs`` (an iterable of batches), fp32."""
+    from llmprune_kernels.reference.sparsegpt import HessianStats
+    from llmprune_kernels.reference.wanda import ActNormStats
+
+    stats = (HessianStats if spec.kind == "hessian" else ActNormStats)(spec.in_features, device=spec.device)
+    for x in inputs:
+        stats.add_batch(x)
+    return stats.H if spec.kind == "hessian" else stats.scaler_row

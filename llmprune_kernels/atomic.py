@@ -291,13 +291,17 @@ def reserve(path: str | os.PathLike, *, overwrite: bool, kind: Kind) -> Iterator
         _release(target, fd)
 
 
+def _appeared(target: Path) -> FileExistsError:
+    return FileExistsError(f"output {str(target)!r} was created by another writer while this one was being "
+                           f"written; nothing was replaced ({_HINT} to replace it)")
+
+
 def _commit(target: Path, tmp: Path, *, overwrite: bool) -> None:
     """Move the complete ``tmp`` to ``target``; replace an existing target only when ``overwrite``."""
     _fsync(tmp)
     exists = os.path.lexists(target)
     if exists and not overwrite:  # created meanwhile by a writer outside this protocol: never replaced
-        raise FileExistsError(f"output {str(target)!r} was created by someone else while this one was being "
-                              f"written; nothing was replaced. {_HINT} to replace it")
+        raise _appeared(target)
     if tmp.is_dir():
         if exists:
             old = _sibling(target, OLD_TAG)
@@ -315,8 +319,7 @@ def _commit(target: Path, tmp: Path, *, overwrite: bool) -> None:
                 os.rename(tmp, target)
             except OSError as exc:
                 if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise FileExistsError(f"output {str(target)!r} appeared while it was being written; "
-                                          f"nothing was replaced") from exc
+                    raise _appeared(target) from exc
                 raise
     elif exists:
         os.replace(tmp, target)  # one atomic rename for a file
@@ -324,8 +327,7 @@ def _commit(target: Path, tmp: Path, *, overwrite: bool) -> None:
         try:
             os.link(tmp, target)  # fails if the target appeared meanwhile: never replaces it
         except FileExistsError:
-            raise FileExistsError(f"output {str(target)!r} appeared while it was being written; nothing was "
-                                  f"replaced") from None
+            raise _appeared(target) from None
         except OSError:  # no hard links on this file system
             os.rename(tmp, target)
         tmp.unlink(missing_ok=True)

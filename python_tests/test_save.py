@@ -82,3 +82,53 @@ def test_gguf_quantization_config_is_dropped(tmp_path):
     out = save_model(model, None, tmp_path / "out")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert AutoConfig.from_pretrained(out).model_type == "llama"
+
+
+def test_a_directory_created_while_saving_is_never_replaced(tmp_path):
+    """Another run that created the target meanwhile keeps it; this save fails and reports it."""
+    model = tiny_model("llama")
+    target = tmp_path / "out"
+    real = model.save_pretrained
+
+    def save_and_race(path, **kw):
+        real(path, **kw)
+        target.mkdir()
+        (target / "theirs.txt").write_text("the other run's result")
+
+    model.save_pretrained = save_and_race
+    with pytest.raises(FileExistsError, match="created by another writer while this one was being written"):
+        save_model(model, None, target)
+    assert sorted(p.name for p in target.iterdir()) == ["theirs.txt"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_concurrent_overwrite_fails_at_its_start(tmp_path):
+    """Two runs replacing one target: the second fails before it writes anything (no ENOTEMPTY later)."""
+    import threading
+
+    from llmprune_kernels.atomic import TargetBusyError, reserve
+
+    model = tiny_model("llama")
+    target = save_model(model, None, tmp_path / "out")
+    held, release = threading.Event(), threading.Event()
+
+    def first_run():
+        with reserve(target, overwrite=True, kind="dir"):
+            held.set()
+            release.wait(30)
+            save_model(model, None, target, overwrite=True)
+
+    calls = []
+    model.save_pretrained = lambda *a, **k: calls.append(a)
+    t = threading.Thread(target=first_run)
+    t.start()
+    held.wait(30)
+    try:
+        with pytest.raises(TargetBusyError, match="is being written by process"):
+            save_model(model, None, target, overwrite=True)
+        assert calls == []  # refused before writing
+    finally:
+        del model.save_pretrained
+        release.set()
+        t.join()
+    assert (target / "config.json").exists() and _leftovers(tmp_path) == []

@@ -34,8 +34,8 @@ from llmprune_kernels.validation import (
     SparsityConfig,
     check_config,
     check_finite,
+    check_finite_nonnegative,
     check_nm,
-    check_nonnegative,
     check_weight,
 )
 
@@ -140,8 +140,7 @@ def score_and_mask(
     if grad is not None and ria:
         raise ValueError("give either grad (GBLM) or ria=True, not both")
     if check:
-        check_finite(act_norm_sq, "activation norms")
-        check_nonnegative(act_norm_sq, "activation norms")
+        check_finite_nonnegative(act_norm_sq, "activation norms")
     if grad is not None:
         if grad.shape != weight.shape:
             raise ValueError(

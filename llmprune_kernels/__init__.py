@@ -7,7 +7,7 @@ The top level holds what a user of the whole job needs; everything else is impor
 from llmprune_kernels import _ext, library  # noqa: F401  (loads _C or warns once; defines the ops)
 from llmprune_kernels.backends import backends
 from llmprune_kernels.methods import available_methods, get_method, register_method
-from llmprune_kernels.pipeline import PruneResult, prune_model
+from llmprune_kernels.pipeline import PruneResult, prune_model, prune_pretrained
 from llmprune_kernels.pipeline.data import get_calibration_and_eval
 from llmprune_kernels.pipeline.evaluate import perplexity
 from llmprune_kernels.pipeline.models import load_model
@@ -32,6 +32,7 @@ __all__ = [
     "pack_24",
     "perplexity",
     "prune_model",
+    "prune_pretrained",
     "register_method",
     "save_compressed",
     "save_model",

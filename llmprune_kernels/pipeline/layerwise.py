@@ -6,9 +6,12 @@ keyword arguments the model passes to EACH decoder layer (position embeddings, a
 ids, ... whatever this transformers version uses). Recorded kwargs are shared between layers when the
 model passes the same objects (the usual case), so per-layer masks (sliding-window layers) cost memory
 only where they really differ.
-``walk_layers``: for each decoder layer in order, move it alone to the compute device and hand it to the
+``walk_layers``: for each decoder layer in order, bring it alone to the compute device and hand it to the
 caller with its inputs; afterwards recompute its outputs with whatever weights it now has, and feed them
-to the next layer. The rest of the model stays where it is (usually the CPU).
+to the next layer. The rest of the model stays where it is (usually the CPU). Where a layer's weights come
+from and go back to is a ``LayerIO``: by default the module itself, moved to the device and back; a model
+built without weights reads each layer from disk instead (``stream``).
+``LayerStrategy``: how one layer's work is shared between workers (one worker does everything by default).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
+from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE, check_windows
+from llmprune_kernels.pipeline.memory import device_batches, to_host
 from llmprune_kernels.pipeline.models import decoder_layers_parent, find_decoder_layers
 from llmprune_kernels.validation import check_finite
 
@@ -84,14 +88,10 @@ def capture_layer_inputs(
     """Run ``input_ids`` (n, seqlen) up to the decoder layers; see the module docstring.
 
     Only the non-layer parts next to the decoder layers (embeddings, rotary embedding, norms) are
-    moved to ``device``, and moved back afterwards. ``offload`` keeps hidden states on the CPU.
+    moved to ``device``, and moved back afterwards. ``offload`` keeps hidden states in (pinned) CPU memory.
     """
     device = torch.device(device)
-    if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError(f"calibration ids must be a 2-D int64 tensor (n, seqlen), got {tuple(input_ids.shape)} "
-                         f"{input_ids.dtype}")
-    if input_ids.shape[0] < 1:
-        raise ValueError("calibration ids hold no windows; allowed: at least one window")
+    check_windows(input_ids, model, "calibration windows")
     _, layers = find_decoder_layers(model)
     parent = decoder_layers_parent(model)
     moved = [(m, _module_device(m)) for name, m in parent.named_children() if m is not layers]
@@ -114,7 +114,7 @@ def capture_layer_inputs(
                                    f"during capture; the pipeline needs every layer called once per forward")
             h0 = sink[0][0]
             check_finite_fast(h0, "first decoder layer inputs (embeddings)")
-            hidden.append(h0.cpu() if offload else h0)
+            hidden.append(to_host(h0) if offload else h0)
             distinct: list[tuple[tuple, dict]] = []
             idx = []
             for _, args, kwargs in sink:
@@ -170,11 +170,11 @@ class LayerStep:
         handles = [m.register_forward_hook(fn) for m, fn in (hooks or {}).items()]
         outs = []
         try:
-            for h, (args, kwargs) in zip(self.inputs, self.calls):
-                out = _layer_output(self.layer(h.to(self.device), *args, **kwargs))
+            for h, (args, kwargs) in zip(device_batches(self.inputs, self.device), self.calls):
+                out = _layer_output(self.layer(h, *args, **kwargs))
                 if keep:
                     check_finite_fast(out, f"outputs of decoder layer {self.name}")
-                    outs.append(out.cpu() if self.offload else out)
+                    outs.append(to_host(out) if self.offload else out)
         finally:
             for hd in handles:
                 hd.remove()
@@ -187,20 +187,71 @@ class LayerStep:
         self.forward(hooks, keep=True)
 
 
+class LayerIO:
+    """Where a decoder layer's weights come from before its step and go back to after it.
+
+    This default moves the module to the compute device and back to where it was. ``load`` returns what
+    ``unload`` needs to put the layer back.
+    """
+
+    def load(self, index: int, layer: nn.Module, device: torch.device) -> Any:
+        home = _module_device(layer)
+        layer.to(device)
+        return home
+
+    def unload(self, index: int, layer: nn.Module, token: Any) -> None:
+        if token is not None:
+            layer.to(token)
+
+
+class InPlace(LayerIO):
+    """The layer stays where it is (pruning without calibration needs no forward pass)."""
+
+    def load(self, index: int, layer: nn.Module, device: torch.device) -> Any:
+        return None
+
+
+class LayerStrategy:
+    """How one layer's work is shared between workers; this default is a single worker doing all of it.
+
+    A multi-worker run overrides the points the pipeline calls in each layer step, in this order:
+    ``reduce_statistics`` after the statistics forward (sum every pruner's statistics over the workers,
+    each having run its share of the calibration batches), ``assigned`` (the Linears this worker prunes),
+    ``share_pruned`` after pruning (send each pruned weight from the worker that pruned it to all others,
+    before the outputs are recomputed), and ``writes`` (whether this worker writes the output and the
+    resume checkpoints).
+    """
+
+    writes: bool = True
+
+    def reduce_statistics(self, step: "LayerStep", pruners: Mapping[str, Any]) -> None:
+        pass
+
+    def assigned(self, step: "LayerStep", linears: Mapping[str, nn.Linear]) -> list[str]:
+        return list(linears)
+
+    def share_pruned(self, step: "LayerStep", linears: Mapping[str, nn.Linear], pruned: list[str]) -> None:
+        pass
+
+
 def walk_layers(model: nn.Module, captured: CapturedInputs, device: torch.device | str = "cpu",
-                offload: bool = False) -> Iterator[LayerStep]:
+                offload: bool = False, *, start: int = 0, stop: int | None = None,
+                hidden: list[torch.Tensor] | None = None, io: LayerIO | None = None) -> Iterator[LayerStep]:
     """Yield a ``LayerStep`` per decoder layer, in order, with the layer alone on ``device``.
 
     When the caller resumes the loop, the step's outputs are recomputed (unless it already called
-    ``propagate``) and the layer goes back to its original device.
+    ``propagate``) and ``io`` puts the layer back (default: moved back to its original device).
+    ``start`` / ``stop`` walk layers ``start`` to ``stop - 1`` only, ``hidden`` being the hidden states
+    entering layer ``start`` (default: the captured first-layer inputs).
     """
     device = torch.device(device)
+    io = io or LayerIO()
     path, layers = find_decoder_layers(model)
-    inputs = captured.hidden
+    inputs = captured.hidden if hidden is None else hidden
     nbatch = len(inputs)
-    for i, layer in enumerate(layers):
-        home = _module_device(layer)
-        layer.to(device)
+    for i in range(start, len(layers) if stop is None else stop):
+        layer = layers[i]
+        token = io.load(i, layer, device)
         calls = [captured.call(b, i) for b in range(nbatch)]
         step = LayerStep(i, f"{path}.{i}", layer, inputs, calls, device, offload)
         try:
@@ -208,6 +259,5 @@ def walk_layers(model: nn.Module, captured: CapturedInputs, device: torch.device
             if step.outputs is None:
                 step.propagate()
         finally:
-            if home is not None:
-                layer.to(home)
+            io.unload(i, layer, token)
         inputs = step.outputs

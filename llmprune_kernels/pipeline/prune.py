@@ -2,17 +2,24 @@
 
 Built on ``layerwise`` (capture the first decoder layer's inputs and kwargs, then walk the layers one at a
 time on the compute device): on each step, forward hooks on the layer's ``nn.Linear`` modules feed each
-method's ``add_batch``; then each Linear is pruned through the method registry, and the recompute pass
+method's statistics; then each Linear is pruned through the method registry, and the recompute pass
 also measures each Linear's relative reconstruction error ||(W - W')X|| / ||WX||, X being the inputs the
 Linear receives when the calibration windows run through the already-pruned network.
 
+``prune_layers`` is the one layer loop: ``prune_model`` runs it on a model in memory, ``stream.prune_pretrained``
+on a model whose layers are read from disk one at a time. With an output directory, each completed layer is
+checkpointed (``resume``) so that a killed run continues where it stopped.
+
 Methods needing model-level information can define a classmethod ``prepare_model(model, calibration,
 config, *, device, options, progress)``; its return value reaches every pruner as ``model_info``.
-Methods without calibration (magnitude) skip the layer walk unless the reconstruction error is asked for.
+Methods without calibration (magnitude) prune each layer where it is, without a forward pass, unless the
+reconstruction error is asked for.
 Non-uniform sparsity (e.g. OWL) is a ``layer_sparsity`` mapping from decoder-layer index to sparsity.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,16 +30,19 @@ from torch import nn
 
 from llmprune_kernels.methods import check_options, get_method
 from llmprune_kernels.methods.base import options_for_report
-from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
+from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE, check_windows
 from llmprune_kernels.pipeline.layerwise import (
-    CapturedInputs, LayerStep, capture_layer_inputs, check_finite_fast, walk_layers,
+    CapturedInputs, InPlace, LayerIO, LayerStep, LayerStrategy, capture_layer_inputs, check_finite_fast, walk_layers,
 )
+from llmprune_kernels.pipeline.memory import check_gpu_memory, layer_need_bytes, offload_needed
 from llmprune_kernels.pipeline.models import find_decoder_layers, linear_modules
+from llmprune_kernels.pipeline.progress import StageTimes, layer_bar, show_layer
+from llmprune_kernels.pipeline.resume import Checkpoint, calibration_digest, load_tensors
 from llmprune_kernels.pipeline.statistics import feed_statistics
-from llmprune_kernels.validation import SparsityConfig
+from llmprune_kernels.validation import SparsityConfig, check_config
 
 __all__ = ["CapturedInputs", "LayerStep", "LinearStats", "PruneResult", "capture_layer_inputs", "nm_satisfied",
-           "prune_model", "walk_layers"]
+           "prune_layers", "prune_model", "walk_layers"]
 
 
 @dataclass
@@ -59,6 +69,7 @@ class PruneResult:
     capture_time_s: float
     total_time_s: float
     method_report: dict[str, Any] | None = None  # from the method's model_info.report(), if it has one
+    stage_times_s: dict[str, float] = field(default_factory=dict)  # seconds per stage (progress.STAGES)
 
     @property
     def overall_sparsity(self) -> float:
@@ -99,26 +110,47 @@ def _layer_configs(config: SparsityConfig, nlayers: int,
     return out
 
 
+def check_run(method: str, options: Any, config: SparsityConfig | None, batch_size: int, gpu_memory: int | None,
+              resume: bool, output_dir: Any) -> tuple[type, Any, SparsityConfig]:
+    """The method class, its validated options and the sparsity config; errors before any work."""
+    cls = get_method(method)
+    opts = check_options(cls, options)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size {batch_size!r} is invalid; allowed: an integer >= 1")
+    check_gpu_memory(gpu_memory)
+    if resume and output_dir is None:
+        raise ValueError("resume=True needs an output directory (output_dir=...): the run's checkpoints live "
+                         "beside it")
+    return cls, opts, SparsityConfig() if config is None else check_config(config)
+
+
+def run_identity(cls, opts, configs: list[SparsityConfig], calibration, batch_size: int, measure_error: bool,
+                 **source: Any) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (checked field by field)."""
+    return {"method": cls.name, "sparsity": [c.label for c in configs], "options": options_for_report(opts),
+            "calibration_sha256": calibration_digest(calibration), "batch_size": batch_size,
+            "measure_error": measure_error, **source}
+
+
+def plan_offload(model: nn.Module, calibration: torch.Tensor | None, device: torch.device, batch_size: int,
+                 gpu_memory: int | None) -> bool:
+    """Whether the activations of the largest layer's walk would exceed ``gpu_memory`` on ``device``."""
+    if calibration is None or not offload_needed(device, gpu_memory, 0):
+        return False
+    _, layers = find_decoder_layers(model)
+    hidden = int(getattr(model.config, "hidden_size", 0))
+    ptr = next(model.parameters())
+    per_token = hidden * ptr.element_size()
+    acts, batch = calibration.numel() * per_token, min(batch_size, calibration.shape[0]) * calibration.shape[1] * per_token
+    need = max(layer_need_bytes(sum(p.numel() * p.element_size() for p in layer.parameters()),
+                                [lin.in_features for lin in linear_modules(layer).values()], acts, batch)
+               for layer in layers)
+    return offload_needed(device, gpu_memory, need)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _prune_without_data(model, cls, configs, options, progress) -> tuple[list[LinearStats], list[float]]:
-    """Methods that need no calibration (magnitude): each Linear where it is, no forward pass."""
-    path, layers = find_decoder_layers(model)
-    stats, times = [], []
-    for i, layer in enumerate(_bar(layers, progress, cls.name, configs[0])):
-        t_layer = time.perf_counter()
-        for rel, lin in linear_modules(layer).items():
-            name = f"{path}.{i}.{rel}"
-            t0 = time.perf_counter()
-            pruner = cls(lin, configs[i], options, layer_name=name)
-            extra = pruner.prune() or {}
-            pruner.free()
-            stats.append(_linear_stats(name, lin.weight, configs[i], None, time.perf_counter() - t0, extra))
-        times.append(time.perf_counter() - t_layer)
-    return stats, times
 
 
 def _linear_stats(name, weight, config, rel_error, seconds, extra) -> LinearStats:
@@ -132,12 +164,129 @@ def _linear_stats(name, weight, config, rel_error, seconds, extra) -> LinearStat
     )
 
 
-def _bar(iterable, progress: bool, method: str, config: SparsityConfig, total: int | None = None):
-    if not progress:
-        return iterable
-    from tqdm.auto import tqdm
+class _TimedIO(LayerIO):
+    """A ``LayerIO`` whose loads and unloads count as the "load" stage."""
 
-    return tqdm(iterable, desc=f"pruning {method} {config.label}", unit="layer", total=total, dynamic_ncols=True)
+    def __init__(self, io: LayerIO, times: StageTimes) -> None:
+        self.io, self.times = io, times
+
+    def load(self, index, layer, device):
+        with self.times("load"):
+            return self.io.load(index, layer, device)
+
+    def unload(self, index, layer, token):
+        with self.times("load"):
+            self.io.unload(index, layer, token)
+
+
+def prune_layers(
+    model: nn.Module,
+    captured: CapturedInputs | None,
+    cls: type,
+    opts: Any,
+    configs: list[SparsityConfig],
+    *,
+    model_info: Any,
+    device: torch.device,
+    offload: bool,
+    measure_error: bool,
+    progress: bool,
+    times: StageTimes,
+    io: LayerIO | None = None,
+    strategy: LayerStrategy | None = None,
+    checkpoint: Checkpoint | None = None,
+    replay_io: LayerIO | None = None,
+    t_start: float | None = None,
+) -> tuple[list[LinearStats], list[float]]:
+    """Prune the decoder layers from ``checkpoint.completed`` on (all without a checkpoint), in order.
+
+    ``captured`` None: no forward pass (methods without calibration, no reconstruction error). ``io`` says
+    where each layer's weights come from and go back to, ``strategy`` how a layer's work is shared between
+    workers. A resumed run first recomputes the hidden states entering its first layer by running the
+    completed (pruned) layers forward, each brought in by ``replay_io`` (default ``io``): the same operations
+    on the same weights as the interrupted run, hence the same bits, without storing activations on disk.
+    Returns this call's report lines and per-layer times (the checkpoint's earlier ones not included).
+    """
+    t_start = time.perf_counter() if t_start is None else t_start
+    path, layers = find_decoder_layers(model)
+    needs_data = getattr(cls, "needs_calibration", True)
+    strategy = strategy or LayerStrategy()
+    start = checkpoint.completed if checkpoint is not None else 0
+    hidden = None
+    if start > 0 and captured is not None:  # a resumed run: the completed layers' outputs, recomputed
+        with times("recompute"):
+            for step in walk_layers(model, captured, device, offload, stop=start,
+                                    io=_TimedIO(replay_io or io or LayerIO(), times)):
+                step.propagate()
+                hidden = step.outputs
+    prior_elapsed = float(checkpoint.manifest.get("elapsed_s", 0.0)) if checkpoint is not None else 0.0
+    steps = walk_layers(model, captured or CapturedInputs([], [], []), device, offload, start=start, hidden=hidden,
+                        io=_TimedIO(io or LayerIO(), times))
+    stats: list[LinearStats] = []
+    layer_times: list[float] = []
+    bar = layer_bar(steps, progress, cls.name, configs[0], len(layers), start)
+    for step in bar:
+        t_layer = time.perf_counter()
+        cfg = configs[step.index]
+        linears = linear_modules(step.layer)
+        with times("statistics"):
+            pruners = {rel: cls(lin, cfg, opts, layer_name=f"{step.name}.{rel}", model_info=model_info)
+                       for rel, lin in linears.items()}
+            if needs_data:
+                feed_statistics(step, {lin: pruners[rel] for rel, lin in linears.items()})
+            strategy.reduce_statistics(step, pruners)
+        with times("solve"):
+            # Snapshot every dense weight before any prune() call: a method may change several Linears of
+            # the layer at once (SparseLLM solves the feed-forward block jointly).
+            dense = {rel: lin.weight.detach().clone() for rel, lin in linears.items()} if measure_error else {}
+            mine = strategy.assigned(step, linears)
+            seconds, extras = {}, {}
+            for rel in mine:
+                _sync(device)
+                t0 = time.perf_counter()
+                extras[rel] = pruners[rel].prune() or {}
+                _sync(device)
+                seconds[rel] = time.perf_counter() - t0
+                pruners[rel].free()
+            for rel in set(pruners) - set(mine):
+                pruners[rel].free()
+            del pruners
+            strategy.share_pruned(step, linears, mine)
+        with times("recompute"):
+            errs = {rel: [0.0, 0.0] for rel in dense}
+            step.propagate({linears[rel]: _error_hook(dense[rel], errs[rel]) for rel in dense})
+            del dense
+        with times("check"):
+            layer_stats = []
+            for rel, lin in linears.items():
+                e = errs.get(rel)
+                rel_err = (e[0] / e[1]) ** 0.5 if e and e[1] > 0 else (0.0 if e else None)
+                layer_stats.append(_linear_stats(f"{step.name}.{rel}", lin.weight, cfg, rel_err,
+                                                 seconds.get(rel, 0.0), extras.get(rel, {})))
+        stats.extend(layer_stats)
+        layer_times.append(time.perf_counter() - t_layer)
+        if checkpoint is not None and strategy.writes:
+            with times("write"):
+                tensors = {f"{step.name}.{k}": v for k, v in step.layer.state_dict().items()}
+                checkpoint.save_layer(step.index, tensors, [asdict(s) for s in layer_stats],
+                                      layer_times[-1], times.as_dict(),
+                                      prior_elapsed + time.perf_counter() - t_start)
+        show_layer(bar, device, [s.rel_error for s in layer_stats if s.rel_error is not None])
+    return stats, layer_times
+
+
+def stats_from_checkpoint(checkpoint: Checkpoint | None) -> tuple[list[LinearStats], list[float]]:
+    """The report lines and layer times of the layers a checkpoint holds."""
+    if checkpoint is None:
+        return [], []
+    lines = [LinearStats(**{**d, "shape": tuple(d["shape"])}) for d in checkpoint.manifest["linears"]]
+    return lines, [float(t) for t in checkpoint.manifest["layer_times_s"]]
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(model)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def prune_model(
@@ -152,6 +301,9 @@ def prune_model(
     options: Any = None,
     measure_error: bool | None = None,
     offload_activations: bool = False,
+    gpu_memory: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> PruneResult:
     """Prune every ``nn.Linear`` inside the decoder layers of ``model`` in place, layer by layer.
@@ -162,75 +314,65 @@ def prune_model(
     ``options``: the method's options, a mapping or its ``Options`` (checked before any work; see
     ``llmprune methods``). ``measure_error``: the per-Linear reconstruction error on the calibration
     windows; default: for methods that use calibration (for magnitude it would cost a forward pass per
-    layer). Returns per-Linear statistics, timings and the complete options.
+    layer). ``offload_activations`` keeps the calibration activations in CPU memory; ``gpu_memory`` (bytes)
+    does so only when they would not fit beside one layer and its statistics.
+    ``output_dir``: where the caller will save the pruned model; each completed layer is then checkpointed
+    in a work directory beside it (``resume.work_dir_for``), which ``resume=True`` continues after a killed
+    run, with the same result bit for bit. Remove it (``resume.remove_work_dir``) once the model is saved.
+    Returns per-Linear statistics, timings and the complete options.
     The embeddings and ``lm_head`` are not pruned (as in the papers).
     """
     t_start = time.perf_counter()
-    cls = get_method(method)
-    opts = check_options(cls, options)
-    config = config or SparsityConfig()
+    cls, opts, config = check_run(method, options, config, batch_size, gpu_memory, resume, output_dir)
     device = torch.device(device)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size {batch_size!r} is invalid; allowed: an integer >= 1")
     _, layers = find_decoder_layers(model)
     configs = _layer_configs(config, len(layers), layer_sparsity)
     needs_data = getattr(cls, "needs_calibration", True)
     if measure_error is None:
         measure_error = needs_data
-    if calibration is None or not (needs_data or measure_error):
-        if needs_data:
-            raise ValueError(f"method {method!r} needs calibration data; pass calibration token windows")
-        stats, times = _prune_without_data(model, cls, configs, opts, progress)
-        return PruneResult(method, config, options_for_report(opts), stats, times, 0.0,
-                           time.perf_counter() - t_start)
-
-    prepare = getattr(cls, "prepare_model", None)
-    model_info = None
-    if callable(prepare):
-        model_info = prepare(model, calibration, config, device=device, options=opts, progress=progress)
-    t0 = time.perf_counter()
-    captured = capture_layer_inputs(model, calibration, device, batch_size, offload_activations)
-    capture_time = time.perf_counter() - t0
-
-    stats: list[LinearStats] = []
-    times: list[float] = []
-    bar = _bar(walk_layers(model, captured, device, offload_activations), progress, method, config, len(layers))
-    for step in bar:
-        t_layer = time.perf_counter()
-        cfg = configs[step.index]
-        linears = linear_modules(step.layer)
-        pruners = {rel: cls(lin, cfg, opts, layer_name=f"{step.name}.{rel}", model_info=model_info)
-                   for rel, lin in linears.items()}
-        if needs_data:
-            feed_statistics(step, {lin: pruners[rel] for rel, lin in linears.items()})
-        # Snapshot every dense weight before any prune() call: a method may change several Linears of
-        # the layer at once (SparseLLM solves the feed-forward block jointly).
-        dense = {rel: lin.weight.detach().clone() for rel, lin in linears.items()} if measure_error else {}
-        seconds, extras = {}, {}
-        for rel, lin in linears.items():
-            _sync(device)
+    if calibration is None and needs_data:
+        raise ValueError(f"method {method!r} needs calibration data; pass calibration token windows")
+    walk = calibration is not None and (needs_data or measure_error)
+    if walk:
+        check_windows(calibration, model, "calibration windows")  # before a method's model-level pass
+    checkpoint = None
+    if output_dir is not None:
+        identity = run_identity(cls, opts, configs, calibration if walk else None, batch_size, measure_error,
+                                mode="in-memory", model=type(model).__name__, model_config=_model_fingerprint(model))
+        checkpoint = Checkpoint.open(output_dir, identity, len(layers), resume=resume)
+    try:
+        times = StageTimes(device, checkpoint.manifest["stage_times_s"] if checkpoint else None)
+        prior_elapsed = float(checkpoint.manifest.get("elapsed_s", 0.0)) if checkpoint else 0.0
+        model_info, captured, capture_time = None, None, 0.0
+        prepare = getattr(cls, "prepare_model", None)
+        if walk and callable(prepare):
+            with times("prepare"):  # before completed layers are restored: it sees the dense model
+                model_info = prepare(model, calibration, config, device=device, options=opts, progress=progress)
+        if checkpoint is not None:
+            with times("load"):
+                for i in range(checkpoint.completed):
+                    prefix = f"{find_decoder_layers(model)[0]}.{i}."
+                    saved = load_tensors(checkpoint.shard(i))
+                    layers[i].load_state_dict({k[len(prefix):]: v for k, v in saved.items()}, strict=True)
+        offload = offload_activations or plan_offload(model, calibration, device, batch_size, gpu_memory)
+        if walk:
             t0 = time.perf_counter()
-            extras[rel] = pruners[rel].prune() or {}
-            _sync(device)
-            seconds[rel] = time.perf_counter() - t0
-            pruners[rel].free()
-        del pruners
-        errs = {rel: [0.0, 0.0] for rel in dense}
-        step.propagate({linears[rel]: _error_hook(dense[rel], errs[rel]) for rel in dense})
-        del dense
-        layer_stats = []
-        for rel, lin in linears.items():
-            e = errs.get(rel)
-            rel_err = (e[0] / e[1]) ** 0.5 if e and e[1] > 0 else (0.0 if e else None)
-            layer_stats.append(_linear_stats(f"{step.name}.{rel}", lin.weight, cfg, rel_err, seconds[rel], extras[rel]))
-        stats.extend(layer_stats)
-        times.append(time.perf_counter() - t_layer)
-        if progress and measure_error and layer_stats:
-            bar.set_postfix(err=f"{sum(s.rel_error for s in layer_stats) / len(layer_stats):.3f}")
+            with times("capture"):
+                captured = capture_layer_inputs(model, calibration, device, batch_size, offload)
+            capture_time = time.perf_counter() - t0
+        done, done_times = stats_from_checkpoint(checkpoint)
+        stats, layer_times = prune_layers(
+            model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,
+            measure_error=measure_error and walk, progress=progress, times=times,
+            io=None if walk else InPlace(), checkpoint=checkpoint, t_start=t_start)
+    finally:
+        if checkpoint is not None:
+            checkpoint.release()
     # Model-level methods (GBLM gradients, SparseLLM blocks) summarise themselves through model_info.report().
     report_fn = getattr(model_info, "report", None)
-    return PruneResult(method, config, options_for_report(opts), stats, times, capture_time,
-                       time.perf_counter() - t_start, report_fn() if callable(report_fn) else None)
+    return PruneResult(method, config, options_for_report(opts), done + stats, done_times + layer_times, capture_time,
+                       prior_elapsed + time.perf_counter() - t_start, report_fn() if callable(report_fn) else None,
+                       times.as_dict())
 
 
 def _error_hook(dense_weight: torch.Tensor, acc: list[float]) -> Callable:

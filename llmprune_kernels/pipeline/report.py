@@ -72,6 +72,7 @@ def build_report(
         report["overall_sparsity"] = d["overall_sparsity"]
         report["linears"] = d["linears"]
         report["layer_times_s"] = d["layer_times_s"]
+        report["stage_times_s"] = d.get("stage_times_s") or {}  # load, capture, statistics, solve, ...
         if d.get("method_report") is not None:  # model-level methods (GBLM, SparseLLM) summarise themselves
             report["method_report"] = d["method_report"]
         report["timings_s"].setdefault("capture", d["capture_time_s"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import logging
 import sys
 import textwrap
@@ -32,6 +33,8 @@ EXAMPLES = """examples:
   llmprune prune --method wanda --sparsity 0.5        # embedded SmolLM2-135M, 50% unstructured
   llmprune prune --method sparsegpt --pattern 2:4 --output pruned-24 --report pruned-24.json
   llmprune prune --method sparsegpt --option blocksize=64 --option percdamp=0.05
+  llmprune prune ./Llama-2-70b-hf --stream --gpu-memory 60GB --output pruned-70b   # one layer in memory
+  llmprune prune ./Llama-2-70b-hf --stream --output pruned-70b --resume   # continue a killed run
   llmprune eval pruned-24"""
 
 
@@ -43,6 +46,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1")
     return value
+
+
+def _bytes(text: str) -> int:
+    from llmprune_kernels.pipeline.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _nonnegative_int(text: str) -> int:
@@ -148,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None, metavar="DIR",
                    help="save the pruned model here (save_pretrained, safetensors; written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+    p.add_argument("--stream", action="store_true",
+                   help="read MODEL (a local safetensors directory) one decoder layer at a time and write each pruned "
+                        "layer into --output at once: CPU memory holds a few layers, not the model (needs --output; "
+                        "no perplexity: run 'llmprune eval' on the output)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run with the same settings and --output from its last completed layer "
+                        "(each completed layer is checkpointed beside --output)")
+    p.add_argument("--gpu-memory", type=_bytes, default=None, metavar="SIZE",
+                   help="GPU memory budget, e.g. 60GB: calibration activations that would not fit beside one layer "
+                        "stay in pinned CPU memory, the next batch prefetched (default: no budget)")
     p.add_argument("--report", default=None, metavar="FILE",
                    help="write the JSON report here (default: DIR/pruning_report.json when --output is given)")
     p.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=True,
@@ -253,18 +275,41 @@ def _cost_note(cls, config: SparsityConfig, device: torch.device, model: str | N
 
 def cmd_prune(args) -> int:
     from llmprune_kernels.methods import check_options, get_method
-    from llmprune_kernels.pipeline import prune_model
-    from llmprune_kernels.pipeline.report import build_report, write_json
+    from llmprune_kernels.pipeline.report import write_json
 
     t_start = time.perf_counter()
     config = SparsityConfig.parse(args.sparsity, args.pattern)
     cls = get_method(args.method)  # unknown method or options: fail before loading anything
     options = check_options(cls, dict(args.option))
     device = _device(args.device)
+    if args.resume and not args.output:
+        raise ValueError("--resume continues a run on its --output directory; it needs --output DIR")
+    if args.stream:
+        from llmprune_kernels.cli_stream import check_stream_args, prune_streamed
+
+        check_stream_args(args)
+        preflight(args)
+        name, result, timings, _, report = prune_streamed(args, config, options, device, t_start, _windows)
+        if args.report:
+            write_json(report, args.report)
+        _summary(name, args.method, config, result, None, None, timings, args.output, args.report)
+        return 0
     preflight(args)  # --output, --report and the text files, before the model is loaded
     note = _cost_note(cls, config, device, args.model)
     if note:
         print(note, file=sys.stderr, flush=True)
+    from llmprune_kernels.atomic import reserve
+
+    # Hold --output from here on: a second run on it fails now, not after pruning.
+    with reserve(args.output, overwrite=args.overwrite, kind="dir") if args.output else contextlib.nullcontext():
+        return _prune_in_memory(args, config, options, device, t_start)
+
+
+def _prune_in_memory(args, config, options, device, t_start) -> int:
+    from llmprune_kernels.pipeline import prune_model
+    from llmprune_kernels.pipeline.report import build_report, write_json
+    from llmprune_kernels.pipeline.resume import remove_work_dir
+
     model, tokenizer, name, t_load = _load(args)
     calib, eval_ids, data_info = _windows(args, tokenizer, args.nsamples, args.evaluate, model)
     timings = {"load": t_load}
@@ -277,6 +322,7 @@ def cmd_prune(args) -> int:
     layer_sparsity, owl_report = cli_layer_sparsity(args, model, calib, config, device)
     result = prune_model(model, calib, args.method, config, device=device, batch_size=args.batch_size,
                          layer_sparsity=layer_sparsity, options=options, measure_error=args.measure_error,
+                         gpu_memory=args.gpu_memory, output_dir=args.output, resume=args.resume,
                          progress=not args.quiet)
     timings["prune"] = result.total_time_s
     if args.evaluate:
@@ -295,6 +341,7 @@ def cmd_prune(args) -> int:
         t0 = time.perf_counter()
         save_model(model, tokenizer, args.output, overwrite=args.overwrite,
                    extra_json={"pruning_report.json": report})
+        remove_work_dir(args.output)  # the per-layer checkpoints, no longer needed
         timings["save"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
     report_path = args.report

@@ -227,3 +227,28 @@ def test_pack_24_round_trip_keeps_signed_zeros_where_two_slots_hold_them():
     doc = " ".join(pack.__doc__.split())
     assert "bit for bit wherever a group of 4 holds at most two nonzero bit patterns" in doc
     assert "come back as ``+0.0``" in doc
+
+
+def test_prune_model_checks_config_and_windows_before_work():
+    """A float config and out-of-vocabulary or empty windows are refused before the model is touched."""
+    from llmprune_kernels import prune_model
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="SparsityConfig"):
+        prune_model(model, random_ids(2, 8), "wanda", 0.5, progress=False)
+    bad = random_ids(2, 8)
+    bad[0, 0] = model.config.vocab_size
+    with pytest.raises(ValueError, match="calibration windows"):
+        prune_model(model, bad, "gblm", progress=False)
+    with pytest.raises(ValueError, match="calibration windows"):
+        prune_model(model, torch.zeros(0, 8, dtype=torch.long), "wanda", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_gblm_reference_refuses_negative_activation_norms():
+    from llmprune_kernels.reference.gblm import gblm_mask
+
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="activation norms"):
+        gblm_mask(w, -torch.ones(8), torch.ones(4, 8), SparsityConfig(0.5))

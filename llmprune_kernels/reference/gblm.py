@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from llmprune_kernels.reference.wanda import mask_from_score, wanda_score
-from llmprune_kernels.validation import SparsityConfig, check_finite, check_weight
+from llmprune_kernels.validation import SparsityConfig, check_finite, check_finite_nonnegative, check_weight
 
 
 def gblm_score(weight: torch.Tensor, act_norm_sq: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def _check_inputs(weight: torch.Tensor, act_norm_sq: torch.Tensor, grad_norm: to
         )
     if not grad_norm.is_floating_point():
         raise TypeError(f"gradient norms have dtype {grad_norm.dtype}; allowed: a floating dtype")
-    check_finite(act_norm_sq, "activation norms")
+    check_finite_nonnegative(act_norm_sq, "activation norms")
     check_finite(grad_norm, "gradient norms")
 
 

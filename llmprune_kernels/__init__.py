@@ -12,7 +12,7 @@ from llmprune_kernels.pipeline.data import get_calibration_and_eval
 from llmprune_kernels.pipeline.evaluate import perplexity
 from llmprune_kernels.pipeline.models import load_model
 from llmprune_kernels.pipeline.save import save_model
-from llmprune_kernels.sparse24 import SparseLinear, pack_24, sparsify_
+from llmprune_kernels.sparse24 import SemiSparseWeightConfig, SparseLinear, pack_24, sparsify_
 from llmprune_kernels.sparse24.checkpoint import expand_to_dense, load_compressed, save_compressed
 from llmprune_kernels.validation import SparsityConfig
 
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PruneResult",
+    "SemiSparseWeightConfig",
     "SparseLinear",
     "SparsityConfig",
     "available_methods",

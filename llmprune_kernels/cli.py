@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from llmprune_kernels import plots  # matplotlib is imported only when a picture is drawn
 from llmprune_kernels.cli_checks import preflight, run
 from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
 from llmprune_kernels.validation import SparsityConfig
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmprune", description=DESCRIPTION, epilog=epilog, formatter_class=raw)
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
     _debug(parser, default=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,eval,methods}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,eval,methods,plot}")
 
     p = sub.add_parser("prune", help="prune a model layer by layer and report perplexity", formatter_class=raw,
                        description="Prune every Linear of the decoder layers (not embeddings / lm_head), layer by\n"
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stay in pinned CPU memory, the next batch prefetched (default: no budget)")
     p.add_argument("--report", default=None, metavar="FILE",
                    help="write the JSON report here (default: DIR/pruning_report.json when --output is given)")
+    plots.add_cli_arguments(p)  # --plot FILE.png
     p.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure dense and pruned perplexity (default: on)")
     p.add_argument("--error", dest="measure_error", action=argparse.BooleanOptionalAction, default=None,
@@ -191,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("names", nargs="*", metavar="METHOD", help="only these methods (default: all)")
     _debug(m)
     m.set_defaults(func=cmd_methods, quiet=True)
+    plots.add_cli_command(sub, _debug)  # llmprune plot REPORT.json [-o FILE.png]
     return parser
 
 
@@ -282,6 +285,7 @@ def cmd_prune(args) -> int:
     cls = get_method(args.method)  # unknown method or options: fail before loading anything
     options = check_options(cls, dict(args.option))
     device = _device(args.device)
+    plots.check_cli(args)  # --plot: matplotlib and the file, before any work
     if args.resume and not args.output:
         raise ValueError("--resume continues a run on its --output directory; it needs --output DIR")
     if args.stream:
@@ -293,6 +297,7 @@ def cmd_prune(args) -> int:
         if args.report:
             write_json(report, args.report)
         _summary(name, args.method, config, result, None, None, timings, args.output, args.report)
+        plots.cli_save(args, report)
         return 0
     preflight(args)  # --output, --report and the text files, before the model is loaded
     note = _cost_note(cls, config, device, args.model)
@@ -349,6 +354,7 @@ def _prune_in_memory(args, config, options, device, t_start) -> int:
         write_json(report, report_path)
     _summary(name, args.method, config, result, dense, pruned, timings, args.output, report_path,
              owl_report.get("owl"))
+    plots.cli_save(args, report)
     return 0
 
 

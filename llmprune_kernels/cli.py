@@ -18,6 +18,7 @@ import torch
 
 from llmprune_kernels import plots  # matplotlib is imported only when a picture is drawn
 from llmprune_kernels.cli_checks import preflight, run
+from llmprune_kernels.pipeline import zeroshot  # lm-eval is imported only when --tasks is given
 from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
 from llmprune_kernels.validation import SparsityConfig
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stay in pinned CPU memory, the next batch prefetched (default: no budget)")
     p.add_argument("--report", default=None, metavar="FILE",
                    help="write the JSON report here (default: DIR/pruning_report.json when --output is given)")
+    zeroshot.add_cli_arguments(p)  # --tasks boolq,arc_easy (lm-eval), --tasks-path, --tasks-limit, --num-fewshot
     plots.add_cli_arguments(p)  # --plot FILE.png
     p.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=True,
                    help="measure dense and pruned perplexity (default: on)")
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Held-out perplexity of a model on non-overlapping windows.", epilog=MODEL_NOTE)
     _common(e)
     e.add_argument("--report", default=None, metavar="FILE", help="write a JSON report here")
+    zeroshot.add_cli_arguments(e)
     e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("methods", help="list the pruning methods and their options (type, default, doc)",
@@ -288,6 +291,7 @@ def cmd_prune(args) -> int:
     plots.check_cli(args)  # --plot: matplotlib and the file, before any work
     if args.resume and not args.output:
         raise ValueError("--resume continues a run on its --output directory; it needs --output DIR")
+    zeroshot.check_cli(args)  # --tasks: lm-eval installed, not with --stream
     if args.stream:
         from llmprune_kernels.cli_stream import check_stream_args, prune_streamed
 
@@ -315,6 +319,7 @@ def _prune_in_memory(args, config, options, device, t_start) -> int:
     from llmprune_kernels.pipeline.report import build_report, write_json
     from llmprune_kernels.pipeline.resume import remove_work_dir
 
+    tasks = zeroshot.cli_tasks(args)  # an unknown task or an uncached dataset fails before the model loads
     model, tokenizer, name, t_load = _load(args)
     calib, eval_ids, data_info = _windows(args, tokenizer, args.nsamples, args.evaluate, model)
     timings = {"load": t_load}
@@ -322,6 +327,9 @@ def _prune_in_memory(args, config, options, device, t_start) -> int:
     if args.evaluate:
         dense, timings["eval_dense"] = _ppl(model, eval_ids, device, args)
         print(f"dense perplexity: {dense:.3f}", flush=True)
+    zs = {"dense": None, "pruned": None} if tasks else None
+    if tasks and args.evaluate:
+        zs["dense"], timings["zero_shot_dense"] = zeroshot.cli_zero_shot(model, tokenizer, tasks, device, args, "dense")
     from llmprune_kernels.pipeline.owl import cli_layer_sparsity
 
     layer_sparsity, owl_report = cli_layer_sparsity(args, model, calib, config, device)
@@ -332,11 +340,13 @@ def _prune_in_memory(args, config, options, device, t_start) -> int:
     timings["prune"] = result.total_time_s
     if args.evaluate:
         pruned, timings["eval_pruned"] = _ppl(model, eval_ids, device, args)
+    if tasks:
+        zs["pruned"], timings["zero_shot_pruned"] = zeroshot.cli_zero_shot(model, tokenizer, tasks, device, args)
     timings["total"] = time.perf_counter() - t_start
     report = build_report(model=name, method=args.method, options=result.options,
                           sparsity={"sparsity": config.sparsity, "n": config.n, "m": config.m, "label": config.label},
                           data=data_info, prune_result=result, dense_ppl=dense, pruned_ppl=pruned,
-                          timings=timings, output_dir=args.output)
+                          timings=timings, output_dir=args.output, zero_shot=zs)
     report.update(owl_report)  # OWL: M, lambda, outlier ratios, per-layer sparsity
     if result.method_report:  # GBLM gradient memory, SparseLLM per-block objective histories / NaN fallbacks
         report["method_report"] = result.method_report
@@ -353,12 +363,13 @@ def _prune_in_memory(args, config, options, device, t_start) -> int:
     if report_path:
         write_json(report, report_path)
     _summary(name, args.method, config, result, dense, pruned, timings, args.output, report_path,
-             owl_report.get("owl"))
+             owl_report.get("owl"), zs)
     plots.cli_save(args, report)
     return 0
 
 
-def _summary(name, method, config, result, dense, pruned, timings, output, report_path, owl=None) -> None:
+def _summary(name, method, config, result, dense, pruned, timings, output, report_path, owl=None,
+             zero_shot=None) -> None:
     errs = [s.rel_error for s in result.linears if s.rel_error is not None]
     lines = [
         f"model:            {name}",
@@ -378,6 +389,7 @@ def _summary(name, method, config, result, dense, pruned, timings, output, repor
         lines.append(f"rel. recon error: mean {sum(errs) / len(errs):.4f}, max {max(errs):.4f}")
     if dense is not None:
         lines.append(f"perplexity:       dense {dense:.3f} -> pruned {pruned:.3f}")
+    lines += zeroshot.summary_lines(zero_shot)  # dense -> pruned accuracy per task
     lines.append("time:             " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     if output:
         lines.append(f"saved to:         {output}")
@@ -392,15 +404,21 @@ def cmd_eval(args) -> int:
     t_start = time.perf_counter()
     device = _device(args.device)
     preflight(args)
+    tasks = zeroshot.cli_tasks(args)
     model, tokenizer, name, t_load = _load(args)
     _, eval_ids, data_info = _windows(args, tokenizer, None, model=model)
     ppl, t_eval = _ppl(model, eval_ids, device, args)
-    timings = {"load": t_load, "eval": t_eval, "total": time.perf_counter() - t_start}
+    timings, zs = {"load": t_load, "eval": t_eval}, None
+    if tasks:  # stored as "dense", as the perplexity of an evaluated model is
+        zs = {"dense": None, "pruned": None}
+        zs["dense"], timings["zero_shot"] = zeroshot.cli_zero_shot(model, tokenizer, tasks, device, args)
+    timings["total"] = time.perf_counter() - t_start
     if args.report:
-        write_json(build_report(model=name, method=None, data=data_info, dense_ppl=ppl, timings=timings), args.report)
-    print(f"model:      {name}\nperplexity: {ppl:.3f} ({data_info['eval_windows']} windows x "
-          f"{data_info['eval_seqlen']} tokens of {data_info['source']})\ntime:       "
-          + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()), flush=True)
+        write_json(build_report(model=name, method=None, data=data_info, dense_ppl=ppl, timings=timings,
+                                zero_shot=zs), args.report)
+    where = f"{data_info['eval_windows']} windows x {data_info['eval_seqlen']} tokens of {data_info['source']}"
+    print("\n".join([f"model:      {name}", f"perplexity: {ppl:.3f} ({where})", *zeroshot.summary_lines(zs),
+                     "time:       " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())]), flush=True)
     return 0
 
 

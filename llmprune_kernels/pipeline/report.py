@@ -16,6 +16,9 @@ from llmprune_kernels.atomic import atomic_file, resolve_target
 from llmprune_kernels.backends import backends
 
 REPORT_VERSION = 1
+# The report's name inside an output directory; save_model and prune_pretrained also write the model card
+# (README.md, pipeline.model_card) from the report given under this name.
+REPORT_FILE = "pruning_report.json"
 
 
 def versions() -> dict[str, str | None]:
@@ -50,8 +53,12 @@ def build_report(
     pruned_ppl: float | None = None,
     timings: dict[str, float] | None = None,
     output_dir: str | None = None,
+    zero_shot: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the report dict (``prune_result`` is a ``pipeline.PruneResult`` or None)."""
+    """Assemble the report dict (``prune_result`` is a ``pipeline.PruneResult`` or None).
+
+    ``zero_shot``: ``{"dense": ..., "pruned": ...}``, each a ``pipeline.zeroshot.zero_shot`` result or None.
+    """
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -61,6 +68,7 @@ def build_report(
         "sparsity": sparsity,
         "data": data or {},
         "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl},
+        "zero_shot": zero_shot,
         "timings_s": timings or {},
         "output_dir": output_dir,
         "backends": backends(),

@@ -46,9 +46,13 @@ def save_model(
     being written; ``overwrite=True`` replaces it only after the new directory is complete. Another live
     writer of the same target raises ``atomic.TargetBusyError`` before anything is written; to fail before
     the work that produces the model, hold ``atomic.reserve(output_dir, overwrite=..., kind="dir")``
-    around it. ``extra_json`` maps file names to objects written as JSON beside the weights (e.g. the
-    pruning report). Returns the final path.
+    around it. ``extra_json`` maps file names to objects written as JSON beside the weights; a pruning
+    report given as ``pruning_report.json`` (``report.REPORT_FILE``) also gives the directory its model card,
+    README.md (``pipeline.model_card``). Returns the final path.
     """
+    from llmprune_kernels.pipeline.model_card import write_card
+    from llmprune_kernels.pipeline.report import REPORT_FILE
+
     extra = {name: json.dumps(obj, indent=2, default=str) + "\n" for name, obj in (extra_json or {}).items()}
     out = resolve_target(output_dir)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -58,6 +62,8 @@ def save_model(
             tokenizer.save_pretrained(tmp)
         for name, text in extra.items():
             (tmp / name).write_text(text)
+        if REPORT_FILE in (extra_json or {}):
+            write_card(tmp, extra_json[REPORT_FILE])
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no .safetensors file into {tmp}")
     return out

@@ -37,7 +37,8 @@ from llmprune_kernels.pipeline.progress import StageTimes
 from llmprune_kernels.pipeline.prune import (
     PruneResult, _layer_configs, check_run, plan_offload, prune_layers, run_identity, stats_from_checkpoint,
 )
-from llmprune_kernels.pipeline.report import write_json
+from llmprune_kernels.pipeline.model_card import card_for_stream
+from llmprune_kernels.pipeline.report import REPORT_FILE, write_json
 from llmprune_kernels.pipeline.resume import Checkpoint, load_tensors, save_tensors, shard_name
 from llmprune_kernels.validation import SparsityConfig
 
@@ -327,8 +328,11 @@ def _finish(model, source, rest, checkpoint, target, overwrite, result, extra_js
             shutil.copy2(f, work / f.name)
     result.stage_times_s = times.as_dict()  # as of now: the JSON files are written before the commit
     result.total_time_s = prior_elapsed + time.perf_counter() - t_start
-    for name, obj in (extra_json(result) if extra_json else {}).items():
+    extras = dict(extra_json(result) if extra_json else {})
+    for name, obj in extras.items():
         write_json(obj, work / name)
+    # The output's README.md is the pruned model's card (the source's, copied above, is replaced).
+    card_for_stream(work, extras.get(REPORT_FILE), result, source.path)
     keep = {p.name for p in checkpoint.state_files()}
     with atomic_dir(target, overwrite=overwrite) as tmp:
         for f in work.iterdir():

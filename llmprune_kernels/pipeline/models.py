@@ -223,7 +223,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(
         f"cannot find the decoder layers of {type(model).__name__} (model_type={model_type!r}); looked for a "
         f"non-empty nn.ModuleList at {', '.join(DECODER_LAYER_PATHS)}. Supported: transformers causal LMs of "
-        f"the LLaMA family (LLaMA, Mistral, Qwen2, SmolLM2)"
+        f"the LLaMA family (LLaMA, Mistral, Qwen2/3, Gemma 2/3, Phi-3, SmolLM2), OPT and MoE models (Mixtral, "
+        f"Qwen2-MoE, Qwen3-MoE)"
     )
 
 
@@ -239,5 +240,26 @@ def decoder_layers_parent(model: nn.Module) -> nn.Module:
 
 
 def linear_modules(module: nn.Module) -> dict[str, nn.Linear]:
-    """The prunable ``nn.Linear`` submodules of ``module`` by relative name, in definition order."""
+    """The ``nn.Linear`` submodules of ``module`` by relative name, in definition order."""
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def prunable_modules(module: nn.Module) -> dict[str, nn.Linear]:
+    """What the pipeline prunes in ``module`` (a decoder layer), by relative name, in definition order.
+
+    Every ``nn.Linear`` except an MoE block's routers, and each expert matrix of fused 3-D experts as an
+    ``experts.ExpertSlice`` (an ``nn.Linear`` view named ``<experts>.<e>.gate_up_proj`` / ``.down_proj``).
+    Build it after the layer is on its device: a slice reads the 3-D parameter on every access anyway.
+    """
+    from llmprune_kernels.pipeline.experts import expert_slices, fused_experts, is_router
+
+    out: dict[str, nn.Linear] = {}
+    routers = {f"{pname}.{cname}" if pname else cname
+               for pname, parent in module.named_modules() for cname, child in parent.named_children()
+               if is_router(parent, cname, child)}
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear) and name not in routers:
+            out[name] = m
+        elif fused_experts(m):
+            out.update(expert_slices(m, name))
+    return out

@@ -35,7 +35,8 @@ from llmprune_kernels.pipeline.layerwise import (
     CapturedInputs, InPlace, LayerIO, LayerStep, LayerStrategy, capture_layer_inputs, check_finite_fast, walk_layers,
 )
 from llmprune_kernels.pipeline.memory import check_gpu_memory, layer_need_bytes, offload_needed
-from llmprune_kernels.pipeline.models import find_decoder_layers, linear_modules
+from llmprune_kernels.pipeline.experts import MIN_EXPERT_TOKENS, check_min_expert_tokens, expert_rule
+from llmprune_kernels.pipeline.models import find_decoder_layers, prunable_modules
 from llmprune_kernels.pipeline.progress import StageTimes, layer_bar, show_layer
 from llmprune_kernels.pipeline.resume import Checkpoint, calibration_digest, load_tensors
 from llmprune_kernels.pipeline.statistics import feed_statistics
@@ -143,7 +144,7 @@ def plan_offload(model: nn.Module, calibration: torch.Tensor | None, device: tor
     per_token = hidden * ptr.element_size()
     acts, batch = calibration.numel() * per_token, min(batch_size, calibration.shape[0]) * calibration.shape[1] * per_token
     need = max(layer_need_bytes(sum(p.numel() * p.element_size() for p in layer.parameters()),
-                                [lin.in_features for lin in linear_modules(layer).values()], acts, batch)
+                                [lin.in_features for lin in prunable_modules(layer).values()], acts, batch)
                for layer in layers)
     return offload_needed(device, gpu_memory, need)
 
@@ -197,6 +198,7 @@ def prune_layers(
     checkpoint: Checkpoint | None = None,
     replay_io: LayerIO | None = None,
     t_start: float | None = None,
+    min_expert_tokens: int = MIN_EXPERT_TOKENS,
 ) -> tuple[list[LinearStats], list[float]]:
     """Prune the decoder layers from ``checkpoint.completed`` on (all without a checkpoint), in order.
 
@@ -205,6 +207,8 @@ def prune_layers(
     workers. A resumed run first recomputes the hidden states entering its first layer by running the
     completed (pruned) layers forward, each brought in by ``replay_io`` (default ``io``): the same operations
     on the same weights as the interrupted run, hence the same bits, without storing activations on disk.
+    MoE experts are pruned slice by slice, an expert with fewer than ``min_expert_tokens`` calibration tokens
+    by per-row magnitude (``experts.expert_rule``).
     Returns this call's report lines and per-layer times (the checkpoint's earlier ones not included).
     """
     t_start = time.perf_counter() if t_start is None else t_start
@@ -228,13 +232,14 @@ def prune_layers(
     for step in bar:
         t_layer = time.perf_counter()
         cfg = configs[step.index]
-        linears = linear_modules(step.layer)
+        linears = prunable_modules(step.layer)
         with times("statistics"):
             pruners = {rel: cls(lin, cfg, opts, layer_name=f"{step.name}.{rel}", model_info=model_info)
                        for rel, lin in linears.items()}
             if needs_data:
                 feed_statistics(step, {lin: pruners[rel] for rel, lin in linears.items()})
             strategy.reduce_statistics(step, pruners)
+            pruners = expert_rule(pruners, linears, cfg, min_expert_tokens, calibrated=needs_data)
         with times("solve"):
             # Snapshot every dense weight before any prune() call: a method may change several Linears of
             # the layer at once (SparseLLM solves the feed-forward block jointly).
@@ -305,8 +310,10 @@ def prune_model(
     output_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    min_expert_tokens: int = MIN_EXPERT_TOKENS,
 ) -> PruneResult:
-    """Prune every ``nn.Linear`` inside the decoder layers of ``model`` in place, layer by layer.
+    """Prune every ``nn.Linear`` inside the decoder layers of ``model`` in place, layer by layer, and each
+    expert matrix of fused MoE experts as its own Linear (``pipeline.experts``; routers stay dense).
 
     ``calibration``: (n, seqlen) token ids (see ``data.calibration_windows``); may be ``None`` only
     for methods without calibration (magnitude). ``config``: uniform sparsity or N:M (default 50%).
@@ -319,11 +326,14 @@ def prune_model(
     ``output_dir``: where the caller will save the pruned model; each completed layer is then checkpointed
     in a work directory beside it (``resume.work_dir_for``), which ``resume=True`` continues after a killed
     run, with the same result bit for bit. Remove it (``resume.remove_work_dir``) once the model is saved.
+    ``min_expert_tokens``: an MoE expert that receives fewer calibration tokens is pruned by per-row
+    magnitude instead of the method (each expert slice's report line says which rule pruned it).
     Returns per-Linear statistics, timings and the complete options.
     The embeddings and ``lm_head`` are not pruned (as in the papers).
     """
     t_start = time.perf_counter()
     cls, opts, config = check_run(method, options, config, batch_size, gpu_memory, resume, output_dir)
+    check_min_expert_tokens(min_expert_tokens)
     device = torch.device(device)
     _, layers = find_decoder_layers(model)
     configs = _layer_configs(config, len(layers), layer_sparsity)
@@ -338,7 +348,8 @@ def prune_model(
     checkpoint = None
     if output_dir is not None:
         identity = run_identity(cls, opts, configs, calibration if walk else None, batch_size, measure_error,
-                                mode="in-memory", model=type(model).__name__, model_config=_model_fingerprint(model))
+                                mode="in-memory", model=type(model).__name__, model_config=_model_fingerprint(model),
+                                min_expert_tokens=min_expert_tokens)
         checkpoint = Checkpoint.open(output_dir, identity, len(layers), resume=resume)
     try:
         times = StageTimes(device, checkpoint.manifest["stage_times_s"] if checkpoint else None)
@@ -364,7 +375,7 @@ def prune_model(
         stats, layer_times = prune_layers(
             model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,
             measure_error=measure_error and walk, progress=progress, times=times,
-            io=None if walk else InPlace(), checkpoint=checkpoint, t_start=t_start)
+            io=None if walk else InPlace(), checkpoint=checkpoint, t_start=t_start, min_expert_tokens=min_expert_tokens)
     finally:
         if checkpoint is not None:
             checkpoint.release()

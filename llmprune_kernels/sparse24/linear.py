@@ -319,6 +319,9 @@ def sparsify_(
       stays dense).
 
     A picked weight that is not 2:4 raises, naming the module, row and group, before any module is swapped.
+    Fused MoE experts (transformers 5's 3-D ``gate_up_proj`` / ``down_proj``) become
+    :class:`~llmprune_kernels.sparse24.experts.SparseExperts` (one SparseLinear per expert matrix): by default
+    those whose matrices are all 2:4; with our filter, those it picks (it is asked about the experts module too).
     On CUDA each distinct (out, in, dtype) is tuned once (``tune=True``) unless ``table`` (a
     :class:`TuningTable` or a JSON path from ``save_table``) already holds it; caches are then built.
     ``buckets``: the M buckets to measure (fewer = faster tuning; unmeasured buckets use the defaults).
@@ -334,6 +337,9 @@ def sparsify_(
     picked = _picked(model, torchao, filter_fn)
     if isinstance(model, nn.Linear) and picked:
         raise ValueError("sparsify_ swaps Linear children of a model; wrap a bare Linear with SparseLinear.from_linear")
+    from llmprune_kernels.sparse24.experts import pack_experts, swap_experts
+
+    experts = pack_experts(model, filter_fn)  # fused MoE experts whose matrices are 2:4 -> SparseExperts
     new = []
     for fqn, lin in picked:  # pack every picked weight before swapping any: a bad one leaves the model as it was
         try:
@@ -348,6 +354,7 @@ def sparsify_(
         sl.table = table
         sl.dense_tolerance = dense_tolerance
         setattr(model.get_submodule(parent_name) if parent_name else model, child, sl)
+    new += swap_experts(model, experts, table, dense_tolerance)
     cuda_shapes = {(m.out_features, m.in_features, m.values.dtype) for m in new if m.values.is_cuda}
     if cuda_shapes and tune:
         t = tuning.tune(sorted(cuda_shapes, key=str), table, device=new[0].values.device, buckets=buckets)

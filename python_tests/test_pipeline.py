@@ -288,7 +288,7 @@ def test_bad_inputs_raise_clear_errors():
     ids = random_ids(2, 16)
     with pytest.raises(ValueError, match=r"unknown pruning method 'nope'; allowed: .*wanda"):
         prune_model(tiny_model("llama"), ids, "nope", progress=False)
-    with pytest.raises(ValueError, match=r"calibration ids must be a 2-D int64 tensor"):
+    with pytest.raises(ValueError, match=r"calibration windows must be a 2-D int64 tensor"):
         prune_model(tiny_model("llama"), ids.float(), "wanda", progress=False)
     with pytest.raises(ValueError, match=r"batch size 0 is invalid"):
         prune_model(tiny_model("llama"), ids, "wanda", batch_size=0, progress=False)

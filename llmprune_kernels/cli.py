@@ -309,8 +309,9 @@ def cmd_prune(args) -> int:
         print(note, file=sys.stderr, flush=True)
     from llmprune_kernels.atomic import reserve
 
-    # Hold --output from here on: a second run on it fails now, not after pruning.
-    with reserve(args.output, overwrite=args.overwrite, kind="dir") if args.output else contextlib.nullcontext():
+    # Hold --output from here on (under torchrun: rank 0, the writer): a second run on it fails now, not after pruning.
+    with reserve(args.output, overwrite=args.overwrite, kind="dir") if args.output and args.writes \
+            else contextlib.nullcontext():
         return _prune_in_memory(args, config, options, device, t_start)
 
 
@@ -350,7 +351,7 @@ def _prune_in_memory(args, config, options, device, t_start) -> int:
     report.update(owl_report)  # OWL: M, lambda, outlier ratios, per-layer sparsity
     if result.method_report:  # GBLM gradient memory, SparseLLM per-block objective histories / NaN fallbacks
         report["method_report"] = result.method_report
-    if args.output:
+    if args.output and args.writes:
         from llmprune_kernels.pipeline.save import save_model
 
         t0 = time.perf_counter()
@@ -430,7 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    return run(args.func, args, debug=args.debug)
+    from llmprune_kernels.pipeline.distributed import launched
+
+    return run(launched(args.func), args, debug=args.debug)  # under torchrun: one process per GPU
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,7 @@ from torch import nn
 from llmprune_kernels.methods import check_options, get_method
 from llmprune_kernels.methods.base import options_for_report
 from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE, check_windows
+from llmprune_kernels.pipeline.distributed import open_checkpoint, sharding
 from llmprune_kernels.pipeline.layerwise import (
     CapturedInputs, InPlace, LayerIO, LayerStep, LayerStrategy, capture_layer_inputs, check_finite_fast, walk_layers,
 )
@@ -236,8 +237,9 @@ def prune_layers(
         with times("statistics"):
             pruners = {rel: cls(lin, cfg, opts, layer_name=f"{step.name}.{rel}", model_info=model_info)
                        for rel, lin in linears.items()}
-            if needs_data:
-                feed_statistics(step, {lin: pruners[rel] for rel, lin in linears.items()})
+            if needs_data:  # a sharded run's strategy feeds its batches and combines them in global order
+                feed = getattr(strategy, "feed_statistics", feed_statistics)
+                feed(step, {lin: pruners[rel] for rel, lin in linears.items()})
             strategy.reduce_statistics(step, pruners)
             pruners = expert_rule(pruners, linears, cfg, min_expert_tokens, calibrated=needs_data)
         with times("solve"):
@@ -257,15 +259,23 @@ def prune_layers(
                 pruners[rel].free()
             del pruners
             strategy.share_pruned(step, linears, mine)
+            if hasattr(strategy, "gather_reports"):  # prune() times and report fields of every rank's Linears
+                seconds, extras = strategy.gather_reports(seconds, extras)
         with times("recompute"):
-            errs = {rel: [0.0, 0.0] for rel in dense}
-            step.propagate({linears[rel]: _error_hook(dense[rel], errs[rel]) for rel in dense})
-            del dense
+            errs = {rel: [] for rel in dense}
+            hooks = {linears[rel]: _error_hook(dense[rel], errs[rel]) for rel in dense}
+            if dense:  # None closes each batch's terms (an MoE expert's Linear may run in some batches only)
+                hooks[step.layer] = _batch_end(errs)
+            step.propagate(hooks)
+            del dense, hooks
+            if errs and hasattr(strategy, "gather_errors"):  # every rank's batches, in global batch order
+                errs = strategy.gather_errors(errs)
         with times("check"):
             layer_stats = []
             for rel, lin in linears.items():
                 e = errs.get(rel)
-                rel_err = (e[0] / e[1]) ** 0.5 if e and e[1] > 0 else (0.0 if e else None)
+                num, den = (sum(t[0] for t in e if t), sum(t[1] for t in e if t)) if e is not None else (0.0, 0.0)
+                rel_err = (num / den) ** 0.5 if den > 0 else (0.0 if e is not None else None)
                 layer_stats.append(_linear_stats(f"{step.name}.{rel}", lin.weight, cfg, rel_err,
                                                  seconds.get(rel, 0.0), extras.get(rel, {})))
         stats.extend(layer_stats)
@@ -311,6 +321,7 @@ def prune_model(
     resume: bool = False,
     progress: bool = True,
     min_expert_tokens: int = MIN_EXPERT_TOKENS,
+    distributed: bool | None = None,
 ) -> PruneResult:
     """Prune every ``nn.Linear`` inside the decoder layers of ``model`` in place, layer by layer, and each
     expert matrix of fused MoE experts as its own Linear (``pipeline.experts``; routers stay dense).
@@ -328,6 +339,10 @@ def prune_model(
     run, with the same result bit for bit. Remove it (``resume.remove_work_dir``) once the model is saved.
     ``min_expert_tokens``: an MoE expert that receives fewer calibration tokens is pruned by per-row
     magnitude instead of the method (each expert slice's report line says which rule pruned it).
+    ``distributed``: with ``torch.distributed`` initialised over several processes (``None``: whenever it
+    is; ``False``: this process alone), every process calls this with the same arguments and they share the
+    work (``pipeline.distributed``): each ends with the same pruned model, equal to a one-process run's bit
+    for bit; rank 0 alone writes the checkpoints.
     Returns per-Linear statistics, timings and the complete options.
     The embeddings and ``lm_head`` are not pruned (as in the papers).
     """
@@ -345,12 +360,15 @@ def prune_model(
     walk = calibration is not None and (needs_data or measure_error)
     if walk:
         check_windows(calibration, model, "calibration windows")  # before a method's model-level pass
+    strategy = sharding(distributed, calibration if walk else None, batch_size)
+    progress = progress and (strategy is None or strategy.writes)
+    mine = strategy.windows(calibration) if strategy is not None and walk else calibration  # this rank's windows
     checkpoint = None
     if output_dir is not None:
         identity = run_identity(cls, opts, configs, calibration if walk else None, batch_size, measure_error,
                                 mode="in-memory", model=type(model).__name__, model_config=_model_fingerprint(model),
                                 min_expert_tokens=min_expert_tokens)
-        checkpoint = Checkpoint.open(output_dir, identity, len(layers), resume=resume)
+        checkpoint = open_checkpoint(strategy, output_dir, identity, len(layers), resume=resume)
     try:
         times = StageTimes(device, checkpoint.manifest["stage_times_s"] if checkpoint else None)
         prior_elapsed = float(checkpoint.manifest.get("elapsed_s", 0.0)) if checkpoint else 0.0
@@ -365,17 +383,18 @@ def prune_model(
                     prefix = f"{find_decoder_layers(model)[0]}.{i}."
                     saved = load_tensors(checkpoint.shard(i))
                     layers[i].load_state_dict({k[len(prefix):]: v for k, v in saved.items()}, strict=True)
-        offload = offload_activations or plan_offload(model, calibration, device, batch_size, gpu_memory)
+        offload = offload_activations or plan_offload(model, mine, device, batch_size, gpu_memory)
         if walk:
             t0 = time.perf_counter()
             with times("capture"):
-                captured = capture_layer_inputs(model, calibration, device, batch_size, offload)
+                captured = capture_layer_inputs(model, mine, device, batch_size, offload)
             capture_time = time.perf_counter() - t0
         done, done_times = stats_from_checkpoint(checkpoint)
         stats, layer_times = prune_layers(
             model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,
             measure_error=measure_error and walk, progress=progress, times=times,
-            io=None if walk else InPlace(), checkpoint=checkpoint, t_start=t_start, min_expert_tokens=min_expert_tokens)
+            io=None if walk else InPlace(), strategy=strategy, checkpoint=checkpoint, t_start=t_start,
+            min_expert_tokens=min_expert_tokens)
     finally:
         if checkpoint is not None:
             checkpoint.release()
@@ -386,14 +405,22 @@ def prune_model(
                        times.as_dict())
 
 
-def _error_hook(dense_weight: torch.Tensor, acc: list[float]) -> Callable:
-    """Accumulate ||(W - W')x||^2 and ||Wx||^2 in fp64 from the Linear's input and pruned output."""
+def _batch_end(errs: dict[str, list]) -> Callable:
+    def hook(module, inputs, output):  # returns None: the layer's output is left as it is
+        for terms in errs.values():
+            terms.append(None)
+    return hook
+
+
+def _error_hook(dense_weight: torch.Tensor, terms: list[tuple[float, float]]) -> Callable:
+    """Append ||(W - W')x||^2 and ||Wx||^2 (fp64) of each call from the Linear's input and pruned output;
+    summed in order (batch order) they give the layer's error."""
     def hook(module, inputs, output):
         x = inputs[0].detach()
         ref = nn.functional.linear(x, dense_weight).float()
         got = output.detach().float()
         if module.bias is not None:
             got = got - module.bias.detach().float()
-        acc[0] += float(torch.sum((ref - got) ** 2, dtype=torch.float64))
-        acc[1] += float(torch.sum(ref ** 2, dtype=torch.float64))
+        terms.append((float(torch.sum((ref - got) ** 2, dtype=torch.float64)),
+                      float(torch.sum(ref ** 2, dtype=torch.float64))))
     return hook

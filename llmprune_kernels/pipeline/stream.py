@@ -16,6 +16,7 @@ one commit. Plain ``transformers.AutoModelForCausalLM.from_pretrained`` loads it
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from torch import nn
 from llmprune_kernels.atomic import atomic_dir, check_target, reserve
 from llmprune_kernels.methods.base import options_for_report
 from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE, check_windows
+from llmprune_kernels.pipeline.distributed import on_writer, open_checkpoint, sharding
 from llmprune_kernels.pipeline.layerwise import LayerIO, capture_layer_inputs
 from llmprune_kernels.pipeline.memory import release_host_memory
 from llmprune_kernels.pipeline.models import NO_REMOTE_CODE, find_decoder_layers
@@ -233,6 +235,7 @@ def prune_pretrained(
     overwrite: bool = False,
     progress: bool = True,
     extra_json: Callable[[PruneResult], Mapping[str, Any]] | None = None,
+    distributed: bool | None = None,
 ) -> PruneResult:
     """Prune the model in ``source_dir`` (safetensors) into ``output_dir``, one decoder layer in memory at a time.
 
@@ -242,6 +245,8 @@ def prune_pretrained(
     would not fit on the GPU beside one layer. ``resume``: continue a killed run from its last completed
     layer. ``overwrite``: replace an existing ``output_dir`` (only once the new one is complete).
     ``extra_json``: given the result, the JSON files (name -> object) to add to the output, e.g. a report.
+    ``distributed``: as for ``prune_model``; every process reads the layers, rank 0 alone writes the output
+    (and calls ``extra_json``), the others reading its checkpoint shards when resuming (one file system).
     """
     t_start = time.perf_counter()
     cls, opts, config = check_run(method, options, config, batch_size, gpu_memory, resume, output_dir)
@@ -264,8 +269,13 @@ def prune_pretrained(
         check_windows(calibration, model)
     identity = run_identity(cls, opts, configs, calibration if walk else None, batch_size, measure_error,
                             mode="streamed", dtype=str(next(model.parameters()).dtype), **source.fingerprint())
-    with reserve(target, overwrite=overwrite, kind="dir"):  # a second run on this output fails from here on
-        checkpoint = Checkpoint.open(target, identity, len(layers), resume=resume)
+    strategy = sharding(distributed, calibration if walk else None, batch_size)
+    writes = strategy is None or strategy.writes
+    progress = progress and writes
+    mine = strategy.windows(calibration) if strategy is not None and walk else calibration  # this rank's windows
+    # a second run on this output fails from here on
+    with reserve(target, overwrite=overwrite, kind="dir") if writes else contextlib.nullcontext():
+        checkpoint = open_checkpoint(strategy, target, identity, len(layers), resume=resume)
         try:
             times.add(checkpoint.manifest["stage_times_s"])
             prior_elapsed = float(checkpoint.manifest.get("elapsed_s", 0.0))
@@ -276,25 +286,26 @@ def prune_pretrained(
             if walk and callable(prepare):
                 with times("prepare"):
                     model_info = _prepare_streamed(prepare, cls, model, calibration, config, device, opts, progress)
-            offload = plan_offload(model, calibration, device, batch_size, gpu_memory)
+            offload = plan_offload(model, mine, device, batch_size, gpu_memory)
             if walk:
                 t0 = time.perf_counter()
                 with times("capture"):
-                    captured = capture_layer_inputs(model, calibration, device, batch_size, offload)
+                    captured = capture_layer_inputs(model, mine, device, batch_size, offload)
                 capture_time = time.perf_counter() - t0
             done, done_times = stats_from_checkpoint(checkpoint)
             stats, layer_times = prune_layers(
                 model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,
                 measure_error=measure_error and walk, progress=progress, times=times,
-                io=StreamIO(source, keys, path, dtype), checkpoint=checkpoint,
+                io=StreamIO(source, keys, path, dtype), strategy=strategy, checkpoint=checkpoint,
                 replay_io=CompletedIO(checkpoint, path, dtype), t_start=t_start)
             report_fn = getattr(model_info, "report", None)
             result = PruneResult(method, config, options_for_report(opts), done + stats, done_times + layer_times,
                                  capture_time, 0.0, report_fn() if callable(report_fn) else None)
-            with times("write"):
-                _finish(model, source, rest, checkpoint, target, overwrite, result, extra_json, times, t_start,
-                        prior_elapsed)
-            checkpoint.remove()
+            with times("write"):  # rank 0 writes; the others learn whether it could
+                on_writer(strategy, lambda: _finish(model, source, rest, checkpoint, target, overwrite, result,
+                                                    extra_json, times, t_start, prior_elapsed))
+            if writes:
+                checkpoint.remove()
         finally:
             checkpoint.release()
     result.stage_times_s = times.as_dict()

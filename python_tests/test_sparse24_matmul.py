@@ -257,7 +257,7 @@ def test_cusparselt_rejects_unknown_layout():
 @pytest.mark.cuda
 @needs_cslt
 def test_cusparselt_search_by_timing():
-    from llmprune_kernels.sparse24.dispatch import time_ms
+    from llmprune_kernels.sparse24.tuning import time_ms
 
     w = random_24_weight(512, 1024, torch.float16, "cuda")
     x = torch.randn(256, 1024, device="cuda", dtype=torch.float16)

@@ -637,3 +637,18 @@ def test_smollm2_perplexity_sparse_linear_equals_masked_dense(device):
     assert masked < 1e4
     # CPU runs the same masked matmul (identical); CUDA runs decode / cuSPARSELt kernels in fp16.
     assert abs(sparse - masked) / masked <= (1e-6 if device.type == "cpu" else 1e-2), (sparse, masked)
+
+
+def test_backend_availability_is_traceable_by_dynamo():
+    """``SparseLinear.forward`` asks the backends whether they can run under ``torch.compile(fullgraph=True)``:
+    the questions must read Python values, not call into the pybind module (which dynamo cannot trace)."""
+    from llmprune_kernels import _ext
+
+    def ask(x):
+        flags = [_ext.ext_with_cuda(), _ext.ext_with_cusparselt(), _ext.ext_with_cutlass_sm90()]
+        flags += [b.available(torch.device("cuda")) for b in backends.registered()]
+        return x + sum(bool(f) for f in flags)
+
+    torch._dynamo.reset()
+    x = torch.zeros(2)
+    assert torch.equal(torch.compile(ask, fullgraph=True, backend="eager")(x), ask(x))

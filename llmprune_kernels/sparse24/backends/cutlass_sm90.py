@@ -69,9 +69,17 @@ def available(device: torch.device | int | None = None) -> bool:
     """The CUTLASS ops were compiled in and the GPU is sm_90."""
     if not (_ext.ext_with_cutlass_sm90() and torch.cuda.is_available()):
         return False
-    if isinstance(device, (str, torch.device)) and torch.device(device).type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device) == (9, 0)
+    if isinstance(device, (str, torch.device)):
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False
+        device = device.index
+    if device not in _IS_SM90:  # asked once per device: SparseLinear.forward asks it under torch.compile
+        _IS_SM90[device] = torch.cuda.get_device_capability(device) == (9, 0)
+    return _IS_SM90[device]
+
+
+_IS_SM90: dict[int | None, bool] = {}
 
 
 def shape_ok(out_features: int, in_features: int, dtype: torch.dtype) -> bool:

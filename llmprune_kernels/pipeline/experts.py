@@ -226,7 +226,7 @@ def _feed_slices(experts: nn.Module, *args: Any, **kwargs: Any) -> None:
         return
     slices = {k: v[0] for k, v in state["slices"].items()}
     hidden, top_k_index, _ = _routing_args(args, kwargs)
-    gate_up, down = experts.gate_up_proj, experts.down_proj
+    gate_up = experts.gate_up_proj
     for e, _pos, token_idx in routed_tokens(top_k_index, gate_up.shape[0]):
         gu, dn = slices.get(("gate_up_proj", e)), slices.get(("down_proj", e))
         if gu is None and dn is None:

@@ -299,6 +299,15 @@ def stats_from_checkpoint(checkpoint: Checkpoint | None) -> tuple[list[LinearSta
     return lines, [float(t) for t in checkpoint.manifest["layer_times_s"]]
 
 
+def timed_capture(model: nn.Module, calibration: torch.Tensor, device: torch.device, batch_size: int, offload: bool,
+                  times: StageTimes) -> tuple[CapturedInputs, float]:
+    """``capture_layer_inputs``, counted as the "capture" stage; also returns its seconds."""
+    t0 = time.perf_counter()
+    with times("capture"):
+        captured = capture_layer_inputs(model, calibration, device, batch_size, offload)
+    return captured, time.perf_counter() - t0
+
+
 def _model_fingerprint(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(model)
@@ -386,10 +395,7 @@ def prune_model(
                     layers[i].load_state_dict({k[len(prefix):]: v for k, v in saved.items()}, strict=True)
         offload = offload_activations or plan_offload(model, mine, device, batch_size, gpu_memory)
         if walk:
-            t0 = time.perf_counter()
-            with times("capture"):
-                captured = capture_layer_inputs(model, mine, device, batch_size, offload)
-            capture_time = time.perf_counter() - t0
+            captured, capture_time = timed_capture(model, mine, device, batch_size, offload, times)
         done, done_times = stats_from_checkpoint(checkpoint)
         stats, layer_times = prune_layers(
             model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,

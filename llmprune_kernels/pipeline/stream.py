@@ -32,12 +32,13 @@ from llmprune_kernels.atomic import atomic_dir, check_target, reserve
 from llmprune_kernels.methods.base import options_for_report
 from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE, check_windows
 from llmprune_kernels.pipeline.distributed import on_writer, open_checkpoint, sharding
-from llmprune_kernels.pipeline.layerwise import LayerIO, capture_layer_inputs
+from llmprune_kernels.pipeline.layerwise import LayerIO
 from llmprune_kernels.pipeline.memory import release_host_memory
 from llmprune_kernels.pipeline.models import NO_REMOTE_CODE, find_decoder_layers
 from llmprune_kernels.pipeline.progress import StageTimes
 from llmprune_kernels.pipeline.prune import (
     PruneResult, _layer_configs, check_run, plan_offload, prune_layers, run_identity, stats_from_checkpoint,
+    timed_capture,
 )
 from llmprune_kernels.pipeline.model_card import card_for_stream
 from llmprune_kernels.pipeline.report import REPORT_FILE, write_json
@@ -288,10 +289,7 @@ def prune_pretrained(
                     model_info = _prepare_streamed(prepare, cls, model, calibration, config, device, opts, progress)
             offload = plan_offload(model, mine, device, batch_size, gpu_memory)
             if walk:
-                t0 = time.perf_counter()
-                with times("capture"):
-                    captured = capture_layer_inputs(model, mine, device, batch_size, offload)
-                capture_time = time.perf_counter() - t0
+                captured, capture_time = timed_capture(model, mine, device, batch_size, offload, times)
             done, done_times = stats_from_checkpoint(checkpoint)
             stats, layer_times = prune_layers(
                 model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,

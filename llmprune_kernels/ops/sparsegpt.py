@@ -27,6 +27,7 @@ import torch
 
 from llmprune_kernels import _ext
 from llmprune_kernels.reference import sparsegpt as ref
+from llmprune_kernels.selection import check_threshold
 from llmprune_kernels.validation import (SparsityConfig, calibration_batch, check_config, check_max_retries, check_nm,
                                          check_weight)
 
@@ -188,6 +189,7 @@ def sparsegpt_prune(
     tf32: bool = False,
     name: str = "layer",
     fast_inverse: bool | None = None,
+    threshold: str = "exact",
 ) -> tuple[ref.SparseGPTResult, str]:
     """SparseGPT of one layer; returns the result (weight in the input dtype, mask, losses, damping, retries)
     and the backend that ran (``ext`` or ``reference``). Inputs are not modified.
@@ -203,6 +205,10 @@ def sparsegpt_prune(
     updates (benchmarks/results/sparsegpt.json gives the fractions and the loss change).
     ``fast_inverse=False`` reproduces the reference bit for bit (same ATen calls). The result's
     ``fast_inverse`` says which factor ran.
+
+    ``threshold="published"`` (the authors' per-block ``score <= sorted[k]`` mask, unstructured) runs on the
+    reference: ``auto`` picks it, ``ext`` is an error (the extension implements the exact-count rule only).
+    N:M runs as usual (the convention changes nothing there).
     """
     check_weight(weight)
     config = check_config(config)
@@ -213,11 +219,18 @@ def sparsegpt_prune(
         raise ValueError(f"blocksize {blocksize!r} must be a positive integer")
     if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
         raise ValueError(f"percdamp {percdamp!r} must be a finite number >= 0")
+    check_threshold(threshold)
+    if threshold == "published" and not config.is_nm:
+        if backend == "ext":
+            raise ValueError("SparseGPT threshold='published' runs on the reference only; use backend 'auto' "
+                             "or 'reference' (the extension implements threshold='exact')")
+        backend = "reference"
     used = resolve_backend(backend, weight.device, blocksize)
     fast_inverse = resolve_fast_inverse(fast_inverse, used, weight.device)
     with tf32_matmul(tf32):
         if used == "reference":
-            return ref.sparsegpt_prune(weight, H, config, blocksize, percdamp, max_retries, name), used
+            return ref.sparsegpt_prune(weight, H, config, blocksize, percdamp, max_retries, name,
+                                       threshold=threshold), used
         ref.check_hessian(H, weight.shape[1], name)
         ref.check_finite_weight(weight, name)  # the reference's check (its own entry runs it on that path)
         if config.is_nm:

@@ -22,6 +22,10 @@ Two deliberate differences from the authors' code, both so that results are exac
    the damping used and the number of retries are returned. When the first attempt succeeds this is
    exactly the published computation.
 
+``threshold="published"`` drops difference 1 for unstructured sparsity: each block's mask is the authors'
+``tmp <= sort(tmp.flatten())[int(tmp.numel() * sparsity)]`` (k + 1 pruned per block, plus every tie of the
+threshold). N:M is unaffected (exactly N per group under both conventions).
+
 TF32 is never enabled here: callers decide (the reference code switches it off globally).
 """
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmprune_kernels.selection import prune_lowest_global, prune_nm
+from llmprune_kernels.selection import check_threshold, prune_at_or_below_kth, prune_lowest_global, prune_nm
 from llmprune_kernels.validation import (SparsityConfig, calibration_batch, check_config, check_finite,
                                          check_max_retries, check_nm, check_weight)
 
@@ -123,16 +127,19 @@ def sparsegpt_prune(
     max_retries: int = 4,
     name: str = "layer",
     compute_dtype: torch.dtype = torch.float32,
+    threshold: str = "exact",
 ) -> SparseGPTResult:
     """SparseGPT ``fasterprune`` on ``weight`` (out, in) with Hessian ``H`` (in, in); inputs are not modified.
 
     ``compute_dtype``: fp32 as published; fp64 gives a near-exact-arithmetic oracle for judging how far
-    fp32 implementations (this one included) round away from the algorithm's exact result."""
+    fp32 implementations (this one included) round away from the algorithm's exact result.
+    ``threshold``: ``exact`` (default) or ``published`` (the authors' per-block ``<=`` threshold; module doc)."""
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype {compute_dtype} not allowed (torch.float32, torch.float64)")
     check_weight(weight)
     config = check_config(config)
     check_max_retries(max_retries)
+    check_threshold(threshold)
     rows, columns = weight.shape
     check_hessian(H, columns, name)
     check_finite_weight(weight, name)
@@ -164,9 +171,12 @@ def sparsegpt_prune(
         if config.is_nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            # Exactly floor(numel * s) lowest scores of the block, ties by row-major flat index.
             score = W1**2 / d1.reshape(1, -1) ** 2
-            mask1 = prune_lowest_global(score, math.floor(score.numel() * config.sparsity))
+            k = math.floor(score.numel() * config.sparsity)
+            if threshold == "published":  # every score <= the k-th smallest (0-based), as the authors' code
+                mask1 = prune_at_or_below_kth(score, k)
+            else:  # exactly k lowest scores of the block, ties by row-major flat index
+                mask1 = prune_lowest_global(score, k)
 
         for i in range(count):
             w = W1[:, i]

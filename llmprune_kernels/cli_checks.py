@@ -25,14 +25,18 @@ EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int, note: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= {low}{note}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
 
 
 def byte_size(text: str) -> int:
@@ -45,13 +49,7 @@ def byte_size(text: str) -> int:
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= 0 (0 = all)")
-    return value
+    return _int_at_least(text, 0, " (0 = all)")
 
 
 def method_option(text: str) -> tuple[str, Any]:

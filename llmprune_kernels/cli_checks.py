@@ -25,7 +25,7 @@ EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
-def _int_at_least(text: str, low: int, note: str = "") -> int:
+def int_at_least(text: str, low: int, note: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
@@ -36,7 +36,7 @@ def _int_at_least(text: str, low: int, note: str = "") -> int:
 
 
 def positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
+    return int_at_least(text, 1)
 
 
 def byte_size(text: str) -> int:
@@ -49,7 +49,7 @@ def byte_size(text: str) -> int:
 
 
 def nonnegative_int(text: str) -> int:
-    return _int_at_least(text, 0, " (0 = all)")
+    return int_at_least(text, 0, " (0 = all)")
 
 
 def method_option(text: str) -> tuple[str, Any]:

@@ -308,36 +308,20 @@ def zero_shot(
 
 def add_cli_arguments(parser) -> None:
     """``--tasks``, ``--tasks-path``, ``--tasks-limit`` and ``--num-fewshot`` for ``llmprune prune`` / ``eval``."""
+    from functools import partial
+
+    from llmprune_kernels.cli_checks import int_at_least, positive_int
+
     parser.add_argument("--tasks", default=None, metavar="LIST",
                         help="zero-shot accuracy through lm-evaluation-harness on these tasks, e.g. "
                              "boolq,arc_easy,arc_challenge,hellaswag,winogrande,piqa,rte,openbookqa; datasets "
                              f"come from the Hugging Face cache, nothing is downloaded (needs: {INSTALL_HINT})")
     parser.add_argument("--tasks-path", default=None, metavar="DIR",
                         help="directory of custom lm-eval task YAMLs for --tasks")
-    parser.add_argument("--tasks-limit", type=_positive, default=None, metavar="N",
+    parser.add_argument("--tasks-limit", type=positive_int, default=None, metavar="N",
                         help="evaluate only the first N documents of each task (default: all)")
-    parser.add_argument("--num-fewshot", type=_nonnegative, default=0, metavar="K",
+    parser.add_argument("--num-fewshot", type=partial(int_at_least, low=0), default=0, metavar="K",
                         help="in-context examples per question (default: 0, zero-shot)")
-
-
-def _positive(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def _nonnegative(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"{value} is invalid; allowed: an integer >= {low}")
-    return value
 
 
 def check_cli(args) -> None:

@@ -32,3 +32,16 @@ def _seed():
 def device(request):
     """Every test that takes ``device`` runs on the CPU and, where present, on CUDA."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def cli_model_dir(tmp_path_factory):
+    """A saved tiny LLaMA (``model/``) and a calibration/evaluation text (``text.txt``) for the command tests."""
+    from tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+
+    from llmprune_kernels.pipeline.save import save_model
+
+    root = tmp_path_factory.mktemp("cli_model")
+    save_model(tiny_model("llama"), tiny_tokenizer(), root / "model")
+    (root / "text.txt").write_text(SAMPLE_TEXT * 30)
+    return root

@@ -8,18 +8,14 @@ import sys
 
 import pytest
 import torch
-from tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+from tiny_models import tiny_model
 
 from llmprune_kernels.cli import build_parser, main
-from llmprune_kernels.pipeline.save import save_model
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    save_model(tiny_model("llama"), tiny_tokenizer(), root / "model")
-    (root / "text.txt").write_text(SAMPLE_TEXT * 30)
-    return root
+@pytest.fixture
+def tiny_dir(cli_model_dir):
+    return cli_model_dir
 
 
 def _args(root, *extra):

@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
 
 from llmprune_kernels import plots
 from llmprune_kernels.cli import main
-from llmprune_kernels.pipeline.save import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_mpl = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
@@ -191,12 +189,9 @@ def test_module_cli(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- llmprune
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plot_cli")
-    save_model(tiny_model("llama"), tiny_tokenizer(), root / "model")
-    (root / "text.txt").write_text(SAMPLE_TEXT * 30)
-    return root
+@pytest.fixture
+def tiny_dir(cli_model_dir):
+    return cli_model_dir
 
 
 def _args(root, *extra):

@@ -12,10 +12,9 @@ import os
 
 import pytest
 import torch
-from tiny_models import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+from tiny_models import tiny_model, tiny_tokenizer
 
 from llmprune_kernels.cli import main
-from llmprune_kernels.pipeline.save import save_model
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval is not installed: pip install "
@@ -172,12 +171,9 @@ def test_offline_hub_restores_everything(monkeypatch):
 
 # --- the command ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zs_cli")
-    save_model(tiny_model("llama"), tiny_tokenizer(), root / "model")
-    (root / "text.txt").write_text(SAMPLE_TEXT * 30)
-    return root
+@pytest.fixture
+def model_dir(cli_model_dir):
+    return cli_model_dir
 
 
 def _args(root, task_dir, *extra):

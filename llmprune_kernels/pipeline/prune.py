@@ -73,6 +73,7 @@ class PruneResult:
     method_report: dict[str, Any] | None = None  # from the method's model_info.report(), if it has one
     stage_times_s: dict[str, float] = field(default_factory=dict)  # seconds per stage (progress.STAGES)
     uses_calibration: bool = True  # False for methods that prune without data (magnitude)
+    min_expert_tokens: int | None = None  # the expert rule's threshold (experts.expert_rule)
 
     @property
     def overall_sparsity(self) -> float:
@@ -409,7 +410,7 @@ def prune_model(
     report_fn = getattr(model_info, "report", None)
     return PruneResult(method, config, options_for_report(opts), done + stats, done_times + layer_times, capture_time,
                        prior_elapsed + time.perf_counter() - t_start, report_fn() if callable(report_fn) else None,
-                       times.as_dict(), needs_data)
+                       times.as_dict(), needs_data, min_expert_tokens)
 
 
 def _batch_end(errs: dict[str, list]) -> Callable:

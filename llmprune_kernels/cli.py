@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llmprune_kernels.pipeline.owl import add_cli_arguments as _owl_arguments
 
     _owl_arguments(p)  # --owl, --owl-m, --owl-lambda (OWL layer-wise sparsity, llmprune_kernels/pipeline/owl.py)
+    from llmprune_kernels.pipeline.experts import add_cli_arguments as _expert_arguments
+
+    _expert_arguments(p)  # --min-expert-tokens (MoE experts' rule, llmprune_kernels/pipeline/experts.py)
     p.add_argument("--option", action="append", type=method_option, default=[], metavar="KEY=VALUE",
                    help="method option, repeatable (e.g. --option blocksize=128); list them with: llmprune methods")
     p.add_argument("--output", "-o", default=None, metavar="DIR",
@@ -289,7 +292,7 @@ def _prune_in_memory(args, config, options, device, t_start) -> int:
     result = prune_model(model, calib, args.method, config, device=device, batch_size=args.batch_size,
                          layer_sparsity=layer_sparsity, options=options, measure_error=args.measure_error,
                          gpu_memory=args.gpu_memory, output_dir=args.output, resume=args.resume,
-                         progress=not args.quiet)
+                         progress=not args.quiet, min_expert_tokens=args.min_expert_tokens)
     timings["prune"] = result.total_time_s
     if args.evaluate:
         pruned, timings["eval_pruned"] = _ppl(model, eval_ids, device, args)

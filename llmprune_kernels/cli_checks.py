@@ -1,7 +1,7 @@
 """What the ``llmprune`` command checks before any work, and how it reports a failure.
 
-* argument types (``positive_int``, ``nonnegative_int``, ``byte_size``, ``method_option``): a malformed
-  value is argparse's usage error, naming the value and what is allowed;
+* argument types (``positive_int``, ``nonnegative_int``, ``min_expert_tokens``, ``byte_size``,
+  ``method_option``): a malformed value is argparse's usage error, naming the value and what is allowed;
 * ``preflight``: the output directory and report file can be written (``atomic.check_target``), are not
   the same path, and the text files exist, before the model is loaded;
 * ``run``: every expected failure becomes one line on stderr, ``llmprune: error: ...``, and a non-zero
@@ -50,6 +50,12 @@ def byte_size(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     return int_at_least(text, 0, " (0 = all)")
+
+
+def min_expert_tokens(text: str) -> int:
+    """``--min-expert-tokens``: the bound of ``experts.check_min_expert_tokens`` (an expert without tokens has no
+    statistics, so 1 is the least)."""
+    return int_at_least(text, 1, " (1: only experts that received no token are pruned by magnitude)")
 
 
 def method_option(text: str) -> tuple[str, Any]:

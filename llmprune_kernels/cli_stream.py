@@ -57,6 +57,7 @@ def prune_streamed(args, config: SparsityConfig, options, device: torch.device, 
                               batch_size=args.batch_size, options=options, measure_error=args.measure_error,
                               dtype=dtype, gpu_memory=args.gpu_memory, resume=args.resume,
                               overwrite=args.overwrite, progress=not args.quiet,
+                              min_expert_tokens=args.min_expert_tokens,
                               extra_json=lambda r: {"pruning_report.json": reports.setdefault("r", report_of(r))})
     timings["total"] = time.perf_counter() - t_start
     return name, result, timings, data_info, reports.get("r") or report_of(result)

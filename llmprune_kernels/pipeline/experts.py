@@ -53,8 +53,8 @@ from llmprune_kernels.validation import SparsityConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExpertSlice", "MIN_EXPERT_TOKENS", "check_min_expert_tokens", "expert_rule", "expert_slices",
-           "fused_experts", "is_router", "routed_tokens"]
+__all__ = ["ExpertSlice", "MIN_EXPERT_TOKENS", "add_cli_arguments", "check_min_expert_tokens", "expert_rule",
+           "expert_slices", "fused_experts", "is_router", "routed_tokens"]
 
 # An expert needs this many calibration tokens for its statistics to be used (below it: magnitude).
 MIN_EXPERT_TOKENS = 16
@@ -285,6 +285,16 @@ def check_min_expert_tokens(value: Any) -> int:
         raise ValueError(f"min_expert_tokens {value!r} is invalid; allowed: an integer >= 1 (default "
                          f"{MIN_EXPERT_TOKENS}; 1: only experts that received no token are pruned by magnitude)")
     return value
+
+
+def add_cli_arguments(parser: Any) -> None:
+    """``--min-expert-tokens N`` of ``llmprune prune`` (checked as ``check_min_expert_tokens`` checks it)."""
+    from llmprune_kernels.cli_checks import min_expert_tokens
+
+    parser.add_argument("--min-expert-tokens", type=min_expert_tokens, default=MIN_EXPERT_TOKENS, metavar="N",
+                        help=f"MoE models: an expert that receives fewer calibration tokens is pruned by per-row "
+                             f"magnitude instead of the method; 1: only experts that received none "
+                             f"(default: {MIN_EXPERT_TOKENS})")
 
 
 def expert_rule(pruners: Mapping[str, Any], linears: Mapping[str, nn.Module], config: SparsityConfig,

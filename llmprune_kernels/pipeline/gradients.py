@@ -4,9 +4,9 @@ Follows ``gradient_computation.py`` of the GBLM-Pruner reference code (Das et al
 
 * one calibration sequence at a time, ``loss = model(input_ids, labels=input_ids).loss`` (the mean
   next-token cross-entropy over the whole window), ``loss.backward()``;
-* for every Linear weight of every decoder layer: ``acc += (grad.float() * scale) ** 2`` in fp32
-  (``scale = 100``; the scaling happens after the cast, so it guards the fp16 *result*, not the fp16
-  backward pass);
+* for every Linear weight of every decoder layer (and fused expert parameter):
+  ``acc += (grad.float() * scale) ** 2`` in fp32 (``scale = 100``; the scaling happens after the cast, so it
+  guards the fp16 *result*, not the fp16 backward pass);
 * at the end ``G = sqrt(acc)`` stored in fp16 (the reference saves ``.to(float16)``). There is no
   division by the number of samples: G grows with sqrt(nsamples), as in the reference.
 
@@ -15,6 +15,12 @@ Here each weight's gradient is folded into its fp32 accumulator by a post-accumu
 autograd finishes it and is then dropped, and every other parameter (embeddings, norms, biases, lm_head)
 has ``requires_grad`` off; so beside the model the only full-size buffer is the accumulator (one fp32
 copy of the decoder Linear weights), plus the activations of one sequence's backward pass.
+
+Mixture-of-experts layers: the fused 3-D expert parameters (``pipeline.experts``) get one accumulator each,
+and expert ``e``'s matrix is entry ``e`` of it, named as the pipeline names the slice
+(``<experts>.<e>.gate_up_proj`` / ``.down_proj``). Autograd gives that entry only the tokens the router sent
+to expert ``e``; an expert that got none has G = 0, and the pipeline's expert rule prunes it by magnitude.
+Routers are left out, as the pipeline never prunes them.
 
 Differences to the reference, on purpose: the model runs in ``eval()`` mode (the reference calls
 ``train()``, which only matters for models with dropout such as OPT; eval keeps results deterministic),
@@ -72,12 +78,21 @@ class GradientNorms(Mapping):
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside the decoder layers, keyed by its full module name (as ``named_modules``)."""
-    from llmprune_kernels.pipeline.models import find_decoder_layers
+    """What the pipeline prunes in the decoder layers (``models.prunable_modules``: every Linear but the MoE
+    routers, each fused expert matrix as an ``ExpertSlice``), keyed by full name (``<layers>.<i>.<rel>``)."""
+    from llmprune_kernels.pipeline.models import find_decoder_layers, prunable_modules
 
-    _, layers = find_decoder_layers(model)
-    wanted = {id(m) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}
-    return {name: m for name, m in model.named_modules() if id(m) in wanted}
+    path, layers = find_decoder_layers(model)
+    return {f"{path}.{i}.{rel}": m for i, layer in enumerate(layers) for rel, m in prunable_modules(layer).items()}
+
+
+def _parameter_of(lin: nn.Linear) -> tuple[nn.Parameter, int | None]:
+    """The parameter holding ``lin``'s weight and the index of the weight in it (None: the whole parameter)."""
+    from llmprune_kernels.pipeline.experts import ExpertSlice
+
+    if isinstance(lin, ExpertSlice):
+        return getattr(lin.experts, lin.param), lin.index
+    return lin.weight, None
 
 
 def _rss_peak_bytes() -> int:
@@ -116,16 +131,19 @@ def collect_gradient_norms(
     saved_requires_grad = [p.requires_grad for p in params]
     was_training = model.training
     device = next(iter(linears.values())).weight.device
-    acc: dict[str, torch.Tensor] = {}
+    # One accumulator per parameter: a fused experts parameter serves every expert's slice of it.
+    where = {name: _parameter_of(lin) for name, lin in linears.items()}
+    targets = {id(p): p for p, _ in where.values()}
+    acc: dict[int, torch.Tensor] = {}
     handles = []
     largest_grad = [0]  # bytes of the largest gradient held at once (each is dropped in its hook)
 
-    def make_hook(name: str):
+    def make_hook(key: int):
         def hook(p: torch.Tensor) -> None:
             g = p.grad
             largest_grad[0] = max(largest_grad[0], g.numel() * g.element_size())
             # Reference: grad.float(), then (grad * scale) ** 2 accumulated in fp32.
-            acc[name].add_((g.float() * scale).square().to(acc[name].device))
+            acc[key].add_((g.float() * scale).square().to(acc[key].device))
             p.grad = None  # drop it at once: no full set of gradients is ever held
 
         return hook
@@ -139,11 +157,10 @@ def collect_gradient_norms(
     try:
         for p in params:
             p.requires_grad_(False)
-        for name, lin in linears.items():
-            w = lin.weight
-            acc[name] = torch.zeros(w.shape, dtype=torch.float32, device=accumulate_device or w.device)
+        for key, w in targets.items():
+            acc[key] = torch.zeros(w.shape, dtype=torch.float32, device=accumulate_device or w.device)
             w.requires_grad_(True)
-            handles.append(w.register_post_accumulate_grad_hook(make_hook(name)))
+            handles.append(w.register_post_accumulate_grad_hook(make_hook(key)))
         model.eval()
         it = samples
         if progress:
@@ -180,17 +197,24 @@ def collect_gradient_norms(
 
     memory = {
         "accumulator_bytes": sum(a.numel() * a.element_size() for a in acc.values()),
-        "weight_bytes": sum(lin.weight.numel() * lin.weight.element_size() for lin in linears.values()),
+        "weight_bytes": sum(w.numel() * w.element_size() for w in targets.values()),
         "largest_grad_bytes": largest_grad[0],
         "process_peak_rss_bytes": max(_rss_peak_bytes(), rss_before),
     }
     if device.type == "cuda":
         memory["cuda_peak_bytes_above_start"] = torch.cuda.max_memory_allocated(device) - base_cuda
-    norms = {}
-    for name in list(acc):
-        g = acc.pop(name).sqrt_()
+    last = {id(p): name for name, (p, _) in where.items()}  # each accumulator is freed after its last reader
+    norms, rooted = {}, set()
+    for name, (p, index) in where.items():
+        a = acc[id(p)]
+        if id(p) not in rooted:
+            a.sqrt_()
+            rooted.add(id(p))
+        g = a if index is None else a[index]
         check_finite(g, f"GBLM gradient norm of {name}")
         norms[name] = g.to(store_dtype)
+        if last[id(p)] == name:
+            del acc[id(p)]
     return GradientNorms(
         norms=norms, nsamples=len(losses), scale=float(scale), losses=losses, memory=memory,
         seconds=time.perf_counter() - start,

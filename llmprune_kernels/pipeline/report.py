@@ -82,6 +82,8 @@ def build_report(
         report["layer_times_s"] = d["layer_times_s"]
         report["stage_times_s"] = d.get("stage_times_s") or {}  # load, capture, statistics, solve, ...
         report["uses_calibration"] = bool(d.get("uses_calibration", True))
+        if any("expert" in line.get("extra", {}) for line in d["linears"]):  # an MoE model's expert rule
+            report["min_expert_tokens"] = d.get("min_expert_tokens")
         if d.get("method_report") is not None:  # model-level methods (GBLM, SparseLLM) summarise themselves
             report["method_report"] = d["method_report"]
         report["timings_s"].setdefault("capture", d["capture_time_s"])

@@ -13,6 +13,12 @@ The shards accumulate in the run's work directory (``resume``), so a killed run 
 ``resume=True``. At the end the work directory gets the remaining shard, ``model.safetensors.index.json``,
 the config and the source's other files (generation config, tokenizer), and becomes the output directory in
 one commit. Plain ``transformers.AutoModelForCausalLM.from_pretrained`` loads it.
+
+Checkpoint names: each layer's tensors are converted as ``from_pretrained`` converts them
+(``checkpoint_names``: e.g. Mixtral's and Qwen-MoE's per-expert tensors become the fused 3-D expert parameters
+that the experts are pruned in, one slice per expert), and the output is written back in the checkpoint's names, as
+``save_pretrained`` writes them. Such an output's shards are then written anew from the work directory's, one at a
+time (not linked), so the disk holds the model twice until the work directory is removed.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ from llmprune_kernels.atomic import atomic_dir, check_target, reserve
 from llmprune_kernels.methods.base import options_for_report
 from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE, check_windows
 from llmprune_kernels.pipeline.distributed import on_writer, open_checkpoint, sharding
+from llmprune_kernels.pipeline.checkpoint_names import CheckpointNames
+from llmprune_kernels.pipeline.experts import MIN_EXPERT_TOKENS, check_min_expert_tokens
 from llmprune_kernels.pipeline.layerwise import LayerIO
 from llmprune_kernels.pipeline.memory import release_host_memory
 from llmprune_kernels.pipeline.models import NO_REMOTE_CODE, find_decoder_layers
@@ -133,27 +141,32 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
-def layer_keys(model: nn.Module, source: SafetensorsSource) -> list[list[str]]:
-    """Per decoder layer, the checkpoint names of its tensors; an error naming the first one missing."""
+def layer_keys(model: nn.Module, source: SafetensorsSource, names: CheckpointNames) -> list[list[str]]:
+    """Per decoder layer, the checkpoint names of its tensors; an error naming the first model tensor missing."""
     path, layers = find_decoder_layers(model)
     keys = list(model.state_dict())
     out = []
     for i in range(len(layers)):
-        names = [k for k in keys if k.startswith(f"{path}.{i}.")]
-        missing = [k for k in names if k not in source.weight_map]
+        prefix = f"{path}.{i}."
+        layer = names.keys_under(prefix)
+        covered = {t for k in layer for t in names.targets(k)}
+        missing = [k for k in keys if k.startswith(prefix) and k not in covered]
         if missing:
-            raise ValueError(f"{str(source.path)!r} has no tensor {missing[0]!r} (of {len(missing)} missing); "
-                             f"streaming needs checkpoint names equal to the transformers model's, e.g. "
-                             f"{next(iter(source.weight_map), None)!r}; load it with load_model and use prune_model")
-        out.append(names)
+            raise ValueError(f"{str(source.path)!r} has no tensor for {missing[0]!r} (of {len(missing)} missing); "
+                             f"streaming needs the checkpoint names transformers loads into this model (its own, or "
+                             f"those its conversion mapping converts), e.g. {next(iter(source.weight_map), None)!r}; "
+                             f"load it with load_model and use prune_model")
+        out.append(layer)
     return out
 
 
-def load_non_layer_parts(model: nn.Module, source: SafetensorsSource, dtype: torch.dtype | None) -> list[str]:
-    """Load everything outside the decoder layers to the CPU, re-tie tied weights; their checkpoint names."""
+def load_non_layer_parts(model: nn.Module, source: SafetensorsSource, dtype: torch.dtype | None,
+                         names: CheckpointNames) -> list[str]:
+    """Load everything outside the decoder layers to the CPU, re-tie tied weights; their model names."""
     path, _ = find_decoder_layers(model)
-    names = [k for k in model.state_dict() if not k.startswith(path + ".") and k in source.weight_map]
-    for k, v in source.read(names, torch.device("cpu"), dtype).items():
+    keys = names.keys_under(path + ".", inside=False)
+    loaded = names.to_model(source.read(keys, torch.device("cpu"), dtype))
+    for k, v in loaded.items():
         _set_tensor(model, k, v)
     model.tie_weights()
     left = [n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
@@ -161,18 +174,20 @@ def load_non_layer_parts(model: nn.Module, source: SafetensorsSource, dtype: tor
     if left:
         raise ValueError(f"{str(source.path)!r} has no tensor {left[0]!r}, which is not tied to another; allowed: a "
                          f"checkpoint holding every tensor of the model outside its decoder layers")
-    return names
+    return list(loaded)
 
 
 class StreamIO(LayerIO):
-    """Decoder layers read from the source files to the compute device, and back to meta after their step."""
+    """Decoder layers read from the source files to the compute device (converted to the model's tensors), and
+    back to meta after their step."""
 
-    def __init__(self, source: SafetensorsSource, keys: list[list[str]], prefix: str, dtype: torch.dtype | None):
-        self.source, self.keys, self.prefix, self.dtype = source, keys, prefix, dtype
+    def __init__(self, source: SafetensorsSource, keys: list[list[str]], prefix: str, dtype: torch.dtype | None,
+                 names: CheckpointNames):
+        self.source, self.keys, self.prefix, self.dtype, self.names = source, keys, prefix, dtype, names
 
     def load(self, index: int, layer: nn.Module, device: torch.device) -> Any:
         cut = len(f"{self.prefix}.{index}.")
-        tensors = self.source.read(self.keys[index], device, self.dtype)
+        tensors = self.names.to_model(self.source.read(self.keys[index], device, self.dtype))
         layer.load_state_dict({k[cut:]: v for k, v in tensors.items()}, strict=True, assign=True)
         return None
 
@@ -182,7 +197,7 @@ class StreamIO(LayerIO):
 
 
 class CompletedIO(StreamIO):
-    """Decoder layers a resumed run completed earlier, read back from its checkpoint shards."""
+    """Decoder layers a resumed run completed earlier, read back from its checkpoint shards (the model's names)."""
 
     def __init__(self, checkpoint: Checkpoint, prefix: str, dtype: torch.dtype | None):
         self.checkpoint, self.prefix, self.dtype = checkpoint, prefix, dtype
@@ -237,6 +252,7 @@ def prune_pretrained(
     progress: bool = True,
     extra_json: Callable[[PruneResult], Mapping[str, Any]] | None = None,
     distributed: bool | None = None,
+    min_expert_tokens: int = MIN_EXPERT_TOKENS,
 ) -> PruneResult:
     """Prune the model in ``source_dir`` (safetensors) into ``output_dir``, one decoder layer in memory at a time.
 
@@ -248,9 +264,11 @@ def prune_pretrained(
     ``extra_json``: given the result, the JSON files (name -> object) to add to the output, e.g. a report.
     ``distributed``: as for ``prune_model``; every process reads the layers, rank 0 alone writes the output
     (and calls ``extra_json``), the others reading its checkpoint shards when resuming (one file system).
+    ``min_expert_tokens``: as for ``prune_model`` (MoE experts with fewer calibration tokens: per-row magnitude).
     """
     t_start = time.perf_counter()
     cls, opts, config = check_run(method, options, config, batch_size, gpu_memory, resume, output_dir)
+    check_min_expert_tokens(min_expert_tokens)
     device = torch.device(device)
     target = check_target(output_dir, overwrite=overwrite, kind="dir")
     times = StageTimes(device)
@@ -259,7 +277,8 @@ def prune_pretrained(
         model = build_empty_model(source, dtype)
     path, layers = find_decoder_layers(model)
     configs = _layer_configs(config, len(layers), layer_sparsity)
-    keys = layer_keys(model, source)
+    names = CheckpointNames(model, source.weight_map)
+    keys = layer_keys(model, source, names)
     needs_data = getattr(cls, "needs_calibration", True)
     if measure_error is None:
         measure_error = needs_data
@@ -269,7 +288,8 @@ def prune_pretrained(
     if walk:
         check_windows(calibration, model)
     identity = run_identity(cls, opts, configs, calibration if walk else None, batch_size, measure_error,
-                            mode="streamed", dtype=str(next(model.parameters()).dtype), **source.fingerprint())
+                            mode="streamed", dtype=str(next(model.parameters()).dtype),
+                            min_expert_tokens=min_expert_tokens, **source.fingerprint())
     strategy = sharding(distributed, calibration if walk else None, batch_size)
     writes = strategy is None or strategy.writes
     progress = progress and writes
@@ -281,7 +301,7 @@ def prune_pretrained(
             times.add(checkpoint.manifest["stage_times_s"])
             prior_elapsed = float(checkpoint.manifest.get("elapsed_s", 0.0))
             with times("load"):
-                rest = load_non_layer_parts(model, source, dtype)
+                rest = load_non_layer_parts(model, source, dtype, names)
             model_info, captured, capture_time = None, None, 0.0
             prepare = getattr(cls, "prepare_model", None)
             if walk and callable(prepare):
@@ -294,15 +314,15 @@ def prune_pretrained(
             stats, layer_times = prune_layers(
                 model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,
                 measure_error=measure_error and walk, progress=progress, times=times,
-                io=StreamIO(source, keys, path, dtype), strategy=strategy, checkpoint=checkpoint,
-                replay_io=CompletedIO(checkpoint, path, dtype), t_start=t_start)
+                io=StreamIO(source, keys, path, dtype, names), strategy=strategy, checkpoint=checkpoint,
+                replay_io=CompletedIO(checkpoint, path, dtype), t_start=t_start, min_expert_tokens=min_expert_tokens)
             report_fn = getattr(model_info, "report", None)
             result = PruneResult(method, config, options_for_report(opts), done + stats, done_times + layer_times,
                                  capture_time, 0.0, report_fn() if callable(report_fn) else None,
-                                 uses_calibration=needs_data)
+                                 uses_calibration=needs_data, min_expert_tokens=min_expert_tokens)
             with times("write"):  # rank 0 writes; the others learn whether it could
-                on_writer(strategy, lambda: _finish(model, source, rest, checkpoint, target, overwrite, result,
-                                                    extra_json, times, t_start, prior_elapsed))
+                on_writer(strategy, lambda: _finish(model, source, names, rest, checkpoint, target, overwrite,
+                                                    result, extra_json, times, t_start, prior_elapsed))
             if writes:
                 checkpoint.remove()
         finally:
@@ -322,9 +342,10 @@ def _prepare_streamed(prepare, cls, model, calibration, config, device, opts, pr
                          f"load_model and use prune_model") from exc
 
 
-def _finish(model, source, rest, checkpoint, target, overwrite, result, extra_json, times, t_start,
+def _finish(model, source, names, rest, checkpoint, target, overwrite, result, extra_json, times, t_start,
             prior_elapsed) -> None:
-    """The remaining shard, index, config and tokenizer files; then the work directory becomes the output."""
+    """The remaining shard, index, config and tokenizer files; then the work directory becomes the output (its
+    shards in the checkpoint's names when they differ from the model's, ``checkpoint_names``)."""
     work = checkpoint.path
     n = checkpoint.num_layers
     state = model.state_dict()
@@ -344,7 +365,14 @@ def _finish(model, source, rest, checkpoint, target, overwrite, result, extra_js
     # The output's README.md is the pruned model's card (the source's, copied above, is replaced).
     card_for_stream(work, extras.get(REPORT_FILE), result, source.path)
     keep = {p.name for p in checkpoint.state_files()}
+    convert = {s.name for s in shards} if names.converts else set()
     with atomic_dir(target, overwrite=overwrite) as tmp:
         for f in work.iterdir():
-            if f.name not in keep:
+            if f.name in keep or (convert and f.name == INDEX):
+                continue
+            if f.name in convert:  # one shard in memory at a time; the work directory keeps the model's names
+                save_tensors(names.to_checkpoint(load_tensors(f)), tmp / f.name)
+            else:
                 _link_or_copy(f, tmp / f.name)
+        if convert:
+            _write_index(tmp, [tmp / s.name for s in shards])

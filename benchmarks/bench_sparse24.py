@@ -49,8 +49,10 @@ _SETUP: dict = {}
 
 
 def _paths() -> list[str]:
-    """The registered 2:4 backends usable on this GPU (dense is the baseline, ``F.linear``)."""
-    return [name for name, ok in backends().items() if ok and name not in ENGINES and name != "dense"]
+    """The registered 2:4 backends usable on this GPU (dense is the baseline, ``F.linear``); those that run 8-bit
+    weights only are measured by bench_sparse24_8bit.py."""
+    return [name for name, ok in backends().items() if ok and name not in ENGINES and name != "dense"
+            and not sparse24_backends.get(name).quantized]
 
 
 @pytest.fixture(scope="module")

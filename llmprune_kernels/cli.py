@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from llmprune_kernels import plots  # matplotlib is imported only when a picture is drawn
+from llmprune_kernels import cli_sparse24  # --sparse24-weights (8-bit 2:4 modules after pruning)
 from llmprune_kernels.cli_checks import byte_size, method_option, nonnegative_int, positive_int, preflight, run
 from llmprune_kernels.pipeline import zeroshot  # lm-eval is imported only when --tasks is given
 from llmprune_kernels.pipeline.data import DEFAULT_BATCH_SIZE
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llmprune_kernels.pipeline.experts import add_cli_arguments as _expert_arguments
 
     _expert_arguments(p)  # --min-expert-tokens (MoE experts' rule, llmprune_kernels/pipeline/experts.py)
+    cli_sparse24.add_cli_arguments(p)  # --sparse24-weights fp8|int8 (8-bit 2:4 modules, llmprune_kernels/cli_sparse24.py)
     p.add_argument("--option", action="append", type=method_option, default=[], metavar="KEY=VALUE",
                    help="method option, repeatable (e.g. --option blocksize=128); list them with: llmprune methods")
     p.add_argument("--output", "-o", default=None, metavar="DIR",
@@ -247,6 +249,7 @@ def cmd_prune(args) -> int:
     if args.resume and not args.output:
         raise ValueError("--resume continues a run on its --output directory; it needs --output DIR")
     zeroshot.check_cli(args)  # --tasks: lm-eval installed, not with --stream
+    cli_sparse24.check_cli(args, config, device)  # --sparse24-weights: --pattern 2:4, not --stream, FP8 on device
     if args.stream:
         from llmprune_kernels.cli_stream import check_stream_args, prune_streamed
 
@@ -294,6 +297,7 @@ def _prune_in_memory(args, config, options, device, t_start) -> int:
                          gpu_memory=args.gpu_memory, output_dir=args.output, resume=args.resume,
                          progress=not args.quiet, min_expert_tokens=args.min_expert_tokens)
     timings["prune"] = result.total_time_s
+    sparse24_info = cli_sparse24.swap(model, args)  # --sparse24-weights: 8-bit 2:4 modules from here on
     if args.evaluate:
         pruned, timings["eval_pruned"] = _ppl(model, eval_ids, device, args)
     if tasks:
@@ -304,14 +308,19 @@ def _prune_in_memory(args, config, options, device, t_start) -> int:
                           data=data_info, prune_result=result, dense_ppl=dense, pruned_ppl=pruned,
                           timings=timings, output_dir=args.output, zero_shot=zs)
     report.update(owl_report)  # OWL: M, lambda, outlier ratios, per-layer sparsity
+    if sparse24_info:
+        report["sparse24_weights"] = sparse24_info
     if result.method_report:  # GBLM gradient memory, SparseLLM per-block objective histories / NaN fallbacks
         report["method_report"] = result.method_report
     if args.output and args.writes:
         from llmprune_kernels.pipeline.save import save_model
 
         t0 = time.perf_counter()
-        save_model(model, tokenizer, args.output, overwrite=args.overwrite,
-                   extra_json={"pruning_report.json": report})
+        if sparse24_info:  # a compressed 8-bit 2:4 checkpoint (load_compressed), not a dense directory
+            cli_sparse24.save(model, tokenizer, args, report)
+        else:
+            save_model(model, tokenizer, args.output, overwrite=args.overwrite,
+                       extra_json={"pruning_report.json": report})
         remove_work_dir(args.output)  # the per-layer checkpoints, no longer needed
         timings["save"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start

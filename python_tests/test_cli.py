@@ -39,7 +39,8 @@ def test_prune_writes_report_and_model(tiny_dir, tmp_path, capsys):
     assert len(report["linears"]) == 14 and all(s["sparsity"] == 0.5 for s in report["linears"])
     assert all(0 < s["rel_error"] < 1.5 and s["time_s"] >= 0 for s in report["linears"])
     assert {"load", "prune", "eval_dense", "eval_pruned", "total"} <= set(report["timings_s"])
-    assert set(report["backends"]) == {"cpp", "cuda", "triton", "dense", "decode", "cusparselt", "mmasp", "cutlass"}
+    assert set(report["backends"]) == {"cpp", "cuda", "triton", "dense", "decode", "cusparselt", "mmasp", "cutlass",
+                                      "decode8"}
     assert report["versions"]["torch"] == torch.__version__
     assert json.loads((out / "pruning_report.json").read_text())["method"] == "wanda"
     reloaded = AutoModelForCausalLM.from_pretrained(out)

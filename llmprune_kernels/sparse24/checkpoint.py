@@ -1,8 +1,10 @@
 """Compressed 2:4 checkpoints: one safetensors file holding packed values + metadata per SparseLinear.
 
 A model's ``state_dict`` after ``sparsify_`` already is the compressed format (``<fqn>.values``,
-``<fqn>.meta``, ``<fqn>.bias``); the file's string metadata names those modules with their dense
-shape and dtype, and records tied tensors (``aliases``) that safetensors cannot store twice.
+``<fqn>.meta``, ``<fqn>.bias``; 8-bit modules also ``<fqn>.scale``); the file's string metadata names those
+modules with their dense shape and dtype (8-bit ones also ``weight_dtype``, ``group_size`` and ``scale_dtype``:
+:mod:`llmprune_kernels.sparse24.quant8`), and records tied tensors (``aliases``) that safetensors cannot store
+twice.
 
 * ``save_compressed(model, dir)`` -> ``dir/model.sparse24.safetensors`` (+ ``config.json`` when the model
   has a transformers config); written through :mod:`llmprune_kernels.atomic`, never half-written.
@@ -29,13 +31,16 @@ from safetensors.torch import save_file
 
 from llmprune_kernels.atomic import atomic_dir, resolve_target
 from llmprune_kernels.sparse24.pack import Packed24, meta_width, unpack_24
+from llmprune_kernels.sparse24.quant8 import (SCALE_DTYPES, WEIGHT_DTYPES, Packed24Q8, check_group_size, dequantize_24,
+                                              n_groups)
 
 FORMAT = "llmprune_sparse24"
 VERSION = "1"
 FILENAME = "model.sparse24.safetensors"
 DENSE_FILENAME = "model.safetensors"
 DTYPES = ("float16", "bfloat16", "float32", "float64")  # allowed SparseLinear value dtypes
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+Q8_KEYS = ("weight_dtype", "group_size", "scale_dtype")  # the fields 8-bit modules add
+_ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 
@@ -59,16 +64,27 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: bool = False) -> str:
+def _info(m: nn.Module) -> dict:
+    """A SparseLinear's metadata entry: shape, compute dtype, bias (8-bit modules: and their format)."""
+    from llmprune_kernels.sparse24.linear8 import SparseLinear8
+
+    name = lambda dt: str(dt).removeprefix("torch.")  # noqa: E731
+    if not isinstance(m, SparseLinear8):
+        return {"shape": [m.out_features, m.in_features], "dtype": name(m.values.dtype), "bias": m.bias is not None}
+    return {"shape": [m.out_features, m.in_features], "dtype": name(m.compute_dtype), "bias": m.bias is not None,
+            "weight_dtype": m.weight_dtype, "group_size": m.group_size, "scale_dtype": name(m.scale.dtype)}
+
+
+def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: bool = False, tokenizer=None,
+                    extra_json: dict | None = None) -> str:
     """Save a sparsified model (SparseLinear modules packed) to ``out_dir``; returns the file path.
 
     An existing ``out_dir`` is refused (FileExistsError) unless ``overwrite=True``, which replaces it
-    only once the new checkpoint is complete."""
+    only once the new checkpoint is complete. ``tokenizer`` (``save_pretrained``) and ``extra_json`` (file
+    name -> object, written as JSON) are saved beside it, in the same atomic write."""
     from llmprune_kernels.sparse24.linear import SparseLinear
 
-    sparse = {fqn: {"shape": [m.out_features, m.in_features], "dtype": str(m.values.dtype).removeprefix("torch."),
-                    "bias": m.bias is not None}
-              for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
+    sparse = {fqn: _info(m) for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
     if not sparse:
         raise ValueError("save_compressed: the model has no SparseLinear module, so there is nothing to compress; "
                          "prune it 2:4 and call sparsify_(model) first, or save it dense with save_model")
@@ -79,6 +95,10 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: 
         save_file(tensors, str(tmp / FILENAME), metadata=meta)
         if getattr(model, "config", None) is not None and hasattr(model.config, "save_pretrained"):
             model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
     return str(target / FILENAME)
 
 
@@ -87,7 +107,7 @@ class _Header:
     """What a checkpoint file declares and stores, read without loading a tensor."""
 
     file: str
-    sparse: dict[str, dict]  # fqn -> {"shape": [out, in], "dtype": str, "bias": bool}
+    sparse: dict[str, dict]  # fqn -> {"shape": [out, in], "dtype": str, "bias": bool[, Q8_KEYS]}
     aliases: dict[str, str]  # tied name -> stored name
     stored: dict[str, tuple[tuple[int, ...], torch.dtype]]  # stored name -> (shape, dtype)
 
@@ -111,8 +131,9 @@ def _check_info(file: str, fqn: object, info: object) -> None:
     where = f"{file}: sparse24[{fqn!r}]"
     if not isinstance(fqn, str) or not fqn or fqn.startswith(".") or fqn.endswith("."):
         raise CheckpointError(f"{where}: the module name must be a non-empty dotted name")
-    if not isinstance(info, dict) or set(info) != {"shape", "dtype", "bias"}:
-        raise CheckpointError(f"{where} is {info!r}; allowed: an object with exactly 'shape', 'dtype', 'bias'")
+    if not isinstance(info, dict) or set(info) not in ({"shape", "dtype", "bias"}, {"shape", "dtype", "bias", *Q8_KEYS}):
+        raise CheckpointError(f"{where} is {info!r}; allowed: an object with exactly 'shape', 'dtype', 'bias' "
+                              f"(8-bit weights: and {', '.join(repr(k) for k in Q8_KEYS)})")
     shape = info["shape"]
     if (not isinstance(shape, list) or len(shape) != 2 or any(type(d) is not int or d <= 0 for d in shape)
             or shape[1] % 4):
@@ -122,6 +143,19 @@ def _check_info(file: str, fqn: object, info: object) -> None:
         raise CheckpointError(f"{where}.dtype is {info['dtype']!r}; allowed: {', '.join(DTYPES)}")
     if type(info["bias"]) is not bool:
         raise CheckpointError(f"{where}.bias is {info['bias']!r}; allowed: true or false")
+    if "weight_dtype" not in info:
+        return
+    if info["weight_dtype"] not in WEIGHT_DTYPES:
+        raise CheckpointError(f"{where}.weight_dtype is {info['weight_dtype']!r}; allowed: {', '.join(WEIGHT_DTYPES)}")
+    if info["scale_dtype"] not in SCALE_DTYPES:
+        raise CheckpointError(f"{where}.scale_dtype is {info['scale_dtype']!r}; allowed: {', '.join(SCALE_DTYPES)}")
+    if info["dtype"] not in ("float16", "bfloat16", "float32"):
+        raise CheckpointError(f"{where}.dtype is {info['dtype']!r}; allowed with 8-bit weights: float16, bfloat16, "
+                              f"float32")
+    try:
+        check_group_size(info["group_size"])
+    except ValueError as exc:
+        raise CheckpointError(f"{where}.group_size: {exc}") from None
 
 
 def _expect(h: _Header, name: str, shape: tuple[int, ...], dtype: torch.dtype, field: str) -> None:
@@ -174,8 +208,12 @@ def _read_header(path: str | os.PathLike) -> _Header:
         _check_info(file, fqn, info)
         out_f, in_f = info["shape"]
         dtype, field = getattr(torch, info["dtype"]), f"sparse24[{fqn!r}]"
-        _expect(h, f"{fqn}.values", (out_f, in_f // 2), dtype, field)
+        qdtype = WEIGHT_DTYPES[info["weight_dtype"]] if "weight_dtype" in info else dtype
+        _expect(h, f"{fqn}.values", (out_f, in_f // 2), qdtype, field)
         _expect(h, f"{fqn}.meta", (out_f, meta_width(in_f)), torch.uint8, field)
+        if "weight_dtype" in info:
+            _expect(h, f"{fqn}.scale", (out_f, n_groups(in_f, info["group_size"])), SCALE_DTYPES[info["scale_dtype"]],
+                    field)
         if info["bias"]:
             _expect(h, f"{fqn}.bias", (out_f,), dtype, field)
         elif f"{fqn}.bias" in stored:
@@ -229,7 +267,8 @@ def _plan(model: nn.Module, h: _Header) -> list[tuple[nn.Module, str, nn.Module,
         if not k.startswith(swapped):
             expected[k] = t
     for fqn, info in h.sparse.items():
-        for suffix in ("values", "meta") + (("bias",) if info["bias"] else ()):
+        for suffix in ("values", "meta") + (("scale",) if "weight_dtype" in info else ()) + (
+                ("bias",) if info["bias"] else ()):
             expected[f"{fqn}.{suffix}"] = None  # checked against the declaration in _read_header
     have = set(h.stored) | set(h.aliases)
     if set(expected) - have:
@@ -257,6 +296,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     The checkpoint is checked against its own metadata and the model first, and the replacement modules
     are built before any is swapped in: on CheckpointError the model is unchanged."""
     from llmprune_kernels.sparse24.linear import SparseLinear
+    from llmprune_kernels.sparse24.linear8 import SparseLinear8
 
     h = _read_header(path)
     swaps = _plan(model, h)
@@ -267,7 +307,11 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for parent, child, old, info in swaps:
         out_f, in_f = info["shape"]
         dev = next((t.device for t in old.buffers()), None) or next((t.device for t in old.parameters()), "cpu")
-        built.append(SparseLinear(in_f, out_f, bias=info["bias"], device=dev, dtype=getattr(torch, info["dtype"])))
+        kw = dict(bias=info["bias"], device=dev, dtype=getattr(torch, info["dtype"]))
+        if "weight_dtype" in info:
+            built.append(SparseLinear8(in_f, out_f, **kw, **{k: info[k] for k in Q8_KEYS}))
+        else:
+            built.append(SparseLinear(in_f, out_f, **kw))
     try:
         for (parent, child, _, _), new in zip(swaps, built):
             setattr(parent, child, new)
@@ -285,6 +329,9 @@ def dense_state_dict(path: str | os.PathLike, with_aliases: bool = True) -> dict
     state, sparse, aliases = read_compressed(path)
     for fqn, info in sparse.items():
         packed = Packed24(state.pop(f"{fqn}.values"), state.pop(f"{fqn}.meta"), tuple(info["shape"]))
+        if "weight_dtype" in info:  # 8-bit: the dequantised weight in the compute dtype
+            q = Packed24Q8(packed.values, packed.meta, state.pop(f"{fqn}.scale"), packed.shape, info["group_size"])
+            packed = dequantize_24(q, getattr(torch, info["dtype"]))
         state[f"{fqn}.weight"] = unpack_24(packed)
     for alias, kept in aliases.items() if with_aliases else ():
         state.setdefault(alias, state[kept].clone())

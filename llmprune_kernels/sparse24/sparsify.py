@@ -12,9 +12,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from llmprune_kernels.sparse24 import dispatch, tuning
+from llmprune_kernels.sparse24 import dispatch, quant8, tuning
 from llmprune_kernels.sparse24.experts import pack_experts, swap_experts
 from llmprune_kernels.sparse24.linear import SparseLinear, _is_24
+from llmprune_kernels.sparse24.linear8 import SparseLinear8
 from llmprune_kernels.validation import SparsityConfig
 
 @dataclass(frozen=True)
@@ -25,7 +26,29 @@ class SemiSparseWeightConfig:
     ``sparsify_(model, SemiSparseWeightConfig(), filter_fn)`` moves over by changing its import. As there, the
     default filter picks every ``nn.Linear`` and nothing is pruned here: prune to 2:4 first (``prune_model`` with
     ``SparsityConfig(n=2, m=4)``); a picked weight that is not 2:4 is an error naming the module.
+
+    ``weight_dtype`` (ours, opt-in): None keeps the Linear's 16-bit values (:class:`SparseLinear`); ``"fp8"``
+    (e4m3; GPUs of compute capability 8.9+, and the CPU) or ``"int8"`` stores them in 8 bits with scales
+    (:class:`~llmprune_kernels.sparse24.linear8.SparseLinear8`, :mod:`~llmprune_kernels.sparse24.quant8`):
+    ``group_size`` None (one scale per output channel) or a multiple of 4 input columns, ``scale_dtype``
+    ``"float32"`` or ``"float16"``.
     """
+
+    weight_dtype: str | None = None
+    group_size: int | None = None
+    scale_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.weight_dtype is None:
+            if self.group_size is not None or self.scale_dtype != "float32":
+                raise ValueError(f"group_size={self.group_size!r} / scale_dtype={self.scale_dtype!r} describe 8-bit "
+                                 f"weights; allowed with them: weight_dtype='fp8' or 'int8'")
+            return
+        if self.weight_dtype not in quant8.WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype {self.weight_dtype!r} is not supported; allowed: None (the Linear's "
+                             f"16-bit values), {', '.join(repr(k) for k in quant8.WEIGHT_DTYPES)}")
+        quant8.check_group_size(self.group_size)
+        quant8.scale_dtype_of(self.scale_dtype)
 
 
 semi_sparse_weight = SemiSparseWeightConfig  # torchao's older name for the same config
@@ -134,11 +157,21 @@ def sparsify_(
     if isinstance(model, nn.Linear) and picked:
         raise ValueError("sparsify_ swaps Linear children of a model; wrap a bare Linear with SparseLinear.from_linear")
 
+    q8 = config if torchao and config.weight_dtype is not None else None
+    if q8 is not None:  # FP8 on a GPU without it: one error before any work
+        for _, lin in picked:
+            quant8.check_fp8_device(quant8.weight_dtype_of(q8.weight_dtype), lin.weight.device)
     experts = pack_experts(model, filter_fn)  # fused MoE experts whose matrices are 2:4 -> SparseExperts
+    if q8 is not None:
+        for _, sparse in experts:
+            for mods in (sparse.gate_up, sparse.down):
+                for i, sl in enumerate(mods):
+                    mods[i] = SparseLinear8.from_linear(sl, q8.weight_dtype, q8.group_size, q8.scale_dtype)
     new = []
     for fqn, lin in picked:  # pack every picked weight before swapping any: a bad one leaves the model as it was
         try:
-            new.append(SparseLinear.from_linear(lin))
+            new.append(SparseLinear.from_linear(lin) if q8 is None else
+                       SparseLinear8.from_linear(lin, q8.weight_dtype, q8.group_size, q8.scale_dtype))
         except ValueError as exc:
             hint = (" (the default filter picks every nn.Linear: pass a filter_fn to leave dense ones, e.g. "
                     "lambda module, fqn: isinstance(module, nn.Linear) and 'lm_head' not in fqn)"
@@ -150,7 +183,7 @@ def sparsify_(
         sl.dense_tolerance = dense_tolerance
         setattr(model.get_submodule(parent_name) if parent_name else model, child, sl)
     new += swap_experts(model, experts, table, dense_tolerance)
-    cuda_shapes = {(m.out_features, m.in_features, m.values.dtype) for m in new if m.values.is_cuda}
+    cuda_shapes = {m._shape() for m in new if m.values.is_cuda}  # (out, in, dtype the 16-bit paths run)
     if cuda_shapes and tune:
         t = tuning.tune(sorted(cuda_shapes, key=str), table, device=new[0].values.device, buckets=buckets)
         if save_table:

@@ -2,12 +2,13 @@
 
 ``dense`` (F.linear on the masked weight), ``decode`` (Triton, small M), ``cusparselt`` (cuSPARSELt with
 cached plans, large M), ``mmasp`` (our mma.sp CUDA kernel, M <= 16, sm_90), ``cutlass`` (CUTLASS's sm90
-wgmma.sp GEMM, large M). See :mod:`.base` for the interface.
+wgmma.sp GEMM, large M), ``decode8`` (Triton, M <= 16, 8-bit weights only). See :mod:`.base` for the interface.
 """
 from llmprune_kernels.sparse24.backends.base import Backend, get, names, register, registered, unregister
 from llmprune_kernels.sparse24.backends.cusparselt import CusparseltBackend
 from llmprune_kernels.sparse24.backends.cutlass_sm90 import CutlassBackend
 from llmprune_kernels.sparse24.backends.decode import DecodeBackend
+from llmprune_kernels.sparse24.backends.decode8 import Decode8Backend
 from llmprune_kernels.sparse24.backends.dense import DenseBackend
 from llmprune_kernels.sparse24.backends.mmasp import MmaspBackend
 
@@ -16,5 +17,6 @@ register(DecodeBackend())
 register(CusparseltBackend())
 register(MmaspBackend())
 register(CutlassBackend())
+register(Decode8Backend())
 
 __all__ = ["Backend", "get", "names", "register", "registered", "unregister"]

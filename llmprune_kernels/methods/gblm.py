@@ -4,6 +4,10 @@ Gradient norms come, in this order of precedence, from the option ``gradient`` (
 Linear), the option ``gradients`` (a mapping, e.g. ``GradientNorms``, keyed by full module name, looked up
 by the layer's name), or ``model_info``: the pipeline calls ``prepare_model`` first, which computes them
 from the calibration windows (``llmprune_kernels.pipeline.gradients``).
+
+Score and mask: on CUDA (``backend="auto"``) or with ``backend="triton"``, the fused Triton kernel's GBLM
+mode (``ops.score_mask``: W and G read once, no score matrix in memory), equal bit for bit to the reference
+(``reference.gblm``), which runs elsewhere.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ from typing import Any, Literal
 import torch
 
 from llmprune_kernels.methods.base import LayerPruner, option, register_method
+from llmprune_kernels.methods.statistics import StatisticSpec
+from llmprune_kernels.methods.wanda import BACKENDS, resolve_backend
+from llmprune_kernels.ops.score_mask import score_and_mask, triton_usable
 from llmprune_kernels.reference.gblm import gblm_prune_
 
 GRAD_DTYPES = ("float16", "float32", "bfloat16")
@@ -31,6 +38,8 @@ class GBLMOptions:
     gradients: Mapping[str, torch.Tensor] | None = option(
         None, "Python API: precomputed gradient norms by module name (skips the gradient pass)")
     gradient: torch.Tensor | None = option(None, "Python API: the gradient norm of this one Linear")
+    backend: Literal[BACKENDS] = option("auto", "'auto': the fused Triton kernel on CUDA, else the PyTorch "
+                                                "reference; 'triton' runs on CPU only under TRITON_INTERPRET=1")
 
     def validate(self) -> None:
         if not self.gblm_scale > 0:
@@ -70,6 +79,14 @@ class GBLMPruner(LayerPruner):
     Options = GBLMOptions
     statistic = "act_norm"  # Wanda's activation norms, shared like Wanda's; the gradients come from model_info
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = resolve_backend(self.options.backend, self.layer.weight.device)
+
+    def statistic_spec(self) -> StatisticSpec:
+        layer = self.layer
+        return StatisticSpec("act_norm", layer.in_features, layer.weight.device, triton=self.backend == "triton")
+
     @classmethod
     def prepare_model(cls, model, calibration, config, *, device=None, options=None, progress=False):
         """Gradient norms over the calibration windows (skipped when the caller passes ``gradients``).
@@ -97,8 +114,13 @@ class GBLMPruner(LayerPruner):
         name = self.layer_name
         norms = self.finalized_statistic()
         grad = _lookup_gradient(self.options, name, self.model_info)
-        gblm_prune_(self.layer.weight.data, norms, grad.to(self.layer.weight.device), self.config)
-        return {}
+        weight = self.layer.weight.data
+        if self.backend == "triton" and triton_usable(weight.device):
+            score_and_mask(weight, norms.to(weight.device), self.config, grad=grad.to(weight.device), inplace=True,
+                           mask=False)
+        else:
+            gblm_prune_(weight, norms.to(weight.device), grad.to(weight.device), self.config)
+        return {"backend": self.backend}
 
     def free(self) -> None:
         self.stats = None

@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--method", default="wanda",
                    help=f"pruning method; available: {', '.join(available_methods())} (default: wanda)")
+    from llmprune_kernels.methods.refine import REFINEMENTS
+
+    p.add_argument("--refine", default=None, choices=sorted(REFINEMENTS),
+                   help="refine each Linear's mask after the method: dsnot (DSnoT grow/prune swaps; its options: "
+                        "--option dsnot_max_cycles=50 ..., see: llmprune methods wanda+dsnot)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--sparsity", type=float, default=None,
                        help="fraction of each Linear's weights to prune, in [0, 1) (default: 0.5)")
@@ -242,6 +247,8 @@ def cmd_prune(args) -> int:
 
     t_start = time.perf_counter()
     config = SparsityConfig.parse(args.sparsity, args.pattern)
+    if getattr(args, "refine", None):  # --method wanda --refine dsnot is the method "wanda+dsnot"
+        args.method = f"{args.method}+{args.refine}"
     cls = get_method(args.method)  # unknown method or options: fail before loading anything
     options = check_options(cls, dict(args.option))
     device = _device(args.device)

@@ -56,6 +56,7 @@ class LayerPruner:
     needs_calibration: bool = True
     Options: type = NoOptions
     statistic: str | None = None  # "hessian" | "act_norm": accumulated by the pipeline, see the class doc
+    refinable: bool = True  # a refinement (methods.refine) may follow prune(); False where a joint solve does
 
     def __init__(self, layer: nn.Linear, config: SparsityConfig, options: Any = None, *,
                  layer_name: str = "layer", model_info: Any = None, **kwargs: Any) -> None:
@@ -128,10 +129,15 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str) -> type[LayerPruner]:
-    """Look up a pruner class; unknown names raise with the list of allowed ones."""
+    """Look up a pruner class; ``"METHOD+REFINEMENT"`` (``"wanda+dsnot"``) is the method followed by a mask
+    refinement (``methods.refine``). Unknown names raise with the list of allowed ones."""
     try:
         return _REGISTRY[name]
     except KeyError:
+        if isinstance(name, str) and "+" in name:
+            from llmprune_kernels.methods.refine import refined_method  # it builds on this module
+
+            return refined_method(name)
         raise ValueError(f"unknown pruning method {name!r}; allowed: {', '.join(available_methods())}") from None
 
 

@@ -107,6 +107,7 @@ class SparseLLMPruner(LayerPruner):
     """Feed-forward blocks pruned jointly by alternating updates, attention by a local pruner (Bai et al. 2024)."""
 
     Options = SparseLLMOptions
+    refinable = False  # the feed-forward Linears are solved after their prune() calls
 
     @classmethod
     def prepare_model(cls, model, calibration, config, *, device=None, options=None,

@@ -124,6 +124,14 @@ def register_method(name: str) -> Callable[[type[LayerPruner]], type[LayerPruner
     return deco
 
 
+_COMPOSED: list[Callable[[str], type[LayerPruner]]] = []  # the "METHOD+REFINEMENT" builder (methods.refine)
+
+
+def register_composed_methods(build: Callable[[str], type[LayerPruner]]) -> None:
+    """Set the builder ``get_method`` asks for names with a ``+`` (``methods.refine`` registers it)."""
+    _COMPOSED[:] = [build]
+
+
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -134,10 +142,8 @@ def get_method(name: str) -> type[LayerPruner]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        if isinstance(name, str) and "+" in name:
-            from llmprune_kernels.methods.refine import refined_method  # it builds on this module
-
-            return refined_method(name)
+        if isinstance(name, str) and "+" in name and _COMPOSED:
+            return _COMPOSED[0](name)
         raise ValueError(f"unknown pruning method {name!r}; allowed: {', '.join(available_methods())}") from None
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llmprune_kernels.methods.base import LayerPruner, get_method
+from llmprune_kernels.methods.base import LayerPruner, get_method, register_composed_methods
 from llmprune_kernels.methods.dsnot import DSnoTOptions, dsnot_refine_
 from llmprune_kernels.methods.statistics import StatisticBundle, StatisticSpec, make_statistic
 
@@ -188,3 +188,6 @@ def _merged_options(cls: type[LayerPruner], refinement: Refinement) -> type:
 def _split(options: Any, *parts: type) -> list[Any]:
     """``options`` (a merged instance) as one instance of each of ``parts``."""
     return [part(**{f.name: getattr(options, f.name) for f in dataclasses.fields(part)}) for part in parts]
+
+
+register_composed_methods(refined_method)

@@ -76,7 +76,7 @@ def _ordered(valid: torch.Tensor, key: torch.Tensor, width: int) -> tuple[torch.
 
     Invalid entries get NaN, which a sort puts after every number (infinities included)."""
     keyed = torch.where(valid, key, torch.full((), float("nan"), device=key.device))
-    order = torch.sort(keyed, dim=1, stable=True).indices[:, :width]
+    order = torch.sort(keyed, dim=1, stable=True).indices[:, :width].contiguous()  # frees the full sort
     return order, valid.sum(1)
 
 

@@ -26,7 +26,8 @@ Differences from the original code (github.com/zyxxmu/DSnoT, ``prune_DSnoT``), a
 must have a strictly signed contribution and a row stops when they run out (the original then reads past
 them, e.g. regrows a kept weight); the Wanda score is that of the method's weights W', so the refinement
 runs after any method (for Wanda and magnitude W' = W on the kept weights, the original's score; it uses the
-initial method's own score for N:M); e is accumulated in fp64 (the original: fp32). Ties go to the lower column.
+initial method's own score for N:M); e is accumulated in fp64 (the original: fp32); Var is the variance over
+all calibration tokens (the original averages per-batch variances). Ties go to the lower column.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ power-of-two M."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -58,3 +59,44 @@ def _norm(config) -> tuple:
     if len(c) == 5:
         c = c + (0,)
     return c
+
+
+def measure_candidates(key: tuple, configs, make_run: Callable, tuned: dict, times_out: dict, errors_out: dict,
+                       default: tuple) -> tuple:
+    """Time each config's run (``make_run(cfg)`` builds it once; ``triton.testing.do_bench``: L2 flushed
+    before each run, median) and keep the fastest as ``tuned[key]`` (``default`` if none ran); every time
+    goes to ``times_out[key]`` and each config that could not run (out of shared memory or registers for
+    this shape) to ``errors_out``."""
+    import triton
+
+    times = {}
+    for cfg in configs:
+        try:
+            times[cfg] = triton.testing.do_bench(make_run(cfg), warmup=5, rep=25, return_mode="median")
+        except Exception as exc:  # does not compete; kept for reports
+            errors_out[(*key, cfg)] = f"{type(exc).__name__}: {exc}"[:300]
+    times_out[key] = times
+    tuned[key] = min(times, key=times.get) if times else default
+    return tuned[key]
+
+
+def launch_config(x: torch.Tensor, n: int, k: int, m: int, tuned: dict, tune: Callable, default: tuple,
+                  interpret: tuple) -> tuple:
+    """The config of a call that fixes none: ``interpret`` (small tiles) under the Triton interpreter or off
+    CUDA; else the one measured for (shape, dtype, M class), measured now by ``tune`` when new, ``default``
+    while a CUDA graph is being captured (no timing there)."""
+    if _INTERPRET or not x.is_cuda:
+        return interpret
+    block = tuned.get((n, k, x.dtype, _m_class(m)))
+    if block is None:
+        block = default if torch.cuda.is_current_stream_capturing() else tune(n, k, x.dtype, m, x.device)
+    return block
+
+
+def flat_rows(x: torch.Tensor, k: int, n: int) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+    """``x [..., k]`` as unit-stride rows ``x2 [m, k]``, its leading shape, and the output ``y [m, n]``."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return lead, x2, torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)

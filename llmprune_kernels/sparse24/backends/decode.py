@@ -42,6 +42,9 @@ from llmprune_kernels.sparse24.backends._decode_configs import (  # noqa: F401  
     _norm,
     candidates,
     config_name,
+    flat_rows,
+    launch_config,
+    measure_candidates,
 )
 from llmprune_kernels.sparse24.backends._decode_dot import HAS_TRITON
 from llmprune_kernels.sparse24.backends._decode_stream import as_pairs, plan_stream
@@ -109,23 +112,13 @@ def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -
     key = (n, k, dtype, _m_class(m))
     if key in _TUNED:
         return _TUNED[key]
-    import triton
-
     m = _m_class(m)
     p = pack_24(random_24_weight(n, k, dtype, device))
     x = torch.randn(m, k, device=device, dtype=dtype)
     y = torch.empty(m, n, device=device, dtype=dtype)
-    times = {}
-    for cfg in candidates(m, dtype):
-        try:
-            times[cfg] = triton.testing.do_bench(
-                lambda cfg=cfg: _launch(x, p.values, p.meta, None, y, m, n, k, cfg), warmup=5, rep=25,
-                return_mode="median")
-        except Exception as exc:  # e.g. out of shared memory for this shape: does not compete (kept for reports)
-            TUNE_ERRORS[(*key, cfg)] = f"{type(exc).__name__}: {exc}"[:300]
-    TUNE_TIMES[key] = times
-    _TUNED[key] = min(times, key=times.get) if times else DEFAULT_CONFIG
-    return _TUNED[key]
+    return measure_candidates(key, candidates(m, dtype),
+                              lambda cfg: lambda: _launch(x, p.values, p.meta, None, y, m, n, k, cfg),
+                              _TUNED, TUNE_TIMES, TUNE_ERRORS, DEFAULT_CONFIG)
 
 
 def tuned_config(n: int, k: int, dtype: torch.dtype, m: int) -> tuple | None:
@@ -176,22 +169,12 @@ def sparse24_mm(
         raise ValueError(f"x has {x.shape[-1]} input features; the packed weight has {k}")
     if x.dtype != values.dtype:
         raise TypeError(f"x dtype {x.dtype} differs from the weight dtype {values.dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2, y = flat_rows(x, k, n)
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
     if block is None:
-        if _INTERPRET or not x.is_cuda:
-            block = (16, 64, 1)
-        else:
-            block = _TUNED.get((n, k, x.dtype, _m_class(m)))
-            if block is None:
-                block = DEFAULT_CONFIG if torch.cuda.is_current_stream_capturing() else tune_config(
-                    n, k, x.dtype, m, x.device)
+        block = launch_config(x, n, k, m, _TUNED, tune_config, DEFAULT_CONFIG, (16, 64, 1))
     _launch(x2, values, meta, bias, y, m, n, k, block)
     return y.reshape(*lead, n)
 

@@ -13,12 +13,14 @@ Reference: :func:`llmprune_kernels.reference.sparse24_8bit.sparse24_8bit_linear_
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
 from llmprune_kernels.sparse24.backends._decode_configs import (_INTERPRET, KIND_DOT, KIND_DOT_SWAP, KIND_NAMES,
-                                                                _m_class, _norm, config_name)
+                                                                _m_class, _norm, config_name, flat_rows,
+                                                                launch_config, measure_candidates)
 from llmprune_kernels.sparse24.backends._decode_dot import HAS_TRITON
 from llmprune_kernels.sparse24.backends.base import Backend
 from llmprune_kernels.sparse24.quant8 import QMAX, Packed24Q8, fp8_ok, quantize_24
@@ -131,22 +133,12 @@ def sparse24_q8_mm(x: torch.Tensor, q: Packed24Q8, bias: torch.Tensor | None = N
                            "(llmprune_kernels.reference.sparse24_8bit)")
     n, k = q.shape
     _check_x(x, k)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, x2, y = flat_rows(x, k, n)
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
     if block is None:
-        if _INTERPRET or not x.is_cuda:
-            block = INTERPRET_CONFIG
-        else:
-            block = _TUNED.get((n, k, x.dtype, _m_class(m)))
-            if block is None:
-                block = DEFAULT_CONFIG if torch.cuda.is_current_stream_capturing() else tune_config(
-                    n, k, x.dtype, m, x.device)
+        block = launch_config(x, n, k, m, _TUNED, tune_config, DEFAULT_CONFIG, INTERPRET_CONFIG)
     _plan(q, bias, m, block)(x2, x2.stride(0), y)
     return y.reshape(*lead, n)
 
@@ -166,16 +158,8 @@ def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -
     q = quantize_24(random_24_weight(n, k, torch.float32, device), "fp8" if fp8_ok(device) else "int8")
     x = torch.randn(m, k, device=device, dtype=dtype)
     y = torch.empty(m, n, device=device, dtype=dtype)
-    times = {}
-    for cfg in CANDIDATES:
-        try:
-            run = _plan(q, None, m, cfg)
-            times[cfg] = triton.testing.do_bench(lambda run=run: run(x, k, y), warmup=5, rep=25, return_mode="median")
-        except Exception as exc:  # e.g. out of shared memory or registers for this shape: does not compete
-            TUNE_ERRORS[(*key, cfg)] = f"{type(exc).__name__}: {exc}"[:300]
-    TUNE_TIMES[key] = times
-    _TUNED[key] = min(times, key=times.get) if times else DEFAULT_CONFIG
-    return _TUNED[key]
+    return measure_candidates(key, CANDIDATES, lambda cfg: functools.partial(_plan(q, None, m, cfg), x, k, y),
+                              _TUNED, TUNE_TIMES, TUNE_ERRORS, DEFAULT_CONFIG)
 
 
 def tuned_config(n: int, k: int, dtype: torch.dtype, m: int) -> tuple | None:

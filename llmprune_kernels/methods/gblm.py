@@ -17,9 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from llmprune_kernels.methods.base import LayerPruner, option, register_method
-from llmprune_kernels.methods.statistics import StatisticSpec
-from llmprune_kernels.methods.wanda import BACKENDS, resolve_backend
+from llmprune_kernels.methods.base import option, register_method
+from llmprune_kernels.methods.wanda import BACKENDS, ActNormPruner
 from llmprune_kernels.ops.score_mask import score_and_mask, triton_usable
 from llmprune_kernels.reference.gblm import gblm_prune_
 
@@ -73,19 +72,12 @@ def _lookup_gradient(options: GBLMOptions, name: str, model_info: Any) -> torch.
 
 
 @register_method("gblm")
-class GBLMPruner(LayerPruner):
-    """Wanda's score plus gradient norms from backward passes over the calibration windows (Das et al. 2023)."""
+class GBLMPruner(ActNormPruner):
+    """Wanda's score plus gradient norms from backward passes over the calibration windows (Das et al. 2023).
+
+    Wanda's activation norms, shared like Wanda's; the gradients come from ``model_info``."""
 
     Options = GBLMOptions
-    statistic = "act_norm"  # Wanda's activation norms, shared like Wanda's; the gradients come from model_info
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.backend = resolve_backend(self.options.backend, self.layer.weight.device)
-
-    def statistic_spec(self) -> StatisticSpec:
-        layer = self.layer
-        return StatisticSpec("act_norm", layer.in_features, layer.weight.device, triton=self.backend == "triton")
 
     @classmethod
     def prepare_model(cls, model, calibration, config, *, device=None, options=None, progress=False):

@@ -41,11 +41,10 @@ class WandaOptions:
                                                 "reference; 'triton' runs on CPU only under TRITON_INTERPRET=1")
 
 
-@register_method("wanda")
-class WandaPruner(LayerPruner):
-    """|W| times the input-activation norm, per output row (Sun et al. 2023)."""
+class ActNormPruner(LayerPruner):
+    """A pruner scored from the shared activation norms, on the fused Triton kernels or the reference: its
+    options' ``backend`` resolved once, the norms accumulated on the Triton kernel with it (Wanda, GBLM)."""
 
-    Options = WandaOptions
     statistic = "act_norm"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -55,6 +54,13 @@ class WandaPruner(LayerPruner):
     def statistic_spec(self) -> StatisticSpec:
         layer = self.layer
         return StatisticSpec("act_norm", layer.in_features, layer.weight.device, triton=self.backend == "triton")
+
+
+@register_method("wanda")
+class WandaPruner(ActNormPruner):
+    """|W| times the input-activation norm, per output row (Sun et al. 2023)."""
+
+    Options = WandaOptions
 
     def prune(self) -> dict[str, Any]:
         norms = self.finalized_statistic()

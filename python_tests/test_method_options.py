@@ -15,7 +15,7 @@ from llmprune_kernels.methods import available_methods, check_options, method_op
 from llmprune_kernels.methods.base import options_for_report
 from llmprune_kernels.pipeline.models import find_decoder_layers
 
-METHODS = ["gblm", "magnitude", "sparsegpt", "sparsellm", "wanda"]
+METHODS = ["admm", "gblm", "magnitude", "sparsegpt", "sparsellm", "wanda"]
 
 
 def test_every_method_declares_documented_options():

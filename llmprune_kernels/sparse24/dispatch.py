@@ -49,6 +49,11 @@ def shape_key(out_features: int, in_features: int, dtype: torch.dtype) -> str:
     return f"{out_features}x{in_features}:{str(dtype).removeprefix('torch.')}"
 
 
+def act8_key(out_features: int, in_features: int, dtype: torch.dtype, qdtype: torch.dtype) -> str:
+    """The table key of an 8-bit-activation choice (``tuning8``): cslt8 or the 16-bit fallback, per bucket."""
+    return f"{shape_key(out_features, in_features, dtype)}/a8:{str(qdtype).removeprefix('torch.')}"
+
+
 @dataclass(frozen=True)
 class Choice:
     """One bucket's backend (``path``), every backend's measured time (ms) and the launch config measured for
@@ -177,6 +182,9 @@ class TuningTable:
     def lookup(self, out_features: int, in_features: int, dtype: torch.dtype, m: int) -> Choice | None:
         per_shape = self.entries.get(shape_key(out_features, in_features, dtype))
         return None if per_shape is None else per_shape.get(bucket(m))
+
+    def lookup_key(self, key: str, m: int) -> Choice | None:
+        return self.entries.get(key, {}).get(bucket(m))
 
     def choices(self, out_features: int, in_features: int, dtype: torch.dtype) -> dict[int, Choice]:
         return self.entries.get(shape_key(out_features, in_features, dtype), {})

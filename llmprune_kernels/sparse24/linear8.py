@@ -6,8 +6,11 @@ Forward is ``F.linear(x, W, bias)`` with ``W`` the dequantised masked weight, co
 ``compute_dtype`` (the Linear's dtype: fp16 / bf16 / fp32; x must have it, as for ``nn.Linear``):
 
 * CUDA, M <= 16: the 8-bit decode kernel (backend ``decode8``), which reads the 8-bit weight itself;
-* CUDA, larger M: the 16-bit 2:4 dispatch of :class:`SparseLinear` (tuning table, cuSPARSELt, dense, ...) on
-  the weight dequantised to ``compute_dtype``; the chosen path's layout is built once and kept (memory: a
+* CUDA, larger M, ``activations = "8bit"`` (opt-in; per-channel scales, fp16 / bf16): cuSPARSELt's 8-bit x 8-bit
+  2:4 GEMM with the activations quantised per token to the weight's 8-bit type (backend ``cslt8``), in the
+  buckets where tuning (:mod:`~llmprune_kernels.sparse24.tuning8`) measured it faster than the fallback below;
+* CUDA, larger M otherwise: the 16-bit 2:4 dispatch of :class:`SparseLinear` (tuning table, cuSPARSELt, dense,
+  ...) on the weight dequantised to ``compute_dtype``; the chosen path's layout is built once and kept (memory: a
   16-bit 2:4 layout is 1.8x the 8-bit one, a dense copy 6.4x; ``dense_tolerance`` avoids dense copies);
 * CPU: the reference, the dequantised dense weight in ``F.linear`` (rebuilt per call: no 16-bit copy kept).
 
@@ -24,6 +27,7 @@ import torch.nn as nn
 
 from llmprune_kernels.sparse24 import backends, dispatch
 from llmprune_kernels.sparse24.autograd import grad_can_flow, linear_grads
+from llmprune_kernels.sparse24.backends.cslt8 import alpha_vector_ok
 from llmprune_kernels.sparse24.linear import SparseLinear
 from llmprune_kernels.sparse24.pack import Packed24
 from llmprune_kernels.sparse24.quant8 import (Packed24Q8, check_fp8_device, check_group_size, dequantize_24,
@@ -31,7 +35,16 @@ from llmprune_kernels.sparse24.quant8 import (Packed24Q8, check_fp8_device, chec
                                               weight_dtype_of)
 
 _Q8_BUFFERS = ("values", "scale")  # kept in their dtypes by module casts
-DECODE8 = "decode8"
+DECODE8, CSLT8 = "decode8", "cslt8"
+ACTIVATIONS = ("16bit", "8bit")
+
+
+def check_activations(value) -> str:
+    if value not in ACTIVATIONS:
+        raise ValueError(f"activations {value!r} is not supported; allowed: '16bit' (the module's dtype) or '8bit' "
+                         f"(quantised per token to the weight's 8-bit type for M > 16 where measured faster; "
+                         f"per-channel weight scales)")
+    return value
 
 
 class SparseLinear8(SparseLinear):
@@ -48,6 +61,7 @@ class SparseLinear8(SparseLinear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.compute_dtype = dtype
         self.group_size = group_size
+        self.activations = "16bit"  # "8bit": the opt-in 8-bit-activation path (backend cslt8) where it measured faster
         self.values = torch.zeros(out_features, in_features // 2, device=device, dtype=qdtype)
         self.register_buffer("scale", torch.ones(out_features, n_groups(in_features, group_size), device=device,
                                                  dtype=sdtype))
@@ -95,7 +109,9 @@ class SparseLinear8(SparseLinear):
     # -- state ----------------------------------------------------------------------------------
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        if name in ("scale", "group_size", "compute_dtype") and "_runners" in self.__dict__:
+        if name == "activations":
+            check_activations(value)
+        if name in ("scale", "group_size", "compute_dtype", "activations") and "_runners" in self.__dict__:
             self._runners.clear()
             self._cache.clear()
 
@@ -139,25 +155,54 @@ class SparseLinear8(SparseLinear):
         b = backends.get(DECODE8)
         return b.serves(m) and b.usable(self.out_features, self.in_features, self.values.dtype, self.values.device)
 
+    def act8_key(self) -> str | None:
+        """The tuning-table key of the 8-bit-activation choice, None where this module cannot take that path
+        (not opted in, per-group scales, a compute dtype other than fp16 / bf16)."""
+        if self.activations != "8bit" or self.group_size is not None or self.compute_dtype not in (
+                torch.float16, torch.bfloat16):
+            return None
+        return dispatch.act8_key(self.out_features, self.in_features, self.compute_dtype, self.values.dtype)
+
+    def _act8_choice(self, m: int) -> dispatch.Choice | None:
+        key = self.act8_key()
+        c = None if key is None else self._table().lookup_key(key, m)
+        if c is None or c.path != CSLT8:
+            return None
+        b = backends.get(CSLT8)
+        return c if b.serves(m) and b.usable(self.out_features, self.in_features, self.values.dtype,
+                                             self.values.device) else None
+
     def choose(self, m: int) -> dispatch.Choice:
         """A pinned backend where it can take this call (else dense); on CUDA the 8-bit decode kernel for
-        M <= 16; else the 16-bit 2:4 dispatch for (out, in, compute_dtype) on the dequantised weight."""
-        if self.force_path is None and self.values.device.type == "cuda" and self._decode8_usable(m):
-            return dispatch.pinned(DECODE8)
+        M <= 16; with 8-bit activations opted in, cslt8 in the buckets where it measured faster; else the 16-bit
+        2:4 dispatch for (out, in, compute_dtype) on the dequantised weight."""
+        if self.force_path is None and self.values.device.type == "cuda":
+            if self._decode8_usable(m):
+                return dispatch.pinned(DECODE8)
+            c = self._act8_choice(m)
+            if c is not None:
+                return c
         return super().choose(m)
 
     def layout(self, path: str, config: Any = None) -> Any:
         b = backends.get(path)
-        if b.quantized:
-            return b.prepare(self.quantized(), config)
+        if b.quantized:  # built once per layout key (cslt8 compresses the weight; decode8 reads it as it is)
+            key = (path, b.state_key(config))
+            state = self._cache.get(key)
+            if state is None:
+                state = b.prepare(self.quantized(), config)
+                if not torch.compiler.is_compiling():
+                    self._cache[key] = state
+            return state
         if path == "dense" and self.values.device.type != "cuda":  # the CPU reference keeps no 16-bit copy
             return b.prepare(self.packed(), config)
         return super().layout(path, config)
 
     @torch.no_grad()
     def prepare(self, paths: set[str] | None = None) -> "SparseLinear8":
-        """Build the layouts the dispatch will need: the 8-bit decode kernel's (the weight itself) and the 16-bit
-        paths the table (or the defaults) run above M = 16."""
+        """Build the layouts the dispatch will need: the 8-bit decode kernel's (the weight itself), the 16-bit
+        paths the table (or the defaults) run above M = 16, and cslt8's compressed weight where the opted-in
+        8-bit-activation choice takes it in some bucket."""
         self._runners.clear()
         dev = self.values.device
         if dev.type != "cuda":
@@ -171,11 +216,16 @@ class SparseLinear8(SparseLinear):
             paths |= {dispatch.default_choice(*self._shape(), 4096, dev).path}
             if self.force_path:
                 paths |= {self.force_path, "dense"}
+        key = self.act8_key()
+        if key is not None and any(c.path == CSLT8 for c in table.entries.get(key, {}).values()):
+            paths = set(paths) | {CSLT8}
         for path in paths:
             b = backends.get(path)
             if b.quantized or b.usable(*self._shape(), dev):
                 for cfg in table.configs_for(path, *self._shape()):
                     self.layout(path, cfg)
+        if CSLT8 in paths:  # the alpha-vector check runs now, not inside a CUDA-graph capture
+            alpha_vector_ok(self.values.dtype, self.compute_dtype, dev)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -182,3 +182,26 @@ def dequantize_values(q: Packed24Q8, dtype: torch.dtype = torch.float32) -> torc
 def dequantize_24(q: Packed24Q8, dtype: torch.dtype = torch.float32) -> Packed24:
     """The 16/32-bit 2:4 packing of the dequantised weight (same metadata), for every 16-bit 2:4 path."""
     return Packed24(dequantize_values(q, dtype), q.meta, q.shape)
+
+
+# Per-token activation scales (8-bit activations, backend ``cslt8``). The 8-bit matmul's output is formed in the
+# compute dtype before the token's scale is applied; dividing it by OUT_SHIFT (a power of two >= the 8-bit
+# range) keeps that intermediate below the row's L1 norm (no fp16 overflow), exactly.
+OUT_SHIFT = {torch.float8_e4m3fn: 512.0, torch.int8: 128.0}
+
+
+def activation_scales(amax: torch.Tensor, qdtype: torch.dtype, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Per-token scales from each token's largest |x| (``amax``, any float dtype, shape [M]): ``amax / QMAX``
+    rounded up to ``scale_dtype`` (so no value is clipped), 1 for an all-zero token, at least the dtype's
+    smallest normal, and at most ``finfo(scale_dtype).max / OUT_SHIFT`` (so ``scale * OUT_SHIFT`` is finite; only
+    fp16 tokens with |x| above ~57000 (FP8) / ~65000 (INT8) are clipped by this)."""
+    a = amax.float()
+    s = a / QMAX[qdtype]
+    s = torch.where(s * QMAX[qdtype] < a, _next_up(s), s)
+    s = torch.where(a > 0, s, torch.ones_like(s))
+    fi = torch.finfo(scale_dtype)
+    s = s.clamp(min=fi.tiny, max=fi.max / OUT_SHIFT[qdtype])
+    if scale_dtype != torch.float32:
+        h = s.to(scale_dtype)
+        s = torch.where(h.float() < s, _next_up(h), h).float().clamp(max=fi.max / OUT_SHIFT[qdtype])
+    return s.to(scale_dtype)

@@ -12,10 +12,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from llmprune_kernels.sparse24 import dispatch, quant8, tuning
+from llmprune_kernels.sparse24 import dispatch, quant8, tuning, tuning8
 from llmprune_kernels.sparse24.experts import pack_experts, swap_experts
 from llmprune_kernels.sparse24.linear import SparseLinear, _is_24
-from llmprune_kernels.sparse24.linear8 import SparseLinear8
+from llmprune_kernels.sparse24.linear8 import SparseLinear8, check_activations
 from llmprune_kernels.validation import SparsityConfig
 
 @dataclass(frozen=True)
@@ -31,14 +31,24 @@ class SemiSparseWeightConfig:
     (e4m3; GPUs of compute capability 8.9+, and the CPU) or ``"int8"`` stores them in 8 bits with scales
     (:class:`~llmprune_kernels.sparse24.linear8.SparseLinear8`, :mod:`~llmprune_kernels.sparse24.quant8`):
     ``group_size`` None (one scale per output channel) or a multiple of 4 input columns, ``scale_dtype``
-    ``"float32"`` or ``"float16"``.
+    ``"float32"`` or ``"float16"``. ``activations`` (opt-in, with an 8-bit ``weight_dtype`` and per-channel scales):
+    ``"16bit"`` keeps the activations in the module's dtype; ``"8bit"`` lets M > 16 calls on CUDA quantise them
+    per token to the weight's 8-bit type and run cuSPARSELt's 8-bit 2:4 GEMM (backend ``cslt8``) in the M buckets
+    where tuning measured it faster than the 16-bit fallback (results differ from 16-bit activations by that
+    quantisation: ``reference.sparse24_8bit.sparse24_8bit_act_linear_reference``).
     """
 
     weight_dtype: str | None = None
     group_size: int | None = None
     scale_dtype: str = "float32"
+    activations: str = "16bit"
 
     def __post_init__(self):
+        check_activations(self.activations)
+        if self.activations == "8bit" and (self.weight_dtype is None or self.group_size is not None):
+            raise ValueError(f"activations='8bit' (weight_dtype={self.weight_dtype!r}, group_size={self.group_size!r}) "
+                             f"quantises activations to the weight's 8-bit type with one weight scale per output "
+                             f"channel; allowed with it: weight_dtype='fp8' or 'int8' and group_size=None")
         if self.weight_dtype is None:
             if self.group_size is not None or self.scale_dtype != "float32":
                 raise ValueError(f"group_size={self.group_size!r} / scale_dtype={self.scale_dtype!r} describe 8-bit "
@@ -183,9 +193,17 @@ def sparsify_(
         sl.dense_tolerance = dense_tolerance
         setattr(model.get_submodule(parent_name) if parent_name else model, child, sl)
     new += swap_experts(model, experts, table, dense_tolerance)
+    if q8 is not None:
+        for m in new:
+            if isinstance(m, SparseLinear8):
+                m.activations = q8.activations
     cuda_shapes = {m._shape() for m in new if m.values.is_cuda}  # (out, in, dtype the 16-bit paths run)
     if cuda_shapes and tune:
         t = tuning.tune(sorted(cuda_shapes, key=str), table, device=new[0].values.device, buckets=buckets)
+        act8 = {(*m._shape(), m.values.dtype) for m in new  # after the 16-bit tuning: its choices are the fallbacks
+                if isinstance(m, SparseLinear8) and m.values.is_cuda and m.act8_key() is not None}
+        if act8:
+            tuning8.tune_act8(sorted(act8, key=str), t, device=new[0].values.device, buckets=buckets)
         if save_table:
             t.save(save_table)
     for m in new:

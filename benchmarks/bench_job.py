@@ -4,12 +4,14 @@
 * ``memory``: the checkpoint loaded with ``from_pretrained`` onto the GPU, then ``prune_model`` (load time
   reported apart, not in the job's total).
 * ``stream``: ``prune_pretrained`` from the directory to a new output directory: layers read from disk when
-  walked and written to the output's shards at once (the total includes reading, writing and the commit).
+  walked and written to the output's shards while the next layer computes (the total includes reading,
+  writing and the commit), with a GPU memory budget of ``STREAM_GPU_MEMORY`` (6 GB; the calibration
+  activations then wait in pinned CPU memory, each batch prefetched to the GPU).
 Each case runs in its own process, so its peak CPU memory (``ru_maxrss``) and peak GPU memory
 (``max_memory_allocated``) are its own. Figures: the report's per-stage seconds, total seconds, peaks,
 and ``ratio_to_floor`` = total / floor, the floor being two forward passes of every decoder layer over the
 calibration set (the statistics pass and the recompute pass), timed in the same process on one random
-layer of the same shape. A projection for 70B scales the measured 13B per-layer stage costs by the
+layer of the same shape with the attention the job's model uses (SDPA). A projection for 70B scales the measured 13B per-layer stage costs by the
 per-layer weight count (80 layers of hidden 8192, intermediate 28672, 8 key/value heads).
 Weights are cold: every layer is read once from host memory or disk per run.
 
@@ -47,6 +49,7 @@ if os.environ.get("LLMPRUNE_BENCH_CASES"):  # e.g. "sparsegpt:stream,wanda:memor
     _pick = [tuple(c.split(":")) for c in os.environ["LLMPRUNE_BENCH_CASES"].split(",")]
     CASES = {k: [c for c in _pick if c in v] for k, v in CASES.items()}
 CASE_TIMEOUT_S = 600
+STREAM_GPU_MEMORY = os.environ.get("LLMPRUNE_BENCH_GPU_MEMORY", "6GB")
 
 
 def _layer_params(shape: str) -> int:
@@ -62,6 +65,7 @@ def _floor_s(cfg, device: str) -> float:
     """Seconds of two forward passes of all decoder layers over the calibration set (one layer timed)."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+    cfg._attn_implementation = "sdpa"  # as from_pretrained / from_config choose for LLaMA
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
@@ -93,6 +97,7 @@ def worker(spec: dict) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmprune_kernels import prune_model, prune_pretrained
+    from llmprune_kernels.pipeline.memory import parse_bytes
     from llmprune_kernels.validation import SparsityConfig
 
     source, method, mode = Path(spec["source"]), spec["method"], spec["mode"]
@@ -115,12 +120,13 @@ def worker(spec: dict) -> dict:
                           progress=False)
     else:
         res = prune_pretrained(source, spec["output"], calib, method, config, device="cuda", batch_size=BATCH,
-                               measure_error=False, progress=False)
+                               measure_error=False, progress=False, gpu_memory=parse_bytes(STREAM_GPU_MEMORY))
     torch.cuda.synchronize()
     total = time.perf_counter() - t0
     return {
         "shape": spec["shape"], "method": method, "mode": mode, "layers": cfg.num_hidden_layers,
         "calibration": [NSAMPLES, SEQLEN], "batch_size": BATCH, "sparsity": 0.5,
+        "gpu_memory_budget": STREAM_GPU_MEMORY if mode == "stream" else None,
         "total_s": total, "load_s": load_s, "stages_s": dict(getattr(res, "stage_times_s", {}) or {}),
         "floor_two_forward_passes_s": floor, "ratio_to_floor": ratio(total, floor),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(),

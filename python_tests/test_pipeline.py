@@ -259,6 +259,27 @@ def test_magnitude_without_calibration():
         prune_model(tiny_model("llama"), None, "wanda", progress=False)
 
 
+@pytest.mark.parametrize("measure_error", [False, True])
+def test_last_layer_outputs_are_computed_only_for_its_error(measure_error):
+    """Every layer runs its batches twice (statistics, then the pruned outputs for the next layer) except
+    the last, whose pruned outputs only its reconstruction error reads."""
+    model = tiny_model("llama")
+    _, layers = find_decoder_layers(model)
+    calls = [0] * len(layers)
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    ref = tiny_model("llama")
+    prune_model(ref, random_ids(4, 16), "wanda", SparsityConfig(0.5), batch_size=2, measure_error=True,
+                progress=False)
+    prune_model(model, random_ids(4, 16), "wanda", SparsityConfig(0.5), batch_size=2, measure_error=measure_error,
+                progress=False)
+    for h in hooks:
+        h.remove()
+    assert calls == [4] * (len(layers) - 1) + [4 if measure_error else 2]
+    for a, b in zip(_decoder_linears(ref).values(), _decoder_linears(model).values()):
+        assert torch.equal(a.weight, b.weight)
+
+
 def test_magnitude_with_calibration_skips_the_walk(monkeypatch):
     """Magnitude masks do not depend on data: no capture or layer forward unless the error is asked for."""
     import llmprune_kernels.pipeline.prune as pipeline_prune

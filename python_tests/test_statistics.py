@@ -150,6 +150,29 @@ def test_finalize_once_and_errors_name_the_layer(kind):
         acc.tensors()
 
 
+@pytest.mark.parametrize("kind", ["hessian", "act_norm"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_deferred_finiteness_check(kind, bad):
+    """``check=False`` batches (the pipeline's feed: no device sync per batch) are checked once by check_finite,
+    however many finite batches follow the bad one; the same sums as checked adds."""
+    acc = make_statistic(StatisticSpec(kind, 8, "cpu"), "layers.2.self_attn.k_proj")
+    checked = make_statistic(StatisticSpec(kind, 8, "cpu"), "checked")
+    for _ in range(2):
+        x = torch.randn(3, 8)
+        acc.add_batch(x, check=False)
+        checked.add_batch(x)
+    acc.check_finite()
+    assert torch.equal(acc.sum, checked.sum)
+    x = torch.randn(3, 8)
+    x[2, 5] = bad
+    acc.add_batch(x, check=False)
+    for _ in range(3):
+        acc.add_batch(torch.randn(3, 8) * 1e3, check=False)
+    with pytest.raises(ValueError, match=r"^layers.2.self_attn.k_proj: the calibration activations contain NaN or "
+                                         r"Inf values"):
+        acc.check_finite()
+
+
 def test_spec_rejects_bad_values():
     with pytest.raises(ValueError, match="unknown statistic 'gram'; allowed: hessian, act_norm"):
         StatisticSpec("gram", 8, "cpu")

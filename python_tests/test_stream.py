@@ -160,6 +160,34 @@ def test_interrupted_runs_resume_to_the_same_result(tmp_path, monkeypatch):
     assert not work_dir_for(tmp_path / "mem").exists()
 
 
+def test_failed_background_write_is_raised_and_resumes(tmp_path, monkeypatch):
+    """A layer shard's write fails in the background thread: the run raises it, no output appears, the
+    manifest names only the layers on disk, and a resumed run gives the uninterrupted result."""
+    from llmprune_kernels.pipeline import resume
+
+    src = _save(_four_layers(), tmp_path / "src")
+    ids, cfg = random_ids(4, 12), SparsityConfig(0.5)
+    original = resume.save_tensors
+
+    def failing(tensors, path):
+        if "00003-of" in path.name:
+            raise OSError(28, "No space left on device")
+        original(tensors, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(resume, "save_tensors", failing)
+        with pytest.raises(OSError, match="No space left"):
+            prune_pretrained(src, tmp_path / "out", ids, "wanda", cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+    work = work_dir_for(tmp_path / "out")
+    assert json.loads((work / "manifest.json").read_text())["completed_layers"] == 2
+    assert not (work / "model-00003-of-00005.safetensors").exists()
+    prune_pretrained(src, tmp_path / "out", ids, "wanda", cfg, resume=True, progress=False)
+    ref = _load(src)
+    prune_model(ref, ids, "wanda", cfg, progress=False)
+    _assert_same_weights(_load(tmp_path / "out"), ref)
+
+
 def test_resume_needs_an_output_directory():
     with pytest.raises(ValueError, match=r"resume=True needs an output directory"):
         prune_model(tiny_model("llama"), random_ids(2, 8), "wanda", resume=True, progress=False)
@@ -230,6 +258,8 @@ _CHILD = textwrap.dedent("""
         def save_layer(self, index, *a, **k):
             original(self, index, *a, **k)
             if index == args["kill_after"]:
+                if args.get("written"):  # the layer's shard and manifest are on disk; else killed mid-write
+                    self.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
 
         resume.Checkpoint.save_layer = save_layer
@@ -253,12 +283,16 @@ def _child(tmp_path, **args):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_sigkilled_run_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("written", [True, False], ids=["after-write", "during-write"])
+def test_sigkilled_run_resumes_to_the_same_result(tmp_path, written):
+    """Killed once layer 1's shard is on disk, or while it is being written in the background (then layer 1
+    is either complete or not named by the manifest, never half there)."""
     src = _save(_four_layers(), tmp_path / "src")
-    proc = _child(tmp_path, src=str(src), out=str(tmp_path / "out"), kill_after=1)
+    proc = _child(tmp_path, src=str(src), out=str(tmp_path / "out"), kill_after=1, written=written)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     work = work_dir_for(tmp_path / "out")
-    assert json.loads((work / "manifest.json").read_text())["completed_layers"] == 2
+    completed = json.loads((work / "manifest.json").read_text())["completed_layers"]
+    assert completed == 2 if written else completed in (1, 2)
     ids = torch.load(tmp_path / "ids.pt")
     prune_pretrained(src, tmp_path / "out", ids, "wanda", SparsityConfig(0.5), resume=True, progress=False)
     ref = _load(src)

@@ -74,6 +74,13 @@ class StatisticSpec:
         return tuple(self.kind.split("+"))
 
 
+def _check_sums(sums: torch.Tensor, name: str) -> None:
+    """Sums of squares stay non-finite once a NaN/Inf (or an fp32 overflow) reached them."""
+    if not bool(torch.isfinite(sums).all()):
+        raise ValueError(f"{name}: the calibration activations contain NaN or Inf values (or their squares overflow "
+                         f"fp32); pruning needs finite inputs")
+
+
 class _RawSum:
     """Raw sum and sequence count (an int64 tensor beside the sum, so both all-reduce alike)."""
 
@@ -120,11 +127,12 @@ class HessianSum(_RawSum):
         super().__init__(spec, (spec.in_features, spec.in_features), name)
 
     @torch.no_grad()
-    def add_batch(self, inp: torch.Tensor, name: str | None = None) -> None:
+    def add_batch(self, inp: torch.Tensor, name: str | None = None, check: bool = True) -> None:
         """Add (batch, seq, in) or (tokens, in) activations in any float dtype; NaN/Inf raise naming the layer.
 
         The finiteness check reads the updated diagonal (a NaN/Inf input makes its column's sum of squares
-        non-finite): one sync, no extra pass over the activations.
+        non-finite): one sync, no extra pass over the activations. ``check=False`` leaves it to
+        ``check_finite`` (one sync for all batches: a non-finite diagonal stays non-finite).
         """
         self._check_open("add_batch()")
         name = name or self.name
@@ -135,10 +143,14 @@ class HessianSum(_RawSum):
         x = inp.detach().reshape(-1, self.in_features)
         with tf32_matmul(self.spec.tf32):
             gram_add_(self.sum, x, tensor_cores=self.spec.tensor_cores)
-        if not bool(torch.isfinite(self.sum.diagonal()).all()):
+        if check and not bool(torch.isfinite(self.sum.diagonal()).all()):
             check_finite(inp, name)  # raises the reference's message
             raise ValueError(f"{name}: the Hessian sum overflowed fp32")
         self.count += inp.shape[0] if inp.dim() == 3 else 1
+
+    def check_finite(self) -> None:
+        """Raise if a batch added with ``check=False`` held NaN/Inf (or overflowed fp32): one device sync."""
+        _check_sums(self.sum.diagonal(), self.name)
 
     @torch.no_grad()
     def finalize(self) -> torch.Tensor:
@@ -155,10 +167,15 @@ class ActNormSum(_RawSum):
         super().__init__(spec, (spec.in_features,), name)
 
     @torch.no_grad()
-    def add_batch(self, inp: torch.Tensor, name: str | None = None) -> None:
-        """Add (batch, seq, in) or (tokens, in) activations; NaN/Inf raise naming the layer."""
+    def add_batch(self, inp: torch.Tensor, name: str | None = None, check: bool = True) -> None:
+        """Add (batch, seq, in) or (tokens, in) activations; NaN/Inf raise naming the layer (``check=False``:
+        left to ``check_finite``, one sync for all batches)."""
         self._check_open("add_batch()")
-        self.count += sq_norm_sum_(self.sum, inp, name or self.name, triton=self.spec.triton)
+        self.count += sq_norm_sum_(self.sum, inp, name or self.name, triton=self.spec.triton, check=check)
+
+    def check_finite(self) -> None:
+        """Raise if a batch added with ``check=False`` held NaN/Inf (or overflowed fp32): one device sync."""
+        _check_sums(self.sum, self.name)
 
     @torch.no_grad()
     def finalize(self) -> torch.Tensor:

@@ -57,13 +57,14 @@ def offload_needed(device: torch.device, gpu_memory: int | None, need: int) -> b
     return device.type == "cuda" and gpu_memory is not None and need > gpu_memory
 
 
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of ``t``: pinned (fast, asynchronous copies back to the GPU) when CUDA is available."""
+def to_host(t: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """A CPU copy of ``t``: pinned (fast, asynchronous copies back to the GPU) when CUDA is available.
+    ``non_blocking``: the copy is queued on the current stream; synchronise it before reading the copy."""
     if t.device.type == "cpu":
         return t
     if torch.cuda.is_available():
         out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        out.copy_(t)
+        out.copy_(t, non_blocking=non_blocking)
         return out
     return t.cpu()
 

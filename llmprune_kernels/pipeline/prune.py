@@ -268,7 +268,10 @@ def prune_layers(
             hooks = {linears[rel]: _error_hook(dense[rel], errs[rel]) for rel in dense}
             if dense:  # None closes each batch's terms (an MoE expert's Linear may run in some batches only)
                 hooks[step.layer] = _batch_end(errs)
-            step.propagate(hooks)
+            if dense or step.index < len(layers) - 1:
+                step.propagate(hooks)
+            else:  # nothing reads the last layer's outputs unless its reconstruction error is measured
+                step.outputs = []
             del dense, hooks
             if errs and hasattr(strategy, "gather_errors"):  # every rank's batches, in global batch order
                 errs = strategy.gather_errors(errs)
@@ -289,6 +292,9 @@ def prune_layers(
                                       layer_times[-1], times.as_dict(),
                                       prior_elapsed + time.perf_counter() - t_start)
         show_layer(bar, device, [s.rel_error for s in layer_stats if s.rel_error is not None])
+    if checkpoint is not None and strategy.writes:
+        with times("write"):
+            checkpoint.wait()  # the last layer's shard is on disk (and a failed write raised) before the output
     return stats, layer_times
 
 

@@ -9,7 +9,9 @@ A run with an output directory ``OUT`` keeps ``.OUT.llmprune-partial`` beside it
 The process working in it holds it with ``atomic.reserve`` (a second run on the same output fails at once).
 
 A layer's shard is on disk before the manifest (rewritten atomically) names the layer completed, so a run
-killed at any point restarts after the last layer the manifest names. Activations are not stored (at 7B
+killed at any point restarts after the last layer the manifest names. Both are written by one background
+thread while the next layer computes (the layer's tensors copied to CPU memory first, so at most one layer
+waits in CPU memory); a failed write is raised by the next ``save_layer`` or by ``wait``. Activations are not stored (at 7B
 they are 2 GB per layer): the resumed run recomputes them by running the completed layers forward again
 (``prune.prune_layers``), and so computes the same bits as a run that was never interrupted.
 """
@@ -21,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,8 @@ class Checkpoint:
 
     def __init__(self, path: Path, manifest: dict[str, Any], hold: contextlib.ExitStack) -> None:
         self.path, self.manifest, self._hold = path, manifest, hold
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     @classmethod
     def open(cls, output_dir: str | os.PathLike, identity: dict[str, Any], num_layers: int, *,
@@ -152,12 +157,28 @@ class Checkpoint:
                              f"remove that directory to start over")
         return manifest
 
+    def wait(self) -> None:
+        """Wait for the layer being written; raises its write's error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def release(self) -> None:
-        """Let other processes use the work directory (it stays on disk)."""
-        self._hold.close()
+        """Finish the write in progress, then let other processes use the work directory (it stays on disk).
+        Called on the way out, also after an error: a failed write is not raised here (the layer counts as
+        not completed); the normal path calls ``wait`` first."""
+        try:
+            with contextlib.suppress(Exception):
+                self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+            self._hold.close()
 
     def remove(self) -> None:
         """Delete the work directory (the run is complete), then release it."""
+        self.wait()
         shutil.rmtree(self.path, ignore_errors=True)
         self.release()
 
@@ -175,18 +196,27 @@ class Checkpoint:
 
     def save_layer(self, index: int, tensors: dict[str, torch.Tensor], linears: list[dict[str, Any]],
                    layer_time: float, stage_times: dict[str, float], elapsed: float) -> None:
-        """Record decoder layer ``index`` as completed (its shard, then the manifest);
-        ``elapsed``: the run's seconds so far, earlier processes included."""
+        """Record decoder layer ``index`` as completed (its shard, then the manifest, written in the background
+        after the previous layer's); ``elapsed``: the run's seconds so far, earlier processes included."""
+        self.wait()
         if index != self.completed:
             raise RuntimeError(f"checkpoint of layer {index} after {self.completed} completed layers")
-        save_tensors(tensors, self.shard(index))
+        host = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}  # the layer may leave now
         m = dict(self.manifest)
         m["completed_layers"] = index + 1
         m["linears"] = m["linears"] + _jsonable(linears)
         m["layer_times_s"] = m["layer_times_s"] + [layer_time]
         m["stage_times_s"] = dict(stage_times)
         m["elapsed_s"] = elapsed
-        write_json(m, self.path / MANIFEST)
+        shard = self.shard(index)
+
+        def write() -> None:
+            save_tensors(host, shard)
+            write_json(m, self.path / MANIFEST)
+
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="llmprune-checkpoint")
+        self._pending = self._writer.submit(write)
         self.manifest = m
 
     def state_files(self) -> list[Path]:

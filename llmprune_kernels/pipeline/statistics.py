@@ -108,7 +108,11 @@ class LayerStatistics:
         group = self._group_for(module, x)
         i = group.index(x)
         if i is None:
-            group.accumulator.add_batch(x.detach())
+            acc = group.accumulator
+            if hasattr(acc, "check_finite"):  # one finiteness check per layer (deliver), not a sync per batch
+                acc.add_batch(x.detach(), check=False)
+            else:
+                acc.add_batch(x.detach())
             group.added.append(weakref.ref(x))
             i = len(group.added) - 1
         group.seen.setdefault(module, []).append(i)
@@ -125,7 +129,11 @@ class LayerStatistics:
             g.added, g.seen = [], {}
 
     def deliver(self) -> None:
-        """Give every pruner with a statistic its accumulator (``use_statistic``); the feed keeps no reference."""
+        """Give every pruner with a statistic its accumulator (``use_statistic``); the feed keeps no reference.
+        Accumulators fed without a per-batch check are checked here (NaN/Inf raise naming the Linears)."""
+        for g in self.groups:
+            if hasattr(g.accumulator, "check_finite"):
+                g.accumulator.check_finite()
         for g in self.groups:
             for m in g.members:
                 self.pruners[m].use_statistic(g.accumulator)

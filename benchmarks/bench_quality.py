@@ -7,7 +7,9 @@ A suite (``pytest benchmarks/bench_quality.py``: the canonical settings below, o
                                        [--only wanda-50,owl-wanda-70] [--out benchmarks/results/quality_smollm2]
 
 Rows: dense; magnitude, Wanda, SparseGPT, GBLM at 50% and 2:4; SparseGPT, SparseLLM, Wanda, OWL+Wanda,
-OWL+SparseGPT at 70%. Every row starts from the same dense model, the same calibration windows (seeded)
+OWL+SparseGPT at 70%; ADMM, Wanda+DSnoT, SparseGPT+DSnoT at 50%, 2:4 and 70%; ADMM+DSnoT at 2:4 and 70%;
+OWL+ADMM at 70%. A ``METHOD+dsnot`` row takes the method's options (e.g. SparseGPT's ``backend``) and DSnoT's
+defaults. Every row starts from the same dense model, the same calibration windows (seeded)
 and the same held-out windows. Writes ``<out>.json`` (all numbers, options, versions, host, date) and
 ``<out>.md`` (the table). Rows already present in ``<out>.json`` with the same settings are kept unless
 ``--redo`` (so an interrupted run resumes). Perplexity is the figure here; the prune times are the wall
@@ -55,6 +57,18 @@ ROWS = [
     ("wanda-70", "wanda", 0.7, False),
     ("owl-wanda-70", "wanda", 0.7, True),
     ("owl-sparsegpt-70", "sparsegpt", 0.7, True),
+    ("admm-50", "admm", 0.5, False),
+    ("admm-2:4", "admm", "2:4", False),
+    ("admm-70", "admm", 0.7, False),
+    ("wanda+dsnot-50", "wanda+dsnot", 0.5, False),
+    ("wanda+dsnot-2:4", "wanda+dsnot", "2:4", False),
+    ("wanda+dsnot-70", "wanda+dsnot", 0.7, False),
+    ("sparsegpt+dsnot-50", "sparsegpt+dsnot", 0.5, False),
+    ("sparsegpt+dsnot-2:4", "sparsegpt+dsnot", "2:4", False),
+    ("sparsegpt+dsnot-70", "sparsegpt+dsnot", 0.7, False),
+    ("admm+dsnot-2:4", "admm+dsnot", "2:4", False),
+    ("admm+dsnot-70", "admm+dsnot", 0.7, False),
+    ("owl-admm-70", "admm", 0.7, True),
 ]
 
 
@@ -73,9 +87,10 @@ def run_row(dense_model, calib, eval_ids, key, method, sparsity, owl, args) -> d
         layer_sparsity, owl_report = owl_layer_sparsity(model, calib, cfg.sparsity, args.owl_m, args.owl_lambda,
                                                         device=args.device, batch_size=args.batch_size)
     options = {}
-    if method in ("sparsegpt", "sparsellm"):
+    base = method.partition("+")[0]  # "sparsegpt+dsnot": the refined method takes SparseGPT's options too
+    if base in ("sparsegpt", "sparsellm"):
         options["backend"] = args.sparsegpt_backend
-    if method == "sparsellm":
+    if base == "sparsellm":
         options["iterations"] = args.sparsellm_iterations
         options["local"] = args.sparsellm_local
     res = prune_model(model, calib, method, cfg, device=args.device, batch_size=args.batch_size,

@@ -106,13 +106,18 @@ def act_norm_update_(
 
 
 @torch.no_grad()
-def sq_norm_sum_reference(acc: torch.Tensor, inp: torch.Tensor, name: str = "activations") -> int:
+def sq_norm_sum_reference(acc: torch.Tensor, inp: torch.Tensor, name: str = "activations",
+                          check: bool = True) -> int:
     """``acc += ||x_j||_2^2`` per input column j (fp32, the reference's squared ``vector_norm``), in place.
 
     The raw-sum form of ``ActNormStats.add_batch``: dividing the sum by the sequence count once gives the
-    running mean. Returns the batch's sequence count.
+    running mean. Returns the batch's sequence count. ``check=False``: NaN/Inf are not looked for (they make
+    the sums non-finite, which the caller checks once).
     """
-    x, batch = calibration_batch(inp, acc.shape[0], name)
+    if check:
+        x, batch = calibration_batch(inp, acc.shape[0], name)
+    else:
+        x, batch = inp.reshape(-1, acc.shape[0]), (inp.shape[0] if inp.dim() == 3 else 1)
     acc += torch.linalg.vector_norm(x.float(), ord=2, dim=0) ** 2
     return batch
 
@@ -130,7 +135,7 @@ def sq_norm_sum_(acc: torch.Tensor, inp: torch.Tensor, name: str = "activations"
     if inp.shape[-1] != acc.shape[0]:
         raise ValueError(f"{name} have width {inp.shape[-1]}, expected in_features={acc.shape[0]}")
     if not (triton and triton_usable(inp.device)) or inp.numel() == 0 or not inp.is_floating_point():
-        return sq_norm_sum_reference(acc, inp, name)
+        return sq_norm_sum_reference(acc, inp, name, check)
     new = torch.empty_like(acc)
     _launch(_rows(inp, acc.shape[0]), acc, new, 1.0, 1.0, _config)
     if check and not bool(torch.isfinite(new).all()):

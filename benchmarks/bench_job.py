@@ -11,8 +11,10 @@ Each case runs in its own process, so its peak CPU memory (``ru_maxrss``) and pe
 (``max_memory_allocated``) are its own. Figures: the report's per-stage seconds, total seconds, peaks,
 and ``ratio_to_floor`` = total / floor, the floor being two forward passes of every decoder layer over the
 calibration set (the statistics pass and the recompute pass), timed in the same process on one random
-layer of the same shape with the attention the job's model uses (SDPA). A projection for 70B scales the measured 13B per-layer stage costs by the
-per-layer weight count (80 layers of hidden 8192, intermediate 28672, 8 key/value heads).
+layer of the same shape with the attention the job's model uses (SDPA). A projection for 70B scales the
+measured 13B streamed per-stage seconds per layer to a 70B layer (80 layers of hidden 8192, intermediate
+28672, 8 key/value heads): the solve by its cost (SparseGPT: sum of out * in^2 + in^3 over the Linears;
+Wanda: the weights), every other stage by the weights per layer.
 Weights are cold: every layer is read once from host memory or disk per run.
 
 ``test_statistics`` times one LLaMA-7B decoder layer's Hessian accumulation over the calibration set (fp16
@@ -52,13 +54,40 @@ CASE_TIMEOUT_S = 600
 STREAM_GPU_MEMORY = os.environ.get("LLMPRUNE_BENCH_GPU_MEMORY", "6GB")
 
 
-def _layer_params(shape: str) -> int:
+def _linears(shape: str) -> list[tuple[int, int]]:
+    """(out, in) of the Linears of one decoder layer: q, k, v, o, gate, up, down."""
     from llmprune_kernels.testing.checkpoints import SHAPES as S
 
     s = S[shape]
     h, i = s["hidden_size"], s["intermediate_size"]
     kv = h * s["num_key_value_heads"] // s["num_attention_heads"]
-    return 2 * h * h + 2 * h * kv + 3 * h * i
+    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+def _layer_params(shape: str) -> int:
+    return sum(o * i for o, i in _linears(shape))
+
+
+def _solve_cost(shape: str, method: str) -> int:
+    """What a layer's solve scales with: SparseGPT's blocked update and inverse, sum of out * in^2 + in^3;
+    Wanda's per-row selection, the weight count."""
+    if method == "sparsegpt":
+        return sum(o * i * i + i ** 3 for o, i in _linears(shape))
+    return _layer_params(shape)
+
+
+def project(fig: dict, shape: str, target: str = "llama-70b") -> dict:
+    """Per-stage seconds of ``fig`` (a streamed run of ``shape``) scaled to ``target``: per layer, the solve by
+    ``_solve_cost``, every other stage by the weights per layer (statistics, recompute: FLOPs at a fixed token
+    count; load, write: bytes), times the target's layer count."""
+    from llmprune_kernels.testing.checkpoints import SHAPES as S
+
+    n, n_t = S[shape]["num_hidden_layers"], S[target]["num_hidden_layers"]
+    weights = _layer_params(target) / _layer_params(shape)
+    solve = _solve_cost(target, fig["method"]) / _solve_cost(shape, fig["method"])
+    stages = {k: v / n * (solve if k == "solve" else weights) * n_t for k, v in fig["stages_s"].items()}
+    return {"total_s": sum(stages.values()), "stages_s": stages, "scale_weights": weights, "scale_solve": solve,
+            "from": fig["case"]}
 
 
 def _floor_s(cfg, device: str) -> float:
@@ -178,11 +207,10 @@ def test_job(benchmark, results, workdir, shape):
         figs.append(results.add(fig))
     shutil.rmtree(source, ignore_errors=True)
     if shape == "llama-13b":
-        per_layer = {f["method"]: f["total_s"] / f["layers"] for f in figs if f["mode"] == "stream"}
-        scale = _layer_params("llama-70b") / _layer_params(shape)
         results.set("projection_70b_stream", {
-            "method": "13B streamed seconds per layer x (70B / 13B weights per layer) x 80 layers",
-            **{m: {"total_s": s * scale * 80, "per_layer_s": s * scale} for m, s in per_layer.items()}})
+            "method": "13B streamed per-stage seconds per layer, scaled per stage to a 70B layer (solve: SparseGPT "
+                      "by sum out*in^2 + in^3, Wanda by weights; other stages by weights), x 80 layers",
+            **{f["method"]: project(f, shape) for f in figs if f["mode"] == "stream"}})
     benchmark.extra_info["figures"] = figs
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures above are the measurement
 

@@ -59,6 +59,42 @@ def test_gram_add_equals_reference(dtype, alpha, beta):
     assert_hessian_close(got, ref)
 
 
+def test_split_gram_equals_the_full_product(dtype=torch.float32):
+    """``split``: three block GEMMs of the upper half, then the mirror, give the symmetric full product; the
+    skipped block is left untouched until then."""
+    x = _batches(96, dtype)[1]
+    for split in (1, 40, 95):
+        S = torch.full((96, 96), 7.0)
+        ops.gram_add_(S, x, alpha=0.5, beta=2.0, split=split)
+        assert bool((S[split:, :split] == 7.0).all())
+        ops.mirror_split_(S, split)
+        ref = ops.gram_add_reference(torch.full((96, 96), 7.0), x, 0.5, 2.0)
+        assert_hessian_close(S, ref)
+        assert torch.equal(S, S.T)
+    for bad in (0, 96, -3):
+        with pytest.raises(ValueError, match=rf"gram_add_ split={bad} is invalid; allowed: 0 < split < 96"):
+            ops.gram_add_(torch.zeros(96, 96), x, split=bad)
+    assert ops.gram_split(4096, "cuda") == 2048 and ops.gram_split(11008, "cuda") == 5504
+    assert ops.gram_split(4096, "cpu") is None and ops.gram_split(1024, "cuda") is None
+    assert ops.gram_split(4096, "cuda", tensor_cores=False) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wide_hessian_sum_uses_the_split_on_cuda(dtype):
+    """HessianSum at 4096 columns on CUDA takes the split (3/4 of the GEMM work): within tolerance of the fp32
+    reference and exactly symmetric."""
+    cols = 4096
+    batches = [torch.randn(2, 300, cols, device="cuda").to(dtype) * 2 for _ in range(3)]
+    acc = make_statistic(StatisticSpec("hessian", cols, "cuda"))
+    assert acc.split == 2048
+    for x in batches:
+        acc.add_batch(x)
+    H = acc.finalize()
+    assert torch.equal(H, H.T)
+    assert_hessian_close(H, reference_statistic(StatisticSpec("hessian", cols, "cuda"), batches))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_products_are_exact_in_fp32(dtype):
     # The tensor-core path multiplies fp16/bf16 values with fp32 accumulation; each product is exact in fp32

@@ -31,7 +31,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from llmprune_kernels.ops.act_norm import sq_norm_sum_
-from llmprune_kernels.ops.sparsegpt import HESSIAN_TOLERANCE, gram_add_, tf32_matmul
+from llmprune_kernels.ops.sparsegpt import HESSIAN_TOLERANCE, gram_add_, gram_split, mirror_split_, tf32_matmul
 from llmprune_kernels.validation import check_finite
 
 __all__ = ["ActMomentSum", "ActMoments", "ActNormSum", "HESSIAN_TOLERANCE", "HessianSum", "StatisticBundle",
@@ -125,6 +125,9 @@ class HessianSum(_RawSum):
 
     def __init__(self, spec: StatisticSpec, name: str = "activations") -> None:
         super().__init__(spec, (spec.in_features, spec.in_features), name)
+        # wide inputs on CUDA: three block GEMMs of the upper half (gram_add_'s split), mirrored by finalize();
+        # fixed by the spec, so accumulators of one spec (a distributed run's parts) combine by adding sums
+        self.split = gram_split(spec.in_features, spec.device, spec.tensor_cores)
 
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor, name: str | None = None, check: bool = True) -> None:
@@ -142,7 +145,7 @@ class HessianSum(_RawSum):
             raise ValueError(f"{name} are on {inp.device}, the statistic on {self.sum.device}")
         x = inp.detach().reshape(-1, self.in_features)
         with tf32_matmul(self.spec.tf32):
-            gram_add_(self.sum, x, tensor_cores=self.spec.tensor_cores)
+            gram_add_(self.sum, x, tensor_cores=self.spec.tensor_cores, split=self.split)
         if check and not bool(torch.isfinite(self.sum.diagonal()).all()):
             check_finite(inp, name)  # raises the reference's message
             raise ValueError(f"{name}: the Hessian sum overflowed fp32")
@@ -156,7 +159,10 @@ class HessianSum(_RawSum):
     def finalize(self) -> torch.Tensor:
         """``H = (2/n) * sum x x^T`` in place (fp32, (in, in)); the same tensor on every later call."""
         if self.value is None:
-            self.value = self.sum.mul_(2 / self._check_nonempty())
+            n = self._check_nonempty()
+            if self.split is not None:
+                mirror_split_(self.sum, self.split)
+            self.value = self.sum.mul_(2 / n)
         return self.value
 
 

@@ -116,7 +116,7 @@ def _fused_addmm(device: torch.device) -> bool:
 
 @torch.no_grad()
 def gram_add_(S: torch.Tensor, x: torch.Tensor, alpha: float = 1.0, beta: float = 1.0,
-              tensor_cores: bool = True) -> torch.Tensor:
+              tensor_cores: bool = True, split: int | None = None) -> torch.Tensor:
     """``S <- beta * S + alpha * x^T x`` in place for an fp32 ``S`` (in, in) and activations ``x`` (tokens, in).
 
     fp16/bf16 ``x`` on CUDA (``tensor_cores``): one tensor-core GEMM with fp32 accumulation
@@ -124,14 +124,50 @@ def gram_add_(S: torch.Tensor, x: torch.Tensor, alpha: float = 1.0, beta: float 
     result differs from ``gram_add_reference`` (x cast to fp32 first) only in the summation order.
     Elsewhere (CPU, fp32, ``tensor_cores=False``): ``x`` cast to fp32 and one fp32 ``addmm_`` (TF32 where the
     caller enabled it). See ``HESSIAN_TOLERANCE`` for what the tests hold it to.
+
+    ``split`` (0 < h < in): only the blocks ``[:h, :h]``, ``[:h, h:]`` and ``[h:, h:]`` are updated, three GEMMs
+    doing 3/4 of the multiply-adds of the symmetric product; ``[h:, :h]`` is left as it is, for
+    ``mirror_split_`` to fill once after the last batch.
     """
-    if tensor_cores_apply(x, tensor_cores):
-        if _fused_addmm(x.device):
-            return torch.addmm(S, x.t(), x, beta=beta, alpha=alpha, out_dtype=torch.float32, out=S)
-        prod = torch.mm(x.t(), x, out_dtype=torch.float32)
+    if split is None:
+        return _gram_block_(S, x, x, alpha, beta, tensor_cores)
+    h = int(split)
+    if not 0 < h < S.shape[0]:
+        raise ValueError(f"gram_add_ split={split!r} is invalid; allowed: 0 < split < {S.shape[0]}")
+    a, b = x[:, :h], x[:, h:]
+    _gram_block_(S[:h, :h], a, a, alpha, beta, tensor_cores)
+    _gram_block_(S[:h, h:], a, b, alpha, beta, tensor_cores)
+    _gram_block_(S[h:, h:], b, b, alpha, beta, tensor_cores)
+    return S
+
+
+def _gram_block_(S: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float,
+                 tensor_cores: bool) -> torch.Tensor:
+    """``S <- beta * S + alpha * a^T b`` (``S`` may be a strided block of a larger matrix)."""
+    if tensor_cores_apply(a, tensor_cores):
+        if _fused_addmm(a.device):
+            return torch.addmm(S, a.t(), b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=S)
+        prod = torch.mm(a.t(), b, out_dtype=torch.float32)
         return S.mul_(beta).add_(prod, alpha=alpha) if beta != 1 else S.add_(prod, alpha=alpha)
-    xf = x.float()
-    return S.addmm_(xf.t(), xf, beta=beta, alpha=alpha)
+    af, bf = a.float(), b.float()
+    return S.addmm_(af.t(), bf, beta=beta, alpha=alpha)
+
+
+def mirror_split_(S: torch.Tensor, split: int) -> torch.Tensor:
+    """Fill the block ``[h:, :h]`` that ``gram_add_(..., split=h)`` skips with the transpose of ``[:h, h:]``."""
+    S[split:, :split].copy_(S[:split, split:].t())
+    return S
+
+
+def gram_split(columns: int, device: torch.device | str, tensor_cores: bool = True) -> int | None:
+    """The ``split`` ``HessianSum`` gives ``gram_add_``: half the columns (a multiple of 64) on CUDA for widths
+    of at least ``GRAM_SPLIT_MIN``, where three half-size GEMMs beat one full one; else None."""
+    if columns < GRAM_SPLIT_MIN or torch.device(device).type != "cuda" or not tensor_cores:
+        return None
+    return columns // 128 * 64
+
+
+GRAM_SPLIT_MIN = 2048
 
 
 @torch.no_grad()

@@ -15,12 +15,7 @@ calibration tokens (rank-deficient at 11008 columns, the hardest case for agreem
 far the default moves masks, weights and loss from the reference, and each factor's distance from the
 factor computed in fp64. Calls take milliseconds to seconds, so the cache state does not matter. The
 LLaMA-7B linear total is 32 x (4 x 4096x4096 + 2 x 11008x4096 + 4096x11008).
-
-ADMM (``methods.admm.admm_prune``, its defaults: 20 iterations, gradual mask) on the same W and H per shape and
-pattern: ``admm_vs_sparsegpt`` = ADMM seconds / SparseGPT ``ext`` seconds (timed again in the same test, the
-baseline), fewer ADMM calls than above (one warm-up, ``ADMM_RUNS``), the relative reconstruction error
-``sqrt(tr(E H E^T) / tr(W H W^T))`` of both (fp64, undamped H) and their ratio, and the per-decoder-layer and
-32-layer totals. Results: ``results/sparsegpt.json``.
+ Results: ``results/sparsegpt.json``.
 """
 from __future__ import annotations
 
@@ -31,7 +26,6 @@ import torch
 
 from conftest import HAS_CUDA, QUICK, Results, ratio, requires_cuda, wall_s
 from llmprune_kernels import backends
-from llmprune_kernels.methods.admm import admm_prune
 from llmprune_kernels.ops import sparsegpt as ops
 from llmprune_kernels.reference.sparsegpt import HessianStats, inverse_hessian_factor, sparsegpt_prune
 from llmprune_kernels.validation import SparsityConfig
@@ -44,7 +38,6 @@ LLAMA7B_COUNT = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}  # per dec
 PATTERNS = {"50%": SparsityConfig(0.5), "2:4": SparsityConfig(n=2, m=4)}
 REF_RUNS = 1 if QUICK else 3
 EXT_RUNS = 2 if QUICK else 3
-ADMM_RUNS = 1 if QUICK else 2  # about a second a call at 11008 columns: the suite stays within GPU minutes
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,6 @@ def results(env):
         sparsegpt_prune(W, H, config)
         for kw in ({}, {"tf32": True}, {"fast_inverse": False}):
             ops.sparsegpt_prune(W, H, config, backend="ext", **kw)
-        admm_prune(W, H, config)
     torch.cuda.synchronize()
     return res
 
@@ -141,43 +133,6 @@ def test_sparsegpt_layer(benchmark, results, shape, pattern):
     assert fig["exact_masks_equal_reference"], "the bit-identical path's masks differ from the reference's"
 
 
-def _rel_error(W: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor) -> float:
-    """``sqrt(tr(E H E^T) / tr(W H W^T))``, ``E = W - pruned``, in fp64: the reconstruction error both methods
-    minimise, on the undamped Hessian."""
-    W64, H64 = W.double(), H.double()
-    E = W64 - pruned.double()
-    return float((((E @ H64) * E).sum() / ((W64 @ H64) * W64).sum()).clamp_min(0).sqrt())
-
-
-@pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_admm_layer(results, shape, pattern):
-    """ADMM against SparseGPT's default (``ext``) on the W and H of ``test_sparsegpt_layer``: time and error (timed
-    by ``wall_s`` alone: no pytest-benchmark round on top, as an ADMM call is the suite's costliest)."""
-    rows, cols = shape
-    config = PATTERNS[pattern]
-    torch.manual_seed(0)
-    W = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
-    H = _hessian(cols)
-    out: dict = {}
-    s = {}
-    s["sparsegpt_ext"] = wall_s(lambda: out.__setitem__("ext", ops.sparsegpt_prune(W, H, config, backend="ext")[0]),
-                                runs=EXT_RUNS)[0]
-    s["admm"], admm_runs = wall_s(lambda: out.__setitem__("admm", admm_prune(W, H, config)), runs=ADMM_RUNS)
-    ext, admm = out["ext"], out["admm"]
-    err = {"sparsegpt_ext": _rel_error(W, ext.weight, H), "admm": _rel_error(W, admm.weight, H)}
-    fig = {
-        "case": f"{rows}x{cols} float16 {pattern} admm", "method": "admm", "shape": [rows, cols], "dtype": "float16",
-        "pattern": pattern, "times_s": s, "admm_runs_s": admm_runs, "baseline": "sparsegpt_ext",
-        "ratios": {"admm_vs_sparsegpt": ratio(s["admm"], s["sparsegpt_ext"])},
-        "rel_error": err, "error_ratio_admm_vs_sparsegpt": ratio(err["admm"], err["sparsegpt_ext"]),
-        "admm_loss_reported": admm.loss, "admm_damp_retries": admm.retries,
-        "admm_mask_fraction_differing_from_sparsegpt": float((admm.mask != ext.mask).float().mean()),
-    }
-    results.add(fig)
-    assert bool((admm.weight[admm.mask] == 0).all()) and int(admm.mask.sum()) == admm.mask.numel() // 2
-
-
 def _per_layer(results, method: str, pattern: str, keys) -> dict | None:
     """Seconds of one decoder layer's Linears (``LLAMA7B_COUNT``) per timed path; None without every shape."""
     rows = {tuple(f["shape"]): f["times_s"] for f in results.data["figures"]
@@ -185,20 +140,6 @@ def _per_layer(results, method: str, pattern: str, keys) -> dict | None:
     if set(rows) < set(LLAMA7B_COUNT):
         return None
     return {k: sum(n * rows[s][k] for s, n in LLAMA7B_COUNT.items()) for k in keys}
-
-
-def test_llama7b_admm_total(results):
-    totals = {}
-    for pattern in PATTERNS:
-        layer = _per_layer(results, "admm", pattern, ("sparsegpt_ext", "admm"))
-        if layer is None:
-            continue
-        totals[pattern] = {"per_decoder_layer_s": layer, "llama7b_32_layers_s": {k: 32 * v for k, v in layer.items()},
-                           "baseline": "sparsegpt_ext",
-                           "ratios": {"admm_vs_sparsegpt": ratio(layer["admm"], layer["sparsegpt_ext"])}}
-    if not totals:
-        pytest.skip("needs every ADMM layer figure of this run")
-    results.set("llama7b_admm_total_estimate", totals)
 
 
 def test_llama7b_total(results):

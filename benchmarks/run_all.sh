@@ -22,7 +22,7 @@ for arg in "$@"; do
   esac
 done
 if [ ${#SUITES[@]} -eq 0 ]; then
-  SUITES=(score_mask act_norm sparsegpt sparse24 e2e)
+  SUITES=(score_mask act_norm sparsegpt admm sparse24 e2e)
   [ $QUICK = 1 ] || SUITES+=(quality)
 fi
 export LLMPRUNE_BENCH_QUICK=$QUICK PYTHONUNBUFFERED=1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every benchmark suite on this machine's GPU, each in its own process, and leave one JSON per suite in
-# benchmarks/results/ (score_mask, act_norm, sparsegpt, sparse24, e2e, quality_smollm2 + its .md table).
+# benchmarks/results/ (score_mask, act_norm, sparsegpt, admm, sparse24, e2e, quality_smollm2 + its .md table).
 #
 #   bash benchmarks/run_all.sh            # all suites, canonical results (about 8 minutes on one H100)
 #   bash benchmarks/run_all.sh --quick    # fewer cases and repetitions, no quality table (about 4 minutes),

@@ -14,8 +14,8 @@ and the relative reconstruction error ``sqrt(tr(E H E^T) / tr(W H W^T))``, ``E =
 undamped H, with each call's wall-clock seconds (device synchronised; for orientation, the GPU suites time
 against baselines). Inputs are dense for every Linear (no pruned layer feeds the next), so both methods
 solve the same problems, with one difference in the unstructured constraint: SparseGPT prunes its share of each
-128-column block over all rows (a row's sparsity may differ from the target), ADMM's default (``scope="row"``)
-exactly its share of every row (``--admm-option scope=matrix``: of the whole matrix).
+128-column block over all rows (a row's sparsity may differ from the target), ADMM's default (``scope="matrix"``)
+of the whole matrix (``--admm-option scope=row``: exactly its share of every row).
 
 A suite (``pytest benchmarks/bench_linear_error.py``: the canonical settings, on CUDA; on a CPU only with
 ``LLMPRUNE_BENCH_LINEAR_ERROR_CPU=1``, as it takes hours on a few cores: on two shared cores the statistics took

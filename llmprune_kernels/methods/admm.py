@@ -17,9 +17,9 @@ solved by ADMM on the splitting W' = Z, all output rows at once. As in the autho
   then ``Z = proj(W + U)`` and ``U += W - Z``.
 * Gradual pruning: in iteration t < T (``prune_iterations``, 15 of 20) the mask is re-chosen from the
   scores ``|W + U|`` at sparsity ``s (1 - (1 - (t+1)/T)^3)``, reaching the target at t = T - 1, fixed after.
-  Unstructured: the lowest scores of each output row (``scope="row"``, the authors' ``per_out``), or of
-  the whole matrix (``"matrix"``; the authors' code prunes at the full sparsity from the first iteration
-  there, this one gradually). N:M: the N lowest of every M are the candidates, and the lowest-scoring
+  Unstructured: the lowest scores of the whole matrix (``scope="matrix"``, the default, as the authors' code;
+  it prunes at the full sparsity from the first iteration there, this one gradually), or of each output row
+  (``"row"``, the authors' ``per_out``). N:M: the N lowest of every M are the candidates, and the lowest-scoring
   candidates of the whole matrix are pruned (all of them from t = T - 1 on), as the authors' code.
 * The result is the last projection Z (exactly zero on the mask), scaled back by D^-1.
 
@@ -62,8 +62,8 @@ class ADMMOptions:
     max_retries: int = option(4, "Cholesky retries, each with 10x the dampening")
     polish: int = option(0, "conjugate-gradient steps on the final support after ADMM, batched over rows "
                             "(0: none, as the paper)")
-    scope: Literal[SCOPES] = option("row", "unstructured: 'row' prunes the same count in every output row, "
-                                           "'matrix' the lowest scores of the whole matrix (the authors' default)")
+    scope: Literal[SCOPES] = option("matrix", "unstructured: 'matrix' prunes the lowest scores of the whole matrix "
+                                              "(the authors' default), 'row' the same count in every output row")
 
     def validate(self) -> None:
         checks = [

@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--patterns", default=",".join(PATTERNS), help=f"comma-separated, of {', '.join(PATTERNS)}")
+    ap.add_argument("--patterns", default=",".join(PATTERNS), help=f"comma-separated, of {', '.join(PATTERNS)}".replace("%", "%%"))
     ap.add_argument("--linears", default=None, help="comma-separated Linear names (default: all)")
     ap.add_argument("--admm-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an ADMM option (repeatable), e.g. iterations=40")

@@ -1,0 +1,143 @@
+"""Quality of 8-bit 2:4: held-out perplexity of SmolLM2-135M (the embedded GGUF) pruned 2:4 by SparseGPT, with the
+same masks stored as 16-bit values and as FP8 e4m3 / INT8 values (``sparsify_`` with
+``SemiSparseWeightConfig(weight_dtype=..., group_size=...)``), and with the activations quantised per token too.
+
+    python benchmarks/bench_quality_8bit.py [--device cpu] [--nsamples 64] [--seqlen 512] [--eval-windows 0]
+                                            [--out benchmarks/results/quality_8bit_smollm2]
+
+Rows (one pruning; every row evaluates the same held-out windows):
+
+* ``fp16-2:4``: the pruned model with its 2:4 weights rounded to fp16 (the values every 8-bit row quantises);
+* ``fp8-pc`` / ``int8-pc``: 8-bit values, one scale per output channel; ``fp8-g128`` / ``int8-g128``: one scale per
+  128 input columns;
+* ``fp8-pc-a8`` / ``int8-pc-a8``: per-channel 8-bit weights and every Linear's activations quantised per token to
+  the same 8-bit type (scales rounded up to fp16, as the fp16 ``cslt8`` path does), computed by
+  ``reference.sparse24_8bit.sparse24_8bit_act_linear_reference`` for every call. On a GPU ``cslt8`` runs only
+  above M = 16 where tuning measured it faster, so this row is its worst case (every token quantised).
+
+On a CPU ``SparseLinear8`` runs the reference (the dequantised weight in ``F.linear``) in the module's dtype: the
+GGUF loads as float32, so every row computes in float32 there; the weights' values are what differ. ``delta_pct``
+is each row's perplexity relative to ``fp16-2:4``. Writes ``<out>.json`` (numbers, settings, versions, host,
+date) and ``<out>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from llmprune_kernels import SemiSparseWeightConfig, SparsityConfig, sparsify_
+from llmprune_kernels.pipeline import data as D
+from llmprune_kernels.pipeline import prune_model
+from llmprune_kernels.pipeline.evaluate import perplexity
+from llmprune_kernels.pipeline.models import load_model, model_display_name
+from llmprune_kernels.pipeline.report import host, versions, write_json
+from llmprune_kernels.reference.sparse24_8bit import sparse24_8bit_act_linear_reference
+from llmprune_kernels.sparse24.linear import _is_24
+from llmprune_kernels.sparse24.linear8 import SparseLinear8
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (key, weight_dtype, group_size, 8-bit activations)
+ROWS = [("fp8-pc", "fp8", None, False), ("int8-pc", "int8", None, False), ("fp8-g128", "fp8", 128, False),
+        ("int8-g128", "int8", 128, False), ("fp8-pc-a8", "fp8", None, True), ("int8-pc-a8", "int8", None, True)]
+
+
+def _pick(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) and _is_24(module.weight)
+
+
+def _act8(module: SparseLinear8) -> None:
+    """Every call of ``module`` through the 8-bit-activation reference (fp16 activation scales)."""
+    def forward(x, m=module):
+        return sparse24_8bit_act_linear_reference(x, m.quantized(), m.bias, torch.float16).to(x.dtype)
+    module.forward = forward
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=0, help="held-out windows; 0 = all")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default=None, help="comma-separated row keys (default: all)")
+    ap.add_argument("--out", default=str(RESULTS / "quality_8bit_smollm2"))
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    settings = {k: getattr(args, k) for k in ("device", "nsamples", "seqlen", "eval_windows", "seed", "batch_size")}
+    model, tok = load_model(None)
+    text = D.load_text(None, None)
+    calib = D.calibration_windows(D.tokenize(tok, text.calibration, "calibration text"), args.nsamples, args.seqlen,
+                                  args.seed)
+    eval_ids = D.eval_windows(D.tokenize(tok, text.evaluation, "evaluation text"), args.seqlen,
+                             args.eval_windows or None)
+    result = {"model": model_display_name(None), "method": "sparsegpt", "sparsity": "2:4", "settings": settings,
+              "text_source": text.source, "eval_windows": int(eval_ids.shape[0]),
+              "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+              "host": host(), "rows": {}}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import env_info
+
+    result["env"] = env_info()
+    ev = dict(device=args.device, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    prune_model(model, calib, "sparsegpt", SparsityConfig.parse(pattern="2:4"), device=args.device,
+                batch_size=args.batch_size, measure_error=False, progress=False)
+    result["prune_seconds"] = round(time.perf_counter() - t0, 1)
+    with torch.no_grad():  # the 16-bit checkpoint's values: what the 8-bit rows quantise
+        for _, lin in [(f, m) for f, m in model.named_modules() if _pick(m, f)]:
+            lin.weight.copy_(lin.weight.half().float())
+    t0 = time.perf_counter()
+    base = perplexity(model, eval_ids, **ev)
+    result["rows"]["fp16-2:4"] = {"perplexity": base, "delta_pct": 0.0,
+                                  "eval_seconds": round(time.perf_counter() - t0, 1)}
+    print(f"fp16-2:4: {base:.4f}", flush=True)
+    wanted = set(args.only.split(",")) if args.only else None
+    for key, wd, group, act8 in ROWS:
+        if wanted and key not in wanted:
+            continue
+        m8 = sparsify_(copy.deepcopy(model), SemiSparseWeightConfig(weight_dtype=wd, group_size=group), _pick)
+        if act8:
+            for mod in m8.modules():
+                if isinstance(mod, SparseLinear8):
+                    _act8(mod)
+        t0 = time.perf_counter()
+        ppl = perplexity(m8, eval_ids, **ev)
+        result["rows"][key] = {"perplexity": ppl, "delta_pct": 100 * (ppl / base - 1), "weight_dtype": wd,
+                               "group_size": group, "activations": "8bit" if act8 else "16bit",
+                               "eval_seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{key}: {ppl:.4f} ({result['rows'][key]['delta_pct']:+.3f}%)", flush=True)
+        write_json(result, out.with_suffix(".json"))
+        write_markdown(result, out.with_suffix(".md"))
+        del m8
+    write_json(result, out.with_suffix(".json"))
+    write_markdown(result, out.with_suffix(".md"))
+    return 0
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    s = result["settings"]
+    lines = [f"# 8-bit 2:4 perplexity, {result['model']} (SparseGPT 2:4)", "",
+             f"Calibration {s['nsamples']} x {s['seqlen']} tokens (seed {s['seed']}), evaluation "
+             f"{result['eval_windows']} x {s['seqlen']} held-out tokens ({result['text_source']}); device "
+             f"{s['device']}, compute dtype {result['compute_dtype']}; {result['date']}.", "",
+             "| row | weights | scales | activations | perplexity | vs fp16 2:4 |", "|---|---|---|---|---:|---:|"]
+    for key, r in result["rows"].items():
+        wd = r.get("weight_dtype", "fp16")
+        scales = "-" if wd == "fp16" else ("per channel" if r["group_size"] is None else f"per {r['group_size']}")
+        lines.append(f"| {key} | {wd} | {scales} | {r.get('activations', '16bit')} | {r['perplexity']:.4f} | "
+                     f"{r['delta_pct']:+.3f}% |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

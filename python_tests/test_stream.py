@@ -220,6 +220,16 @@ def test_activation_budget_and_host_copies(source, tmp_path):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert memory.offload_needed(cuda, 10, 11) and not memory.offload_needed(cuda, 11, 11)
     assert not memory.offload_needed(cuda, None, 10**15) and not memory.offload_needed(cpu, 1, 10**15)
+    # The plan for a CUDA run (no GPU needed to plan): the budget below the walk's need offloads, above it not.
+    from llmprune_kernels.pipeline.prune import plan_offload
+
+    model = tiny_model("llama")
+    assert plan_offload(model, ids, cuda, 2, 1) and plan_offload(model, ids, cuda, 2, 10**5)
+    assert not plan_offload(model, ids, cuda, 2, 10**9) and not plan_offload(model, ids, cuda, 2, None)
+    assert not plan_offload(model, ids, cpu, 2, 1) and not plan_offload(model, None, cuda, 2, 1)
+    result = prune_model(tiny_model("llama"), ids, "wanda", progress=False, offload_activations=True)
+    assert result.activations_offloaded and not prune_model(tiny_model("llama"), ids, "wanda",
+                                                            progress=False).activations_offloaded
     t = torch.randn(3, 4)
     assert memory.to_host(t) is t
     batches = [torch.randn(2, 3) for _ in range(3)]

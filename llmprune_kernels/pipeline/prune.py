@@ -74,6 +74,7 @@ class PruneResult:
     stage_times_s: dict[str, float] = field(default_factory=dict)  # seconds per stage (progress.STAGES)
     uses_calibration: bool = True  # False for methods that prune without data (magnitude)
     min_expert_tokens: int | None = None  # the expert rule's threshold (experts.expert_rule)
+    activations_offloaded: bool = False  # calibration activations kept in CPU memory (offload / gpu_memory)
 
     @property
     def overall_sparsity(self) -> float:
@@ -139,7 +140,7 @@ def run_identity(cls, opts, configs: list[SparsityConfig], calibration, batch_si
 def plan_offload(model: nn.Module, calibration: torch.Tensor | None, device: torch.device, batch_size: int,
                  gpu_memory: int | None) -> bool:
     """Whether the activations of the largest layer's walk would exceed ``gpu_memory`` on ``device``."""
-    if calibration is None or not offload_needed(device, gpu_memory, 0):
+    if calibration is None or device.type != "cuda" or gpu_memory is None:
         return False
     _, layers = find_decoder_layers(model)
     hidden = int(getattr(model.config, "hidden_size", 0))
@@ -416,7 +417,7 @@ def prune_model(
     report_fn = getattr(model_info, "report", None)
     return PruneResult(method, config, options_for_report(opts), done + stats, done_times + layer_times, capture_time,
                        prior_elapsed + time.perf_counter() - t_start, report_fn() if callable(report_fn) else None,
-                       times.as_dict(), needs_data, min_expert_tokens)
+                       times.as_dict(), needs_data, min_expert_tokens, activations_offloaded=bool(walk and offload))
 
 
 def _batch_end(errs: dict[str, list]) -> Callable:

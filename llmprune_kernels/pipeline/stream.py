@@ -319,7 +319,8 @@ def prune_pretrained(
             report_fn = getattr(model_info, "report", None)
             result = PruneResult(method, config, options_for_report(opts), done + stats, done_times + layer_times,
                                  capture_time, 0.0, report_fn() if callable(report_fn) else None,
-                                 uses_calibration=needs_data, min_expert_tokens=min_expert_tokens)
+                                 uses_calibration=needs_data, min_expert_tokens=min_expert_tokens,
+                                 activations_offloaded=bool(walk and offload))
             with times("write"):  # rank 0 writes; the others learn whether it could
                 on_writer(strategy, lambda: _finish(model, source, names, rest, checkpoint, target, overwrite,
                                                     result, extra_json, times, t_start, prior_elapsed))

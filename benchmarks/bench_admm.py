@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_sparsegpt import EXT_RUNS, PATTERNS, SHAPES, _hessian, _per_layer
+from bench_sparsegpt import EXT_RUNS, PATTERNS, SHAPES, _hessian, _per_layer, layer_inputs
 from conftest import HAS_CUDA, QUICK, Results, ratio, requires_cuda, wall_s
 from llmprune_kernels import backends
 from llmprune_kernels.methods.admm import admm_prune
@@ -48,13 +48,11 @@ def _rel_error(W: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor) -> float:
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_admm_layer(results, shape, pattern):
-    """ADMM against SparseGPT's default (``ext``) on the W and H of ``bench_sparsegpt.test_sparsegpt_layer``: time and error (timed
-    by ``wall_s`` alone: no pytest-benchmark round on top, as an ADMM call is the suite's costliest)."""
+    """ADMM against SparseGPT's default (``ext``) on the W and H of ``bench_sparsegpt.test_sparsegpt_layer``: time
+    and error (timed by ``wall_s`` alone: no pytest-benchmark round on top, as an ADMM call is the costliest)."""
     rows, cols = shape
     config = PATTERNS[pattern]
-    torch.manual_seed(0)
-    W = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
-    H = _hessian(cols)
+    W, H = layer_inputs(shape)
     out: dict = {}
     s = {}
     s["sparsegpt_ext"] = wall_s(lambda: out.__setitem__("ext", ops.sparsegpt_prune(W, H, config, backend="ext")[0]),

@@ -105,6 +105,24 @@ def _setup(shape, dtype, results):
     return _SETUP[key]
 
 
+def _time_all(x, dense, mods, n, errors) -> dict:
+    """Seconds per call of dense ``F.linear`` and of each module set in ``mods``: CUDA graphs over the ``n`` weight
+    copies (cold) and over the first (hot), then eager over all copies (cold), interleaved per group."""
+    runs = {}
+    for cache, idx in (("cold", range(n)), ("hot", [0])):
+        runs[f"dense_{cache}_graph"] = replayer([lambda w=dense[i]: F.linear(x, w) for i in idx])
+        for name, ms in mods.items():
+            runs[f"{name}_{cache}_graph"] = try_run([lambda s=ms[i]: s(x) for i in idx], errors=errors,
+                                                    name=f"{name}_{cache}_graph")
+    t = time_interleaved(runs, TRIALS)
+    eager = {"dense_cold_eager": replayer([lambda w=w: F.linear(x, w) for w in dense], graph=False)}
+    for name, ms in mods.items():
+        eager[f"{name}_cold_eager"] = try_run([lambda s=s: s(x) for s in ms], graph=False, errors=errors,
+                                              name=f"{name}_cold_eager")
+    t.update(time_interleaved(eager, TRIALS))
+    return t
+
+
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1))
 
@@ -125,18 +143,7 @@ def _case(benchmark, results, shape, dtype, m):
         ref = (sparse24_8bit_linear_reference(x, ms[0].quantized()) if name != "fp16_24"
                else F.linear(x.float(), dense[0].float()))
         max_err[name] = _rel_err(y, ref)
-    runs = {}
-    for cache, idx in (("cold", range(n)), ("hot", [0])):
-        runs[f"dense_{cache}_graph"] = replayer([lambda w=dense[i]: F.linear(x, w) for i in idx])
-        for name, ms in mods.items():
-            runs[f"{name}_{cache}_graph"] = try_run([lambda s=ms[i]: s(x) for i in idx], errors=errors,
-                                                    name=f"{name}_{cache}_graph")
-    t = time_interleaved(runs, TRIALS)
-    eager = {"dense_cold_eager": replayer([lambda w=w: F.linear(x, w) for w in dense], graph=False)}
-    for name, ms in mods.items():
-        eager[f"{name}_cold_eager"] = try_run([lambda s=s: s(x) for s in ms], graph=False, errors=errors,
-                                              name=f"{name}_cold_eager")
-    t.update(time_interleaved(eager, TRIALS))
+    t = _time_all(x, dense, mods, n, errors)
     ratios = {}
     for k, v in t.items():
         name, cache, mode = k.rsplit("_", 2)
@@ -216,18 +223,7 @@ def _case_act(benchmark, results, shape, dtype, m):
         ref = (F.linear(x.float(), dense[0].float()) if name == "fp16_24"
                else sparse24_8bit_act_linear_reference(x, ms[0].quantized()))
         max_err[name] = _rel_err(y, ref)
-    runs = {}
-    for cache, idx in (("cold", range(n)), ("hot", [0])):
-        runs[f"dense_{cache}_graph"] = replayer([lambda w=dense[i]: F.linear(x, w) for i in idx])
-        for name, ms in mods.items():
-            runs[f"{name}_{cache}_graph"] = try_run([lambda s=ms[i]: s(x) for i in idx], errors=errors,
-                                                    name=f"{name}_{cache}_graph")
-    t = time_interleaved(runs, TRIALS)
-    eager = {"dense_cold_eager": replayer([lambda w=w: F.linear(x, w) for w in dense], graph=False)}
-    for name, ms in mods.items():
-        eager[f"{name}_cold_eager"] = try_run([lambda s=s: s(x) for s in ms], graph=False, errors=errors,
-                                              name=f"{name}_cold_eager")
-    t.update(time_interleaved(eager, TRIALS))
+    t = _time_all(x, dense, mods, n, errors)
     for name, ms in mods.items():
         for s in ms:
             s.force_path = None

@@ -61,6 +61,12 @@ def _hessian(cols: int) -> torch.Tensor:
     return stats.H
 
 
+def layer_inputs(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random fp16 weight (seed 0) and the Hessian of one case."""
+    torch.manual_seed(0)
+    return torch.randn(*shape, device="cuda", dtype=torch.float16), _hessian(shape[1])
+
+
 def _rel_fro(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b||_F / ||b||_F: a few flipped mask entries make the largest entrywise difference meaningless."""
     return float(torch.linalg.norm(a.float() - b.float()) / torch.linalg.norm(b.float()))
@@ -88,9 +94,7 @@ def _factor_errors(cols: int) -> tuple[float, float]:
 def test_sparsegpt_layer(benchmark, results, shape, pattern):
     rows, cols = shape
     config = PATTERNS[pattern]
-    torch.manual_seed(0)
-    W = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
-    H = _hessian(cols)
+    W, H = layer_inputs(shape)
     out: dict = {}
 
     def keep(key, fn):

@@ -221,7 +221,7 @@ def test_activation_budget_and_host_copies(source, tmp_path):
     assert memory.offload_needed(cuda, 10, 11) and not memory.offload_needed(cuda, 11, 11)
     assert not memory.offload_needed(cuda, None, 10**15) and not memory.offload_needed(cpu, 1, 10**15)
     # The plan for a CUDA run (no GPU needed to plan): the budget below the walk's need offloads, above it not.
-    from llmprune_kernels.pipeline.prune import plan_offload
+    from llmprune_kernels.pipeline.plan import plan_offload
 
     model = tiny_model("llama")
     assert plan_offload(model, ids, cuda, 2, 1) and plan_offload(model, ids, cuda, 2, 10**5)

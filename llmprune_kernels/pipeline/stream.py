@@ -44,10 +44,8 @@ from llmprune_kernels.pipeline.layerwise import LayerIO
 from llmprune_kernels.pipeline.memory import release_host_memory
 from llmprune_kernels.pipeline.models import NO_REMOTE_CODE, find_decoder_layers
 from llmprune_kernels.pipeline.progress import StageTimes
-from llmprune_kernels.pipeline.prune import (
-    PruneResult, _layer_configs, check_run, plan_offload, prune_layers, run_identity, stats_from_checkpoint,
-    timed_capture,
-)
+from llmprune_kernels.pipeline.plan import _layer_configs, check_run, plan_offload, run_identity
+from llmprune_kernels.pipeline.prune import PruneResult, prune_layers, stats_from_checkpoint, timed_capture
 from llmprune_kernels.pipeline.model_card import card_for_stream
 from llmprune_kernels.pipeline.report import REPORT_FILE, write_json
 from llmprune_kernels.pipeline.resume import Checkpoint, load_tensors, save_tensors, shard_name

@@ -74,22 +74,30 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _setup(shape, dtype, results):
-    """Dense weights (cold copies), the 16-bit 2:4 modules and the 8-bit ones (sparsify_, tuned for MS)."""
-    key = (shape, dtype)
-    if key in _SETUP:
-        return _SETUP[key]
-    _SETUP.clear()  # one shape's weights at a time
+def _dense_linears(shape, dtype) -> tuple[int, list[torch.Tensor], list[nn.Linear]]:
+    """Cold copies of a random 2:4 weight (seed 0) and an ``nn.Linear`` on each; earlier cases' weights freed first
+    (one shape's weights at a time). The copies' 8-bit 2:4 bytes (2.5 per 4 weights) exceed twice the L2."""
+    _SETUP.clear()
     torch.cuda.empty_cache()
     out_f, in_f = shape
     torch.manual_seed(0)
-    n = cold_copies(out_f * in_f * 5 // 8)  # the 8-bit 2:4 bytes (2.5 per 4 weights) exceed 2x L2
+    n = cold_copies(out_f * in_f * 5 // 8)
     dense = [random_24_weight(out_f, in_f, dtype, "cuda") for _ in range(n)]
     lins = []
     for w in dense:
         lin = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=dtype)
         lin.weight.data = w
         lins.append(lin)
+    return n, dense, lins
+
+
+def _setup(shape, dtype, results):
+    """Dense weights (cold copies), the 16-bit 2:4 modules and the 8-bit ones (sparsify_, tuned for MS)."""
+    key = (shape, dtype)
+    if key in _SETUP:
+        return _SETUP[key]
+    out_f, in_f = shape
+    n, dense, lins = _dense_linears(shape, dtype)
     t0 = time.perf_counter()
     mods = {"fp16_24": list(sparsify_(nn.Sequential(*lins), buckets=tuple(MS)))}  # lins stay nn.Linear
     times = {"fp16_24": time.perf_counter() - t0}
@@ -123,6 +131,19 @@ def _time_all(x, dense, mods, n, errors) -> dict:
     return t
 
 
+def _ratios(t: dict) -> dict:
+    """``<x>_vs_dense_<cache>_<mode>`` (and ``<x>_vs_fp16_24_...`` for the 8-bit paths) from ``_time_all``'s times."""
+    ratios = {}
+    for k, v in t.items():
+        name, cache, mode = k.rsplit("_", 2)
+        if v is None or name == "dense":
+            continue
+        ratios[f"{name}_vs_dense_{cache}_{mode}"] = ratio(t.get(f"dense_{cache}_{mode}"), v)
+        if name != "fp16_24":
+            ratios[f"{name}_vs_fp16_24_{cache}_{mode}"] = ratio(t.get(f"fp16_24_{cache}_{mode}"), v)
+    return ratios
+
+
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1))
 
@@ -144,14 +165,7 @@ def _case(benchmark, results, shape, dtype, m):
                else F.linear(x.float(), dense[0].float()))
         max_err[name] = _rel_err(y, ref)
     t = _time_all(x, dense, mods, n, errors)
-    ratios = {}
-    for k, v in t.items():
-        name, cache, mode = k.rsplit("_", 2)
-        if v is None or name == "dense":
-            continue
-        ratios[f"{name}_vs_dense_{cache}_{mode}"] = ratio(t.get(f"dense_{cache}_{mode}"), v)
-        if name != "fp16_24":
-            ratios[f"{name}_vs_fp16_24_{cache}_{mode}"] = ratio(t.get(f"fp16_24_{cache}_{mode}"), v)
+    ratios = _ratios(t)
     dense_bytes = shape[0] * shape[1] * dense[0].element_size()
     weight_bytes = {"dense": dense_bytes, "fp16_24": pack_24(dense[0]).nbytes()}
     weight_bytes.update({name: ms[0].quantized().nbytes() for name, ms in mods.items() if name != "fp16_24"})
@@ -177,17 +191,8 @@ def _setup_act(shape, dtype, results):
     key = ("act", shape, dtype)
     if key in _SETUP:
         return _SETUP[key]
-    _SETUP.clear()
-    torch.cuda.empty_cache()
     out_f, in_f = shape
-    torch.manual_seed(0)
-    n = cold_copies(out_f * in_f * 5 // 8)
-    dense = [random_24_weight(out_f, in_f, dtype, "cuda") for _ in range(n)]
-    lins = []
-    for w in dense:
-        lin = nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=dtype)
-        lin.weight.data = w
-        lins.append(lin)
+    n, dense, lins = _dense_linears(shape, dtype)
     table = TuningTable()
     t0 = time.perf_counter()
     mods = {"fp16_24": list(sparsify_(nn.Sequential(*lins), table=table, buckets=tuple(ACT_MS)))}
@@ -227,14 +232,7 @@ def _case_act(benchmark, results, shape, dtype, m):
     for name, ms in mods.items():
         for s in ms:
             s.force_path = None
-    ratios = {}
-    for k, v in t.items():
-        name, cache, mode = k.rsplit("_", 2)
-        if v is None or name == "dense":
-            continue
-        ratios[f"{name}_vs_dense_{cache}_{mode}"] = ratio(t.get(f"dense_{cache}_{mode}"), v)
-        if name != "fp16_24":
-            ratios[f"{name}_vs_fp16_24_{cache}_{mode}"] = ratio(t.get(f"fp16_24_{cache}_{mode}"), v)
+    ratios = _ratios(t)
     flops = 2 * m * shape[0] * shape[1]
     tflops = {k.removesuffix("_cold_graph"): flops / (v * 1e-3) / 1e12 for k, v in t.items()
               if k.endswith("_cold_graph") and v}

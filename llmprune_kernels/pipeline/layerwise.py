@@ -181,9 +181,10 @@ class LayerStep:
         if keep:
             if self.offload and self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # the host copies are complete
-            if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
-                for out in outs:  # the exact check (an fp32 overflow of huge finite values passes it)
-                    check_finite_fast(out, f"outputs of decoder layer {self.name}")
+            finite = torch.isfinite(torch.stack(sums)).tolist() if sums else []
+            for out, ok in zip(outs, finite):
+                if not ok:  # the exact check (an fp32 overflow of huge finite values passes it)
+                    check_finite(out, f"outputs of decoder layer {self.name}")
             self.outputs = outs
         return outs
 

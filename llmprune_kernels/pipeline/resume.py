@@ -11,9 +11,9 @@ The process working in it holds it with ``atomic.reserve`` (a second run on the 
 A layer's shard is on disk before the manifest (rewritten atomically) names the layer completed, so a run
 killed at any point restarts after the last layer the manifest names. Both are written by one background
 thread while the next layer computes (the layer's tensors copied to CPU memory first, so at most one layer
-waits in CPU memory); a failed write is raised by the next ``save_layer`` or by ``wait``. Activations are not stored (at 7B
-they are 2 GB per layer): the resumed run recomputes them by running the completed layers forward again
-(``prune.prune_layers``), and so computes the same bits as a run that was never interrupted.
+waits in CPU memory); a failed write is raised by the next ``save_layer`` or by ``wait``. Activations are not
+stored (at 7B they are 2 GB per layer): the resumed run recomputes them by running the completed layers forward
+again (``prune.prune_layers``), and so computes the same bits as a run that was never interrupted.
 """
 from __future__ import annotations
 

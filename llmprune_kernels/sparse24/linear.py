@@ -135,10 +135,14 @@ class SparseLinear(nn.Module):
         key = (path, b.state_key(config))
         state = self._cache.get(key)
         if state is None:
-            state = b.prepare(self.packed(), config)
+            state = b.prepare(self._layout_source(b), config)
             if not torch.compiler.is_compiling():  # traced: no cache side effect
                 self._cache[key] = state
         return state
+
+    def _layout_source(self, backend) -> Any:
+        """What ``backend.prepare`` builds its layout from: the packed 2:4 weight."""
+        return self.packed()
 
     @torch.no_grad()
     def prepare(self, paths: set[str] | None = None) -> "SparseLinear":

@@ -184,18 +184,14 @@ class SparseLinear8(SparseLinear):
                 return c
         return super().choose(m)
 
+    def _layout_source(self, backend) -> Any:
+        """8-bit backends build from the 8-bit weight (cslt8 compresses it; decode8 reads it as it is), the
+        16-bit ones from the dequantised packing."""
+        return self.quantized() if backend.quantized else super()._layout_source(backend)
+
     def layout(self, path: str, config: Any = None) -> Any:
-        b = backends.get(path)
-        if b.quantized:  # built once per layout key (cslt8 compresses the weight; decode8 reads it as it is)
-            key = (path, b.state_key(config))
-            state = self._cache.get(key)
-            if state is None:
-                state = b.prepare(self.quantized(), config)
-                if not torch.compiler.is_compiling():
-                    self._cache[key] = state
-            return state
         if path == "dense" and self.values.device.type != "cuda":  # the CPU reference keeps no 16-bit copy
-            return b.prepare(self.packed(), config)
+            return backends.get(path).prepare(self.packed(), config)
         return super().layout(path, config)
 
     @torch.no_grad()

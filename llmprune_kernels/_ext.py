@@ -41,3 +41,21 @@ def ext_with_cusparselt() -> bool:
 def ext_with_cutlass_sm90() -> bool:
     """True when ``_C`` was compiled with the CUTLASS sm90 (wgmma.sp) 2:4 GEMM."""
     return _WITH_CUTLASS_SM90
+
+
+_CODE_ARCH: dict[int, int] = {}
+
+
+def ext_cuda_code_arch(device: int = 0) -> int:
+    """``__CUDA_ARCH__`` of ``_C``'s device code as it runs on GPU ``device``: 900 for sm_90 code, 800 for an
+    Ampere build (also when its PTX runs on a newer GPU), 0 without a CUDA build or code for that GPU.
+    Kernels that need newer code than this (thread-block clusters, wgmma) must not be chosen."""
+    if device not in _CODE_ARCH:
+        if not _WITH_CUDA:
+            _CODE_ARCH[device] = 0
+        elif hasattr(_C, "cuda_code_arch"):
+            _CODE_ARCH[device] = int(_C.cuda_code_arch(device))
+        else:  # a build without the probe: its code was compiled for the GPU it runs on
+            major, minor = torch.cuda.get_device_capability(device)
+            _CODE_ARCH[device] = 100 * major + 10 * minor
+    return _CODE_ARCH[device]

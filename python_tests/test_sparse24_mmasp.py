@@ -158,6 +158,11 @@ def test_cuda_matches_dense_every_m(shape, dtype):
     bias = torch.randn(shape[0], device="cuda").to(dtype)
     for m in range(1, 17):
         x = torch.randn(m, shape[1], device="cuda").to(dtype)
+        if not mm.config_fits(m, shape[1], mm.device_default_config(*shape, m, x.device), x.device):
+            assert mm.max_splits(x.device) == 1  # sm_80 code: one CTA per row tile, wide x slices exceed smem
+            with pytest.raises(ValueError, match="shared memory"):
+                mm.mmasp_linear(x, lay)
+            continue
         for b in (None, bias):
             got = mm.mmasp_linear(x, lay, b)
             assert got.shape == (m, shape[0]) and got.dtype == dtype
@@ -173,7 +178,33 @@ def test_cuda_every_config(dtype):
         x = torch.randn(m, 1540, device="cuda").to(dtype)
         ref = F.linear(x.float(), w.float(), bias.float())
         for cfg in itertools.product(mm.WARPS, mm.ROWS_PER_WARP, mm.SPLITS):
+            if cfg[2] > mm.max_splits(x.device):  # clusters need sm_90 code: refused before any launch
+                with pytest.raises(ValueError, match="split"):
+                    mm.mmasp_linear(x, lay, bias, config=cfg)
+                continue
             _close(mm.mmasp_linear(x, lay, bias, config=cfg), ref, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_code_arch_decides_splits_and_widths():
+    """The loaded code's arch (not the GPU's capability) sets what the kernel may use: sm_90 code runs clusters
+    of up to 8 split-K CTAs; sm_80 code (an Ampere build, or its PTX run on a newer GPU) one CTA per row tile,
+    and the backend declines widths whose x slice does not fit shared memory at M = 16."""
+    from llmprune_kernels import _ext
+    from llmprune_kernels.sparse24 import backends
+
+    arch = _ext.ext_cuda_code_arch(torch.cuda.current_device())
+    major, minor = torch.cuda.get_device_capability()
+    assert 800 <= arch <= 100 * major + 10 * minor
+    assert mm.max_splits() == (8 if arch >= 900 else 1)
+    b = backends.get("mmasp")
+    for shape in ((4096, 4096), (4096, 11008)):
+        cfg = mm.device_default_config(*shape, 16)
+        assert cfg[2] <= mm.max_splits()
+        assert b.usable(*shape, torch.float16, torch.device("cuda")) == mm.config_fits(16, shape[1], cfg, 0)
+    # a table entry measured with clusters resolves to a config this code runs
+    got, _ = b.resolve((8, 1, 8), 4096, 4096, torch.float16, 1, torch.device("cuda"), False)
+    assert got[2] <= mm.max_splits()
 
 
 @pytest.mark.cuda

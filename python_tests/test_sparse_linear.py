@@ -475,7 +475,7 @@ def test_eager_calls_run_mmasp_where_graphs_run_decode():
     if not mmasp.available():
         pytest.skip("the mma.sp op needs the CUDA build and sm_90")
     sl = SparseLinear.from_linear(linear_24(512, 1024, torch.float16, "cuda"))
-    dcfg, mcfg = s24.DEFAULT_CONFIG, mmasp.default_config(512, 1024, 1)
+    dcfg, mcfg = s24.DEFAULT_CONFIG, mmasp.device_default_config(512, 1024, 1)
     table = dispatch.TuningTable()
     table.entries[dispatch.shape_key(512, 1024, torch.float16)] = {
         1: dispatch.Choice("decode", {"dense": 1.0, "decode": 0.5, "mmasp": 0.6}, {"decode": dcfg, "mmasp": mcfg})}

@@ -13,6 +13,8 @@
 // ahead of the MMAs. The `splits` CTAs of a row tile form one thread-block cluster: each writes its fp32
 // partial tile to shared memory, and cluster rank q sums all partials (distributed shared memory, rank
 // order) for 1/splits of the tile's rows, adds the bias and stores y. One launch, no workspace, no atomics.
+// Clusters need sm_90 code: code compiled for sm_80 (an Ampere build, or its PTX run on a newer GPU) runs
+// splits = 1 only, which the host side enforces from the arch the loaded code reports (code_arch).
 // The CPU emulator llmprune_kernels/testing/mmasp_emulator.py mirrors every index computed here.
 
 #include <ATen/ATen.h>
@@ -25,11 +27,20 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 
 namespace llmprune {
+
+int64_t code_arch(int64_t device);
+
 namespace sparse24_mmasp {
 
 namespace cg = cooperative_groups;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define LLMPRUNE_MMASP_CLUSTERS 1
+#endif
 
 constexpr int kChunk = 256;  // input columns per metadata load (8 k-steps of 32)
 
@@ -170,8 +181,8 @@ __device__ __forceinline__ void copy_x(const Params& p, T* xs, int stride, int c
 
 template <typename T, bool BF16, int NT, int WR>
 __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  __trap();  // thread-block clusters need sm_90 (the host side refuses older GPUs)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sp and cp.async need sm_80 (the host side refuses older code)
 #else
   extern __shared__ __align__(16) unsigned char smem[];
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -243,10 +254,16 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
         part[row * (NT * 8) + nt * 8 + 2 * t + (r & 1)] = acc[i][nt][r];
       }
 
+#ifdef LLMPRUNE_MMASP_CLUSTERS
   cg::cluster_group cluster = cg::this_cluster();
   const bool clustered = p.splits > 1;
   if (clustered) cluster.sync(); else __syncthreads();
   const int q = clustered ? static_cast<int>(cluster.block_rank()) : 0;
+#else
+  if (p.splits > 1) __trap();  // sm_80 code has no clusters; the host launches it with splits = 1 only
+  __syncthreads();
+  const int q = 0;
+#endif
   const int r0 = q * rows_cta / p.splits, r1 = (q + 1) * rows_cta / p.splits, nrows = r1 - r0;
   const T* bias = reinterpret_cast<const T*>(p.bias);
   T* y = reinterpret_cast<T*>(p.y);
@@ -259,7 +276,11 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
     float pv[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
+#ifdef LLMPRUNE_MMASP_CLUSTERS
       if (k < p.splits) pv[k] = (clustered ? cluster.map_shared_rank(part, k) : part)[row * (NT * 8) + n];
+#else
+      if (k < p.splits) pv[k] = part[row * (NT * 8) + n];
+#endif
     }
     float v = 0.f;
 #pragma unroll
@@ -269,7 +290,9 @@ __global__ void __launch_bounds__(256) mmasp_kernel(const Params p) {
     if (bias != nullptr) v += to_float<T>(bias[grow]);
     y[static_cast<size_t>(n) * p.R + grow] = from_float<T>(v);
   }
+#ifdef LLMPRUNE_MMASP_CLUSTERS
   if (clustered) cluster.sync();  // keep every rank's partials alive until all reads are done
+#endif
 #endif
 }
 
@@ -304,6 +327,38 @@ void dispatch(const Params& p, int nt, int wr, int warps, dim3 grid, size_t smem
   else launch<T, BF16, 2, 2>(p, warps, grid, smem, stream);
 }
 
+__global__ void arch_kernel(int* out) {
+#ifdef __CUDA_ARCH__
+  *out = __CUDA_ARCH__;
+#endif
+}
+
+}  // namespace sparse24_mmasp
+
+// The __CUDA_ARCH__ of this library's device code as loaded on `device` (e.g. 800 for an Ampere build's PTX
+// run on an H100, 900 for sm_90 code): what its kernels can use, whatever the GPU's compute capability.
+int64_t code_arch(int64_t device) {
+  static std::mutex lock;
+  static std::map<int64_t, int64_t> cache;
+  std::lock_guard<std::mutex> guard_lock(lock);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  int* d = nullptr;
+  C10_CUDA_CHECK(cudaMalloc(&d, sizeof(int)));
+  C10_CUDA_CHECK(cudaMemset(d, 0, sizeof(int)));
+  sparse24_mmasp::arch_kernel<<<1, 1>>>(d);
+  cudaError_t launched = cudaGetLastError();
+  int value = 0;
+  if (launched == cudaSuccess) C10_CUDA_CHECK(cudaMemcpy(&value, d, sizeof(int), cudaMemcpyDeviceToHost));
+  C10_CUDA_CHECK(cudaFree(d));
+  if (launched != cudaSuccess) value = 0;  // no code of this library runs on this GPU
+  cache[device] = value;
+  return value;
+}
+
+namespace sparse24_mmasp {
+
 at::Tensor mmasp_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const at::Tensor& e_frag, int64_t out_features,
                         const std::optional<at::Tensor>& bias, int64_t warps, int64_t rows_per_warp, int64_t splits) {
   TORCH_CHECK(x_in.is_cuda() && a_frag.is_cuda() && e_frag.is_cuda(), "sparse24_mmasp_linear: tensors must be on CUDA");
@@ -331,9 +386,12 @@ at::Tensor mmasp_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const 
                 "bias must be a CUDA ", dt, " vector of ", R, " elements");
   }
   c10::cuda::CUDAGuard guard(x_in.device());
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x_in.get_device()));
-  TORCH_CHECK(major >= 9, "sparse24_mmasp_linear needs sm_90 or newer (thread-block clusters), got sm_", major, "x");
+  const int64_t arch = code_arch(x_in.get_device());
+  TORCH_CHECK(arch >= 800, "sparse24_mmasp_linear needs code for sm_80 or newer, this GPU runs sm_", arch / 10);
+  TORCH_CHECK(splits == 1 || arch >= 900, "splits > 1 needs thread-block clusters (sm_90 code); this build runs sm_",
+              arch / 10, " code on this GPU: use splits=1, got ", splits);
+  int smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x_in.get_device()));
   // 8-byte loads of x rows: unit stride, 8-byte aligned start and row stride.
   at::Tensor x = x_in;
   if (x.stride(1) != 1 || (x.stride(0) * 2) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 != 0) {
@@ -348,8 +406,8 @@ at::Tensor mmasp_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const 
   const size_t xs_bytes = (static_cast<size_t>(nt) * 8 * stride * 2 + 15) & ~static_cast<size_t>(15);
   const int rows_cta = static_cast<int>(warps * rows_per_warp * 16);
   const size_t smem = xs_bytes + static_cast<size_t>(rows_cta) * nt * 8 * 4;
-  TORCH_CHECK(smem <= 227 * 1024, "shared memory ", smem, " bytes exceeds 227 KiB (in=", K, ", splits=", splits,
-              "): use more splits");
+  TORCH_CHECK(smem <= static_cast<size_t>(smem_optin), "shared memory ", smem, " bytes exceeds the GPU's ", smem_optin,
+              " (in=", K, ", splits=", splits, "): use more splits");
   Params p;
   p.a = reinterpret_cast<const uint4*>(a_frag.data_ptr());
   p.e = reinterpret_cast<const uint4*>(e_frag.data_ptr());

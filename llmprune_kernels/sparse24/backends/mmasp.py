@@ -148,9 +148,34 @@ def from_mmasp_layout(layout: MmaspLayout) -> Packed24:
 # Launch configuration and the CUDA op
 # ---------------------------------------------------------------------------------------------------------------
 
-def available() -> bool:
-    """The CUDA op was compiled in (CUDA build of ``_C``) and a GPU is visible."""
-    return _ext.ext_with_cuda() and torch.cuda.is_available()  # the schema is always defined (library.py)
+def _index(device: torch.device | int | None) -> int:
+    if device is None:
+        return torch.cuda.current_device()
+    return device if isinstance(device, int) else (torch.device(device).index or 0)
+
+
+def available(device: torch.device | int | None = None) -> bool:
+    """The CUDA op was compiled in (CUDA build of ``_C``), a GPU is visible and this build's code runs mma.sp
+    there (sm_80 code or newer)."""
+    if not (_ext.ext_with_cuda() and torch.cuda.is_available()):  # the schema is always defined (library.py)
+        return False
+    return _ext.ext_cuda_code_arch(_index(device)) >= 800
+
+
+def max_splits(device: torch.device | int | None = None) -> int:
+    """The most split-K CTAs a launch may use on ``device``: a cluster of 8 with sm_90 code, else 1 (code built
+    for sm_80, also when it runs on a newer GPU, has no thread-block clusters)."""
+    if not available(device):
+        return 1
+    return SPLITS[-1] if _ext.ext_cuda_code_arch(_index(device)) >= 900 else 1
+
+
+def smem_limit(device: torch.device | int | None = None) -> int:
+    """Bytes of shared memory one CTA may opt in to on ``device`` (sm_90: 227 KiB; A100: 163 KiB)."""
+    if not (torch.cuda.is_available() and _ext.ext_with_cuda()):
+        return SMEM_LIMIT
+    props = torch.cuda.get_device_properties(_index(device))
+    return int(getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT))
 
 
 def supports(dtype: torch.dtype, in_features: int) -> bool:
@@ -179,22 +204,37 @@ def smem_bytes(m: int, in_features: int, config: tuple[int, int, int]) -> int:
     return xs + warps * rpw * 16 * nt * 8 * 4
 
 
-def config_fits(m: int, in_features: int, config: tuple[int, int, int]) -> bool:
-    """The launch fits the GPU's shared memory (checked here: an exception thrown by the C++ op can take the
-    process down on some torch builds, so the op must never see a config it would refuse)."""
-    return smem_bytes(m, in_features, config) <= SMEM_LIMIT
+def config_fits(m: int, in_features: int, config: tuple[int, int, int],
+                device: torch.device | int | None = None) -> bool:
+    """The launch fits the GPU's shared memory and its code's split limit (checked here: an exception thrown
+    by the C++ op can take the process down on some torch builds, so the op must never see a config it would
+    refuse). ``device`` None: the limits of sm_90 code (227 KiB, clusters of up to 8)."""
+    if device is None:
+        return smem_bytes(m, in_features, config) <= SMEM_LIMIT
+    return (check_config(config)[2] <= max_splits(device)
+            and smem_bytes(m, in_features, config) <= smem_limit(device))
 
 
-def default_config(out_features: int, in_features: int, m: int = 1, sms: int = 132) -> tuple[int, int, int]:
+def default_config(out_features: int, in_features: int, m: int = 1, sms: int = 132,
+                   max_split: int = SPLITS[-1]) -> tuple[int, int, int]:
     """(warps, rows_per_warp, splits): 8 warps of one row block; the fewest split-K CTAs (a cluster) that
-    give at least two CTAs per SM, never more splits than 256-column chunks."""
+    give at least two CTAs per SM, never more splits than 256-column chunks nor than ``max_split``."""
     rb, nc = padded_dims(out_features, in_features)
     warps, rpw = 8, 1
     tiles = math.ceil(rb / (warps * rpw))
     splits = 1
-    while splits < SPLITS[-1] and tiles * splits < 2 * sms and splits * 2 <= nc:
+    while splits < min(SPLITS[-1], max_split) and tiles * splits < 2 * sms and splits * 2 <= nc:
         splits *= 2
     return warps, rpw, splits
+
+
+def device_default_config(out_features: int, in_features: int, m: int,
+                          device: torch.device | int | None = None) -> tuple[int, int, int]:
+    """``default_config`` for ``device``: its SM count and split limit."""
+    if not (torch.cuda.is_available() and _ext.ext_with_cuda()):
+        return default_config(out_features, in_features, m)
+    sms = torch.cuda.get_device_properties(_index(device)).multi_processor_count
+    return default_config(out_features, in_features, m, sms=sms, max_split=max_splits(device))
 
 
 def mmasp_linear(x: torch.Tensor, layout: MmaspLayout, bias: torch.Tensor | None = None,
@@ -209,12 +249,16 @@ def mmasp_linear(x: torch.Tensor, layout: MmaspLayout, bias: torch.Tensor | None
     x2 = x.reshape(-1, inp)
     if x2.shape[0] > MAX_M or x2.shape[0] < 1:
         raise ValueError(f"mma.sp decode kernel takes 1..{MAX_M} rows, got {x2.shape[0]}")
-    if not available():
-        raise RuntimeError("the mma.sp op needs the CUDA build of llmprune_kernels._C and a GPU")
-    cfg = check_config(config if config is not None else default_config(out, inp, x2.shape[0]))
-    if not config_fits(x2.shape[0], inp, cfg):
+    if not x.is_cuda or not available(x.device):
+        raise RuntimeError("the mma.sp op needs the CUDA build of llmprune_kernels._C (sm_80 code or newer) "
+                           f"and x on its GPU; x is on {x.device}")
+    cfg = check_config(config if config is not None else device_default_config(out, inp, x2.shape[0], x.device))
+    if cfg[2] > max_splits(x.device):
+        raise ValueError(f"mma.sp config {cfg}: this build's code on {x.device} runs at most "
+                         f"{max_splits(x.device)} split(s) (thread-block clusters need sm_90 code)")
+    if not config_fits(x2.shape[0], inp, cfg, x.device):
         raise ValueError(f"mma.sp config {cfg} needs {smem_bytes(x2.shape[0], inp, cfg)} bytes of shared memory "
-                         f"for in_features={inp}, M={x2.shape[0]} (limit {SMEM_LIMIT}): use more splits")
+                         f"for in_features={inp}, M={x2.shape[0]} (limit {smem_limit(x.device)}): use more splits")
     if bias is not None and (bias.dtype != x.dtype or bias.shape != (out,) or bias.device != x.device):
         raise ValueError(f"bias must be a {x.dtype} vector of {out} on {x.device}, got {bias.dtype} "
                          f"{tuple(bias.shape)} on {bias.device}")
@@ -245,26 +289,46 @@ class MmaspBackend(Backend):
     traceable = False  # torch.compile of the op trips a data-dependent guard: compiled graphs run ``decode``
 
     def available(self, device: torch.device) -> bool:
-        return device.type == "cuda" and available()
+        return device.type == "cuda" and available(device)
 
     def supports(self, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
         return dtype in (torch.float16, torch.bfloat16) and in_features % 4 == 0
+
+    def usable(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Also: this build's code on ``device`` can run every M up to 16 at this width (sm_80 code, one CTA per
+        K range, does not fit wide inputs in shared memory)."""
+        if not super().usable(out_features, in_features, dtype, device):
+            return False
+        if not (torch.cuda.is_available() and _ext.ext_with_cuda()):
+            return True
+        return config_fits(MAX_M, in_features, device_default_config(out_features, in_features, MAX_M, device),
+                           device)
+
+    def resolve(self, config, out_features, in_features, dtype, m, device, capturing):
+        """A config this device cannot run (a tuning table measured with sm_90 code, loaded where the code is
+        sm_80) gives way to the device's default."""
+        if config is None or not config_fits(m, in_features, config, device):
+            config = device_default_config(out_features, in_features, m, device)
+        return config, True
 
     def prepare(self, packed: Packed24, config=None) -> MmaspLayout:
         return to_mmasp_layout(packed)
 
     def default_config(self, out_features, in_features, dtype, m):
-        return default_config(out_features, in_features, m)
+        return device_default_config(out_features, in_features, m)
 
     def candidates(self, out_features, in_features, dtype, m):
-        configs = dict.fromkeys((default_config(out_features, in_features, m),) + TUNE_CONFIGS)
-        return [c for c in configs if config_fits(m, in_features, c)]
+        configs = dict.fromkeys((device_default_config(out_features, in_features, m),) + TUNE_CONFIGS)
+        device = torch.cuda.current_device()
+        return [c for c in configs if config_fits(m, in_features, c, device)]
 
     def bind(self, state: MmaspLayout, config, m, in_features, out_features, bias):
         op = torch.ops.llmprune_kernels.sparse24_mmasp_linear.default
         cfg = check_config(config)
-        if not config_fits(m, in_features, cfg):
-            raise ValueError(f"mma.sp config {cfg} does not fit in_features={in_features}, M={m}")
+        if not config_fits(m, in_features, cfg, state.a_frag.device):
+            raise ValueError(f"mma.sp config {cfg} does not fit in_features={in_features}, M={m} on "
+                             f"{state.a_frag.device} (shared memory {smem_limit(state.a_frag.device)} bytes, "
+                             f"at most {max_splits(state.a_frag.device)} split(s))")
         a, e, n, k = state.a_frag, state.e_frag, out_features, in_features
 
         def run(x: torch.Tensor) -> torch.Tensor:

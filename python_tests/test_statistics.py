@@ -374,7 +374,7 @@ def test_sharing_that_changes_between_batches_raises():
         feed_statistics(step, _wanda_pruners(toy))
     step, _ = _toy_step(toy, ["same", "split"])
     stats = LayerStatistics(_wanda_pruners(toy), share=False)
-    step.forward(stats.hooks(toy))
+    step.forward(stats.hooks(toy), pre_hooks=stats.pre_hooks())
     assert len(stats.groups) == 3
 
 
@@ -392,3 +392,74 @@ def test_pruners_without_a_statistic_keep_add_batch(base):
     pruners = {m: Recorder(m, SparsityConfig(0.5), layer_name=n) for n, m in toy.named_children()}
     assert feed_statistics(step, pruners) == []
     assert seen == [("a", (2, 5, 8)), ("b", (2, 5, 8)), ("c", (2, 5, 6)), ("c", (2, 5, 6))]
+
+
+class _Chain(nn.Module):
+    """a, b, c once each, in order; ``mode='skip'`` leaves c out (a data-dependent layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+        self.c_runs = 0  # times c computed its output
+        self.c.register_forward_hook(lambda *_: setattr(self, "c_runs", self.c_runs + 1))
+
+    def forward(self, x, mode="all"):
+        y = self.b(self.a(x).relu())
+        return y if mode == "skip" else self.c(y)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_statistics_forward_stops_after_the_last_linear(method):
+    """Once two calls ran a, b, c once each in the same order, later calls end as c gets its input: c never
+    runs again, and every statistic equals the one of whole calls."""
+    got = {}
+    for stop in (True, False):
+        torch.manual_seed(0)
+        toy = _Chain()
+        xs = [torch.randn(2, 5, 8) for _ in range(5)]
+        step = LayerStep(0, "toy", toy, xs, [((), {})] * 5, torch.device("cpu"), False)
+        pruners = {m: get_method(method)(m, SparsityConfig(0.5), layer_name=n) for n, m in
+                   [("a", toy.a), ("b", toy.b), ("c", toy.c)]}
+        stats = LayerStatistics(pruners, stop_early=stop)
+        step.forward(stats.hooks(toy), pre_hooks=stats.pre_hooks())
+        assert stats.calls == 5 and stats.stopped == (3 if stop else 0)
+        assert toy.c_runs == (2 if stop else 5)
+        assert stats.stop_after is (toy.c if stop else None)
+        accs = {g.names[0]: g.accumulator for g in stats.groups}
+        stats.deliver()
+        got[stop] = {n: {k: v.clone() for k, v in a.tensors().items()} if hasattr(a, "tensors") else a.finalize()
+                     for n, a in accs.items()}
+    for n in ("a", "b", "c"):
+        a, b = got[True][n], got[False][n]
+        if isinstance(a, dict):
+            for k in a:
+                assert torch.equal(a[k], b[k])
+        else:
+            assert torch.equal(a, b)
+
+
+def test_statistics_forward_runs_whole_calls_where_the_order_varies():
+    """A Linear skipped in the second call (routing): no call is ended early and every input is counted."""
+    toy = _Chain()
+    modes = ["all", "skip", "all", "all"]
+    step = LayerStep(0, "toy", toy, [torch.randn(2, 5, 8) for _ in modes], [((), {"mode": m}) for m in modes],
+                     torch.device("cpu"), False)
+    pruners = _wanda_pruners(toy)
+    stats = LayerStatistics(pruners)
+    step.forward(stats.hooks(toy), pre_hooks=stats.pre_hooks())
+    assert stats.stopped == 0 and stats.stop_after is None and toy.c_runs == 3
+    stats.deliver()
+    assert pruners[toy.c].stats.nsamples == 3 * 2  # three calls of two windows
+
+
+def test_stop_forward_with_kept_outputs_is_refused():
+    from llmprune_kernels.pipeline.layerwise import StopForward
+
+    toy = _Chain()
+    step = LayerStep(0, "toy", toy, [torch.randn(2, 5, 8)], [((), {})], torch.device("cpu"), False)
+
+    def stop(mod, args):
+        raise StopForward
+
+    with pytest.raises(RuntimeError, match="outputs are needed"):
+        step.forward(pre_hooks={toy.b: stop}, keep=True)

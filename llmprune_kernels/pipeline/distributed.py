@@ -131,7 +131,7 @@ class DistributedStrategy(LayerStrategy):
     def feed_statistics(self, step: LayerStep, pruners: Mapping[nn.Module, Any]) -> list[list[str]]:
         """``statistics.feed_statistics`` over this rank's batches, the batches combined in global order."""
         feed = _ShardedFeed(self, pruners)
-        step.forward(feed.hooks(step.layer))
+        step.forward(feed.hooks(step.layer), pre_hooks=feed.pre_hooks())
         feed.finish()
         # Linears that count the tokens they saw (MoE expert slices: the expert rule reads it) count them all
         counted = [m for m in feed.modules if isinstance(getattr(m, "tokens", None), int)]
@@ -273,18 +273,11 @@ class _ShardedFeed(LayerStatistics):
         self.pending: dict[StatisticGroup, list[Any]] = {}  # this call: contributions or inputs per group
         self.raw: dict[nn.Module, list[torch.Tensor]] = {m: [] for m, spec in self.specs.items() if spec is None}
 
-    def hooks(self, layer: nn.Module) -> dict[nn.Module, Callable]:
-        hooks: dict[nn.Module, Callable] = {m: self._record(m) for m in self.pruners}
-        hooks[layer] = lambda module, inputs, output: self.end_call()
-        return hooks
-
-    def _record(self, module: nn.Module) -> Callable:
-        def hook(mod, inputs, output):
-            if module in self.raw:
-                self.raw[module].append(inputs[0].detach())
-            else:
-                self.add(module, inputs[0])
-        return hook
+    def on_input(self, module: nn.Module, x: torch.Tensor) -> None:
+        if module in self.raw:
+            self.raw[module].append(x.detach())
+        else:
+            self.add(module, x)
 
     def add(self, module: nn.Module, x: torch.Tensor) -> None:
         group = self._group_for(module, x)

@@ -28,8 +28,9 @@ from llmprune_kernels.pipeline.models import decoder_layers_parent, find_decoder
 from llmprune_kernels.validation import check_finite
 
 
-class _StopForward(Exception):
-    """Raised by the last recorder to end the capture forward early (nothing after it is needed)."""
+class StopForward(Exception):
+    """Raised by a hook to end a forward call early (nothing after it is needed): the last recorder of the
+    capture, the statistics feed once the last Linear of a layer has had its input."""
 
 
 class _Recorder(nn.Module):
@@ -46,7 +47,7 @@ class _Recorder(nn.Module):
             hidden, rest = kwargs.pop("hidden_states"), ()
         self.sink.append((hidden, rest, kwargs))
         if self.last:
-            raise _StopForward
+            raise StopForward
         return hidden
 
 
@@ -107,7 +108,7 @@ def capture_layer_inputs(
             sink.clear()
             try:
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             if len(sink) != len(layers):
                 raise RuntimeError(f"{type(model).__name__} called {len(sink)} of its {len(layers)} decoder layers "
@@ -162,16 +163,25 @@ class LayerStep:
         self.outputs: list[torch.Tensor] | None = None
 
     @torch.no_grad()
-    def forward(self, hooks: Mapping[nn.Module, Callable] | None = None, keep: bool = False) -> list[torch.Tensor]:
-        """Run every calibration batch through the layer with optional forward hooks on submodules.
+    def forward(self, hooks: Mapping[nn.Module, Callable] | None = None, keep: bool = False,
+                pre_hooks: Mapping[nn.Module, Callable] | None = None) -> list[torch.Tensor]:
+        """Run every calibration batch through the layer with optional forward (pre-)hooks on submodules.
 
-        ``keep`` stores the outputs as the inputs of the next layer.
+        ``keep`` stores the outputs as the inputs of the next layer. Without ``keep`` a hook may end a call
+        early by raising ``StopForward``.
         """
         handles = [m.register_forward_hook(fn) for m, fn in (hooks or {}).items()]
+        handles += [m.register_forward_pre_hook(fn) for m, fn in (pre_hooks or {}).items()]
         outs, sums = [], []
         try:
             for h, (args, kwargs) in zip(device_batches(self.inputs, self.device), self.calls):
-                out = _layer_output(self.layer(h, *args, **kwargs))
+                try:
+                    out = _layer_output(self.layer(h, *args, **kwargs))
+                except StopForward:
+                    if keep:
+                        raise RuntimeError(f"a hook ended the forward of decoder layer {self.name} early, "
+                                           "but its outputs are needed") from None
+                    continue
                 if keep:  # checked once after the batches: no device sync per batch
                     sums.append(torch.sum(out, dtype=torch.float32))
                     outs.append(to_host(out, non_blocking=True) if self.offload else out)

@@ -18,6 +18,11 @@ weights, fp16, a few decoder layers), the whole job through the package's public
   the L2 holds. Also: bytes of the dense Linear weights, of the packed ones, and GPU memory each sparse
   model holds (caches included); whether the prefill's last logits agree (random weights give near-flat
   logits, so greedy tokens can diverge on rounding where the logits agree).
+  The same pruned weights in 8 bits (``sparsify_(..., SemiSparseWeightConfig(weight_dtype=Q8))``, Q8 = fp8 where
+  the GPU has FP8, else int8): ``sparse_q8`` (16-bit activations: the 8-bit decode kernel at M <= 16) and
+  ``sparse_q8_a8`` (``activations="8bit"``: prefill through cuSPARSELt's 8-bit 2:4 GEMM where tuning measured it
+  faster); ``speedup_<metric>_<model>`` against dense. ``prefill_profile``: one 2048-token prefill of each model
+  under ``torch.profiler``, GPU time per op (top ops, ms).
 Results: ``results/e2e.json``.
 """
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from conftest import QUICK, Results, ratio, requires_cuda
-from llmprune_kernels import SparseLinear, backends, prune_model, sparsify_
+from llmprune_kernels import SemiSparseWeightConfig, SparseLinear, backends, prune_model, sparsify_
 from llmprune_kernels.validation import SparsityConfig
 
 pytestmark = requires_cuda
@@ -169,6 +174,35 @@ def _generate_tok_s(model, prompt, n_new: int) -> float:
     return n_new / (time.perf_counter() - t0)
 
 
+def _q8_dtype() -> str:
+    return "fp8" if torch.cuda.get_device_capability() >= (8, 9) else "int8"
+
+
+def _decoder_linears(module, fqn) -> bool:
+    return isinstance(module, nn.Linear) and ".layers." in f".{fqn}"
+
+
+def _prefill_profile(model, prompt, top: int = 12) -> dict:
+    """GPU time per op of one prefill (after a warm-up), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model(prompt, logits_to_keep=1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(prompt, logits_to_keep=1)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0.0)
+        if t > 0:
+            rows.append((e.key, t / 1e3, e.count))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    return {"gpu_ms_total": total, "top_ops": [{"op": k[:120], "gpu_ms": t, "calls": c} for k, t, c in rows[:top]]}
+
+
 def test_decode(benchmark, results):
     with torch.no_grad():
         dense, cfg = build(DECODE_LAYERS)
@@ -183,12 +217,18 @@ def test_decode(benchmark, results):
         mem1 = torch.cuda.memory_allocated()
         lean = sparsify_(copy.deepcopy(dense), buckets=(1, 128, 2048), dense_tolerance=LEAN_TOLERANCE)
         lean_mem = torch.cuda.memory_allocated() - mem1
+        q8 = _q8_dtype()
+        sparse_q8 = sparsify_(copy.deepcopy(dense), SemiSparseWeightConfig(weight_dtype=q8), _decoder_linears,
+                              buckets=(1, 128, 2048))
+        sparse_q8_a8 = sparsify_(copy.deepcopy(dense), SemiSparseWeightConfig(weight_dtype=q8, activations="8bit"),
+                                 _decoder_linears, buckets=(1, 128, 2048))
         sl = [m for m in sparse.modules() if isinstance(m, SparseLinear)]
         lin = [m for m in dense.model.layers.modules() if isinstance(m, nn.Linear)]
         torch.manual_seed(2)
         prompt = torch.randint(0, 32000, (1, 2048), device="cuda")
         short = prompt[:, :128]
-        models = {"dense": dense, "sparse": sparse, "sparse_lean": lean}
+        models = {"dense": dense, "sparse": sparse, "sparse_lean": lean, "sparse_q8": sparse_q8,
+                  "sparse_q8_a8": sparse_q8_a8}
         runs: dict = {f"{k}_{name}": [] for k in ("decode_graph_tok_s", "prefill_2048_ms", "generate_eager_tok_s")
                       for name in models}
         for name, model in models.items():  # warm-up: compiles, plans, generation set-up
@@ -201,6 +241,10 @@ def test_decode(benchmark, results):
         med = {k: statistics.median(v) for k, v in runs.items()}
         ld = dense(prompt, logits_to_keep=1).logits.float()
         ls = sparse(prompt, logits_to_keep=1).logits.float()
+        lq = {n: models[n](prompt, logits_to_keep=1).logits.float() for n in ("sparse_q8", "sparse_q8_a8")}
+        profiles = {name: _prefill_profile(model, prompt) for name, model in models.items() if name != "sparse_lean"}
+        paths = {name: sorted({f"{m.choose(mm).path}@{mm}" for m in model.modules() if isinstance(m, SparseLinear)
+                               for mm in (1, 2048)}) for name, model in models.items() if name != "dense"}
     fig = {
         "case": f"decode {DECODE_LAYERS} layers 2:4 float16", "layers": DECODE_LAYERS, "new_tokens": NEW_TOKENS,
         "rounds": ROUNDS, "sparsify_s": sparsify_s, "n_sparse_linears": len(sl), "medians": med, "runs": runs,
@@ -213,7 +257,13 @@ def test_decode(benchmark, results):
                    "speedup_decode_graph_lean": ratio(med["decode_graph_tok_s_sparse_lean"],
                                                       med["decode_graph_tok_s_dense"]),
                    "speedup_prefill_2048_lean": ratio(med["prefill_2048_ms_dense"],
-                                                      med["prefill_2048_ms_sparse_lean"])},
+                                                      med["prefill_2048_ms_sparse_lean"]),
+                   **{f"speedup_{k}_{n}": (ratio(med[f"{k}_sparse_{n}"], med[f"{k}_dense"]) if k.endswith("tok_s")
+                                           else ratio(med[f"{k}_dense"], med[f"{k}_sparse_{n}"]))
+                      for n in ("q8", "q8_a8") for k in ("decode_graph_tok_s", "prefill_2048_ms",
+                                                         "generate_eager_tok_s")}},
+        "q8_weight_dtype": q8, "paths_at_m": paths,
+        "prefill_profile": profiles,
         "linear_weight_bytes_dense": sum(m.weight.nbytes for m in lin),
         "linear_packed_bytes_sparse": sum(b.nbytes for m in sl for b in m.buffers()),
         "model_param_bytes_dense": sum(p.nbytes for p in dense.parameters()),
@@ -221,6 +271,8 @@ def test_decode(benchmark, results):
         "gpu_bytes_sparse_lean_model_with_caches": lean_mem,
         "prefill_last_logits_max_rel_diff": float((ld - ls).abs().max() / ld.abs().max()),
         "prefill_last_logits_top1_equal": bool(ld.argmax() == ls.argmax()),
+        **{f"prefill_last_logits_max_rel_diff_{n}": float((ld - v).abs().max() / ld.abs().max())
+           for n, v in lq.items()},
     }
     results.add(fig)
     benchmark.extra_info.update(fig)

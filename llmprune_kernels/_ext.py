@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-import torch  # noqa: F401  (libtorch symbols must be loaded before _C)
+import torch  # libtorch symbols must be loaded before _C
 
 logger = logging.getLogger("llmprune_kernels")
 
@@ -46,6 +46,7 @@ def ext_with_cutlass_sm90() -> bool:
 _CODE_ARCH: dict[int, int] = {}
 
 
+@torch.compiler.assume_constant_result  # asked in traced forwards: a constant of the process, not a pybind call
 def ext_cuda_code_arch(device: int = 0) -> int:
     """``__CUDA_ARCH__`` of ``_C``'s device code as it runs on GPU ``device``: 900 for sm_90 code, 800 for an
     Ampere build (also when its PTX runs on a newer GPU), 0 without a CUDA build or code for that GPU.

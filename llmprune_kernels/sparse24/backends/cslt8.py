@@ -40,6 +40,7 @@ ALG_IDS = range(4)  # cuSPARSELt algorithm ids tuning measures (ids the build la
 OUT_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@torch.compiler.assume_constant_result  # asked in traced forwards; dynamo skips torch.backends' function
 def available() -> bool:
     """torch was built with cuSPARSELt and a GPU is visible."""
     return torch.cuda.is_available() and torch.backends.cusparselt.is_available()

@@ -239,6 +239,48 @@ def test_activation_budget_and_host_copies(source, tmp_path):
         memory.parse_bytes("20 parsecs")
 
 
+def test_host_buffer_pool_without_cuda_is_inert():
+    with memory.host_buffers() as pool:
+        t = torch.randn(3, 4)
+        assert memory.to_host(t) is t
+        assert pool is None or not torch.cuda.is_available()
+
+
+@pytest.mark.cuda
+def test_offloaded_activations_use_exact_size_registered_buffers(tmp_path):
+    """Host copies inside ``host_buffers`` are page-locked buffers of the exact size, reused once freed and
+    unregistered when the pool closes; an offloaded CUDA run equals one with the activations on the GPU."""
+    import gc
+
+    t = torch.randn(5, 7, 3, device="cuda", dtype=torch.float16)
+    with memory.host_buffers() as pool:
+        h = memory.to_host(t, non_blocking=True)
+        torch.cuda.synchronize()
+        assert h.is_pinned() and torch.equal(h, t.cpu()) and pool.registered_bytes == t.numel() * 2
+        ptr = h.data_ptr()
+        del h
+        gc.collect()
+        h2 = memory.to_host(t)
+        assert h2.data_ptr() == ptr and pool.registered_bytes == t.numel() * 2  # the freed buffer, reused
+        assert torch.equal(h2.to("cuda", non_blocking=True), t)
+    del h2
+    gc.collect()
+    assert pool.registered_bytes == 0
+    ids = random_ids(6, 12)
+    models = []
+    for m in ("wanda", "sparsegpt"):
+        model = tiny_model("llama")
+        res = prune_model(model, ids, m, device="cuda", progress=False, offload_activations=True, batch_size=2)
+        assert res.activations_offloaded
+        models.append(model)
+    base = [tiny_model("llama") for _ in range(2)]
+    for b, m in zip(base, ("wanda", "sparsegpt")):
+        prune_model(b, ids, m, device="cuda", progress=False, batch_size=2)
+    for a, b in zip(models, base):
+        for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), n
+
+
 def test_stage_table_in_result_and_report(source, tmp_path):
     result = prune_pretrained(source, tmp_path / "out", random_ids(4, 12), "wanda", progress=False)
     assert tuple(result.stage_times_s) == STAGES

@@ -35,6 +35,7 @@ from llmprune_kernels.pipeline.layerwise import (
     CapturedInputs, InPlace, LayerIO, LayerStep, LayerStrategy, capture_layer_inputs, check_finite_fast, walk_layers,
 )
 from llmprune_kernels.pipeline.experts import MIN_EXPERT_TOKENS, check_min_expert_tokens, expert_rule
+from llmprune_kernels.pipeline.memory import host_buffers
 from llmprune_kernels.pipeline.models import find_decoder_layers, prunable_modules
 from llmprune_kernels.pipeline.progress import StageTimes, layer_bar, show_layer
 from llmprune_kernels.pipeline.plan import _layer_configs, check_run, plan_offload, run_identity
@@ -346,14 +347,16 @@ def prune_model(
                     saved = load_tensors(checkpoint.shard(i))
                     layers[i].load_state_dict({k[len(prefix):]: v for k, v in saved.items()}, strict=True)
         offload = offload_activations or plan_offload(model, mine, device, batch_size, gpu_memory)
-        if walk:
-            captured, capture_time = timed_capture(model, mine, device, batch_size, offload, times)
-        done, done_times = stats_from_checkpoint(checkpoint)
-        stats, layer_times = prune_layers(
-            model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,
-            measure_error=measure_error and walk, progress=progress, times=times,
-            io=None if walk else InPlace(), strategy=strategy, checkpoint=checkpoint, t_start=t_start,
-            min_expert_tokens=min_expert_tokens)
+        with host_buffers(walk and offload and device.type == "cuda"):
+            if walk:
+                captured, capture_time = timed_capture(model, mine, device, batch_size, offload, times)
+            done, done_times = stats_from_checkpoint(checkpoint)
+            stats, layer_times = prune_layers(
+                model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,
+                measure_error=measure_error and walk, progress=progress, times=times,
+                io=None if walk else InPlace(), strategy=strategy, checkpoint=checkpoint, t_start=t_start,
+                min_expert_tokens=min_expert_tokens)
+            captured = None  # the activations go back to the pool before it closes
     finally:
         if checkpoint is not None:
             checkpoint.release()

@@ -239,11 +239,13 @@ def test_activation_budget_and_host_copies(source, tmp_path):
         memory.parse_bytes("20 parsecs")
 
 
-def test_host_buffer_pool_without_cuda_is_inert():
+def test_host_buffer_pool_only_with_cuda():
     with memory.host_buffers() as pool:
         t = torch.randn(3, 4)
-        assert memory.to_host(t) is t
-        assert pool is None or not torch.cuda.is_available()
+        assert memory.to_host(t) is t  # a CPU tensor is never copied
+        assert (pool is None) == (not torch.cuda.is_available())
+    with memory.host_buffers(enabled=False) as pool:
+        assert pool is None
 
 
 @pytest.mark.cuda

@@ -13,7 +13,16 @@ Rows (one pruning; every row evaluates the same held-out windows):
 * ``fp8-pc-a8`` / ``int8-pc-a8``: per-channel 8-bit weights and every Linear's activations quantised per token to
   the same 8-bit type (scales rounded up to fp16, as the fp16 ``cslt8`` path does), computed by
   ``reference.sparse24_8bit.sparse24_8bit_act_linear_reference`` for every call. On a GPU ``cslt8`` runs only
-  above M = 16 where tuning measured it faster, so this row is its worst case (every token quantised).
+  above M = 16 where tuning measured it faster, so this row is its worst case (every token quantised);
+* ``fp8-pc-obs`` / ``int8-pc-obs``: a second SparseGPT 2:4 run with ``quantize="fp8"`` / ``"int8"`` (each Linear's
+  kept weights rounded with the OBS error compensation over its mask, ``reference.quant_obs``), then ``sparsify_``
+  with the same 8-bit type and per-channel scales. Each Linear's mask is compared with the ``fp16-2:4`` run's
+  (``mask``: Linears with the same pruned set, entries that differ; kept weights that rounded to the grid's 0 are
+  not counted as differences). Later decoder layers are calibrated on the outputs of the quantised earlier ones,
+  so their masks may differ; the first layer's may not.
+
+``--only KEY,...`` runs ``fp16-2:4`` and the named rows, and keeps the other rows of an existing ``<out>.json``
+with the same settings.
 
 On a CPU ``SparseLinear8`` runs the reference (the dequantised weight in ``F.linear``) in the module's dtype: the
 GGUF loads as float32, so every row computes in float32 there; the weights' values are what differ. ``delta_pct``
@@ -46,6 +55,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # (key, weight_dtype, group_size, 8-bit activations)
 ROWS = [("fp8-pc", "fp8", None, False), ("int8-pc", "int8", None, False), ("fp8-g128", "fp8", 128, False),
         ("int8-g128", "int8", 128, False), ("fp8-pc-a8", "fp8", None, True), ("int8-pc-a8", "int8", None, True)]
+OBS_ROWS = [("fp8-pc-obs", "fp8"), ("int8-pc-obs", "int8")]  # (key, SparseGPT quantize = weight_dtype)
 
 
 def _pick(module: nn.Module, fqn: str) -> bool:
@@ -57,6 +67,38 @@ def _act8(module: SparseLinear8) -> None:
     def forward(x, m=module):
         return sparse24_8bit_act_linear_reference(x, m.quantized(), m.bias, torch.float16).to(x.dtype)
     module.forward = forward
+
+
+def _zeros(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f: m.weight.detach() == 0 for f, m in model.named_modules() if _pick(m, f)}
+
+
+def _compare_masks(base: dict[str, torch.Tensor], zeros: dict[str, torch.Tensor], grid_zeros: dict[str, int],
+                   first_layer: str) -> dict:
+    """Per Linear: the same pruned set as ``base`` when ``base``'s zeros are zeros here and the only extra zeros
+    are the kept weights the pruner reported as rounded to 0."""
+    same, differ, first_same = 0, 0, True
+    for fqn, b in base.items():
+        z = zeros[fqn]
+        n = int((b ^ z).sum()) - grid_zeros.get(fqn, 0)
+        ok = bool((b & ~z).sum() == 0) and n == 0
+        same += ok
+        differ += max(n, 0) + int((b & ~z).sum())
+        if fqn.startswith(first_layer):
+            first_same &= ok
+    total = sum(b.numel() for b in base.values())
+    return {"linears_same": same, "linears": len(base), "entries_differ_pct": 100 * differ / total,
+            "first_layer_same": first_same,
+            "kept_rounded_to_zero": sum(grid_zeros.values())}
+
+
+def _merge_existing(result: dict, path: Path) -> None:
+    """Rows of an earlier run with the same settings (``--only``)."""
+    import json
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("settings") == result["settings"]:
+            result["rows"].update(old.get("rows", {}))
 
 
 def main(argv=None) -> int:
@@ -89,10 +131,15 @@ def main(argv=None) -> int:
 
     result["env"] = env_info()
     ev = dict(device=args.device, batch_size=args.batch_size)
+    wanted = set(args.only.split(",")) if args.only else None
+    if wanted:
+        _merge_existing(result, out.with_suffix(".json"))
+    pristine = copy.deepcopy(model) if any(not wanted or k in wanted for k, _ in OBS_ROWS) else None
+    prune = dict(device=args.device, batch_size=args.batch_size, measure_error=False, progress=False)
     t0 = time.perf_counter()
-    prune_model(model, calib, "sparsegpt", SparsityConfig.parse(pattern="2:4"), device=args.device,
-                batch_size=args.batch_size, measure_error=False, progress=False)
+    prune_model(model, calib, "sparsegpt", SparsityConfig.parse(pattern="2:4"), **prune)
     result["prune_seconds"] = round(time.perf_counter() - t0, 1)
+    base_zeros = _zeros(model)
     with torch.no_grad():  # the 16-bit checkpoint's values: what the 8-bit rows quantise
         for _, lin in [(f, m) for f, m in model.named_modules() if _pick(m, f)]:
             lin.weight.copy_(lin.weight.half().float())
@@ -101,7 +148,6 @@ def main(argv=None) -> int:
     result["rows"]["fp16-2:4"] = {"perplexity": base, "delta_pct": 0.0,
                                   "eval_seconds": round(time.perf_counter() - t0, 1)}
     print(f"fp16-2:4: {base:.4f}", flush=True)
-    wanted = set(args.only.split(",")) if args.only else None
     for key, wd, group, act8 in ROWS:
         if wanted and key not in wanted:
             continue
@@ -119,6 +165,27 @@ def main(argv=None) -> int:
         write_json(result, out.with_suffix(".json"))
         write_markdown(result, out.with_suffix(".md"))
         del m8
+    for key, wd in OBS_ROWS:
+        if wanted and key not in wanted:
+            continue
+        mq = copy.deepcopy(pristine)
+        t0 = time.perf_counter()
+        pr = prune_model(mq, calib, "sparsegpt", SparsityConfig.parse(pattern="2:4"), options={"quantize": wd}, **prune)
+        seconds = round(time.perf_counter() - t0, 1)
+        grid_zeros = {st.name: int(st.extra.get("sparsegpt_quant_zeros", 0)) for st in pr.linears}
+        first = next(iter(base_zeros)).split(".mlp.")[0].split(".self_attn.")[0] + "."
+        masks = _compare_masks(base_zeros, _zeros(mq), grid_zeros, first)
+        m8 = sparsify_(mq, SemiSparseWeightConfig(weight_dtype=wd), _pick)
+        t0 = time.perf_counter()
+        ppl = perplexity(m8, eval_ids, **ev)
+        result["rows"][key] = {"perplexity": ppl, "delta_pct": 100 * (ppl / base - 1), "weight_dtype": wd,
+                               "group_size": None, "activations": "16bit", "rounding": "obs", "mask": masks,
+                               "quant_loss": sum(st.extra.get("sparsegpt_quant_loss", 0.0) for st in pr.linears),
+                               "prune_seconds": seconds, "eval_seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{key}: {ppl:.4f} ({result['rows'][key]['delta_pct']:+.3f}%), mask {masks}", flush=True)
+        write_json(result, out.with_suffix(".json"))
+        write_markdown(result, out.with_suffix(".md"))
+        del m8, mq
     write_json(result, out.with_suffix(".json"))
     write_markdown(result, out.with_suffix(".md"))
     return 0
@@ -130,12 +197,24 @@ def write_markdown(result: dict, path: Path) -> None:
              f"Calibration {s['nsamples']} x {s['seqlen']} tokens (seed {s['seed']}), evaluation "
              f"{result['eval_windows']} x {s['seqlen']} held-out tokens ({result['text_source']}); device "
              f"{s['device']}, compute dtype {result['compute_dtype']}; {result['date']}.", "",
-             "| row | weights | scales | activations | perplexity | vs fp16 2:4 |", "|---|---|---|---|---:|---:|"]
+             "| row | weights | scales | rounding | activations | perplexity | vs fp16 2:4 |",
+             "|---|---|---|---|---|---:|---:|"]
+    notes = []
     for key, r in result["rows"].items():
         wd = r.get("weight_dtype", "fp16")
         scales = "-" if wd == "fp16" else ("per channel" if r["group_size"] is None else f"per {r['group_size']}")
-        lines.append(f"| {key} | {wd} | {scales} | {r.get('activations', '16bit')} | {r['perplexity']:.4f} | "
-                     f"{r['delta_pct']:+.3f}% |")
+        rounding = "-" if wd == "fp16" else ("OBS" if r.get("rounding") == "obs" else "nearest")
+        lines.append(f"| {key} | {wd} | {scales} | {rounding} | {r.get('activations', '16bit')} | "
+                     f"{r['perplexity']:.4f} | {r['delta_pct']:+.3f}% |")
+        if "mask" in r:
+            m = r["mask"]
+            notes.append(f"- {key}: {m['linears_same']} of {m['linears']} Linears have the fp16-2:4 run's mask "
+                         f"(first decoder layer: {'all' if m['first_layer_same'] else 'not all'}); "
+                         f"{m['entries_differ_pct']:.3f}% of the entries differ; {m['kept_rounded_to_zero']} kept "
+                         f"weights rounded to 0. SparseGPT + rounding: {r['prune_seconds']:.0f} s.")
+    if notes:
+        lines += ["", "OBS rows: a SparseGPT run with `quantize` (later layers calibrated on the quantised earlier "
+                      "ones), compared with the fp16-2:4 run's masks:", ""] + notes
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -180,6 +180,10 @@ def _merged_options(cls: type[LayerPruner], refinement: Refinement) -> type:
             check = getattr(part, "validate", None)
             if callable(check):
                 check()
+        if getattr(self, "quantize", "none") != "none":  # a refinement regrows weights off the 8-bit grid
+            raise ValueError(f"option quantize={self.quantize!r} of method {cls.name!r} rounds the weights to 8 bits "
+                             f"after pruning, which refinement {refinement.name!r} would undo; allowed with a "
+                             f"refinement: quantize='none'")
 
     return dataclasses.make_dataclass(f"{cls.Options.__name__}With{refinement.name.capitalize()}", fields,
                                       frozen=True, namespace={"validate": validate})

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from llmprune_kernels.methods.base import LayerPruner, option, register_method
 from llmprune_kernels.methods.statistics import StatisticSpec
 from llmprune_kernels.ops import sparsegpt as ops
+from llmprune_kernels.reference import quant_obs
+from llmprune_kernels.sparse24 import quant8
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class SparseGPTOptions:
     threshold: Literal["exact", "published"] = option(
         "exact", "'exact': exactly floor(numel*s) per block, ties by index; 'published': the original fasterprune's "
                  "score <= sorted[k] per block (k+1 pruned, plus ties; unstructured, runs on the reference)")
+    quantize: Literal[quant_obs.QUANTIZE] = option(
+        "none", "'fp8' (e4m3) / 'int8': after pruning, round the kept weights to 8 bits with per-row scales and "
+                "the OBS error compensation over the same mask (reference.quant_obs); 'none': 16-bit weights")
 
     def validate(self) -> None:
         if self.blocksize < 1:
@@ -34,6 +39,9 @@ class SparseGPTOptions:
             raise ValueError(f"SparseGPT percdamp={self.percdamp} is invalid; allowed: a finite number >= 0")
         if self.max_retries < 0:
             raise ValueError(f"SparseGPT max_retries={self.max_retries} is invalid; allowed: an integer >= 0")
+        if self.quantize not in quant_obs.QUANTIZE:
+            raise ValueError(f"SparseGPT quantize={self.quantize!r} is invalid; allowed: "
+                             f"{', '.join(repr(q) for q in quant_obs.QUANTIZE)}")
 
 
 @register_method("sparsegpt")
@@ -57,6 +65,8 @@ class SparseGPTPruner(LayerPruner):
             self.backend = "reference"
         else:
             self.backend = ops.resolve_backend(o.backend, layer.weight.device, o.blocksize)
+        if o.quantize != "none":
+            quant8.check_fp8_device(quant8.weight_dtype_of(o.quantize), layer.weight.device)
 
     def statistic_spec(self) -> StatisticSpec:
         """The Hessian of this Linear's inputs; fp16/bf16 activations on CUDA go through tensor cores with fp32
@@ -72,7 +82,15 @@ class SparseGPTPruner(LayerPruner):
             self.layer.weight.data, H, self.config, o.blocksize, o.percdamp, o.max_retries,
             self.backend, o.tf32, self.layer_name, o.fast_inverse, o.threshold,
         )
-        self.layer.weight.data.copy_(res.weight)
+        weight, quant = res.weight, {}
+        if o.quantize != "none":
+            t1 = time.perf_counter()
+            q = quant_obs.quantize_obs(res.weight, H, res.mask, o.quantize, damp=res.damp, blocksize=o.blocksize,
+                                       name=self.layer_name)
+            weight = q.weight
+            quant = {"sparsegpt_quantize": o.quantize, "sparsegpt_quant_loss": q.loss,
+                     "sparsegpt_quant_zeros": q.zeros, "sparsegpt_quant_seconds": time.perf_counter() - t1}
+        self.layer.weight.data.copy_(weight)
         return {
             "sparsegpt_loss": res.loss,
             "sparsegpt_damp": res.damp,
@@ -81,6 +99,7 @@ class SparseGPTPruner(LayerPruner):
             "sparsegpt_tf32": o.tf32,
             "sparsegpt_fast_inverse": res.fast_inverse,
             "sparsegpt_seconds": time.perf_counter() - t0,
+            **quant,
         }
 
     def free(self) -> None:

@@ -45,6 +45,10 @@ def check_cli(args, config: SparsityConfig, device: torch.device) -> None:
         return
     if choice not in CHOICES:
         raise ValueError(f"--sparse24-weights {choice!r} is not supported; allowed: {', '.join(CHOICES)}")
+    quantize = dict(getattr(args, "option", None) or []).get("quantize", "none")
+    if quantize not in ("none", choice):  # 8-bit values rounded for one grid, then re-rounded to another
+        raise ValueError(f"--option quantize={quantize} rounds the weights for {quantize}, but --sparse24-weights is "
+                         f"{choice}; allowed: the same 8-bit type in both, or quantize=none")
     if not (config.is_nm and (config.n, config.m) == (2, 4)):
         raise ValueError(f"--sparse24-weights {choice} stores 2:4 weights; it needs --pattern 2:4 (got {config.label})")
     if getattr(args, "stream", False):

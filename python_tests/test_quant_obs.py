@@ -196,3 +196,20 @@ def test_input_errors():
         quantize_obs(res.weight, H, res.mask, "fp4")
     with pytest.raises(RuntimeError, match="not positive definite"):
         inverse_factor(-torch.eye(4), 0.0)
+
+
+def test_cli_option_and_8bit_checkpoint(cli_model_dir, tmp_path, capsys):
+    import json
+
+    from llmprune_kernels.cli import main
+
+    args = [str(cli_model_dir / "model"), "--text", str(cli_model_dir / "text.txt"), "--nsamples", "2", "--seqlen",
+            "32", "--eval-windows", "1", "--device", "cpu", "-q", "--method", "sparsegpt", "--pattern", "2:4"]
+    assert main(["prune", *args, "--option", "quantize=fp8", "--sparse24-weights", "int8"]) != 0
+    assert ("--option quantize=fp8 rounds the weights for fp8, but --sparse24-weights is int8; allowed: the same "
+            "8-bit type in both, or quantize=none") in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["prune", *args, "--option", "quantize=int8", "--sparse24-weights", "int8", "--output", str(out)]) == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["options"]["quantize"] == "int8" and report["sparse24_weights"]["weight_dtype"] == "int8"
+    assert all(line["extra"]["sparsegpt_quantize"] == "int8" for line in report["linears"])

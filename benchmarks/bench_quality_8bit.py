@@ -19,7 +19,10 @@ Rows (one pruning; every row evaluates the same held-out windows):
   with the same 8-bit type and per-channel scales. Each Linear's mask is compared with the ``fp16-2:4`` run's
   (``mask``: Linears with the same pruned set, entries that differ; kept weights that rounded to the grid's 0 are
   not counted as differences). Later decoder layers are calibrated on the outputs of the quantised earlier ones,
-  so their masks may differ; the first layer's may not.
+  so their masks may differ; the first layer's may not;
+* ``fp8-pc-obs-fixed`` / ``int8-pc-obs-fixed``: the ``fp16-2:4`` row's weights rounded by ``quantize_obs`` over that
+  run's masks, with the Hessian and damping each Linear was pruned with (recorded during that run): the rounding's
+  effect alone, at exactly the same masks.
 
 ``--only KEY,...`` runs ``fp16-2:4`` and the named rows, and keeps the other rows of an existing ``<out>.json``
 with the same settings.
@@ -32,6 +35,7 @@ date) and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import sys
@@ -46,7 +50,9 @@ from llmprune_kernels.pipeline import data as D
 from llmprune_kernels.pipeline import prune_model
 from llmprune_kernels.pipeline.evaluate import perplexity
 from llmprune_kernels.pipeline.models import load_model, model_display_name
+from llmprune_kernels.methods.sparsegpt import SparseGPTPruner
 from llmprune_kernels.pipeline.report import host, versions, write_json
+from llmprune_kernels.reference.quant_obs import quantize_obs
 from llmprune_kernels.reference.sparse24_8bit import sparse24_8bit_act_linear_reference
 from llmprune_kernels.sparse24.linear import _is_24
 from llmprune_kernels.sparse24.linear8 import SparseLinear8
@@ -56,6 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = [("fp8-pc", "fp8", None, False), ("int8-pc", "int8", None, False), ("fp8-g128", "fp8", 128, False),
         ("int8-g128", "int8", 128, False), ("fp8-pc-a8", "fp8", None, True), ("int8-pc-a8", "int8", None, True)]
 OBS_ROWS = [("fp8-pc-obs", "fp8"), ("int8-pc-obs", "int8")]  # (key, SparseGPT quantize = weight_dtype)
+FIXED_ROWS = [("fp8-pc-obs-fixed", "fp8"), ("int8-pc-obs-fixed", "int8")]  # the fp16-2:4 run's masks and Hessians
 
 
 def _pick(module: nn.Module, fqn: str) -> bool:
@@ -90,6 +97,40 @@ def _compare_masks(base: dict[str, torch.Tensor], zeros: dict[str, torch.Tensor]
     return {"linears_same": same, "linears": len(base), "entries_differ_pct": 100 * differ / total,
             "first_layer_same": first_same,
             "kept_rounded_to_zero": sum(grid_zeros.values())}
+
+
+@contextlib.contextmanager
+def _recording(store: dict | None):
+    """While active (``store`` not None), every SparseGPT prune also stores its Linear's Hessian (on the CPU),
+    damping and mask under the Linear's name; the pruning itself is unchanged."""
+    if store is None:
+        yield
+        return
+    plain = SparseGPTPruner.prune
+
+    def prune(self):
+        H = self.finalized_statistic().detach().to("cpu", copy=True)
+        report = plain(self)
+        store[self.layer_name] = (H, report["sparsegpt_damp"], self.layer.weight.detach().cpu() == 0)
+        return report
+
+    SparseGPTPruner.prune = prune
+    try:
+        yield
+    finally:
+        SparseGPTPruner.prune = plain
+
+
+def _quantize_fixed(model: nn.Module, store: dict, wd: str) -> float:
+    """Round every recorded Linear of ``model`` with ``quantize_obs`` over its recorded mask; the summed loss."""
+    loss = 0.0
+    for fqn, lin in [(f, m) for f, m in model.named_modules() if _pick(m, f)]:
+        H, damp, mask = store[fqn]
+        q = quantize_obs(lin.weight.detach(), H.to(lin.weight.device), mask.to(lin.weight.device), wd, damp=damp,
+                         name=fqn)
+        lin.weight.data.copy_(q.weight)
+        loss += q.loss
+    return loss
 
 
 def _merge_existing(result: dict, path: Path) -> None:
@@ -136,8 +177,10 @@ def main(argv=None) -> int:
         _merge_existing(result, out.with_suffix(".json"))
     pristine = copy.deepcopy(model) if any(not wanted or k in wanted for k, _ in OBS_ROWS) else None
     prune = dict(device=args.device, batch_size=args.batch_size, measure_error=False, progress=False)
+    store = {} if any(not wanted or k in wanted for k, _ in FIXED_ROWS) else None
     t0 = time.perf_counter()
-    prune_model(model, calib, "sparsegpt", SparsityConfig.parse(pattern="2:4"), **prune)
+    with _recording(store):
+        prune_model(model, calib, "sparsegpt", SparsityConfig.parse(pattern="2:4"), **prune)
     result["prune_seconds"] = round(time.perf_counter() - t0, 1)
     base_zeros = _zeros(model)
     with torch.no_grad():  # the 16-bit checkpoint's values: what the 8-bit rows quantise
@@ -186,6 +229,23 @@ def main(argv=None) -> int:
         write_json(result, out.with_suffix(".json"))
         write_markdown(result, out.with_suffix(".md"))
         del m8, mq
+    for key, wd in FIXED_ROWS:
+        if wanted and key not in wanted:
+            continue
+        mq = copy.deepcopy(model)  # the fp16-2:4 row's weights
+        t0 = time.perf_counter()
+        loss = _quantize_fixed(mq, store, wd)
+        seconds = round(time.perf_counter() - t0, 1)
+        m8 = sparsify_(mq, SemiSparseWeightConfig(weight_dtype=wd), _pick)
+        t0 = time.perf_counter()
+        ppl = perplexity(m8, eval_ids, **ev)
+        result["rows"][key] = {"perplexity": ppl, "delta_pct": 100 * (ppl / base - 1), "weight_dtype": wd,
+                               "group_size": None, "activations": "16bit", "rounding": "obs", "quant_loss": loss,
+                               "quant_seconds": seconds, "eval_seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{key}: {ppl:.4f} ({result['rows'][key]['delta_pct']:+.3f}%)", flush=True)
+        write_json(result, out.with_suffix(".json"))
+        write_markdown(result, out.with_suffix(".md"))
+        del m8, mq
     write_json(result, out.with_suffix(".json"))
     write_markdown(result, out.with_suffix(".md"))
     return 0
@@ -213,8 +273,12 @@ def write_markdown(result: dict, path: Path) -> None:
                          f"{m['entries_differ_pct']:.3f}% of the entries differ; {m['kept_rounded_to_zero']} kept "
                          f"weights rounded to 0. SparseGPT + rounding: {r['prune_seconds']:.0f} s.")
     if notes:
-        lines += ["", "OBS rows: a SparseGPT run with `quantize` (later layers calibrated on the quantised earlier "
+        lines += ["", "`-obs` rows: a SparseGPT run with `quantize` (later layers calibrated on the quantised earlier "
                       "ones), compared with the fp16-2:4 run's masks:", ""] + notes
+    if any(k.endswith("-obs-fixed") for k in result["rows"]):
+        lines += ["", "`-obs-fixed` rows: the fp16-2:4 row's weights rounded by `reference.quant_obs.quantize_obs` "
+                      "over that run's masks, with the Hessian and damping each Linear was pruned with (the same "
+                      "masks exactly)."]
     path.write_text("\n".join(lines) + "\n")
 
 

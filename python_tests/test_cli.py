@@ -62,7 +62,7 @@ def test_method_options_pass_through(tiny_dir, tmp_path, capsys):
     # The report records the validated options with every default filled in.
     assert json.loads(rep.read_text())["options"] == {"blocksize": 32, "percdamp": 0.05, "max_retries": 4,
                                                       "backend": "auto", "tf32": False, "fast_inverse": None,
-                                                      "threshold": "exact"}
+                                                      "threshold": "exact", "quantize": "none"}
     assert "options:          blocksize=32, percdamp=0.05, max_retries=4" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse usage error, exit status 2
         main(["prune", *_args(tiny_dir, "--option", "no_equals_sign")])

@@ -27,7 +27,9 @@ def test_every_method_declares_documented_options():
             assert info.doc and "\n" not in info.doc, (name, info.name)
             assert info.type and info.default == getattr(cls.Options(), info.name)
     by_name = {o.name: o for o in method_options("sparsegpt")}
-    assert list(by_name) == ["blocksize", "percdamp", "max_retries", "backend", "tf32", "fast_inverse", "threshold"]
+    assert list(by_name) == ["blocksize", "percdamp", "max_retries", "backend", "tf32", "fast_inverse", "threshold",
+                             "quantize"]
+    assert by_name["quantize"][1:3] == ("'none' | 'fp8' | 'int8'", "none")
     assert by_name["blocksize"][1:3] == ("int", 128) and by_name["percdamp"][1:3] == ("float", 0.01)
     assert by_name["backend"].type == "'auto' | 'reference' | 'ext'"
     assert by_name["fast_inverse"].type == "bool | None"
@@ -91,7 +93,8 @@ def test_valid_options_reach_the_pruner_and_the_report():
     result = prune_model(model, random_ids(4, 16), "sparsegpt", SparsityConfig(0.5), options={"blocksize": 32},
                          progress=False)
     assert result.options == {"blocksize": 32, "percdamp": 0.01, "max_retries": 4, "backend": "auto",
-                              "tf32": False, "fast_inverse": None, "threshold": "exact"}
+                              "tf32": False, "fast_inverse": None, "threshold": "exact",
+                              "quantize": "none"}
     # Unstructured SparseGPT prunes exactly half of every block of `blocksize` columns.
     q = find_decoder_layers(model)[1][0].self_attn.q_proj.weight
     for c in range(0, q.shape[1], 32):

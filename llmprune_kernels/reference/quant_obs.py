@@ -78,6 +78,9 @@ def inverse_factor(H: torch.Tensor, damp: float, name: str = "layer") -> torch.T
 
 def check_inputs(weight: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, blocksize: int, name: str) -> None:
     rows, columns = weight.shape
+    if H.device != weight.device or mask.device != weight.device:
+        raise ValueError(f"{name}: weight on {weight.device}, Hessian on {H.device}, mask on {mask.device}; "
+                         f"allowed: all on one device")
     if H.shape != (columns, columns):
         raise ValueError(f"{name}: Hessian has shape {tuple(H.shape)}, expected ({columns}, {columns})")
     if mask.shape != weight.shape or mask.dtype != torch.bool:

@@ -70,6 +70,50 @@ def test_kernel_equals_reference(wdtype, xdtype, n, k, m, bias, group, block, td
     check_kernel(sparse24_q8_mm(x, q, b, block=block), x, q, b)
 
 
+# (n, k, m, bias, block) of the stream-select kernel (kind 2): K % 8 == 4 (the last quad half in K), a ragged last
+# tile, split-K with a ragged last slice, odd N, tiles of one and of several quads.
+STREAM_CASES = [
+    (24, 72, 1, True, (8, 64, 1, 4, 1, 2)),
+    (33, 100, 2, False, (16, 32, 1, 4, 1, 2)),
+    (40, 264, 1, True, (8, 64, 3, 4, 1, 2)),
+    (17, 136, 2, True, (4, 128, 2, 2, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("xdtype", XDTYPES, ids=str)
+@pytest.mark.parametrize("wdtype", WDTYPES)
+@pytest.mark.parametrize("n, k, m, bias, block", STREAM_CASES)
+def test_stream_kernel_equals_reference(wdtype, xdtype, n, k, m, bias, block, tdevice):
+    q = quantize_24(random_24_weight(n, k, torch.float32, tdevice), wdtype)
+    b = torch.randn(n, device=tdevice).to(xdtype) if bias else None
+    x = torch.randn(2, m, k, device=tdevice).to(xdtype)[1]
+    check_kernel(sparse24_q8_mm(x, q, b, block=block), x, q, b)
+
+
+def test_stream_kernel_fp8_subnormals_and_extremes(tdevice):
+    """Every e4m3 code (subnormals, +-448, signed zero) goes through the kernel's bit moves exactly."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    codes = codes[codes.float().isfinite()]  # e4m3fn's two NaN codes are never produced by quantize_24
+    n, k = 8, 2 * codes.numel() // 8 * 8
+    vals = codes.float().repeat(n * k // 2 // codes.numel() + 1)[: n * k // 2].reshape(n, k // 2)
+    q0 = quantize_24(random_24_weight(n, k, torch.float32, tdevice), "fp8")
+    q = decode8.Packed24Q8(vals.to(torch.float8_e4m3fn).to(tdevice), q0.meta, torch.full_like(q0.scale, 0.5), (n, k))
+    x = torch.ones(1, k, device=tdevice, dtype=torch.float16)
+    check_kernel(sparse24_q8_mm(x, q, None, block=(8, 64, 1, 4, 1, 2)), x, q, None)
+    x32 = torch.randn(1, k, device=tdevice, dtype=torch.float32)
+    y = sparse24_q8_mm(x32, q, None, block=(8, 64, 1, 4, 1, 2))
+    torch.testing.assert_close(y, sparse24_8bit_linear_reference(x32, q, None).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_tuned_stream_config_on_a_per_group_weight_runs_the_default(tdevice, monkeypatch):
+    q = quantize_24(random_24_weight(16, 64, torch.float32, tdevice), "int8", 32)
+    x = torch.randn(1, 64, device=tdevice).half()
+    runner = decode8.decode8_runner(q, None, 1, (8, 64, 1, 4, 1, 2))  # a tuned stream config, group scales
+    check_kernel(runner(x), x, q, None)
+    with pytest.raises(ValueError, match="per-channel scales, got M=1, group_size=32"):
+        decode8.decode8_runner(q, None, 1, (8, 64, 1, 4, 1, 2), tuned=False)
+
+
 @pytest.mark.parametrize("m", range(1, 17))
 def test_kernel_every_m_up_to_16(m, tdevice):
     wdtype, xdtype = WDTYPES[m % 2], XDTYPES[(m // 2) % 2]  # every combination over the M range
@@ -86,8 +130,10 @@ def test_kernel_input_errors():
         sparse24_q8_mm(torch.randn(2, 12), q)
     with pytest.raises(TypeError, match=r"x dtype torch.float64 is not supported.*allowed: torch.float16"):
         sparse24_q8_mm(torch.randn(2, 16, dtype=torch.float64), q)
-    with pytest.raises(ValueError, match=r"runs kinds 'dot' \(0\) and 'dot-swap' \(4\); got kind 2"):
-        sparse24_q8_mm(torch.randn(2, 16).half(), q, block=(8, 64, 1, 4, 1, 2))
+    with pytest.raises(ValueError, match=r"runs kinds 'dot' \(0\), 'dot-swap' \(4\) and 'stream-select' \(2\); got kind 3"):
+        sparse24_q8_mm(torch.randn(2, 16).half(), q, block=(8, 64, 1, 4, 1, 3))
+    with pytest.raises(ValueError, match="streaming decode kernel takes M <= 2 and per-channel scales, got M=3"):
+        sparse24_q8_mm(torch.randn(3, 16).half(), q, block=(8, 64, 1, 4, 1, 2))
 
 
 # ---------------------------------------------------------------------------------- quantisation
@@ -361,6 +407,10 @@ def test_tuned_kernel_every_m_cuda(wdtype, xdtype, n, k, group):
     for cfg in decode8.CANDIDATES:  # every candidate tile, one M
         x = torch.randn(5, k, device="cuda").to(xdtype)
         check_kernel(sparse24_q8_mm(x, q, b, block=cfg), x, q, b)
+    for cfg in decode8.STREAM_CONFIGS if group is None else []:  # the CUDA-core kernel, M = 1 and 2
+        for m in (1, 2):
+            x = torch.randn(m, k, device="cuda").to(xdtype)
+            check_kernel(sparse24_q8_mm(x, q, b, block=cfg), x, q, b)
 
 
 @pytest.mark.cuda

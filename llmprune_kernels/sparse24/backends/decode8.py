@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from llmprune_kernels.sparse24.backends._decode_configs import (_INTERPRET, KIND_DOT, KIND_DOT_SWAP, KIND_NAMES,
-                                                                _m_class, _norm, config_name, flat_rows,
+                                                                KIND_SELECT, _m_class, _norm, config_name, flat_rows,
                                                                 launch_config, measure_candidates)
 from llmprune_kernels.sparse24.backends._decode_dot import HAS_TRITON
 from llmprune_kernels.sparse24.backends.base import Backend
@@ -30,6 +30,7 @@ if HAS_TRITON:
     import triton
 
     from llmprune_kernels.sparse24.backends._decode8_kernel import _sparse24_q8_kernel
+    from llmprune_kernels.sparse24.backends._decode8_stream import plan_stream8
     from llmprune_kernels.sparse24.backends._decode_dot import _splitk_reduce_kernel
 
 MAX_M = 16
@@ -40,6 +41,11 @@ DOT_CONFIGS = [(32, 256, 1, 4, 1, KIND_DOT), (16, 256, 2, 4, 1, KIND_DOT), (32, 
 SWAP_CONFIGS = [(64, 128, 4, 4, 1, KIND_DOT_SWAP), (64, 256, 4, 4, 1, KIND_DOT_SWAP), (64, 128, 8, 4, 1, KIND_DOT_SWAP),
                 (64, 256, 8, 4, 1, KIND_DOT_SWAP), (128, 128, 2, 8, 1, KIND_DOT_SWAP), (128, 256, 2, 8, 1, KIND_DOT_SWAP)]
 CANDIDATES = DOT_CONFIGS + SWAP_CONFIGS
+# stream-select (CUDA cores, :mod:`._decode8_stream`): M <= 2 and per-channel scales; BLOCK_K / 8 quads a tile.
+STREAM_CONFIGS = [(8, 1024, 1, 4, 1, KIND_SELECT), (16, 1024, 1, 4, 1, KIND_SELECT), (8, 2048, 1, 4, 1, KIND_SELECT),
+                  (16, 512, 1, 4, 1, KIND_SELECT), (4, 2048, 1, 2, 1, KIND_SELECT), (32, 1024, 1, 8, 1, KIND_SELECT),
+                  (8, 1024, 2, 4, 1, KIND_SELECT)]
+STREAM_MAX_M = 2
 DEFAULT_CONFIG = (64, 128, 4, 4, 1, KIND_DOT_SWAP)
 INTERPRET_CONFIG = (16, 64, 1, 4, 1, KIND_DOT)  # small tiles keep the Triton interpreter quick
 
@@ -51,13 +57,23 @@ def scale_mode(group_size: int | None, block_k: int) -> int:
     return 1 if group_size % block_k == 0 else 2
 
 
-def _plan(q: Packed24Q8, bias: torch.Tensor | None, m: int, config) -> Callable:
+def candidates(m: int, group_size: int | None = None) -> list[tuple]:
+    """The configs ``tune_config`` measures for M rows (stream-select only for M <= 2, per-channel scales)."""
+    return CANDIDATES + (STREAM_CONFIGS if m <= STREAM_MAX_M and group_size is None else [])
+
+
+def _plan(q: Packed24Q8, bias: torch.Tensor | None, m: int, config, tuned: bool = False) -> Callable:
     """Bind one launch for ``m`` rows: returns ``run(x2, sx, y)`` for x rows ``sx`` elements apart (unit column
-    stride) and a contiguous ``y [m, n]``; what depends on x's dtype is picked per call (two cached dicts)."""
+    stride) and a contiguous ``y [m, n]``; what depends on x's dtype is picked per call (two cached dicts).
+    ``tuned``: the config comes from the tuning table (measured per shape, dtype and M class on a per-channel
+    weight), so a stream-select config meeting a per-group weight runs ``DEFAULT_CONFIG`` instead of raising."""
     bn, bk, split, warps, stages, kind = _norm(config)
-    if kind not in (KIND_DOT, KIND_DOT_SWAP):
-        raise ValueError(f"the 8-bit decode kernel runs kinds {KIND_NAMES[KIND_DOT]!r} ({KIND_DOT}) and "
-                         f"{KIND_NAMES[KIND_DOT_SWAP]!r} ({KIND_DOT_SWAP}); got kind {kind}")
+    if kind == KIND_SELECT and tuned and (m > STREAM_MAX_M or q.group_size is not None):
+        bn, bk, split, warps, stages, kind = DEFAULT_CONFIG
+    if kind not in (KIND_DOT, KIND_DOT_SWAP, KIND_SELECT):
+        raise ValueError(f"the 8-bit decode kernel runs kinds {KIND_NAMES[KIND_DOT]!r} ({KIND_DOT}), "
+                         f"{KIND_NAMES[KIND_DOT_SWAP]!r} ({KIND_DOT_SWAP}) and {KIND_NAMES[KIND_SELECT]!r} "
+                         f"({KIND_SELECT}); got kind {kind}")
     if bk % 16 or bk < 16:
         raise ValueError(f"the 8-bit decode kernel needs BLOCK_K to be a multiple of 16, got {bk}")
     n, k = q.shape
@@ -65,6 +81,8 @@ def _plan(q: Packed24Q8, bias: torch.Tensor | None, m: int, config) -> Callable:
     meta, scale = q.meta, q.scale
     on_gpu = v.is_cuda and not _INTERPRET
     kw = {"num_warps": warps, "num_stages": stages} if on_gpu else {}
+    if kind == KIND_SELECT:
+        return plan_stream8(q, bias, m, bn, bk // 8, split, kw, on_gpu, _splitk_reduce_kernel)
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_per_split)  # never launch an empty K slice
     grid = (triton.cdiv(n, bn), triton.cdiv(m, 16), split)
@@ -107,10 +125,11 @@ def _check_x(x: torch.Tensor, k: int) -> None:
                         f"torch.bfloat16, torch.float32")
 
 
-def decode8_runner(q: Packed24Q8, bias: torch.Tensor | None, m: int, config) -> Callable[[torch.Tensor], torch.Tensor]:
+def decode8_runner(q: Packed24Q8, bias: torch.Tensor | None, m: int, config,
+                   tuned: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """``f(x) = x @ W.T (+ bias)`` for inputs of exactly ``m`` rows (any leading shape), launch bound now."""
     n, k = q.shape
-    run = _plan(q, bias, m, config)
+    run = _plan(q, bias, m, config, tuned)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         _check_x(x, k)
@@ -137,9 +156,10 @@ def sparse24_q8_mm(x: torch.Tensor, q: Packed24Q8, bias: torch.Tensor | None = N
     m = x2.shape[0]
     if m == 0:
         return y.reshape(*lead, n)
-    if block is None:
+    tuned = block is None
+    if tuned:
         block = launch_config(x, n, k, m, _TUNED, tune_config, DEFAULT_CONFIG, INTERPRET_CONFIG)
-    _plan(q, bias, m, block)(x2, x2.stride(0), y)
+    _plan(q, bias, m, block, tuned)(x2, x2.stride(0), y)
     return y.reshape(*lead, n)
 
 
@@ -158,7 +178,7 @@ def tune_config(n: int, k: int, dtype: torch.dtype, m: int = 1, device="cuda") -
     q = quantize_24(random_24_weight(n, k, torch.float32, device), "fp8" if fp8_ok(device) else "int8")
     x = torch.randn(m, k, device=device, dtype=dtype)
     y = torch.empty(m, n, device=device, dtype=dtype)
-    return measure_candidates(key, CANDIDATES, lambda cfg: functools.partial(_plan(q, None, m, cfg), x, k, y),
+    return measure_candidates(key, candidates(m), lambda cfg: functools.partial(_plan(q, None, m, cfg), x, k, y),
                               _TUNED, TUNE_TIMES, TUNE_ERRORS, DEFAULT_CONFIG)
 
 

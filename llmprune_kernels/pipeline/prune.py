@@ -261,6 +261,25 @@ def timed_capture(model: nn.Module, calibration: torch.Tensor, device: torch.dev
     return captured, time.perf_counter() - t0
 
 
+def walk_model(model: nn.Module, calibration: torch.Tensor | None, cls: type, opts: Any,
+               configs: list[SparsityConfig], checkpoint: Checkpoint | None, times: StageTimes, *, walk: bool,
+               offload: bool, device: torch.device, batch_size: int, **layer_args: Any,
+               ) -> tuple[list[LinearStats], list[float], float]:
+    """Capture the first layer's inputs (when the method walks the model) and prune every layer after the
+    checkpoint's completed ones, with offloaded activations in pooled page-locked buffers; returns every
+    layer's stats (completed ones first), their times and the capture time. ``layer_args`` go to
+    ``prune_layers``."""
+    captured, capture_time = None, 0.0
+    with host_buffers(walk and offload and device.type == "cuda"):
+        if walk:
+            captured, capture_time = timed_capture(model, calibration, device, batch_size, offload, times)
+        done, done_times = stats_from_checkpoint(checkpoint)
+        stats, layer_times = prune_layers(model, captured, cls, opts, configs, device=device, offload=offload,
+                                          times=times, checkpoint=checkpoint, **layer_args)
+        captured = None  # the activations go back to the pool before it closes
+    return done + stats, done_times + layer_times, capture_time
+
+
 def _model_fingerprint(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(model)
@@ -335,7 +354,7 @@ def prune_model(
     try:
         times = StageTimes(device, checkpoint.manifest["stage_times_s"] if checkpoint else None)
         prior_elapsed = float(checkpoint.manifest.get("elapsed_s", 0.0)) if checkpoint else 0.0
-        model_info, captured, capture_time = None, None, 0.0
+        model_info = None
         prepare = getattr(cls, "prepare_model", None)
         if walk and callable(prepare):
             with times("prepare"):  # before completed layers are restored: it sees the dense model
@@ -347,22 +366,16 @@ def prune_model(
                     saved = load_tensors(checkpoint.shard(i))
                     layers[i].load_state_dict({k[len(prefix):]: v for k, v in saved.items()}, strict=True)
         offload = offload_activations or plan_offload(model, mine, device, batch_size, gpu_memory)
-        with host_buffers(walk and offload and device.type == "cuda"):
-            if walk:
-                captured, capture_time = timed_capture(model, mine, device, batch_size, offload, times)
-            done, done_times = stats_from_checkpoint(checkpoint)
-            stats, layer_times = prune_layers(
-                model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,
-                measure_error=measure_error and walk, progress=progress, times=times,
-                io=None if walk else InPlace(), strategy=strategy, checkpoint=checkpoint, t_start=t_start,
-                min_expert_tokens=min_expert_tokens)
-            captured = None  # the activations go back to the pool before it closes
+        stats, layer_times, capture_time = walk_model(
+            model, mine, cls, opts, configs, checkpoint, times, walk=walk, offload=offload, device=device,
+            batch_size=batch_size, model_info=model_info, measure_error=measure_error and walk, progress=progress,
+            io=None if walk else InPlace(), strategy=strategy, t_start=t_start, min_expert_tokens=min_expert_tokens)
     finally:
         if checkpoint is not None:
             checkpoint.release()
     # Model-level methods (GBLM gradients, SparseLLM blocks) summarise themselves through model_info.report().
     report_fn = getattr(model_info, "report", None)
-    return PruneResult(method, config, options_for_report(opts), done + stats, done_times + layer_times, capture_time,
+    return PruneResult(method, config, options_for_report(opts), stats, layer_times, capture_time,
                        prior_elapsed + time.perf_counter() - t_start, report_fn() if callable(report_fn) else None,
                        times.as_dict(), needs_data, min_expert_tokens, activations_offloaded=bool(walk and offload))
 

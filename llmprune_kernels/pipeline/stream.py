@@ -41,11 +41,11 @@ from llmprune_kernels.pipeline.distributed import on_writer, open_checkpoint, sh
 from llmprune_kernels.pipeline.checkpoint_names import CheckpointNames
 from llmprune_kernels.pipeline.experts import MIN_EXPERT_TOKENS, check_min_expert_tokens
 from llmprune_kernels.pipeline.layerwise import LayerIO
-from llmprune_kernels.pipeline.memory import host_buffers, release_host_memory
+from llmprune_kernels.pipeline.memory import release_host_memory
 from llmprune_kernels.pipeline.models import NO_REMOTE_CODE, find_decoder_layers
 from llmprune_kernels.pipeline.progress import StageTimes
 from llmprune_kernels.pipeline.plan import _layer_configs, check_run, plan_offload, run_identity
-from llmprune_kernels.pipeline.prune import PruneResult, prune_layers, stats_from_checkpoint, timed_capture
+from llmprune_kernels.pipeline.prune import PruneResult, walk_model
 from llmprune_kernels.pipeline.model_card import card_for_stream
 from llmprune_kernels.pipeline.report import REPORT_FILE, write_json
 from llmprune_kernels.pipeline.resume import Checkpoint, load_tensors, save_tensors, shard_name
@@ -300,25 +300,19 @@ def prune_pretrained(
             prior_elapsed = float(checkpoint.manifest.get("elapsed_s", 0.0))
             with times("load"):
                 rest = load_non_layer_parts(model, source, dtype, names)
-            model_info, captured, capture_time = None, None, 0.0
+            model_info = None
             prepare = getattr(cls, "prepare_model", None)
             if walk and callable(prepare):
                 with times("prepare"):
                     model_info = _prepare_streamed(prepare, cls, model, calibration, config, device, opts, progress)
             offload = plan_offload(model, mine, device, batch_size, gpu_memory)
-            with host_buffers(walk and offload and device.type == "cuda"):
-                if walk:
-                    captured, capture_time = timed_capture(model, mine, device, batch_size, offload, times)
-                done, done_times = stats_from_checkpoint(checkpoint)
-                stats, layer_times = prune_layers(
-                    model, captured, cls, opts, configs, model_info=model_info, device=device, offload=offload,
-                    measure_error=measure_error and walk, progress=progress, times=times,
-                    io=StreamIO(source, keys, path, dtype, names), strategy=strategy, checkpoint=checkpoint,
-                    replay_io=CompletedIO(checkpoint, path, dtype), t_start=t_start,
-                    min_expert_tokens=min_expert_tokens)
-                captured = None  # the activations go back to the pool before it closes
+            stats, layer_times, capture_time = walk_model(
+                model, mine, cls, opts, configs, checkpoint, times, walk=walk, offload=offload, device=device,
+                batch_size=batch_size, model_info=model_info, measure_error=measure_error and walk,
+                progress=progress, io=StreamIO(source, keys, path, dtype, names), strategy=strategy,
+                replay_io=CompletedIO(checkpoint, path, dtype), t_start=t_start, min_expert_tokens=min_expert_tokens)
             report_fn = getattr(model_info, "report", None)
-            result = PruneResult(method, config, options_for_report(opts), done + stats, done_times + layer_times,
+            result = PruneResult(method, config, options_for_report(opts), stats, layer_times,
                                  capture_time, 0.0, report_fn() if callable(report_fn) else None,
                                  uses_calibration=needs_data, min_expert_tokens=min_expert_tokens,
                                  activations_offloaded=bool(walk and offload))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmprune_kernels.reference.sparsegpt import damped_inverse_factor
 from llmprune_kernels.sparse24.quant8 import QMAX, _next_up, weight_dtype_of
 
 QUANTIZE = ("none", "fp8", "int8")  # the SparseGPT ``quantize`` option's values
@@ -66,12 +67,9 @@ def inverse_factor(H: torch.Tensor, damp: float, name: str = "layer") -> torch.T
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    H.diagonal().add_(damp)
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) == 0:
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        if int(info) == 0 and bool(torch.isfinite(U).all()):
-            return U
+    U = damped_inverse_factor(H, damp)
+    if U is not None:
+        return U
     raise RuntimeError(f"{name}: the damped Hessian (damping {damp:g}) is not positive definite; cannot round "
                        f"with error compensation")
 

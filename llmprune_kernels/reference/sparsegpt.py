@@ -83,6 +83,18 @@ class SparseGPTResult:
         return float(self.losses.sum())
 
 
+def damped_inverse_factor(H: torch.Tensor, damp) -> torch.Tensor | None:
+    """Upper Cholesky factor of ``(H + damp*I)^-1``, or None where that matrix is not positive definite."""
+    Hd = H.clone()
+    Hd.diagonal().add_(damp)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) == 0:
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if int(info) == 0 and bool(torch.isfinite(U).all()):
+            return U
+    return None
+
+
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float, max_retries: int = 4,
                            name: str = "layer") -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor of ``(H + damp*I)^-1`` with ``damp = percdamp * mean(diag H)``; see module doc."""
@@ -91,13 +103,9 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float, max_retries: int = 
     for attempt in range(max_retries + 1):
         damp = percdamp * mean_diag
         last = float(damp)
-        Hd = H.clone()
-        Hd.diagonal().add_(damp)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, float(damp), attempt
+        U = damped_inverse_factor(H, damp)
+        if U is not None:
+            return U, float(damp), attempt
         percdamp = percdamp * 10 if percdamp > 0 else 0.01
     raise RuntimeError(
         f"{name}: Cholesky factorisation failed after {max_retries} retries with growing damping (last "

@@ -28,6 +28,9 @@ SCHEMAS = {
     "sparse24_mmasp_linear": "(Tensor x, Tensor a_frag, Tensor e_frag, int out_features, Tensor? bias, int warps, "
                              "int rows_per_warp, int splits) -> Tensor",
     "sparse24_mmasp_probe": "(Tensor a, Tensor b, Tensor e, int selector, bool bf16) -> Tensor",
+    # the same kernel on 8-bit values with per-row scales (csrc/sparse24/sparse24_mmasp8.cu); CUDA
+    "sparse24_mmasp8_linear": "(Tensor x, Tensor a_frag, Tensor e_frag, Tensor scale, int out_features, Tensor? bias, "
+                              "int warps, int rows_per_warp, int splits) -> Tensor",
     # cuSPARSELt 2:4 matmul with cached plans (csrc/sparse24/sparse24_cusparselt.cpp); CUDA
     "sparse24_cslt_compress": "(Tensor weight, int layout=0) -> Tensor",
     "sparse24_cslt_linear": "(Tensor x, Tensor compressed, int out_features, Tensor? bias, int alg_id=-1, "
@@ -62,6 +65,11 @@ def _(weight, H, sparsity, prunen, prunem, blocksize, percdamp, max_retries, nam
 
 @_fake("sparse24_mmasp_linear")
 def _(x, a_frag, e_frag, out_features, bias, warps, rows_per_warp, splits):
+    return x.new_empty(x.shape[0], out_features)
+
+
+@_fake("sparse24_mmasp8_linear")
+def _(x, a_frag, e_frag, scale, out_features, bias, warps, rows_per_warp, splits):
     return x.new_empty(x.shape[0], out_features)
 
 

@@ -54,6 +54,11 @@ def act8_key(out_features: int, in_features: int, dtype: torch.dtype, qdtype: to
     return f"{shape_key(out_features, in_features, dtype)}/a8:{str(qdtype).removeprefix('torch.')}"
 
 
+def q8_key(out_features: int, in_features: int, dtype: torch.dtype, qdtype: torch.dtype) -> str:
+    """The table key of an 8-bit weight's decode choice (``tuning8``): which 8-bit backend runs M <= 16."""
+    return f"{shape_key(out_features, in_features, dtype)}/q8:{str(qdtype).removeprefix('torch.')}"
+
+
 @dataclass(frozen=True)
 class Choice:
     """One bucket's backend (``path``), every backend's measured time (ms) and the launch config measured for

@@ -5,7 +5,9 @@ swaps them in; only an explicit ``weight_dtype`` makes 8-bit modules.
 Forward is ``F.linear(x, W, bias)`` with ``W`` the dequantised masked weight, computed in the module's
 ``compute_dtype`` (the Linear's dtype: fp16 / bf16 / fp32; x must have it, as for ``nn.Linear``):
 
-* CUDA, M <= 16: the 8-bit decode kernel (backend ``decode8``), which reads the 8-bit weight itself;
+* CUDA, M <= 16: an 8-bit decode kernel, which reads the 8-bit weight itself: the one tuning measured fastest
+  for this shape (``decode8``, Triton; ``mmasp8``, the mma.sp kernel, per-channel scales; see
+  :func:`~llmprune_kernels.sparse24.tuning8.tune_q8`), else ``decode8``;
 * CUDA, larger M, ``activations = "8bit"`` (opt-in; per-channel scales, fp16 / bf16): cuSPARSELt's 8-bit x 8-bit
   2:4 GEMM with the activations quantised per token to the weight's 8-bit type (backend ``cslt8``), in the
   buckets where tuning (:mod:`~llmprune_kernels.sparse24.tuning8`) measured it faster than the fallback below;
@@ -151,6 +153,20 @@ class SparseLinear8(SparseLinear):
     def _shape(self) -> tuple[int, int, torch.dtype]:
         return self.out_features, self.in_features, self.compute_dtype  # the 16-bit fallback's table key
 
+    def q8_key(self) -> str:
+        """The tuning-table key of this module's 8-bit decode choice (M <= 16)."""
+        return dispatch.q8_key(self.out_features, self.in_features, self.compute_dtype, self.values.dtype)
+
+    def _q8_choice(self, m: int) -> dispatch.Choice | None:
+        """The measured 8-bit decode backend for M rows, where it can take this module's call."""
+        c = self._table().lookup_key(self.q8_key(), m)
+        if c is None:
+            return None
+        b = backends.get(c.path)
+        ok = (b.serves(m) and b.usable(self.out_features, self.in_features, self.values.dtype, self.values.device)
+              and b.accepts(self.compute_dtype, self.group_size))
+        return c if ok else None
+
     def _decode8_usable(self, m: int) -> bool:
         b = backends.get(DECODE8)
         return b.serves(m) and b.usable(self.out_features, self.in_features, self.values.dtype, self.values.device)
@@ -173,10 +189,13 @@ class SparseLinear8(SparseLinear):
                                              self.values.device) else None
 
     def choose(self, m: int) -> dispatch.Choice:
-        """A pinned backend where it can take this call (else dense); on CUDA the 8-bit decode kernel for
-        M <= 16; with 8-bit activations opted in, cslt8 in the buckets where it measured faster; else the 16-bit
+        """A pinned backend where it can take this call (else dense); on CUDA the measured 8-bit decode kernel
+        (else ``decode8``) for M <= 16; with 8-bit activations opted in, cslt8 in the buckets where it measured faster; else the 16-bit
         2:4 dispatch for (out, in, compute_dtype) on the dequantised weight."""
         if self.force_path is None and self.values.device.type == "cuda":
+            c = self._q8_choice(m)
+            if c is not None:
+                return c
             if self._decode8_usable(m):
                 return dispatch.pinned(DECODE8)
             c = self._act8_choice(m)
@@ -196,8 +215,9 @@ class SparseLinear8(SparseLinear):
 
     @torch.no_grad()
     def prepare(self, paths: set[str] | None = None) -> "SparseLinear8":
-        """Build the layouts the dispatch will need: the 8-bit decode kernel's (the weight itself), the 16-bit
-        paths the table (or the defaults) run above M = 16, and cslt8's compressed weight where the opted-in
+        """Build the layouts the dispatch will need: the 8-bit decode kernels' (``decode8`` reads the weight
+        itself; ``mmasp8``, where tuning chose it, keeps its fragment order), the 16-bit paths the table (or the
+        defaults) run above M = 16, and cslt8's compressed weight where the opted-in
         8-bit-activation choice takes it in some bucket."""
         self._runners.clear()
         dev = self.values.device
@@ -212,12 +232,13 @@ class SparseLinear8(SparseLinear):
             paths |= {dispatch.default_choice(*self._shape(), 4096, dev).path}
             if self.force_path:
                 paths |= {self.force_path, "dense"}
+            paths |= {c.path for c in table.entries.get(self.q8_key(), {}).values()}
         key = self.act8_key()
         if key is not None and any(c.path == CSLT8 for c in table.entries.get(key, {}).values()):
             paths = set(paths) | {CSLT8}
         for path in paths:
             b = backends.get(path)
-            if b.quantized or b.usable(*self._shape(), dev):
+            if b.accepts(self.compute_dtype, self.group_size) if b.quantized else b.usable(*self._shape(), dev):
                 for cfg in table.configs_for(path, *self._shape()):
                     self.layout(path, cfg)
         if CSLT8 in paths:  # the alpha-vector check runs now, not inside a CUDA-graph capture

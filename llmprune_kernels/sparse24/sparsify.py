@@ -204,6 +204,9 @@ def sparsify_(
                 if isinstance(m, SparseLinear8) and m.values.is_cuda and m.act8_key() is not None}
         if act8:
             tuning8.tune_act8(sorted(act8, key=str), t, device=new[0].values.device, buckets=buckets)
+        q8 = {(*m._shape(), m.values.dtype) for m in new if isinstance(m, SparseLinear8) and m.values.is_cuda}
+        if q8:
+            tuning8.tune_q8(sorted(q8, key=str), t, device=new[0].values.device, buckets=buckets)
         if save_table:
             t.save(save_table)
     for m in new:

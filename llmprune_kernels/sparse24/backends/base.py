@@ -60,6 +60,10 @@ class Backend:
     def usable(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
         return self.available(device) and self.supports(out_features, in_features, dtype)
 
+    def accepts(self, x_dtype: torch.dtype, group_size: int | None = None) -> bool:
+        """Whether it runs activations of ``x_dtype`` on an (8-bit) weight with ``group_size`` scales."""
+        return True
+
     # -- weight layout and configs ----------------------------------------------------------------------
     def state_key(self, config: Any) -> Any:
         """Which prepared layout a config reads (most backends: one layout for every config)."""

@@ -228,6 +228,12 @@ class Decode8Backend(Backend):
     def bind(self, state: Packed24Q8, config, m, in_features, out_features, bias):
         return decode8_runner(state, bias, m, config)
 
+    def tune(self, states, x, out_features, time_fn):
+        """The config ``tune_config`` measured for this shape, dtype and M (kept for later calls too)."""
+        m, k = x.shape
+        cfg = tune_config(out_features, k, x.dtype, m, x.device)
+        return cfg, None, [lambda s=s: self.bind(s, cfg, m, k, out_features, None)(x) for s in states]
+
     def call(self, state: Packed24Q8, config, x, out_features, bias):
         return sparse24_q8_mm(x, state, bias, block=config)
 

@@ -83,25 +83,36 @@ def _check_packed(packed: Packed24) -> None:
 def to_mmasp_layout(packed: Packed24) -> MmaspLayout:
     """Re-lay out a :class:`Packed24` into fragment order (one-time, any device)."""
     _check_packed(packed)
-    out, inp = packed.shape
+    return MmaspLayout(frag_values(packed.values, packed.shape), frag_meta(packed.meta, packed.shape), packed.shape)
+
+
+def frag_values(values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``a_frag [ceil(out/16), Kp/32, 32, 8]``: the kept values ``[out, in/2]`` (any dtype) in fragment order,
+    zero-padded."""
+    out, inp = shape
     rb, nc = padded_dims(out, inp)
-    rp, gp = rb * ROWS, nc * CHUNK // 4
-    dev = packed.values.device
-    vals = torch.zeros(rp, gp, 2, dtype=packed.dtype, device=dev)
-    vals[:out, : inp // 4] = packed.values.reshape(out, inp // 4, 2)
-    idx = meta_indices(packed.meta, inp)  # [out, G, 2] int64
-    nib = torch.full((rp, gp), PAD_NIBBLE, dtype=torch.int64, device=dev)
-    nib[:out, : inp // 4] = idx[..., 0] | (idx[..., 1] << 2)
+    vals = torch.zeros(rb * ROWS, nc * CHUNK // 4, 2, dtype=values.dtype, device=values.device)
+    vals[:out, : inp // 4] = values.reshape(out, inp // 4, 2)
     ks = nc * CHUNK // KSTEP
     # row = 16b + 8rh + g, group = 8s + 4gh + t  ->  [b, s, lane = 4g + t, reg = 2gh + rh, slot]
     v = vals.reshape(rb, 2, 8, ks, 2, 4, 2).permute(0, 3, 2, 5, 4, 1, 6)
-    a_frag = v.reshape(rb, ks, 32, 8).contiguous()
+    return v.reshape(rb, ks, 32, 8).contiguous()
+
+
+def frag_meta(meta: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``e_frag [ceil(out/16), Kp/256, 32, 4]`` int32: the 2:4 metadata as the kernel's metadata words."""
+    out, inp = shape
+    rb, nc = padded_dims(out, inp)
+    dev = meta.device
+    idx = meta_indices(meta, inp)  # [out, G, 2] int64
+    nib = torch.full((rb * ROWS, nc * CHUNK // 4), PAD_NIBBLE, dtype=torch.int64, device=dev)
+    nib[:out, : inp // 4] = idx[..., 0] | (idx[..., 1] << 2)
     # group = 64c + 16w + 8sel + 4h + j, lane t = 2sel + h; bits 16rh + 4j
     n = nib.reshape(rb, 2, 8, nc, 4, 2, 2, 4).permute(0, 3, 2, 5, 6, 4, 1, 7)  # b c g sel h w rh j
     shift = (16 * torch.arange(2, device=dev)[:, None] + 4 * torch.arange(4, device=dev)[None, :])
     words = (n << shift).sum(dim=(-2, -1))  # [b, c, g, sel, h, w], < 2**32
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return MmaspLayout(a_frag, words.reshape(rb, nc, 32, 4).contiguous(), (out, inp))
+    return words.reshape(rb, nc, 32, 4).contiguous()
 
 
 def _check_layout(layout: MmaspLayout) -> tuple[int, int, int, int]:

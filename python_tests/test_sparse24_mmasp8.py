@@ -1,0 +1,184 @@
+"""8-bit mma.sp decode backend ``mmasp8``: fragment layout round trip, the widened registers equal the 16-bit
+layout of the unscaled values, the CPU lane emulator on them (times the scales) equals the reference, errors;
+on CUDA the op against the reference for every M in 1..16 and every config, in a CUDA graph, and the tuned
+dispatch of 8-bit modules between ``decode8`` and ``mmasp8``."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from llmprune_kernels import SemiSparseWeightConfig, sparsify_
+from llmprune_kernels.reference.sparse24_8bit import sparse24_8bit_linear_reference
+from llmprune_kernels.sparse24 import backends, dispatch
+from llmprune_kernels.sparse24.backends import mmasp as mm
+from llmprune_kernels.sparse24.backends import mmasp8 as m8
+from llmprune_kernels.sparse24.pack import Packed24
+from llmprune_kernels.sparse24.quant8 import quantize_24
+from llmprune_kernels.testing import random_24_weight
+from llmprune_kernels.testing.mmasp_emulator import emulate_mmasp_linear
+
+WDTYPES = ("fp8", "int8")
+XDTYPES = (torch.float16, torch.bfloat16)
+SHAPES = [(16, 256), (48, 512), (20, 36), (33, 300), (130, 1100)]
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = ref.abs().max().clamp_min(1.0)
+    err = (got.float() - ref.float()).abs().max()
+    assert err <= TOL[dtype] * scale, f"max error {err:.4g} > {TOL[dtype]} x {scale:.4g}"
+
+
+def _q(shape, wdtype, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    return quantize_24(random_24_weight(*shape, torch.float32, device), wdtype)
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layout_round_trip(shape, wdtype):
+    q = _q(shape, wdtype)
+    lay = m8.to_mmasp8_layout(q)
+    rb, nc = mm.padded_dims(*shape)
+    assert tuple(lay.a_frag.shape) == (rb, nc * 4, 32, 16) and lay.a_frag.dtype == q.values.dtype
+    assert tuple(lay.e_frag.shape) == (rb, nc, 32, 4) and lay.scale.shape == (shape[0],)
+    assert lay.nbytes() < 0.6 * mm.to_mmasp_layout(Packed24(q.values.float().half(), q.meta, q.shape)).nbytes()
+    back = m8.from_mmasp8_layout(lay)
+    assert torch.equal(back.values.view(torch.uint8), q.values.view(torch.uint8))
+    assert torch.equal(back.meta, q.meta) and torch.equal(back.scale, q.scale.float()) and back.shape == q.shape
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES)
+@pytest.mark.parametrize("xdtype", XDTYPES)
+def test_widened_registers_are_the_16bit_fragments(wdtype, xdtype):
+    """What the kernel's registers hold after widening = the 16-bit layout of the unscaled values (so every
+    index of the 16-bit kernel carries over); e_frag is the 16-bit one."""
+    q = _q((48, 1100), wdtype)
+    lay = m8.to_mmasp8_layout(q)
+    ref16 = mm.to_mmasp_layout(Packed24(q.values.to(xdtype), q.meta, q.shape))
+    assert torch.equal(m8.widened_a_frag(lay, xdtype).view(torch.int16), ref16.a_frag.view(torch.int16))
+    assert torch.equal(lay.e_frag, ref16.e_frag)
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES)
+@pytest.mark.parametrize("xdtype", XDTYPES)
+@pytest.mark.parametrize("shape,m,config", [((48, 512), 1, (8, 1, 1)), ((33, 300), 9, (4, 1, 2)),
+                                            ((130, 1100), 16, (8, 1, 4)), ((20, 36), 5, (4, 1, 1))])
+def test_emulated_kernel_matches_reference(shape, m, config, wdtype, xdtype):
+    q = _q(shape, wdtype, seed=m)
+    lay = m8.to_mmasp8_layout(q)
+    x = torch.randn(m, shape[1]).to(xdtype)
+    bias = torch.randn(shape[0]).to(xdtype)
+    regs = mm.MmaspLayout(m8.widened_a_frag(lay, xdtype), lay.e_frag, lay.shape)
+    got = emulate_mmasp_linear(x, regs, None, config).float() * lay.scale + bias.float()
+    _close(got, sparse24_8bit_linear_reference(x, q, bias), xdtype)
+
+
+def test_errors():
+    grouped = quantize_24(random_24_weight(32, 512, torch.float32, "cpu"), "int8", group_size=128)
+    with pytest.raises(ValueError, match="group_size=128"):
+        m8.to_mmasp8_layout(grouped)
+    with pytest.raises(ValueError, match="Packed24Q8"):
+        m8.to_mmasp8_layout(Packed24(torch.zeros(16, 128, dtype=torch.float16), torch.zeros(16, 64, dtype=torch.uint8),
+                                     (16, 256)))
+    lay = m8.to_mmasp8_layout(_q((32, 512), "int8"))
+    with pytest.raises(ValueError, match="allowed: torch.float16"):
+        m8.mmasp8_linear(torch.randn(2, 512), lay)
+    with pytest.raises(ValueError, match="1..16 rows"):
+        m8.mmasp8_linear(torch.randn(17, 512, dtype=torch.float16), lay)
+    with pytest.raises(ValueError, match="input features"):
+        m8.mmasp8_linear(torch.randn(2, 256, dtype=torch.float16), lay)
+    with pytest.raises(RuntimeError, match="CUDA build"):
+        m8.mmasp8_linear(torch.randn(2, 512, dtype=torch.float16), lay)
+
+
+def test_backend_takes_only_8bit_per_channel_fp16_bf16():
+    b = backends.get("mmasp8")
+    assert b.quantized and b.max_m == 16 and b.default_priority is None
+    assert b.supports(4096, 4096, torch.float8_e4m3fn) and b.supports(4096, 4096, torch.int8)
+    assert not b.supports(4096, 4096, torch.float16) and not b.supports(4096, 4098, torch.int8)
+    assert b.accepts(torch.float16) and b.accepts(torch.bfloat16)
+    assert not b.accepts(torch.float32) and not b.accepts(torch.float16, group_size=128)
+    assert backends.get("decode8").accepts(torch.float32, 128)
+    assert not b.usable(4096, 4096, torch.int8, torch.device("cpu"))
+    key = dispatch.q8_key(4096, 11008, torch.bfloat16, torch.float8_e4m3fn)
+    assert key == "4096x11008:bfloat16/q8:float8_e4m3fn" and key != dispatch.act8_key(4096, 11008, torch.bfloat16,
+                                                                                        torch.float8_e4m3fn)
+
+
+# -- CUDA ------------------------------------------------------------------------------------------------------
+def _cuda_wdtypes():
+    if not torch.cuda.is_available():
+        return list(WDTYPES)
+    return ["int8"] + (["fp8"] if backends.get("mmasp8").usable(64, 256, torch.float8_e4m3fn, torch.device("cuda"))
+                       else [])
+
+
+def _need_op():
+    if not m8.op_available() or not mm.available():
+        pytest.skip("no CUDA build of _C with the 8-bit mma.sp op")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("wdtype", _cuda_wdtypes())
+@pytest.mark.parametrize("xdtype", XDTYPES)
+@pytest.mark.parametrize("shape", [(256, 1024), (200, 1540), (4096, 4096), (11008, 4096)])
+def test_cuda_matches_reference_every_m(shape, xdtype, wdtype):
+    _need_op()
+    q = _q(shape, wdtype, "cuda")
+    lay = m8.to_mmasp8_layout(q)
+    bias = torch.randn(shape[0], device="cuda").to(xdtype)
+    for m in range(1, 17):
+        x = torch.randn(m, shape[1], device="cuda").to(xdtype)
+        _close(m8.mmasp8_linear(x, lay, bias), sparse24_8bit_linear_reference(x, q, bias), xdtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("wdtype", _cuda_wdtypes())
+def test_cuda_every_config_graph_and_strided_input(wdtype):
+    _need_op()
+    b = backends.get("mmasp8")
+    q = _q((200, 1540), wdtype, "cuda")
+    lay = b.prepare(q)
+    for m in (1, 8, 9, 16):
+        x = torch.randn(m, 1540, device="cuda").half()
+        ref = sparse24_8bit_linear_reference(x, q)
+        for cfg in b.candidates(200, 1540, torch.float16, m):
+            _close(b.bind(lay, cfg, m, 1540, 200, None)(x), ref, torch.float16)
+    x = torch.randn(4, 1540, device="cuda").half()
+    run = b.bind(lay, (8, 1, 2), 4, 1540, 200, None)
+    run(x)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = run(x)
+    x.copy_(torch.randn(4, 1540, device="cuda").half())
+    g.replay()
+    torch.cuda.synchronize()
+    _close(y, sparse24_8bit_linear_reference(x, q), torch.float16)
+    xs = torch.randn(3, 1600, device="cuda").half()[:, 2:1542]  # row stride 1600, start offset 4 bytes
+    _close(m8.mmasp8_linear(xs, lay), sparse24_8bit_linear_reference(xs, q), torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("wdtype", _cuda_wdtypes())
+def test_cuda_tuned_dispatch_between_8bit_decode_paths(wdtype, tmp_path):
+    """sparsify_ measures decode8 and mmasp8 per bucket <= 16 (kept under the q8 key, saved and loaded with the
+    table); the module runs the measured winner and equals the reference."""
+    _need_op()
+    table = dispatch.TuningTable()
+    torch.manual_seed(0)
+    lin = nn.Linear(2048, 1024, bias=True, device="cuda", dtype=torch.float16)
+    lin.weight.data = random_24_weight(1024, 2048, torch.float16, "cuda")
+    model = sparsify_(nn.Sequential(lin), SemiSparseWeightConfig(weight_dtype=wdtype), table=table, buckets=(1, 16, 64))
+    mod = model[0]
+    entry = table.entries[mod.q8_key()]
+    assert set(entry) == {1, 16}
+    for m, c in entry.items():
+        assert set(c.times_ms) == {"decode8", "mmasp8"} and c.path == min(c.times_ms, key=c.times_ms.get)
+        assert mod.choose(m).path == c.path
+        x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
+        _close(mod(x), sparse24_8bit_linear_reference(x, mod.quantized(), mod.bias), torch.float16)
+    table.save(tmp_path / "t.json")
+    loaded = dispatch.TuningTable.load(tmp_path / "t.json")
+    assert {m: c.path for m, c in loaded.entries[mod.q8_key()].items()} == {m: c.path for m, c in entry.items()}

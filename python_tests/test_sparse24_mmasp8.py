@@ -107,6 +107,58 @@ def test_backend_takes_only_8bit_per_channel_fp16_bf16():
                                                                                         torch.float8_e4m3fn)
 
 
+def test_q8_tuning_measures_cold_copies_and_keeps_the_fastest(monkeypatch):
+    """tune_shape_q8: weight copies for the 8-bit bytes (together more than the L2), buckets <= 16 only, every
+    contender's time and config kept, the fastest chosen per bucket."""
+    from llmprune_kernels.sparse24 import tuning, tuning8
+
+    seen = {}
+
+    def copies(nbytes, device):
+        seen["nbytes"] = nbytes
+        return 3
+
+    monkeypatch.setattr(tuning, "weight_copies", copies)
+    for name in tuning8.Q8_DECODE:
+        b = backends.get(name)
+        monkeypatch.setattr(b, "usable", lambda *a, **k: True)
+        monkeypatch.setattr(b, "prepare", lambda q, config=None: q)
+
+        def tune(states, x, out, time_fn, name=name):
+            seen["states"], seen["m"] = len(states), x.shape[0]
+            return (name, x.shape[0]), None, [lambda: None] * len(states)
+        monkeypatch.setattr(b, "tune", tune)
+    # decode8 faster at M = 1, mmasp8 at M = 16
+    monkeypatch.setattr(tuning, "_retime", lambda cands, reps: {"decode8": 1.0, "mmasp8": 2.0 if seen["m"] == 1 else 0.5})
+    choices = tuning8.tune_shape_q8(64, 256, torch.float16, torch.int8, device="cpu", buckets=(1, 16, 64))
+    assert seen["nbytes"] == 64 * 256 * 5 // 8 and seen["states"] == 3
+    assert set(choices) == {1, 16}
+    assert choices[1].path == "decode8" and choices[16].path == "mmasp8"
+    assert choices[16].times_ms == {"decode8": 1.0, "mmasp8": 0.5}
+    assert choices[16].configs == {"decode8": ("decode8", 16), "mmasp8": ("mmasp8", 16)}
+
+
+def test_module_takes_the_q8_choice_only_where_the_backend_runs_it(monkeypatch):
+    from llmprune_kernels.sparse24.linear8 import SparseLinear8
+
+    monkeypatch.setattr(backends.get("mmasp8"), "usable", lambda *a, **k: True)
+    table = dispatch.TuningTable()
+    lin = nn.Linear(256, 64, dtype=torch.float16)
+    lin.weight.data = random_24_weight(64, 256, torch.float16, "cpu")
+    per_channel = SparseLinear8.from_linear(lin, "int8")
+    grouped = SparseLinear8.from_linear(lin, "int8", group_size=128)
+    for mod in (per_channel, grouped):
+        mod.table = table
+        table.entries[mod.q8_key()] = {16: dispatch.Choice("mmasp8", {"mmasp8": 1.0, "decode8": 2.0},
+                                                           {"mmasp8": (8, 1, 1)})}
+    assert per_channel._q8_choice(9).path == "mmasp8" and per_channel._q8_choice(1) is None
+    assert grouped._q8_choice(16) is None  # per-group scales: mmasp8 cannot run it
+    per_channel.half()
+    assert per_channel._q8_choice(16).path == "mmasp8"
+    per_channel.float()  # fp32 activations: not mmasp8 (and another table key)
+    assert per_channel.q8_key().endswith("float32/q8:int8") and per_channel._q8_choice(16) is None
+
+
 # -- CUDA ------------------------------------------------------------------------------------------------------
 def _cuda_wdtypes():
     if not torch.cuda.is_available():

@@ -15,10 +15,11 @@ import time
 import torch
 import torch.nn as nn
 
+from llmprune_kernels.sparse24.quant8 import ACTIVATIONS
 from llmprune_kernels.validation import SparsityConfig
 
 CHOICES = ("fp8", "int8")
-ACTIVATION_CHOICES = ("16bit", "8bit")
+ACTIVATION_CHOICES = ACTIVATIONS
 
 
 def add_cli_arguments(p: argparse.ArgumentParser) -> None:

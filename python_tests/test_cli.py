@@ -40,7 +40,7 @@ def test_prune_writes_report_and_model(tiny_dir, tmp_path, capsys):
     assert all(0 < s["rel_error"] < 1.5 and s["time_s"] >= 0 for s in report["linears"])
     assert {"load", "prune", "eval_dense", "eval_pruned", "total"} <= set(report["timings_s"])
     assert set(report["backends"]) == {"cpp", "cuda", "triton", "dense", "decode", "cusparselt", "mmasp", "cutlass",
-                                      "decode8", "cslt8"}
+                                      "decode8", "mmasp8", "cslt8"}
     assert report["versions"]["torch"] == torch.__version__
     assert json.loads((out / "pruning_report.json").read_text())["method"] == "wanda"
     reloaded = AutoModelForCausalLM.from_pretrained(out)

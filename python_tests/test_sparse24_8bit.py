@@ -333,8 +333,9 @@ def test_checkpoint_round_trip_bit_exact_and_validated(wdtype, group, sdtype, tm
     save_compressed(model, tmp_path / "ck")
     _, sparse, _ = read_compressed(tmp_path / "ck")
     assert sparse["2"] == {"shape": [24, 32], "dtype": "float16", "bias": False, "weight_dtype": wdtype,
-                           "group_size": group, "scale_dtype": sdtype}
+                           "group_size": group, "scale_dtype": sdtype, "activations": "16bit"}
     fresh = load_compressed(_model(torch.float16), tmp_path / "ck")
+    assert fresh[0].activations == "16bit"
     a, b = model.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype for k in a)
     assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
@@ -349,6 +350,7 @@ def test_checkpoint_round_trip_bit_exact_and_validated(wdtype, group, sdtype, tm
             (lambda s, t: s["0"].update(weight_dtype="fp4"), r"sparse24\['0'\]\.weight_dtype is 'fp4'; allowed: fp8, int8"),
             (lambda s, t: s["0"].update(group_size=6), r"sparse24\['0'\]\.group_size: group_size 6 is not supported"),
             (lambda s, t: s["0"].update(scale_dtype="float64"), r"scale_dtype is 'float64'; allowed: float32, float16"),
+            (lambda s, t: s["0"].update(activations="4bit"), r"\.activations is '4bit'; allowed: 16bit, 8bit"),
             (lambda s, t: s["0"].pop("group_size"), r"allowed: an object with exactly 'shape', 'dtype', 'bias'"),
             (lambda s, t: t.update({"0.scale": torch.cat([t["0.scale"]] * 2, 1)}), r"tensor '0\.scale' is stored as"),
             (lambda s, t: t.pop("2.scale"), r"declares tensor '2\.scale', which the file does not store")):
@@ -360,6 +362,29 @@ def test_checkpoint_round_trip_bit_exact_and_validated(wdtype, group, sdtype, tm
         with pytest.raises(CheckpointError, match=match):
             load_compressed(target, bad)
         assert all(type(target[i]) is nn.Linear for i in (0, 2))
+
+
+def test_checkpoint_keeps_the_activation_choice(tmp_path):
+    """An opted-in ``activations="8bit"`` survives save / load; a file written without the field loads as 16bit."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _model(torch.float16)
+    sparsify_(model, SemiSparseWeightConfig(weight_dtype="int8", activations="8bit"),
+              lambda mod, fqn: isinstance(mod, nn.Linear) and fqn != "3")
+    save_compressed(model, tmp_path / "ck")
+    assert read_compressed(tmp_path / "ck")[1]["0"]["activations"] == "8bit"
+    fresh = load_compressed(_model(torch.float16), tmp_path / "ck")
+    assert fresh[0].activations == "8bit" and fresh[2].activations == "8bit"
+    file = str(tmp_path / "ck" / "model.sparse24.safetensors")
+    with safe_open(file, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    sp = json.loads(meta["sparse24"])
+    for info in sp.values():
+        info.pop("activations")
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**meta, "sparse24": json.dumps(sp)})
+    assert load_compressed(_model(torch.float16), old)[0].activations == "16bit"
 
 
 def test_cli_flag_writes_an_8bit_checkpoint(cli_model_dir, tmp_path, capsys):

@@ -2,8 +2,9 @@
 
 A model's ``state_dict`` after ``sparsify_`` already is the compressed format (``<fqn>.values``,
 ``<fqn>.meta``, ``<fqn>.bias``; 8-bit modules also ``<fqn>.scale``); the file's string metadata names those
-modules with their dense shape and dtype (8-bit ones also ``weight_dtype``, ``group_size`` and ``scale_dtype``:
-:mod:`llmprune_kernels.sparse24.quant8`), and records tied tensors (``aliases``) that safetensors cannot store
+modules with their dense shape and dtype (8-bit ones also ``weight_dtype``, ``group_size``, ``scale_dtype``:
+:mod:`llmprune_kernels.sparse24.quant8`, and the opted-in ``activations``, absent in older files: ``16bit``), and
+records tied tensors (``aliases``) that safetensors cannot store
 twice.
 
 * ``save_compressed(model, dir)`` -> ``dir/model.sparse24.safetensors`` (+ ``config.json`` when the model
@@ -31,8 +32,8 @@ from safetensors.torch import save_file
 
 from llmprune_kernels.atomic import atomic_dir, resolve_target
 from llmprune_kernels.sparse24.pack import Packed24, meta_width, unpack_24
-from llmprune_kernels.sparse24.quant8 import (SCALE_DTYPES, WEIGHT_DTYPES, Packed24Q8, check_group_size, dequantize_24,
-                                              n_groups)
+from llmprune_kernels.sparse24.quant8 import (ACTIVATIONS, SCALE_DTYPES, WEIGHT_DTYPES, Packed24Q8, check_group_size,
+                                              dequantize_24, n_groups)
 
 FORMAT = "llmprune_sparse24"
 VERSION = "1"
@@ -72,7 +73,8 @@ def _info(m: nn.Module) -> dict:
     if not isinstance(m, SparseLinear8):
         return {"shape": [m.out_features, m.in_features], "dtype": name(m.values.dtype), "bias": m.bias is not None}
     return {"shape": [m.out_features, m.in_features], "dtype": name(m.compute_dtype), "bias": m.bias is not None,
-            "weight_dtype": m.weight_dtype, "group_size": m.group_size, "scale_dtype": name(m.scale.dtype)}
+            "weight_dtype": m.weight_dtype, "group_size": m.group_size, "scale_dtype": name(m.scale.dtype),
+            "activations": m.activations}
 
 
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: bool = False, tokenizer=None,
@@ -131,9 +133,10 @@ def _check_info(file: str, fqn: object, info: object) -> None:
     where = f"{file}: sparse24[{fqn!r}]"
     if not isinstance(fqn, str) or not fqn or fqn.startswith(".") or fqn.endswith("."):
         raise CheckpointError(f"{where}: the module name must be a non-empty dotted name")
-    if not isinstance(info, dict) or set(info) not in ({"shape", "dtype", "bias"}, {"shape", "dtype", "bias", *Q8_KEYS}):
+    base, q8 = {"shape", "dtype", "bias"}, {"shape", "dtype", "bias", *Q8_KEYS}
+    if not isinstance(info, dict) or set(info) not in (base, q8, q8 | {"activations"}):
         raise CheckpointError(f"{where} is {info!r}; allowed: an object with exactly 'shape', 'dtype', 'bias' "
-                              f"(8-bit weights: and {', '.join(repr(k) for k in Q8_KEYS)})")
+                              f"(8-bit weights: and {', '.join(repr(k) for k in Q8_KEYS)}, optionally 'activations')")
     shape = info["shape"]
     if (not isinstance(shape, list) or len(shape) != 2 or any(type(d) is not int or d <= 0 for d in shape)
             or shape[1] % 4):
@@ -156,6 +159,8 @@ def _check_info(file: str, fqn: object, info: object) -> None:
         check_group_size(info["group_size"])
     except ValueError as exc:
         raise CheckpointError(f"{where}.group_size: {exc}") from None
+    if info.get("activations", "16bit") not in ACTIVATIONS:
+        raise CheckpointError(f"{where}.activations is {info['activations']!r}; allowed: {', '.join(ACTIVATIONS)}")
 
 
 def _expect(h: _Header, name: str, shape: tuple[int, ...], dtype: torch.dtype, field: str) -> None:
@@ -310,6 +315,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         kw = dict(bias=info["bias"], device=dev, dtype=getattr(torch, info["dtype"]))
         if "weight_dtype" in info:
             built.append(SparseLinear8(in_f, out_f, **kw, **{k: info[k] for k in Q8_KEYS}))
+            built[-1].activations = info.get("activations", "16bit")
         else:
             built.append(SparseLinear(in_f, out_f, **kw))
     try:

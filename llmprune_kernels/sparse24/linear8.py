@@ -32,23 +32,12 @@ from llmprune_kernels.sparse24.autograd import grad_can_flow, linear_grads
 from llmprune_kernels.sparse24.backends.cslt8 import alpha_vector_ok
 from llmprune_kernels.sparse24.linear import SparseLinear
 from llmprune_kernels.sparse24.pack import Packed24
-from llmprune_kernels.sparse24.quant8 import (Packed24Q8, check_fp8_device, check_group_size, dequantize_24,
+from llmprune_kernels.sparse24.quant8 import (Packed24Q8, check_activations, check_fp8_device, check_group_size, dequantize_24,
                                               n_groups, quantize_24, scale_dtype_of, weight_dtype_name,
                                               weight_dtype_of)
 
 _Q8_BUFFERS = ("values", "scale")  # kept in their dtypes by module casts
 DECODE8, CSLT8 = "decode8", "cslt8"
-ACTIVATIONS = ("16bit", "8bit")
-
-
-def check_activations(value) -> str:
-    if value not in ACTIVATIONS:
-        raise ValueError(f"activations {value!r} is not supported; allowed: '16bit' (the module's dtype) or '8bit' "
-                         f"(quantised per token to the weight's 8-bit type for M > 16 where measured faster; "
-                         f"per-channel weight scales)")
-    return value
-
-
 class SparseLinear8(SparseLinear):
     """``y = x @ W.T + b`` with a 2:4 ``W`` stored as 8-bit values plus scales (see the module docstring)."""
 

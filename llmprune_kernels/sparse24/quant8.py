@@ -76,6 +76,17 @@ def fp8_ok(device: torch.device | str) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+ACTIVATIONS = ("16bit", "8bit")
+
+
+def check_activations(value) -> str:
+    if value not in ACTIVATIONS:
+        raise ValueError(f"activations {value!r} is not supported; allowed: '16bit' (the module's dtype) or '8bit' "
+                         f"(quantised per token to the weight's 8-bit type for M > 16 where measured faster; "
+                         f"per-channel weight scales)")
+    return value
+
+
 def check_fp8_device(dtype: torch.dtype, device: torch.device | str) -> None:
     if dtype == torch.float8_e4m3fn and not fp8_ok(device):
         cap = torch.cuda.get_device_capability(torch.device(device))

@@ -15,7 +15,8 @@ import torch.nn as nn
 from llmprune_kernels.sparse24 import dispatch, quant8, tuning, tuning8
 from llmprune_kernels.sparse24.experts import pack_experts, swap_experts
 from llmprune_kernels.sparse24.linear import SparseLinear, _is_24
-from llmprune_kernels.sparse24.linear8 import SparseLinear8, check_activations
+from llmprune_kernels.sparse24.linear8 import SparseLinear8
+from llmprune_kernels.sparse24.quant8 import check_activations
 from llmprune_kernels.validation import SparsityConfig
 
 @dataclass(frozen=True)

@@ -397,6 +397,24 @@ void dispatch(const Params& p, int nt, int wr, int warps, dim3 grid, size_t smem
   }
 }
 
+// The input checks both ops share: x [M, in] fp16 / bf16 with M in 1..16, in a positive multiple of 4, out > 0,
+// and a_frag contiguous [ceil(out/16), ceil(in/256) * ka, 32, width] (16-bit values: ka 8, width 8 elements;
+// 8-bit: ka 4, width 16 bytes).
+inline void check_inputs(const at::Tensor& x_in, const at::Tensor& a_frag, int64_t R, int64_t ka, int64_t width) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [M, in], got ", x_in.dim(), " dims");
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "x must be float16 or bfloat16, got ", dt);
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  TORCH_CHECK(M >= 1 && M <= 16, "M (rows of x) must be in 1..16, got ", M);
+  TORCH_CHECK(K > 0 && K % 4 == 0, "in_features must be a positive multiple of 4, got ", K);
+  TORCH_CHECK(R > 0, "out_features must be positive, got ", R);
+  const int64_t RB = (R + 15) / 16, NC = (K + kChunk - 1) / kChunk;
+  TORCH_CHECK(a_frag.dim() == 4 && a_frag.size(0) == RB && a_frag.size(1) == NC * ka && a_frag.size(2) == 32 &&
+                  a_frag.size(3) == width && a_frag.is_contiguous(),
+              "a_frag must be contiguous [", RB, ", ", NC * ka, ", 32, ", width, "] for out=", R, ", in=", K, ", got ",
+              a_frag.sizes());
+}
+
 // The launch shared by the 16-bit op (sparse24_mmasp.cu) and the 8-bit one (sparse24_mmasp8.cu), after each
 // has checked its A fragments (`a`) and scales: checks of x, e_frag, bias and the config, then one launch.
 template <int Q8>

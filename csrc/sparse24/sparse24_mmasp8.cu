@@ -15,20 +15,10 @@ at::Tensor mmasp8_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const
                          int64_t warps, int64_t rows_per_warp, int64_t splits) {
   TORCH_CHECK(x_in.is_cuda() && a_frag.is_cuda() && e_frag.is_cuda() && scale.is_cuda(),
               "sparse24_mmasp8_linear: tensors must be on CUDA");
-  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [M, in], got ", x_in.dim(), " dims");
-  const auto dt = x_in.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "x must be float16 or bfloat16, got ", dt);
   const auto qt = a_frag.scalar_type();
   TORCH_CHECK(qt == at::kFloat8_e4m3fn || qt == at::kChar, "a_frag must be float8_e4m3fn or int8, got ", qt);
-  const int64_t M = x_in.size(0), K = x_in.size(1), R = out_features;
-  TORCH_CHECK(M >= 1 && M <= 16, "M (rows of x) must be in 1..16, got ", M);
-  TORCH_CHECK(K > 0 && K % 4 == 0, "in_features must be a positive multiple of 4, got ", K);
-  TORCH_CHECK(R > 0, "out_features must be positive, got ", R);
-  const int64_t RB = (R + 15) / 16, NC = (K + kChunk - 1) / kChunk;
-  TORCH_CHECK(a_frag.dim() == 4 && a_frag.size(0) == RB && a_frag.size(1) == NC * 4 && a_frag.size(2) == 32 &&
-                  a_frag.size(3) == 16 && a_frag.is_contiguous(),
-              "a_frag must be contiguous [", RB, ", ", NC * 4, ", 32, 16] for out=", R, ", in=", K, ", got ",
-              a_frag.sizes());
+  check_inputs(x_in, a_frag, out_features, 4, 16);
+  const int64_t R = out_features;
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == R && scale.is_contiguous(),
               "scale must be a contiguous float32 vector of ", R, " elements, got ", scale.scalar_type(), " ",
               scale.sizes());

@@ -159,6 +159,24 @@ def test_module_takes_the_q8_choice_only_where_the_backend_runs_it(monkeypatch):
     assert per_channel.q8_key().endswith("float32/q8:int8") and per_channel._q8_choice(16) is None
 
 
+def test_eager_calls_of_decode8_run_mmasp8_where_it_was_measured(monkeypatch):
+    """Outside graph capture a measured decode8 choice runs the C++ mmasp8 op (less launch cost) on per-channel
+    fp16 / bf16 modules; per-group modules and unmeasured choices keep decode8."""
+    from llmprune_kernels.sparse24.linear8 import SparseLinear8
+
+    monkeypatch.setattr(backends.get("mmasp8"), "usable", lambda *a, **k: True)
+    lin = nn.Linear(256, 64, dtype=torch.float16)
+    lin.weight.data = random_24_weight(64, 256, torch.float16, "cpu")
+    mod, grouped = SparseLinear8.from_linear(lin, "int8"), SparseLinear8.from_linear(lin, "int8", group_size=128)
+    measured = dispatch.Choice("decode8", {"decode8": 1.0, "mmasp8": 1.2},
+                               {"decode8": (8, 1024, 1, 4, 1, 2), "mmasp8": (8, 1, 1)})
+    got = mod._eager(measured, 1)
+    assert got.path == "mmasp8" and got.config() == (8, 1, 1)
+    assert grouped._eager(measured, 1) is measured
+    assert mod._eager(dispatch.pinned("decode8"), 1).path == "decode8"
+    assert mod._eager(measured, 17) is measured  # mmasp8 takes M <= 16
+
+
 # -- CUDA ------------------------------------------------------------------------------------------------------
 def _cuda_wdtypes():
     if not torch.cuda.is_available():

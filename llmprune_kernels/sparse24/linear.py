@@ -187,7 +187,7 @@ class SparseLinear(nn.Module):
             return self._forward_general
         choice = self.choose(m)
         if not capturing:
-            choice = dispatch.eager_choice(choice, m, *self._shape(), self.values.device)
+            choice = self._eager(choice, m)
         b = backends.get(choice.path)
         config, keep = b.resolve(choice.config(), *self._shape(), m, self.values.device, capturing)
         fwd = b.bind(self.layout(choice.path, config), config, m, self.in_features, self.out_features, self.bias)
@@ -197,6 +197,10 @@ class SparseLinear(nn.Module):
                 self._runners.clear()
             self._runners[(m, capturing)] = run
         return run
+
+    def _eager(self, choice: dispatch.Choice, m: int) -> dispatch.Choice:
+        """The path of an eager call (``dispatch.eager_choice``)."""
+        return dispatch.eager_choice(choice, m, *self._shape(), self.values.device)
 
     def _forward_general(self, x: torch.Tensor) -> torch.Tensor:
         """CPU, torch.compile tracing, and anything the eager fast path does not cover."""

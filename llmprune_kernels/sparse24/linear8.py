@@ -192,6 +192,14 @@ class SparseLinear8(SparseLinear):
                 return c
         return super().choose(m)
 
+    def _eager(self, choice: dispatch.Choice, m: int) -> dispatch.Choice:
+        """8-bit backends give way to their eager substitute (``decode8`` to ``mmasp8``, a C++ op with far less
+        launch cost) where it was measured, checked on the 8-bit values' dtype and this module's scales."""
+        if not backends.get(choice.path).quantized:
+            return super()._eager(choice, m)
+        c = dispatch.eager_choice(choice, m, self.out_features, self.in_features, self.values.dtype, self.values.device)
+        return c if backends.get(c.path).accepts(self.compute_dtype, self.group_size) else choice
+
     def _layout_source(self, backend) -> Any:
         """8-bit backends build from the 8-bit weight (cslt8 compresses it; decode8 reads it as it is), the
         16-bit ones from the dequantised packing."""

@@ -192,6 +192,7 @@ class Decode8Backend(Backend):
     name = "decode8"
     max_m = MAX_M
     quantized = True  # reads the 8-bit packing (Packed24Q8), not the 16-bit one
+    eager_substitute = "mmasp8"  # outside CUDA graphs the C++ op's launch costs less host time than Triton's
     traceable = False  # no torch.compile op: compiled graphs run the 16-bit decode op on the dequantised weight
 
     def available(self, device: torch.device) -> bool:

@@ -1,7 +1,7 @@
 // The 16-bit 2:4 decode op on the sparse tensor cores (kernel: mmasp_kernel.cuh), the arch probe of this
 // library's device code, and a one-MMA diagnostic.
 
-#include "mmasp_kernel.cuh"
+#include "mmasp_launch.cuh"
 
 #include <torch/library.h>
 

@@ -3,7 +3,7 @@
 // A fragments: [RB, NC*4, 32, 16] bytes, the 16-bit layout's per-lane order with k-steps 2j and 2j+1 in one
 // 16-byte load (llmprune_kernels/sparse24/backends/mmasp8.py builds it).
 
-#include "mmasp_kernel.cuh"
+#include "mmasp_launch.cuh"
 
 #include <torch/library.h>
 

@@ -1,4 +1,4 @@
-"""CPU emulator of the mma.sp 2:4 decode kernel (``csrc/sparse24/sparse24_mmasp.cu``), lane by lane.
+"""CPU emulator of the mma.sp 2:4 decode kernel (``csrc/sparse24/mmasp_kernel.cuh``), lane by lane.
 
 It reads the fragment-order buffers of :mod:`llmprune_kernels.sparse24.backends.mmasp` exactly as each lane of
 the kernel does (same offsets, same ``ldmatrix`` addresses, same split-K ranges and epilogue rows) and

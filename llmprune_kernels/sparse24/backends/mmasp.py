@@ -1,4 +1,4 @@
-"""2:4 decode matmul on the sparse tensor cores (``mma.sp``), CUDA C++ in ``csrc/sparse24/sparse24_mmasp.cu``.
+"""2:4 decode matmul on the sparse tensor cores (``mma.sp``), CUDA C++ in ``csrc/sparse24/`` (kernel: ``mmasp_kernel.cuh``).
 
 ``y = x @ W.T (+ bias)`` for small M (decode, M <= 16) with W 2:4-sparse fp16 / bf16. Roles are swapped:
 the weight is the sparse A operand of ``mma.sp.m16n8k32`` (16 output features per MMA), x^T is B (tokens

@@ -1,5 +1,6 @@
 """8-bit mma.sp decode backend ``mmasp8``: fragment layout round trip, the widened registers equal the 16-bit
-layout of the unscaled values, the CPU lane emulator on them (times the scales) equals the reference, errors;
+layout of the unscaled values, the CPU lane emulator on them (with the per-row scales of the kernel's epilogue)
+equals the reference, on fixed and random shapes, errors;
 on CUDA the op against the reference for every M in 1..16 and every config, in a CUDA graph, and the tuned
 dispatch of 8-bit modules between ``decode8`` and ``mmasp8``."""
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmprune_kernels import SemiSparseWeightConfig, sparsify_
 from llmprune_kernels.reference.sparse24_8bit import sparse24_8bit_linear_reference
@@ -71,8 +74,26 @@ def test_emulated_kernel_matches_reference(shape, m, config, wdtype, xdtype):
     x = torch.randn(m, shape[1]).to(xdtype)
     bias = torch.randn(shape[0]).to(xdtype)
     regs = mm.MmaspLayout(m8.widened_a_frag(lay, xdtype), lay.e_frag, lay.shape)
-    got = emulate_mmasp_linear(x, regs, None, config).float() * lay.scale + bias.float()
+    got = emulate_mmasp_linear(x, regs, bias, config, row_scale=lay.scale)
+    assert got.dtype == xdtype
     _close(got, sparse24_8bit_linear_reference(x, q, bias), xdtype)
+
+
+@settings(max_examples=12, deadline=None)
+@given(out=st.integers(1, 70), quads=st.integers(1, 150), m=st.integers(1, 16), wdtype=st.sampled_from(WDTYPES),
+       xdtype=st.sampled_from(XDTYPES), splits=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+def test_random_shapes_round_trip_and_emulated_kernel(out, quads, m, wdtype, xdtype, splits, seed):
+    """Random shapes (in a multiple of 4, rows and columns ragged against the 16 x 256 tiles): exact layout round
+    trip, and the emulated kernel on the widened registers, times the scales, equals the reference."""
+    inp = 4 * quads
+    q = _q((out, inp), wdtype, seed=seed)
+    lay = m8.to_mmasp8_layout(q)
+    back = m8.from_mmasp8_layout(lay)
+    assert torch.equal(back.values.view(torch.uint8), q.values.view(torch.uint8)) and torch.equal(back.meta, q.meta)
+    x = torch.randn(m, inp, generator=torch.Generator().manual_seed(seed)).to(xdtype)
+    regs = mm.MmaspLayout(m8.widened_a_frag(lay, xdtype), lay.e_frag, lay.shape)
+    _close(emulate_mmasp_linear(x, regs, None, (4, 1, splits), row_scale=lay.scale),
+           sparse24_8bit_linear_reference(x, q), xdtype)
 
 
 def test_errors():

@@ -84,9 +84,12 @@ def ldmatrix_x4(smem: torch.Tensor, addr: torch.Tensor) -> torch.Tensor:
 
 
 def emulate_mmasp_linear(x: torch.Tensor, layout: MmaspLayout, bias: torch.Tensor | None = None,
-                         config: tuple[int, int, int] = (8, 1, 1)) -> torch.Tensor:
+                         config: tuple[int, int, int] = (8, 1, 1), row_scale: torch.Tensor | None = None
+                         ) -> torch.Tensor:
     """What the CUDA kernel computes for ``x [M, in]`` (M <= 16) with launch config
-    ``(warps, rows_per_warp, splits)``: same loads, MMAs (fp32), split ranges and epilogue."""
+    ``(warps, rows_per_warp, splits)``: same loads, MMAs (fp32), split ranges and epilogue. ``row_scale [out]``:
+    the 8-bit kernel's per-row scale, applied to each split's fp32 partial before the sum (``layout`` then holds
+    the widened registers: :func:`llmprune_kernels.sparse24.backends.mmasp8.widened_a_frag`)."""
     warps, rpw, splits = check_config(config)
     out, inp = layout.shape
     m = x.shape[0]
@@ -144,8 +147,9 @@ def emulate_mmasp_linear(x: torch.Tensor, layout: MmaspLayout, bias: torch.Tenso
                 if grow >= out:
                     continue
                 acc = torch.zeros(m)
+                scale = 1.0 if row_scale is None else float(row_scale[grow])
                 for s in range(splits):
-                    acc += tile_part[s, grow, :m]
+                    acc += tile_part[s, grow, :m] * scale
                 if bvals is not None:
                     acc += bvals[grow]
                 y[:, grow] = acc

@@ -32,12 +32,14 @@ from llmprune_kernels.sparse24.autograd import grad_can_flow, linear_grads
 from llmprune_kernels.sparse24.backends.cslt8 import alpha_vector_ok
 from llmprune_kernels.sparse24.linear import SparseLinear
 from llmprune_kernels.sparse24.pack import Packed24
-from llmprune_kernels.sparse24.quant8 import (Packed24Q8, check_activations, check_fp8_device, check_group_size, dequantize_24,
-                                              n_groups, quantize_24, scale_dtype_of, weight_dtype_name,
+from llmprune_kernels.sparse24.quant8 import (Packed24Q8, check_activations, check_fp8_device, check_group_size,
+                                              dequantize_24, n_groups, quantize_24, scale_dtype_of, weight_dtype_name,
                                               weight_dtype_of)
 
 _Q8_BUFFERS = ("values", "scale")  # kept in their dtypes by module casts
 DECODE8, CSLT8 = "decode8", "cslt8"
+
+
 class SparseLinear8(SparseLinear):
     """``y = x @ W.T + b`` with a 2:4 ``W`` stored as 8-bit values plus scales (see the module docstring)."""
 
@@ -146,19 +148,17 @@ class SparseLinear8(SparseLinear):
         """The tuning-table key of this module's 8-bit decode choice (M <= 16)."""
         return dispatch.q8_key(self.out_features, self.in_features, self.compute_dtype, self.values.dtype)
 
+    def _runs(self, path: str, m: int) -> bool:
+        """Whether 8-bit backend ``path`` can take an M-row call of this module (its values' dtype and device, its
+        compute dtype and scales)."""
+        b = backends.get(path)
+        return (b.serves(m) and b.usable(self.out_features, self.in_features, self.values.dtype, self.values.device)
+                and b.accepts(self.compute_dtype, self.group_size))
+
     def _q8_choice(self, m: int) -> dispatch.Choice | None:
         """The measured 8-bit decode backend for M rows, where it can take this module's call."""
         c = self._table().lookup_key(self.q8_key(), m)
-        if c is None:
-            return None
-        b = backends.get(c.path)
-        ok = (b.serves(m) and b.usable(self.out_features, self.in_features, self.values.dtype, self.values.device)
-              and b.accepts(self.compute_dtype, self.group_size))
-        return c if ok else None
-
-    def _decode8_usable(self, m: int) -> bool:
-        b = backends.get(DECODE8)
-        return b.serves(m) and b.usable(self.out_features, self.in_features, self.values.dtype, self.values.device)
+        return c if c is not None and self._runs(c.path, m) else None
 
     def act8_key(self) -> str | None:
         """The tuning-table key of the 8-bit-activation choice, None where this module cannot take that path
@@ -171,21 +171,17 @@ class SparseLinear8(SparseLinear):
     def _act8_choice(self, m: int) -> dispatch.Choice | None:
         key = self.act8_key()
         c = None if key is None else self._table().lookup_key(key, m)
-        if c is None or c.path != CSLT8:
-            return None
-        b = backends.get(CSLT8)
-        return c if b.serves(m) and b.usable(self.out_features, self.in_features, self.values.dtype,
-                                             self.values.device) else None
+        return c if c is not None and c.path == CSLT8 and self._runs(CSLT8, m) else None
 
     def choose(self, m: int) -> dispatch.Choice:
         """A pinned backend where it can take this call (else dense); on CUDA the measured 8-bit decode kernel
-        (else ``decode8``) for M <= 16; with 8-bit activations opted in, cslt8 in the buckets where it measured faster; else the 16-bit
-        2:4 dispatch for (out, in, compute_dtype) on the dequantised weight."""
+        (else ``decode8``) for M <= 16; with 8-bit activations opted in, cslt8 in the buckets where it measured
+        faster; else the 16-bit 2:4 dispatch for (out, in, compute_dtype) on the dequantised weight."""
         if self.force_path is None and self.values.device.type == "cuda":
             c = self._q8_choice(m)
             if c is not None:
                 return c
-            if self._decode8_usable(m):
+            if self._runs(DECODE8, m):
                 return dispatch.pinned(DECODE8)
             c = self._act8_choice(m)
             if c is not None:

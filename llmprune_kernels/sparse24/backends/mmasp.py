@@ -1,4 +1,5 @@
-"""2:4 decode matmul on the sparse tensor cores (``mma.sp``), CUDA C++ in ``csrc/sparse24/`` (kernel: ``mmasp_kernel.cuh``).
+"""2:4 decode matmul on the sparse tensor cores (``mma.sp``), CUDA C++ in ``csrc/sparse24/`` (kernel:
+``mmasp_kernel.cuh``).
 
 ``y = x @ W.T (+ bias)`` for small M (decode, M <= 16) with W 2:4-sparse fp16 / bf16. Roles are swapped:
 the weight is the sparse A operand of ``mma.sp.m16n8k32`` (16 output features per MMA), x^T is B (tokens
@@ -26,6 +27,7 @@ kernel lane by lane on the CPU (the oracle for this layout); ``mmasp_linear`` ca
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -69,10 +71,15 @@ def padded_dims(out_features: int, in_features: int) -> tuple[int, int]:
     return math.ceil(out_features / ROWS), math.ceil(in_features / CHUNK)
 
 
-def _check_packed(packed: Packed24) -> None:
-    out, inp = packed.shape
+def check_shape(shape: tuple[int, int]) -> None:
+    out, inp = shape
     if inp % 4 or inp <= 0 or out <= 0:
         raise ValueError(f"mma.sp layout needs in_features a positive multiple of 4 and out_features > 0, got {(out, inp)}")
+
+
+def _check_packed(packed: Packed24) -> None:
+    check_shape(packed.shape)
+    out, inp = packed.shape
     if packed.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"mma.sp runs float16 or bfloat16 weights, got {packed.dtype}")
     if tuple(packed.values.shape) != (out, inp // 2) or tuple(packed.meta.shape) != (out, meta_width(inp)):
@@ -286,6 +293,20 @@ def probe(a_regs: torch.Tensor, b_regs: torch.Tensor, e: torch.Tensor, selector:
 
 
 _CUDA_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+
+
+def op_runner(op, weight: tuple, m: int, k: int, n: int, bias: torch.Tensor | None, cfg: tuple) -> Callable:
+    """``run(x)`` calling the mma.sp op ``op(x [m, k], *weight, n, bias, *cfg)``, output ``[..., n]``."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        # straight to the CUDA kernel: the caller adds the frozen-weight gradient (the op's Python autograd
+        # kernel would cost ~10 us of host time a call, which eager decoding pays on every Linear)
+        if torch._C._len_torch_dispatch_stack() == 0:
+            y = op.redispatch(_CUDA_KEYS, x.reshape(m, k), *weight, n, bias, *cfg)
+        else:  # a dispatch mode is watching: let it see the op
+            y = op(x.reshape(m, k), *weight, n, bias, *cfg)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+    return run
 # launch configs (warps, rows_per_warp, splits) tuning measures besides the shape's default: those that won
 # somewhere in an H100 measurement of every config
 TUNE_CONFIGS = ((4, 1, 2), (4, 1, 4), (8, 1, 2), (8, 1, 4), (8, 2, 4))
@@ -340,17 +361,7 @@ class MmaspBackend(Backend):
             raise ValueError(f"mma.sp config {cfg} does not fit in_features={in_features}, M={m} on "
                              f"{state.a_frag.device} (shared memory {smem_limit(state.a_frag.device)} bytes, "
                              f"at most {max_splits(state.a_frag.device)} split(s))")
-        a, e, n, k = state.a_frag, state.e_frag, out_features, in_features
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            # straight to the CUDA kernel: the caller adds the frozen-weight gradient (the op's Python autograd
-            # kernel would cost ~10 us of host time a call, which eager decoding pays on every Linear)
-            if torch._C._len_torch_dispatch_stack() == 0:
-                y = op.redispatch(_CUDA_KEYS, x.reshape(m, k), a, e, n, bias, *cfg)
-            else:  # a dispatch mode is watching: let it see the op
-                y = op(x.reshape(m, k), a, e, n, bias, *cfg)
-            return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
-        return run
+        return op_runner(op, (state.a_frag, state.e_frag), m, in_features, out_features, bias, cfg)
 
     def call(self, state, config, x, out_features, bias):
         return mmasp_linear(x, state, bias, config)

@@ -25,10 +25,10 @@ import torch
 
 from llmprune_kernels import _ext
 from llmprune_kernels.sparse24.backends import mmasp
-from llmprune_kernels.sparse24.backends.base import Backend
 from llmprune_kernels.sparse24.backends.mmasp import (CHUNK, MAX_M, MmaspBackend, MmaspLayout, check_config,
-                                                      config_fits, device_default_config, frag_meta, frag_values,
-                                                      from_mmasp_layout, max_splits, padded_dims)
+                                                      check_shape, config_fits, device_default_config, frag_meta,
+                                                      frag_values, from_mmasp_layout, max_splits, op_runner,
+                                                      padded_dims)
 from llmprune_kernels.sparse24.quant8 import QMAX, Packed24Q8
 
 OP = "llmprune_kernels::sparse24_mmasp8_linear"
@@ -61,8 +61,7 @@ def to_mmasp8_layout(q: Packed24Q8) -> Mmasp8Layout:
         raise ValueError(f"backend 'mmasp8' takes per-channel scales; this weight has group_size={q.group_size} "
                          f"(allowed: None; per-group weights run on backend 'decode8')")
     out, inp = q.shape
-    if inp % 4 or inp <= 0 or out <= 0:
-        raise ValueError(f"mma.sp layout needs in_features a positive multiple of 4 and out_features > 0, got {(out, inp)}")
+    check_shape(q.shape)
     a = frag_values(_bytes(q.values), q.shape)  # [rb, ks, 32, 8] bytes
     rb, ks = a.shape[:2]
     a = a.reshape(rb, ks // 2, 2, 32, 8).permute(0, 1, 3, 2, 4).reshape(rb, ks // 2, 32, 16)
@@ -146,12 +145,9 @@ class Mmasp8Backend(MmaspBackend):
         return dtype in QMAX and in_features % 4 == 0
 
     def usable(self, out_features, in_features, dtype, device) -> bool:
-        if not Backend.usable(self, out_features, in_features, dtype, device):
-            return False
-        if dtype == torch.float8_e4m3fn and not _fp8_code(device):
-            return False
-        return config_fits(MAX_M, in_features, device_default_config(out_features, in_features, MAX_M, device),
-                           device)
+        """As mma.sp's, and FP8 values only with sm_89 code."""
+        return super().usable(out_features, in_features, dtype, device) and (
+            dtype != torch.float8_e4m3fn or _fp8_code(device))
 
     def accepts(self, x_dtype: torch.dtype, group_size: int | None = None) -> bool:
         return x_dtype in (torch.float16, torch.bfloat16) and group_size is None
@@ -169,17 +165,7 @@ class Mmasp8Backend(MmaspBackend):
             raise ValueError(f"8-bit mma.sp config {cfg} does not fit in_features={in_features}, M={m} on "
                              f"{state.a_frag.device} (rows_per_warp 1, shared memory "
                              f"{mmasp.smem_limit(state.a_frag.device)} bytes)")
-        a, e, s, n, k = state.a_frag, state.e_frag, state.scale, out_features, in_features
-        keys = mmasp._CUDA_KEYS
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            # straight to the CUDA kernel (no Python autograd kernel: the module adds frozen-weight gradients)
-            if torch._C._len_torch_dispatch_stack() == 0:
-                y = op.redispatch(keys, x.reshape(m, k), a, e, s, n, bias, *cfg)
-            else:
-                y = op(x.reshape(m, k), a, e, s, n, bias, *cfg)
-            return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
-        return run
+        return op_runner(op, (state.a_frag, state.e_frag, state.scale), m, in_features, out_features, bias, cfg)
 
     def call(self, state, config, x, out_features, bias):
         return mmasp8_linear(x, state, bias, config)

@@ -89,6 +89,8 @@ at::Tensor run(const at::Tensor& x_in, const void* a, const at::Tensor& e_frag, 
   TORCH_CHECK(arch >= 800, "sparse24_mmasp_linear needs code for sm_80 or newer, this GPU runs sm_", arch / 10);
   TORCH_CHECK(splits == 1 || arch >= 900, "splits > 1 needs thread-block clusters (sm_90 code); this build runs sm_",
               arch / 10, " code on this GPU: use splits=1, got ", splits);
+  TORCH_CHECK(Q8 != kQ8Fp8 || arch >= 890, "FP8 e4m3 values need code for sm_89 or newer; this build runs sm_",
+              arch / 10, " code on this GPU: use INT8 values");
   int smem_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x_in.get_device()));
   // 8-byte loads of x rows: unit stride, 8-byte aligned start and row stride.

@@ -22,7 +22,12 @@ weights, fp16, a few decoder layers), the whole job through the package's public
   the GPU has FP8, else int8): ``sparse_q8`` (16-bit activations: the 8-bit decode kernel at M <= 16) and
   ``sparse_q8_a8`` (``activations="8bit"``: prefill through cuSPARSELt's 8-bit 2:4 GEMM where tuning measured it
   faster); ``speedup_<metric>_<model>`` against dense. ``prefill_profile``: one 2048-token prefill of each model
-  under ``torch.profiler``, GPU time per op (top ops, ms).
+  under ``torch.profiler``, GPU time per op (top ops, ms). ``decode_step_split``: per model, the ms of one graph
+  decode step (1000 / tokens/s) and the ms of a CUDA graph that runs only the decoder's Linear modules on one
+  token, in model order (cold weights, as in the step); the difference is the time of the model's other ops
+  (norms, rotary, attention, cache writes, the dense lm_head), which no 2:4 format shortens, and
+  ``decode_bound_<model>`` = dense step ms / that model's other-op ms: the decode speed-up the model reaches with
+  free Linears.
 Results: ``results/e2e.json``.
 """
 from __future__ import annotations
@@ -174,6 +179,33 @@ def _generate_tok_s(model, prompt, n_new: int) -> float:
     return n_new / (time.perf_counter() - t0)
 
 
+def _linears_graph_ms(model, reps: int = 20) -> float:
+    """ms of one CUDA-graph replay of every decoder Linear (dense or sparse) on a one-token input, in order."""
+    mods = [m for m in model.model.layers.modules() if isinstance(m, (nn.Linear, SparseLinear))]
+    xs = {m.in_features: torch.randn(1, 1, m.in_features, device="cuda", dtype=torch.float16) for m in mods}
+
+    def run():
+        for m in mods:
+            m(xs[m.in_features])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def _q8_dtype() -> str:
     return "fp8" if torch.cuda.get_device_capability() >= (8, 9) else "int8"
 
@@ -242,6 +274,7 @@ def test_decode(benchmark, results):
         ld = dense(prompt, logits_to_keep=1).logits.float()
         ls = sparse(prompt, logits_to_keep=1).logits.float()
         lq = {n: models[n](prompt, logits_to_keep=1).logits.float() for n in ("sparse_q8", "sparse_q8_a8")}
+        linears_ms = {name: _linears_graph_ms(model) for name, model in models.items()}
         profiles = {name: _prefill_profile(model, prompt) for name, model in models.items() if name != "sparse_lean"}
         paths = {name: sorted({f"{m.choose(mm).path}@{mm}" for m in model.modules() if isinstance(m, SparseLinear)
                                for mm in (1, 2048)}) for name, model in models.items() if name != "dense"}
@@ -264,6 +297,9 @@ def test_decode(benchmark, results):
                                                          "generate_eager_tok_s")}},
         "q8_weight_dtype": q8, "paths_at_m": paths,
         "prefill_profile": profiles,
+        "decode_step_split": {name: {"step_ms": 1000.0 / med[f"decode_graph_tok_s_{name}"], "linears_ms": ms,
+                                     "other_ms": 1000.0 / med[f"decode_graph_tok_s_{name}"] - ms}
+                              for name, ms in linears_ms.items()},
         "linear_weight_bytes_dense": sum(m.weight.nbytes for m in lin),
         "linear_packed_bytes_sparse": sum(b.nbytes for m in sl for b in m.buffers()),
         "model_param_bytes_dense": sum(p.nbytes for p in dense.parameters()),
@@ -274,6 +310,9 @@ def test_decode(benchmark, results):
         **{f"prefill_last_logits_max_rel_diff_{n}": float((ld - v).abs().max() / ld.abs().max())
            for n, v in lq.items()},
     }
+    split = fig["decode_step_split"]
+    fig["ratios"].update({f"decode_bound_{name}": ratio(split["dense"]["step_ms"], v["other_ms"])
+                          for name, v in split.items() if name != "dense"})
     results.add(fig)
     benchmark.extra_info.update(fig)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures above are the measurement

@@ -70,6 +70,9 @@ def copy_floor(w: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> None:
 
 # -- environment --------------------------------------------------------------------------------------------
 def _git_commit() -> str | None:
+    """HEAD of the checkout; ``$LLMPRUNE_BENCH_COMMIT`` names it for a source tree without ``.git``."""
+    if os.environ.get("LLMPRUNE_BENCH_COMMIT"):
+        return os.environ["LLMPRUNE_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)

@@ -32,15 +32,23 @@ XDTYPES = [torch.float16, torch.bfloat16]
 
 
 # ---------------------------------------------------------------------------------- activation quantisation (CPU)
+def _fused_runs(fused: bool) -> None:
+    if fused and not (cslt8.HAS_TRITON and cslt8.INTERPRET):
+        pytest.skip("the fused kernel on CPU tensors needs Triton under TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
 @pytest.mark.parametrize("xdtype", XDTYPES + [torch.float32], ids=str)
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=str)
-def test_quantize_per_token_is_the_reference_and_bounded(qdtype, xdtype):
-    x = torch.randn(37, 200).to(xdtype)
+def test_quantize_per_token_is_the_reference_and_bounded(qdtype, xdtype, fused):
+    _fused_runs(fused)
+    x = torch.randn(37, 1100).to(xdtype)[:, 50:250]  # strided rows; 200 features: a ragged last K block
     x[3] *= 1e-3  # a small token, a large one, an outlier and an all-zero token
     x[5] *= 300.0
     x[7, 11] = 90.0
     x[9] = 0.0
-    xq, s = quantize_per_token(x, qdtype, rows=48)
+    x[11, :7] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5])  # scale 1 for INT8: ties round to even
+    xq, s = quantize_per_token(x, qdtype, rows=48, fused=fused)
     rq, rs = quantize_activations_reference(x, qdtype)
     assert xq.shape == (48, 200) and xq.dtype == qdtype and s.shape == (37, 1) and s.dtype == xdtype
     assert torch.equal(xq[:37].view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)  # bit for bit
@@ -49,11 +57,28 @@ def test_quantize_per_token_is_the_reference_and_bounded(qdtype, xdtype):
     amax = x.float().abs().amax(-1, keepdim=True)
     assert (sf * QMAX[qdtype] >= amax).all() and (s[9] == 1).all()  # nothing clipped; all-zero token: scale 1
     assert torch.isfinite((s * OUT_SHIFT[qdtype]).float()).all()  # the output scale is exact in x's dtype
+    if qdtype == torch.int8:
+        assert xq[11, :7].tolist() == [127, 0, 2, 2, 0, -2, 126]
     err = (fake_quantize_activations_reference(x, qdtype) - x.float()).abs()
     if qdtype == torch.int8:
         assert int(xq.min()) >= -127 and (err <= sf / 2 * (1 + 1e-6)).all()
     else:
         assert (err <= torch.maximum(x.float().abs() / 16, sf / 1024) * (1 + 1e-6)).all()
+
+
+def test_fused_e4m3_codes_round_like_torch_at_every_midpoint():
+    """The fused kernel builds e4m3 codes from fp32 bits: every code, every midpoint between neighbours and the
+    floats either side of it, signed zeros and subnormals round as torch's conversion does."""
+    _fused_runs(True)
+    from llmprune_kernels.sparse24.backends._quant_act import quantize_rows
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = codes[torch.isfinite(codes)].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    up, down = torch.full_like(mids, 1e9), torch.full_like(mids, -1e9)
+    v = torch.cat([vals, mids, torch.nextafter(mids, up), torch.nextafter(mids, down), torch.tensor([-0.0, 1e-9]),
+                   torch.rand(2000) * 0.04 - 0.02]).clamp(-448, 448)
+    got = quantize_rows(v[None], torch.ones(1), torch.float8_e4m3fn, 448.0, 1)[0]
+    assert torch.equal(got.view(torch.uint8), v.to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 def test_activation_scales_edges():

@@ -4,7 +4,7 @@ token to the same 8-bit type, for M > 16 and per-output-channel scales.
 
 ``y[t, r] = (sum_k Wq[r, k] * xq[t, k]) * ws[r] * s[t] + b[r]`` with ``Wq`` / ``ws`` the weight's 8-bit values and
 per-channel scale (:mod:`llmprune_kernels.sparse24.quant8`) and ``xq = x / s`` per token
-(:func:`quantize_per_token`; FP8 e4m3 on GPUs of compute capability 8.9+, INT8 anywhere cuSPARSELt runs).
+(:func:`quantize_per_token`, one Triton pass over x; FP8 e4m3 on GPUs of compute capability 8.9+, INT8 anywhere cuSPARSELt runs).
 
 * The weight is expanded once to its dense 8-bit form (zeros where pruned) and compressed by cuSPARSELt.
 * ``_cslt_sparse_mm(compressed W [n, k], xq.t(), alpha=ws / OUT_SHIFT, out_dtype=x.dtype,
@@ -30,6 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from llmprune_kernels.ops.score_mask import INTERPRET
+from llmprune_kernels.sparse24.backends._decode_dot import HAS_TRITON
+from llmprune_kernels.sparse24.backends._quant_act import quantize_rows
 from llmprune_kernels.sparse24.backends.base import Backend
 from llmprune_kernels.sparse24.pack import expand_24
 from llmprune_kernels.sparse24.quant8 import OUT_SHIFT, QMAX, Packed24Q8, activation_scales, fp8_ok
@@ -83,14 +86,20 @@ def prepare_cslt8(q: Packed24Q8) -> Cslt8State:
 
 
 def quantize_per_token(x2: torch.Tensor, qdtype: torch.dtype, scale_dtype: torch.dtype | None = None,
-                       rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       rows: int | None = None, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(xq [rows, k] qdtype, s [M, 1] scale_dtype)`` for a 2-D ``x2 [M, k]``: ``xq[:M] = x2 / s`` (the division in
     fp32, INT8 rounded half to even and clamped to +-127, FP8 clamped to +-448), zero rows below M.
-    Bit for bit :func:`~llmprune_kernels.reference.sparse24_8bit.quantize_activations_reference`."""
+    ``fused`` (default: where Triton runs on x's device) quantises in one Triton pass over x
+    (:mod:`._quant_act`), else in PyTorch ops; both are bit for bit
+    :func:`~llmprune_kernels.reference.sparse24_8bit.quantize_activations_reference`."""
     m, k = x2.shape
     rows = m if rows is None else rows
     s = activation_scales(torch.linalg.vector_norm(x2, float("inf"), dim=-1), qdtype, scale_dtype or x2.dtype)
     s = s.unsqueeze(1)
+    if fused is None:
+        fused = HAS_TRITON and (x2.is_cuda or INTERPRET)
+    if fused:
+        return quantize_rows(x2, s[:, 0], qdtype, QMAX[qdtype], rows), s
     xq = torch.empty(rows, k, device=x2.device, dtype=qdtype)
     if rows > m:
         xq[m:].view(torch.uint8).zero_()

@@ -2,11 +2,13 @@
 
 The plain-PyTorch form (``cslt8.quantize_per_token_torch``) divides in fp32, rounds and clamps in separate
 passes: for a [2048, 4096] fp16 x it moves ~150 MB, more than the 8-bit GEMM that follows reads. This kernel
-reads each x row block once and writes the 8-bit codes (and the zero padding rows) once: x's bytes plus half
-of them. Each program owns BLOCK_M tokens and BLOCK_K features; ``s`` (one fp32 per token) comes in computed
-by :func:`llmprune_kernels.sparse24.quant8.activation_scales`, so scale rounding has one home.
+reads x from HBM once (a second pass over a program's rows comes from L2) and writes the 8-bit codes, the zero
+padding rows and the per-token scales, in one launch. Each program owns BLOCK_M tokens: their largest |x|,
+their scales (``_token_scale``: :func:`llmprune_kernels.sparse24.quant8.activation_scales` step for step, the
+PyTorch form tests check it against), then their codes.
 
-Bit for bit the PyTorch form: the division is IEEE round-to-nearest (``div_rn``), INT8 rounds half to even
+Bit for bit the PyTorch form: the scale's roundings are IEEE (``div_rn``, fp32 products, fp16 conversion; bf16
+rounded on the bits), the division is IEEE round-to-nearest (``div_rn``), INT8 rounds half to even
 (the fp32 ``+ 1.5 * 2**23`` trick, exact for |v| <= 127 after the clamp) and FP8 e4m3 codes are rounded to
 nearest even from the clamped fp32 value's bits (``_e4m3_bits``).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from llmprune_kernels.sparse24.backends._decode_dot import HAS_TRITON
+from llmprune_kernels.sparse24.quant8 import OUT_SHIFT, QMAX
 
 BLOCK_M, BLOCK_K = 4, 1024
 RNE_SHIFT = 12582912.0  # 1.5 * 2**23: fp32 x + this - this rounds x to the nearest even integer (|x| < 2**22)
@@ -38,32 +41,81 @@ if HAS_TRITON:
         return (code | ((bits >> 31) << 7)).to(tl.uint8)
 
     @triton.jit
-    def _quant_kernel(x_ptr, s_ptr, q_ptr, M, K, ROWS, stride_xm, stride_qm,
-                      FP8: tl.constexpr, QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _up(bits, ONE: tl.constexpr):
+        return bits + ONE
+
+    @triton.jit
+    def _token_scale(a, QMAX: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr, SMAX: tl.constexpr):
+        """``activation_scales`` for fp32 ``a`` (each token's largest |x|), as fp32 holding the scale dtype's
+        value: ``a / QMAX`` rounded up, 1 for an all-zero token, clamped to [TINY, SMAX], then rounded up to
+        fp16 (``SCALE`` 1) or bf16 (2); the bf16 rounding is done on the bits (ties to even)."""
+        s = tl.math.div_rn(a, QMAX)
+        s = tl.where(s * QMAX < a, _up(s.to(tl.uint32, bitcast=True), 1).to(tl.float32, bitcast=True), s)
+        s = tl.where(a > 0, s, 1.0)
+        s = tl.minimum(tl.maximum(s, TINY), SMAX)
+        if SCALE == 1:
+            h = s.to(tl.float16)
+            h = tl.where(h.to(tl.float32) < s, _up(h.to(tl.uint16, bitcast=True), 1).to(tl.float16, bitcast=True), h)
+            s = tl.minimum(h.to(tl.float32), SMAX)
+        elif SCALE == 2:
+            b = s.to(tl.uint32, bitcast=True)
+            r = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            r = tl.where(r.to(tl.float32, bitcast=True) < s, _up(r, 0x10000), r)
+            s = tl.minimum(r.to(tl.float32, bitcast=True), SMAX)
+        return s
+
+    @triton.jit
+    def _quant_kernel(x_ptr, q_ptr, s_ptr, M, K, ROWS, stride_xm, stride_qm,
+                      FP8: tl.constexpr, QMAX: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
+                      SMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """BLOCK_M tokens: their largest |x| (first pass over K), their scales, then their codes (second pass,
+        from L2); zero codes for the padding rows M <= row < ROWS."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        in_k = (offs_k < K)[None, :]
-        live = (offs_m < M)[:, None] & in_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=live, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + offs_m, mask=offs_m < M, other=1.0)
-        v = tl.math.div_rn(x, s[:, None])
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        if FP8:
-            q = _e4m3_bits(v)
+        row_ok = offs_m < M
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            live = row_ok[:, None] & (offs_k < K)[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=live, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        s = _token_scale(amax, QMAX, SCALE, TINY, SMAX)
+        if SCALE == 2:
+            tl.store(s_ptr + offs_m, (s.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16), mask=row_ok)
         else:
-            q = ((v + RNE_SHIFT) - RNE_SHIFT).to(tl.int8)
-        q = tl.where(live, q, tl.zeros_like(q))  # padding rows (M <= row < ROWS) are zero codes
-        tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q, mask=(offs_m < ROWS)[:, None] & in_k)
+            tl.store(s_ptr + offs_m, s.to(s_ptr.dtype.element_ty), mask=row_ok)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            live = row_ok[:, None] & (offs_k < K)[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=live, other=0.0)
+            v = tl.math.div_rn(x.to(tl.float32), s[:, None])
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            if FP8:
+                q = _e4m3_bits(v)
+            else:
+                q = ((v + RNE_SHIFT) - RNE_SHIFT).to(tl.int8)
+            q = tl.where(live, q, tl.zeros_like(q))
+            tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q,
+                     mask=(offs_m < ROWS)[:, None] & (offs_k < K)[None, :])
 
 
-def quantize_rows(x2: torch.Tensor, s: torch.Tensor, qdtype: torch.dtype, qmax: float, rows: int) -> torch.Tensor:
-    """``xq [rows, k]``: ``x2 [M, k] / s [M]`` (fp32) rounded and clamped to ``qdtype``, zero rows below M."""
+_SCALE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def quantize_tokens(x2: torch.Tensor, qdtype: torch.dtype, scale_dtype: torch.dtype, rows: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xq [rows, k] qdtype, s [M, 1] scale_dtype)`` for ``x2 [M, k]`` in one launch: the scales of
+    :func:`~llmprune_kernels.sparse24.quant8.activation_scales`, ``x2 / s`` (fp32) rounded and clamped to
+    ``qdtype``, zero rows below M."""
     m, k = x2.shape
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     fp8 = qdtype == torch.float8_e4m3fn
     out = torch.empty(rows, k, device=x2.device, dtype=torch.uint8 if fp8 else torch.int8)
-    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(k, BLOCK_K))
-    _quant_kernel[grid](x2, s.float().contiguous(), out, m, k, rows, x2.stride(0), out.stride(0),
-                        FP8=fp8, QMAX=qmax, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=4)
-    return out.view(qdtype) if fp8 else out
+    code = _SCALE_CODE[scale_dtype]
+    s = torch.empty(m, device=x2.device, dtype=torch.uint16 if code == 2 else scale_dtype)
+    fi = torch.finfo(scale_dtype)
+    grid = (triton.cdiv(rows, BLOCK_M),)
+    _quant_kernel[grid](x2, out, s, m, k, rows, x2.stride(0), out.stride(0), FP8=fp8, QMAX=QMAX[qdtype],
+                        SCALE=code, TINY=fi.tiny, SMAX=fi.max / OUT_SHIFT[qdtype], BLOCK_M=BLOCK_M,
+                        BLOCK_K=BLOCK_K, num_warps=4)
+    return (out.view(qdtype) if fp8 else out), (s.view(torch.bfloat16) if code == 2 else s).unsqueeze(1)

@@ -32,7 +32,7 @@ import torch
 
 from llmprune_kernels.ops.score_mask import INTERPRET
 from llmprune_kernels.sparse24.backends._decode_dot import HAS_TRITON
-from llmprune_kernels.sparse24.backends._quant_act import quantize_rows
+from llmprune_kernels.sparse24.backends._quant_act import quantize_tokens
 from llmprune_kernels.sparse24.backends.base import Backend
 from llmprune_kernels.sparse24.pack import expand_24
 from llmprune_kernels.sparse24.quant8 import OUT_SHIFT, QMAX, Packed24Q8, activation_scales, fp8_ok
@@ -89,17 +89,17 @@ def quantize_per_token(x2: torch.Tensor, qdtype: torch.dtype, scale_dtype: torch
                        rows: int | None = None, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(xq [rows, k] qdtype, s [M, 1] scale_dtype)`` for a 2-D ``x2 [M, k]``: ``xq[:M] = x2 / s`` (the division in
     fp32, INT8 rounded half to even and clamped to +-127, FP8 clamped to +-448), zero rows below M.
-    ``fused`` (default: where Triton runs on x's device) quantises in one Triton pass over x
+    ``fused`` (default: where Triton runs on x's device) computes scales and codes in one Triton launch
     (:mod:`._quant_act`), else in PyTorch ops; both are bit for bit
     :func:`~llmprune_kernels.reference.sparse24_8bit.quantize_activations_reference`."""
     m, k = x2.shape
     rows = m if rows is None else rows
-    s = activation_scales(torch.linalg.vector_norm(x2, float("inf"), dim=-1), qdtype, scale_dtype or x2.dtype)
-    s = s.unsqueeze(1)
+    scale_dtype = scale_dtype or x2.dtype
     if fused is None:
         fused = HAS_TRITON and (x2.is_cuda or INTERPRET)
     if fused:
-        return quantize_rows(x2, s[:, 0], qdtype, QMAX[qdtype], rows), s
+        return quantize_tokens(x2, qdtype, scale_dtype, rows)
+    s = activation_scales(torch.linalg.vector_norm(x2, float("inf"), dim=-1), qdtype, scale_dtype).unsqueeze(1)
     xq = torch.empty(rows, k, device=x2.device, dtype=qdtype)
     if rows > m:
         xq[m:].view(torch.uint8).zero_()

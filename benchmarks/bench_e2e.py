@@ -28,6 +28,10 @@ weights, fp16, a few decoder layers), the whole job through the package's public
   (norms, rotary, attention, cache writes, the dense lm_head), which no 2:4 format shortens, and
   ``decode_bound_<model>`` = dense step ms / that model's other-op ms: the decode speed-up the model reaches with
   free Linears.
+* ``test_decode_compiled``: the same greedy graph decode with each model's forward ``torch.compile``-d (inductor,
+  static shapes: the model's norms, rotary and elementwise ops fused; the 2:4 Linears run their ops, 8-bit ones
+  ``decode8``'s), dense, 16-bit 2:4 and 8-bit 2:4 (tuned at M = 1), compiled the same way; ``compile_s`` includes
+  the first prompt and step.
 Results: ``results/e2e.json``.
 """
 from __future__ import annotations
@@ -316,3 +320,41 @@ def test_decode(benchmark, results):
     results.add(fig)
     benchmark.extra_info.update(fig)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures above are the measurement
+
+
+def test_decode_compiled(benchmark, results):
+    with torch.no_grad():
+        dense, cfg = build(DECODE_LAYERS)
+        prune_model(dense, None, "magnitude", SparsityConfig(n=2, m=4), device="cuda", measure_error=False,
+                    progress=False)
+        models = {"dense": dense, "sparse": sparsify_(copy.deepcopy(dense), buckets=(1, 128)),
+                  "sparse_q8": sparsify_(copy.deepcopy(dense), SemiSparseWeightConfig(weight_dtype=_q8_dtype()),
+                                         _decoder_linears, buckets=(1, 128))}
+        torch.manual_seed(2)
+        short = torch.randint(0, 32000, (1, 128), device="cuda")
+        compile_s, errors = {}, {}
+        for name, model in list(models.items()):
+            t0 = time.perf_counter()
+            model.forward = torch.compile(model.forward, dynamic=False)
+            try:
+                _decode_graph_tok_s(model, cfg, short, 2)  # compiles the prompt's and the step's graphs
+            except Exception as exc:  # a model that does not compile is reported, the others still measured
+                errors[name] = f"{type(exc).__name__}: {exc}"[:500]
+                del models[name]
+                continue
+            compile_s[name] = time.perf_counter() - t0
+        runs: dict = {name: [] for name in models}
+        for _ in range(ROUNDS):
+            for name, model in models.items():
+                runs[name].append(_decode_graph_tok_s(model, cfg, short, NEW_TOKENS))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    fig = {"case": f"decode compiled {DECODE_LAYERS} layers 2:4 float16", "layers": DECODE_LAYERS,
+           "new_tokens": NEW_TOKENS, "rounds": ROUNDS, "q8_weight_dtype": _q8_dtype(), "compile_s": compile_s,
+           "errors": errors, "medians": {f"decode_graph_compiled_tok_s_{k}": v for k, v in med.items()},
+           "runs": runs, "baseline": "dense (nn.Linear, same weights), compiled the same way",
+           "ratios": {f"speedup_decode_graph_compiled_{k}": ratio(v, med.get("dense")) for k, v in med.items()
+                      if k != "dense"}}
+    results.add(fig)
+    benchmark.extra_info.update(fig)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures above are the measurement
+    assert not errors, errors

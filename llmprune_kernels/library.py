@@ -2,8 +2,8 @@
 
 The compiled kernels in ``csrc/`` register only implementations (``TORCH_LIBRARY_IMPL`` per device); the
 schemas are defined here, so one file lists the whole operator surface. Fakes let ``torch.compile`` trace
-the ops (shapes only); ``torch.library.opcheck`` tests the registrations. The Triton 2:4 decode kernel is a
-Python custom op, defined here around its launcher. Ops whose kernels were not compiled in (a CPU build,
+the ops (shapes only); ``torch.library.opcheck`` tests the registrations. The Triton 2:4 decode kernels (16-
+and 8-bit values) are Python custom ops, defined here around their launchers. Ops whose kernels were not compiled in (a CPU build,
 no cuSPARSELt, no CUTLASS) keep their schema and fake; calling them raises torch's "no kernel" error, and
 the Python wrappers check ``_ext`` first.
 """
@@ -145,3 +145,45 @@ def _mm_backward(ctx, grad):
 
 # torch.compile traces a backward whenever an input (e.g. the bias Parameter) requires grad.
 sparse24_mm.register_autograd(_mm_backward, setup_context=_mm_setup)
+
+
+# -- the Triton 8-bit 2:4 decode kernel (backend decode8) as an op, so compiled graphs read 8-bit weights ----
+@torch.library.custom_op(f"{NAMESPACE}::sparse24_mm8", mutates_args=())
+def sparse24_mm8(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None, in_features: int, group_size: int) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for the 8-bit 2:4 weight ``(values, meta, scale)`` (``group_size`` 0: one scale per
+    output channel) through the Triton decode8 kernel."""
+    from llmprune_kernels.sparse24.backends.decode8 import sparse24_q8_mm
+
+    return sparse24_q8_mm(x, _q8(values, meta, scale, in_features, group_size), bias)
+
+
+def _q8(values, meta, scale, in_features: int, group_size: int):
+    from llmprune_kernels.sparse24.quant8 import Packed24Q8
+
+    return Packed24Q8(values, meta, scale, (values.shape[0], in_features), group_size or None)
+
+
+@sparse24_mm8.register_fake
+def _(x, values, meta, scale, bias, in_features, group_size):
+    return x.new_empty(*x.shape[:-1], values.shape[0])
+
+
+def _mm8_setup(ctx, inputs, output) -> None:
+    x, values, meta, scale, bias, in_features, group_size = inputs
+    ctx.save_for_backward(values, meta, scale)
+    ctx.in_features, ctx.group_size, ctx.dtype = in_features, group_size, x.dtype
+
+
+def _mm8_backward(ctx, grad):
+    from llmprune_kernels.sparse24.pack import unpack_24
+    from llmprune_kernels.sparse24.quant8 import dequantize_24
+
+    values, meta, scale = ctx.saved_tensors
+    q = _q8(values, meta, scale, ctx.in_features, ctx.group_size)
+    gx, gb = linear_grads(grad, lambda: unpack_24(dequantize_24(q, ctx.dtype)), ctx.needs_input_grad[0],
+                          ctx.needs_input_grad[4])
+    return gx, None, None, None, gb, None, None
+
+
+sparse24_mm8.register_autograd(_mm8_backward, setup_context=_mm8_setup)

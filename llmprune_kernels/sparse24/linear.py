@@ -206,9 +206,9 @@ class SparseLinear(nn.Module):
         """CPU, torch.compile tracing, and anything the eager fast path does not cover."""
         choice = self.choose(x.numel() // self.in_features)
         b = backends.get(choice.path)
-        if torch.compiler.is_compiling() and (not b.traceable or (choice.path != "dense"
-                                                                  and grad_can_flow(x, self.bias))):
-            # compiled graphs that cannot trace this backend, or need gradients from it, run the decode op,
+        if torch.compiler.is_compiling() and (not b.traceable or (
+                grad_can_flow(x, self.bias) and not (b.differentiable or b.traced_grad))):
+            # compiled graphs that cannot trace this backend, or need gradients its op lacks, run the decode op,
             # which has a fake and an autograd formula
             choice, b = dispatch.pinned("decode"), backends.get("decode")
         config = choice.config()

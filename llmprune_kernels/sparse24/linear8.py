@@ -16,6 +16,9 @@ Forward is ``F.linear(x, W, bias)`` with ``W`` the dequantised masked weight, co
   16-bit 2:4 layout is 1.8x the 8-bit one, a dense copy 6.4x; ``dense_tolerance`` avoids dense copies);
 * CPU: the reference, the dequantised dense weight in ``F.linear`` (rebuilt per call: no 16-bit copy kept).
 
+Under ``torch.compile`` the 8-bit decode path is ``decode8``'s op (``llmprune_kernels::sparse24_mm8``, with a fake
+and the frozen-weight gradient), so compiled models read the 8-bit weight too.
+
 ``.half()`` / ``.to(dtype)`` change ``compute_dtype`` (and the bias) but never the 8-bit values or the
 scales; device moves move all of them. Gradients for x and bias (the weight is frozen) use the dequantised
 weight.
@@ -175,13 +178,14 @@ class SparseLinear8(SparseLinear):
 
     def choose(self, m: int) -> dispatch.Choice:
         """A pinned backend where it can take this call (else dense); on CUDA the measured 8-bit decode kernel
-        (else ``decode8``) for M <= 16; with 8-bit activations opted in, cslt8 in the buckets where it measured
+        (else ``decode8``, and ``decode8`` inside torch.compile where the choice has no traceable op) for
+        M <= 16; with 8-bit activations opted in, cslt8 in the buckets where it measured
         faster; else the 16-bit 2:4 dispatch for (out, in, compute_dtype) on the dequantised weight."""
         if self.force_path is None and self.values.device.type == "cuda":
             c = self._q8_choice(m)
-            if c is not None:
+            if c is not None and (backends.get(c.path).traceable or not torch.compiler.is_compiling()):
                 return c
-            if self._runs(DECODE8, m):
+            if self._runs(DECODE8, m):  # also where compiled graphs cannot trace the measured choice
                 return dispatch.pinned(DECODE8)
             c = self._act8_choice(m)
             if c is not None:

@@ -39,6 +39,7 @@ class Backend:
     eager_substitute: ClassVar[str | None] = None
     traceable: ClassVar[bool] = True  # ``call`` works under torch.compile (its op has a fake)
     differentiable: ClassVar[bool] = False  # its calls carry autograd themselves (else the shared formula wraps them)
+    traced_grad: ClassVar[bool] = False  # its torch.compile op has the frozen-weight gradient registered
     quantized: ClassVar[bool] = False  # prepares from the 8-bit packing (quant8.Packed24Q8), not the 16-bit one
 
     # -- what it serves ---------------------------------------------------------------------------------

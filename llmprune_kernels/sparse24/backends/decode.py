@@ -187,6 +187,7 @@ class DecodeBackend(Backend):
 
     name = "decode"
     tune_max_m = DECODE_MAX_M
+    traced_grad = True  # the op llmprune_kernels::sparse24_mm has the frozen-weight gradient
     default_priority, default_max_m = 1, 16
     # a Triton launch costs more host time than it saves on a small layer outside a CUDA graph (H100: 0.4-0.7x
     # of dense per eager call at 4096x4096), while the C++ mma.sp op launches like F.linear

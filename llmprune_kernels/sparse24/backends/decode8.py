@@ -193,7 +193,8 @@ class Decode8Backend(Backend):
     max_m = MAX_M
     quantized = True  # reads the 8-bit packing (Packed24Q8), not the 16-bit one
     eager_substitute = "mmasp8"  # outside CUDA graphs the C++ op's launch costs less host time than Triton's
-    traceable = False  # no torch.compile op: compiled graphs run the 16-bit decode op on the dequantised weight
+    traceable = True  # torch.compile traces the op llmprune_kernels::sparse24_mm8 (library.py)
+    traced_grad = True  # with the frozen-weight gradient of the dequantised weight
 
     def available(self, device: torch.device) -> bool:
         return HAS_TRITON and (device.type == "cuda" or _INTERPRET)
@@ -236,6 +237,9 @@ class Decode8Backend(Backend):
         return cfg, None, [lambda s=s: self.bind(s, cfg, m, k, out_features, None)(x) for s in states]
 
     def call(self, state: Packed24Q8, config, x, out_features, bias):
+        if torch.compiler.is_compiling():
+            return torch.ops.llmprune_kernels.sparse24_mm8(x, state.values, state.meta, state.scale, bias,
+                                                           state.shape[1], state.group_size or 0)
         return sparse24_q8_mm(x, state, bias, block=config)
 
     def describe(self, config) -> str:

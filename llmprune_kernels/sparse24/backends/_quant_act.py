@@ -26,6 +26,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    _RNE = tl.constexpr(RNE_SHIFT)  # kernels read globals only as constexpr
+
     @triton.jit
     def _e4m3_bits(v):
         """FP8 e4m3 codes (uint8) of fp32 ``v`` (|v| <= 448), rounded to nearest even, built from v's bits
@@ -36,7 +38,7 @@ if HAS_TRITON:
         r = (mag + 0x7FFFF + ((mag >> 20) & 1)) & 0xFFF00000  # 3 mantissa bits, ties to even
         normal = (((r >> 23) - 120) << 3) | ((r >> 20) & 7)  # exponent re-biased from 127 to 7
         a = mag.to(tl.float32, bitcast=True) * 512.0
-        sub = ((a + RNE_SHIFT) - RNE_SHIFT).to(tl.uint32)
+        sub = ((a + _RNE) - _RNE).to(tl.uint32)
         code = tl.where(mag >= 0x3C800000, normal, sub)  # 0x3C800000: 2**-6
         return (code | ((bits >> 31) << 7)).to(tl.uint8)
 
@@ -92,7 +94,7 @@ if HAS_TRITON:
             if FP8:
                 q = _e4m3_bits(v)
             else:
-                q = ((v + RNE_SHIFT) - RNE_SHIFT).to(tl.int8)
+                q = ((v + _RNE) - _RNE).to(tl.int8)
             q = tl.where(live, q, tl.zeros_like(q))
             tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q,
                      mask=(offs_m < ROWS)[:, None] & (offs_k < K)[None, :])

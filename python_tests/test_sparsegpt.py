@@ -217,12 +217,11 @@ def _assert_exact(fast, ref, truth):
     """The fast (fp64-factor) path against SparseGPT run in fp64 (``truth``): no more mask entries off the
     exact result's than the fp32 reference has (which flips near-ties: 302 entries on SmolLM2's layer-0
     down_proj); with the exact masks, weights within 1e-5 relative of the exact result and no farther from it
-    than the reference's. On the CPU every case here has the exact masks (asserted)."""
+    than the reference's, else the loss within 1e-3 of the exact one. How many near-ties flip depends on the
+    LAPACK kernels the CPU runs (none on some x86 CPUs, a few dozen of SmolLM2's down_proj 2:4 on others)."""
     flips_fast = int((fast.mask != truth.mask).sum())
     flips_ref = int((ref.mask != truth.mask).sum())
     assert flips_fast <= flips_ref, f"fast path: {flips_fast} mask entries off the exact result, reference {flips_ref}"
-    if fast.mask.device.type == "cpu":  # measured: exact masks in every case here (LAPACK)
-        assert flips_fast == 0, f"{flips_fast} mask entries off the exact result"
     assert fast.retries == ref.retries and fast.damp == pytest.approx(ref.damp, rel=1e-6)
     if flips_fast:
         assert fast.loss == pytest.approx(truth.loss, rel=1e-3)

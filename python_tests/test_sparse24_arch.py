@@ -90,3 +90,51 @@ def test_8bit_paths_follow_the_gpu_and_the_build(setup):
         with pytest.raises(ValueError, match=r"FP8 \(compute capability 8.9 or newer\); cuda:0 has 8.0: use 'int8'"):
             check_fp8_device(fp8, CUDA)
     check_fp8_device(int8, CUDA)
+
+
+# ----------------------------------------------------------------------------- the mma.sp ops' call checks
+def _layouts():
+    from llmprune_kernels.sparse24.pack import pack_24
+    from llmprune_kernels.sparse24.quant8 import quantize_24
+    from llmprune_kernels.testing import random_24_weight
+
+    w = random_24_weight(64, 256, torch.float16)
+    return (mmasp.to_mmasp_layout(pack_24(w)), mmasp8.to_mmasp8_layout(quantize_24(w, "fp8")),
+            mmasp8.to_mmasp8_layout(quantize_24(w, "int8")))
+
+
+def test_mmasp_calls_name_the_bad_argument_before_any_work():
+    lay16, lay8, _ = _layouts()
+    for call, lay in ((mmasp.mmasp_linear, lay16), (mmasp8.mmasp8_linear, lay8)):
+        with pytest.raises(ValueError, match="x has 255 input features; the weight has 256"):
+            call(torch.randn(2, 255).half(), lay)
+        for rows in (0, 17):
+            with pytest.raises(ValueError, match=rf"takes 1\.\.16 rows, got {rows}"):
+                call(torch.randn(rows, 256).half(), lay)
+        with pytest.raises(RuntimeError, match="needs the CUDA build .* x is on cpu"):
+            call(torch.randn(2, 256).half(), lay)
+    with pytest.raises(ValueError, match="x dtype torch.bfloat16 differs from the weight's torch.float16"):
+        mmasp.mmasp_linear(torch.randn(2, 256).bfloat16(), lay16)
+    with pytest.raises(ValueError, match="x dtype torch.float32 is not supported by the 8-bit mma.sp kernel"):
+        mmasp8.mmasp8_linear(torch.randn(2, 256), lay8)
+
+
+def test_mmasp_call_configs_follow_the_loaded_code(setup):
+    """On (fake) CUDA tensors of each set-up: a cluster config where the code has none, FP8 values without sm_89
+    code and a rows_per_warp the 8-bit op lacks are refused with what is allowed, before the op runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cpu = _layouts()
+    with FakeTensorMode():
+        lay16, lay8, lay_i8 = (type(lay)(**{k: (torch.empty(v.shape, dtype=v.dtype, device="cuda") if torch.is_tensor(v) else v)
+                                            for k, v in vars(lay).items()}) for lay in cpu)
+        x = torch.empty(4, 256, device="cuda", dtype=torch.float16)
+        if setup != "h100":
+            with pytest.raises(ValueError, match=r"runs at most 1 split\(s\) \(thread-block clusters need sm_90"):
+                mmasp.mmasp_linear(x, lay16, config=(4, 1, 8))
+            with pytest.raises(ValueError, match="FP8 e4m3 values need sm_89 code"):
+                mmasp8.mmasp8_linear(x, lay8)
+        with pytest.raises(ValueError, match="rows_per_warp must be 1"):
+            mmasp8.mmasp8_linear(x, lay_i8, config=(4, 2, 1))
+        with pytest.raises(ValueError, match="bias must be a torch.float16 vector of 64"):
+            mmasp.mmasp_linear(x, lay16, torch.empty(63, device="cuda", dtype=torch.float16), config=(4, 1, 1))

@@ -255,32 +255,51 @@ def device_default_config(out_features: int, in_features: int, m: int,
     return default_config(out_features, in_features, m, sms=sms, max_split=max_splits(device))
 
 
+def check_call(x: torch.Tensor, shape: tuple[int, int], what: str, op_ok: bool = True
+               ) -> tuple[torch.Size, torch.Tensor]:
+    """``(leading shape, x as [M, in])`` after the checks every mma.sp op's call shares: x's width, 1..16 rows in
+    all, x on a GPU whose loaded code runs the op (``op_ok``: the op itself was compiled in)."""
+    inp = shape[1]
+    if x.shape[-1] != inp:
+        raise ValueError(f"x has {x.shape[-1]} input features; the weight has {inp}")
+    x2 = x.reshape(-1, inp)
+    if not 1 <= x2.shape[0] <= MAX_M:
+        raise ValueError(f"{what} takes 1..{MAX_M} rows, got {x2.shape[0]}")
+    if not (x.is_cuda and op_ok and available(x.device)):
+        raise RuntimeError(f"{what} needs the CUDA build of llmprune_kernels._C (sm_80 code or newer) and x on its "
+                           f"GPU; x is on {x.device}")
+    return x.shape[:-1], x2
+
+
+def resolve_call_config(config: tuple[int, int, int] | None, shape: tuple[int, int], m: int,
+                        device: torch.device, what: str, rows_per_warp: int | None = None) -> tuple[int, int, int]:
+    """``config`` (default: the device's) checked against what this call can run: the split limit of the
+    loaded code, ``rows_per_warp`` where the op fixes it, and shared memory for x's slice."""
+    out, inp = shape
+    cfg = check_config(config if config is not None else device_default_config(out, inp, m, device))
+    if cfg[2] > max_splits(device):
+        raise ValueError(f"{what} config {cfg}: this build's code on {device} runs at most {max_splits(device)} "
+                         f"split(s) (thread-block clusters need sm_90 code)")
+    if rows_per_warp is not None and cfg[1] != rows_per_warp:
+        raise ValueError(f"{what} config {cfg}: rows_per_warp must be {rows_per_warp}")
+    if not config_fits(m, inp, cfg, device):
+        raise ValueError(f"{what} config {cfg} needs {smem_bytes(m, inp, cfg)} bytes of shared memory for "
+                         f"in_features={inp}, M={m} (limit {smem_limit(device)}): use more splits")
+    return cfg
+
+
 def mmasp_linear(x: torch.Tensor, layout: MmaspLayout, bias: torch.Tensor | None = None,
                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` through the mma.sp kernel; x ``[..., in]`` with at most 16 rows in all."""
     out, inp, _, _ = _check_layout(layout)
-    if x.shape[-1] != inp:
-        raise ValueError(f"x has {x.shape[-1]} input features; the weight has {inp}")
-    if x.dtype != layout.dtype:
+    if x.shape[-1] == inp and x.dtype != layout.dtype:
         raise ValueError(f"x dtype {x.dtype} differs from the weight's {layout.dtype}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, inp)
-    if x2.shape[0] > MAX_M or x2.shape[0] < 1:
-        raise ValueError(f"mma.sp decode kernel takes 1..{MAX_M} rows, got {x2.shape[0]}")
-    if not x.is_cuda or not available(x.device):
-        raise RuntimeError("the mma.sp op needs the CUDA build of llmprune_kernels._C (sm_80 code or newer) "
-                           f"and x on its GPU; x is on {x.device}")
-    cfg = check_config(config if config is not None else device_default_config(out, inp, x2.shape[0], x.device))
-    if cfg[2] > max_splits(x.device):
-        raise ValueError(f"mma.sp config {cfg}: this build's code on {x.device} runs at most "
-                         f"{max_splits(x.device)} split(s) (thread-block clusters need sm_90 code)")
-    if not config_fits(x2.shape[0], inp, cfg, x.device):
-        raise ValueError(f"mma.sp config {cfg} needs {smem_bytes(x2.shape[0], inp, cfg)} bytes of shared memory "
-                         f"for in_features={inp}, M={x2.shape[0]} (limit {smem_limit(x.device)}): use more splits")
+    lead, x2 = check_call(x, (out, inp), "the mma.sp decode kernel")
+    cfg = resolve_call_config(config, (out, inp), x2.shape[0], x.device, "mma.sp")
     if bias is not None and (bias.dtype != x.dtype or bias.shape != (out,) or bias.device != x.device):
         raise ValueError(f"bias must be a {x.dtype} vector of {out} on {x.device}, got {bias.dtype} "
                          f"{tuple(bias.shape)} on {bias.device}")
-    if not x.is_cuda or layout.a_frag.device != x.device:
+    if layout.a_frag.device != x.device:
         raise ValueError(f"x ({x.device}) and the weight ({layout.a_frag.device}) must be on one CUDA device")
     y = torch.ops.llmprune_kernels.sparse24_mmasp_linear(x2.contiguous(), layout.a_frag, layout.e_frag, out, bias, *cfg)
     return y.reshape(*lead, out)

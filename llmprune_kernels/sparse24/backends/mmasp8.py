@@ -25,10 +25,9 @@ import torch
 
 from llmprune_kernels import _ext
 from llmprune_kernels.sparse24.backends import mmasp
-from llmprune_kernels.sparse24.backends.mmasp import (CHUNK, MAX_M, MmaspBackend, MmaspLayout, check_config,
-                                                      check_shape, config_fits, device_default_config, frag_meta,
-                                                      frag_values, from_mmasp_layout, max_splits, op_runner,
-                                                      padded_dims)
+from llmprune_kernels.sparse24.backends.mmasp import (CHUNK, MAX_M, MmaspBackend, MmaspLayout, check_call,
+                                                      check_config, check_shape, config_fits, frag_meta, frag_values,
+                                                      from_mmasp_layout, op_runner, padded_dims, resolve_call_config)
 from llmprune_kernels.sparse24.quant8 import QMAX, Packed24Q8
 
 OP = "llmprune_kernels::sparse24_mmasp8_linear"
@@ -106,25 +105,14 @@ def mmasp8_linear(x: torch.Tensor, layout: Mmasp8Layout, bias: torch.Tensor | No
                   config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` through the 8-bit mma.sp kernel; x ``[..., in]`` fp16 / bf16 with 1..16 rows in all."""
     out, inp = layout.shape
-    if x.shape[-1] != inp:
-        raise ValueError(f"x has {x.shape[-1]} input features; the weight has {inp}")
-    if x.dtype not in (torch.float16, torch.bfloat16):
+    if x.shape[-1] == inp and x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x dtype {x.dtype} is not supported by the 8-bit mma.sp kernel; allowed: torch.float16, "
                          f"torch.bfloat16")
-    lead, x2 = x.shape[:-1], x.reshape(-1, inp)
-    m = x2.shape[0]
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"the 8-bit mma.sp kernel takes 1..{MAX_M} rows, got {m}")
-    if not (x.is_cuda and op_available() and mmasp.available(x.device)):
-        raise RuntimeError("the 8-bit mma.sp op needs the CUDA build of llmprune_kernels._C (sm_80 code or newer) "
-                           f"and x on its GPU; x is on {x.device}")
+    what = "the 8-bit mma.sp kernel"
+    lead, x2 = check_call(x, layout.shape, what, op_available())
     if layout.a_frag.dtype == torch.float8_e4m3fn and not _fp8_code(x.device):
         raise ValueError("FP8 e4m3 values need sm_89 code; this build's code on this GPU is older: use int8 values")
-    cfg = check_config(config if config is not None else device_default_config(out, inp, m, x.device))
-    if cfg[1] != 1 or not config_fits(m, inp, cfg, x.device):
-        raise ValueError(f"8-bit mma.sp config {cfg} cannot run in_features={inp}, M={m} on {x.device}: "
-                         f"rows_per_warp must be 1, at most {max_splits(x.device)} split(s), shared memory "
-                         f"{mmasp.smem_limit(x.device)} bytes")
+    cfg = resolve_call_config(config, layout.shape, x2.shape[0], x.device, what, rows_per_warp=1)
     y = torch.ops.llmprune_kernels.sparse24_mmasp8_linear(x2.contiguous(), layout.a_frag, layout.e_frag,
                                                           layout.scale, out, bias, *cfg)
     return y.reshape(*lead, out)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run every benchmark suite on this machine's GPU, each in its own process, and leave one JSON per suite in
-# benchmarks/results/ (score_mask, act_norm, sparsegpt, admm, sparse24, e2e, quality_smollm2 + its .md table).
+# benchmarks/results/ (score_mask, tensor_core_masks, act_norm, sparsegpt, admm, sparse24, sparse24_8bit,
+# sparse_experts, e2e, quality_smollm2 + its .md table).
 #
-#   bash benchmarks/run_all.sh            # all suites, canonical results (about 8 minutes on one H100)
-#   bash benchmarks/run_all.sh --quick    # fewer cases and repetitions, no quality table (about 4 minutes),
+#   bash benchmarks/run_all.sh            # all GPU suites, canonical results
+#   bash benchmarks/run_all.sh --quick    # fewer cases and repetitions, no quality table,
 #                                         # written to $LLMPRUNE_BENCH_RESULTS (default /tmp/llmprune_bench_quick)
 #   bash benchmarks/run_all.sh sparse24 e2e   # only these suites (names as above, or quality)
 #
@@ -22,7 +23,7 @@ for arg in "$@"; do
   esac
 done
 if [ ${#SUITES[@]} -eq 0 ]; then
-  SUITES=(score_mask act_norm sparsegpt admm sparse24 e2e)
+  SUITES=(score_mask tensor_core_masks act_norm sparsegpt admm sparse24 sparse24_8bit sparse_experts e2e)
   [ $QUICK = 1 ] || SUITES+=(quality)
 fi
 export LLMPRUNE_BENCH_QUICK=$QUICK PYTHONUNBUFFERED=1

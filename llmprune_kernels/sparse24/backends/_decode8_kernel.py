@@ -24,7 +24,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from llmprune_kernels.sparse24.backends._decode_dot import _expand, _load_tile, _mma
+    from llmprune_kernels.sparse24.backends._decode_dot import _expand, _load_tile, _mma, _store_tile, _tile_start
 
     @triton.jit
     def _codes(v, FP8: tl.constexpr, F32: tl.constexpr, x):
@@ -83,20 +83,8 @@ if HAS_TRITON:
     ):
         """``y = x @ (q * scale).T (+ bias)`` for the 8-bit packing; ``v_ptr``: the values as uint8 (FP8 bits)
         or int8. SPLIT_K > 1 writes scaled fp32 partials, summed by ``_decode_dot._splitk_reduce_kernel``."""
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n_ok = offs_n < N
-        m_ok = offs_m < M
-        k_start = pid_k * K_PER_SPLIT
-        k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-        k_full = k_start + (k_end - k_start) // BLOCK_K * BLOCK_K  # end of the whole tiles
-        if SWAP:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        pid_k, offs_m, offs_n, m_ok, n_ok, k_start, k_end, k_full, acc = _tile_start(
+            M, N, K, K_PER_SPLIT, SWAP, BLOCK_M, BLOCK_N, BLOCK_K)
         v_nxt, mb_nxt, x_nxt = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn,
                                           stride_mn, k_start, k_end, True, False, BLOCK_K)
         for k0 in range(k_start, k_full, BLOCK_K):
@@ -119,17 +107,5 @@ if HAS_TRITON:
                 acc = acc * s[:, None]
             else:
                 acc = acc * s[None, :]
-        if SWAP:  # acc[n, m]: store through transposed offsets
-            out_off = offs_m[None, :] * stride_ym + offs_n[:, None]
-            out_mask = m_ok[None, :] & n_ok[:, None]
-            bias_b = offs_n[:, None]
-        else:
-            out_off = offs_m[:, None] * stride_ym + offs_n[None, :]
-            out_mask = m_ok[:, None] & n_ok[None, :]
-            bias_b = offs_n[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + bias_b, mask=bias_b < N, other=0.0).to(tl.float32)
-            tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-        else:  # fp32 partial of this K slice
-            tl.store(y_ptr + pid_k * stride_ys + out_off, acc, mask=out_mask)
+        _store_tile(acc, y_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, N, stride_ym, stride_ys, HAS_BIAS,
+                    SPLIT_K, SWAP)

@@ -32,6 +32,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from llmprune_kernels.sparse24.backends._decode_stream import _store_rows, _stream_start
+
     @triton.jit
     def _four_byte_aligned(offs, k_end):
         """``offs`` seen by Triton as only 4-byte aligned, so a thread loads the 4 metadata bytes of its 4 value
@@ -136,16 +138,8 @@ if HAS_TRITON:
     ):
         """``w_ptr``: the 8-bit values viewed as int32, one per quad; ``POST``: the factor the conversion leaves
         (2^8 for FP8 bit moves, else 1), applied with the scale."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        rows = offs_n[None, :, None]
-        offs_m = tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        q_start = pid_k * Q_PER_SPLIT
-        q_end = tl.minimum(Q, q_start + Q_PER_SPLIT)
-        q_full = q_start + (q_end - q_start) // BLOCK_Q * BLOCK_Q
+        pid_k, offs_m, offs_n, m_ok, n_ok, rows, q_start, q_end, q_full = _stream_start(
+            M, N, Q, Q_PER_SPLIT, BLOCK_M, BLOCK_N, BLOCK_Q)
         if K % 8 != 0:  # K ends inside the last quad: that quad goes to the masked tile
             q_full = tl.minimum(q_full, (Q - 1) // BLOCK_Q * BLOCK_Q)
         out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -177,14 +171,7 @@ if HAS_TRITON:
             out += tl.sum(acc, axis=2)
         s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32) * POST
         out = out * s[None, :]
-        out_mask = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
-                     mask=out_mask)
-        else:
-            tl.store(y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :], out, mask=out_mask)
+        _store_rows(out, y_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, stride_ym, stride_ys, HAS_BIAS, SPLIT_K)
 
 
 def as_quads(values: torch.Tensor) -> torch.Tensor:

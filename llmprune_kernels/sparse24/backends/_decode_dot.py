@@ -105,13 +105,10 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _sparse24_mm_kernel(
-        x_ptr, v_ptr, m_ptr, b_ptr, y_ptr,
-        M, N, K, K_PER_SPLIT,
-        stride_xm, stride_vn, stride_mn, stride_ym, stride_ys,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr, PAIRS: tl.constexpr,
-        SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
+    def _tile_start(M, N, K, K_PER_SPLIT, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+        """This program's K slice index, rows and columns (with their masks), its K slice (start, end, end of
+        the whole tiles) and a zero accumulator (``[BLOCK_N, BLOCK_M]`` when SWAP); grid (N, M, K slices)."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -126,20 +123,12 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        v_nxt, mb_nxt, x_nxt = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn,
-                                          stride_mn, k_start, k_end, True, PAIRS, BLOCK_K)
-        for k0 in range(k_start, k_full, BLOCK_K):
-            v = v_nxt
-            mb = mb_nxt
-            x = x_nxt
-            # Issue the next tile's loads before this tile's math (register double buffering).
-            v_nxt, mb_nxt, x_nxt = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm,
-                                              stride_vn, stride_mn, k0 + BLOCK_K, k_end, True, PAIRS, BLOCK_K)
-            acc = _mma(acc, x, _expand(v, mb, x, PAIRS, BLOCK_N, BLOCK_K), IEEE, SWAP)
-        if k_full < k_end:  # the ragged last tile, masked per column
-            v, mb, x = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn, stride_mn,
-                                  k_full, k_end, False, PAIRS, BLOCK_K)
-            acc = _mma(acc, x, _expand(v, mb, x, PAIRS, BLOCK_N, BLOCK_K), IEEE, SWAP)
+        return pid_k, offs_m, offs_n, m_ok, n_ok, k_start, k_end, k_full, acc
+
+    @triton.jit
+    def _store_tile(acc, y_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, N, stride_ym, stride_ys,
+                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
+        """y (plus bias) in y's dtype, or K slice ``pid_k``'s fp32 partial when SPLIT_K > 1."""
         if SWAP:  # acc[n, m]: store through transposed offsets
             out_off = offs_m[None, :] * stride_ym + offs_n[:, None]
             out_mask = m_ok[None, :] & n_ok[:, None]
@@ -154,6 +143,33 @@ if HAS_TRITON:
             tl.store(y_ptr + out_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
         else:  # fp32 partial of this K slice
             tl.store(y_ptr + pid_k * stride_ys + out_off, acc, mask=out_mask)
+
+    @triton.jit
+    def _sparse24_mm_kernel(
+        x_ptr, v_ptr, m_ptr, b_ptr, y_ptr,
+        M, N, K, K_PER_SPLIT,
+        stride_xm, stride_vn, stride_mn, stride_ym, stride_ys,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr, PAIRS: tl.constexpr,
+        SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_k, offs_m, offs_n, m_ok, n_ok, k_start, k_end, k_full, acc = _tile_start(
+            M, N, K, K_PER_SPLIT, SWAP, BLOCK_M, BLOCK_N, BLOCK_K)
+        v_nxt, mb_nxt, x_nxt = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn,
+                                          stride_mn, k_start, k_end, True, PAIRS, BLOCK_K)
+        for k0 in range(k_start, k_full, BLOCK_K):
+            v = v_nxt
+            mb = mb_nxt
+            x = x_nxt
+            # Issue the next tile's loads before this tile's math (register double buffering).
+            v_nxt, mb_nxt, x_nxt = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm,
+                                              stride_vn, stride_mn, k0 + BLOCK_K, k_end, True, PAIRS, BLOCK_K)
+            acc = _mma(acc, x, _expand(v, mb, x, PAIRS, BLOCK_N, BLOCK_K), IEEE, SWAP)
+        if k_full < k_end:  # the ragged last tile, masked per column
+            v, mb, x = _load_tile(x_ptr, v_ptr, m_ptr, offs_m, M, offs_n, N, stride_xm, stride_vn, stride_mn,
+                                  k_full, k_end, False, PAIRS, BLOCK_K)
+            acc = _mma(acc, x, _expand(v, mb, x, PAIRS, BLOCK_N, BLOCK_K), IEEE, SWAP)
+        _store_tile(acc, y_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, N, stride_ym, stride_ys, HAS_BIAS,
+                    SPLIT_K, SWAP)
 
     @triton.jit
     def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,

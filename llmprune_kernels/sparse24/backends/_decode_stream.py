@@ -118,14 +118,9 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _sparse24_stream_kernel(
-        x_ptr, w_ptr, m_ptr, b_ptr, y_ptr,
-        M, N, G, G_PER_SPLIT,
-        stride_xm, stride_wn, stride_mn, stride_ym, stride_ys,
-        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EXPAND: tl.constexpr, ACC3: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-    ):
-        """``w_ptr``: the packed values viewed as int32, one per group (its two kept values)."""
+    def _stream_start(M, N, G, G_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """This program's K slice index, rows and columns (with masks; ``rows`` as [1, BLOCK_N, 1]) and its
+        slice of the G units along K (start, end, end of the whole tiles); grid (N tiles, K slices)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,6 +131,32 @@ if HAS_TRITON:
         g_start = pid_k * G_PER_SPLIT
         g_end = tl.minimum(G, g_start + G_PER_SPLIT)
         g_full = g_start + (g_end - g_start) // BLOCK_G * BLOCK_G  # end of the whole tiles
+        return pid_k, offs_m, offs_n, m_ok, n_ok, rows, g_start, g_end, g_full
+
+    @triton.jit
+    def _store_rows(out, y_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, stride_ym, stride_ys,
+                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """``out [BLOCK_M, BLOCK_N]`` (plus bias) in y's dtype, or K slice ``pid_k``'s fp32 partial."""
+        out_mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
+                     mask=out_mask)
+        else:  # fp32 partial of this K slice
+            tl.store(y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :], out, mask=out_mask)
+
+    @triton.jit
+    def _sparse24_stream_kernel(
+        x_ptr, w_ptr, m_ptr, b_ptr, y_ptr,
+        M, N, G, G_PER_SPLIT,
+        stride_xm, stride_wn, stride_mn, stride_ym, stride_ys,
+        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EXPAND: tl.constexpr, ACC3: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):
+        """``w_ptr``: the packed values viewed as int32, one per group (its two kept values)."""
+        pid_k, offs_m, offs_n, m_ok, n_ok, rows, g_start, g_end, g_full = _stream_start(
+            M, N, G, G_PER_SPLIT, BLOCK_M, BLOCK_N, BLOCK_G)
         out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ACC3:  # per-group sums stay in registers across tiles, reduced once at the end
             acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_G], dtype=tl.float32)
@@ -162,14 +183,7 @@ if HAS_TRITON:
                                            w, mb, x0, x1, x2, x3, EXPAND), axis=2)
         if ACC3:
             out += tl.sum(acc, axis=2)
-        out_mask = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                out += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
-                     mask=out_mask)
-        else:  # fp32 partial of this K slice
-            tl.store(y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :], out, mask=out_mask)
+        _store_rows(out, y_ptr, b_ptr, pid_k, offs_m, offs_n, m_ok, n_ok, stride_ym, stride_ys, HAS_BIAS, SPLIT_K)
 
 
 def as_pairs(values: torch.Tensor) -> torch.Tensor:

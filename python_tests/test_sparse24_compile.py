@@ -86,7 +86,7 @@ def _cache_kw(model) -> str:
 def test_compiled_hf_decode_with_8bit_modules_equals_eager(tdevice):
     """A tiny LLaMA with 8-bit 2:4 decoder Linears: a 6-token prompt and two greedy steps on a static cache,
     eager and through torch.compile(model.forward): the same logits, decode8's op in both graphs (prompt,
-    step), no recompile for the second step."""
+    step), no recompile for the second step or a second decode on a new cache."""
     if tdevice.type != "cpu":
         pytest.skip("CPU, under the interpreter")
     from tiny_models import tiny_model
@@ -117,9 +117,11 @@ def test_compiled_hf_decode_with_8bit_modules_equals_eager(tdevice):
 
     seen: list = []
     with torch.no_grad():
+        compiled = torch.compile(model.forward, backend=_recorder(seen), dynamic=False)
+        got = decode(compiled)
+        again = decode(compiled)  # a new cache: the same two graphs, no recompile
         ref = decode(model.forward)
-        got = decode(torch.compile(model.forward, backend=_recorder(seen), dynamic=False))
-    assert torch.equal(got, ref)
+    assert torch.equal(got, ref) and torch.equal(again, ref)
     assert sum("sparse24_mm8" in t for t in seen) == 2 * len(mods)  # every Linear, in the prompt's and the step's graph
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
@@ -142,3 +144,16 @@ def test_torch_compile_reads_the_8bit_weight_cuda(wdtype):
                          sl.bias)
             check_kernel(torch.compile(sl, fullgraph=True, dynamic=False)(x), x, sl.quantized(), sl.bias)
     assert any("sparse24_mm8" in t for t in seen), seen
+
+
+def test_pinned_choices_exist_before_any_trace():
+    """Every built-in backend's pinned choice is made when dispatch is imported: a first ``pinned()`` inside a
+    torch.compile trace would add to the dict the trace guards on, and every compiled forward would compile
+    again (checked in a fresh interpreter, where nothing has called it yet)."""
+    import subprocess
+    import sys
+
+    code = ("from llmprune_kernels.sparse24 import backends, dispatch; "
+            "assert set(dispatch._PINNED) == set(backends.names()), sorted(dispatch._PINNED)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

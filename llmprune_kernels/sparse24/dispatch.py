@@ -89,7 +89,9 @@ class Choice:
         return cls(d["path"], dict(d.get("times_ms", {})), configs)
 
 
-_PINNED: dict[str, Choice] = {}
+# one shared choice per backend, made now for the built-in ones: a first pinned() inside a torch.compile trace
+# would otherwise add to this dict, which the trace guards on (one recompile of every compiled forward)
+_PINNED: dict[str, Choice] = {b.name: Choice(b.name) for b in backends.registered()}
 
 
 def pinned(path: str) -> Choice:

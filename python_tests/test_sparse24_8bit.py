@@ -181,7 +181,10 @@ def test_bad_format_values_name_the_allowed_set(call, match):
 def test_fp8_refused_on_gpus_without_it(monkeypatch):
     from llmprune_kernels.sparse24 import quant8
 
+    from types import SimpleNamespace
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=8, minor=0))
     assert not quant8.fp8_ok("cuda") and quant8.fp8_ok("cpu")
     with pytest.raises(ValueError, match=r"'fp8' needs a GPU with FP8 .* has 8\.0: use 'int8'"):
         quant8.check_fp8_device(torch.float8_e4m3fn, "cuda")

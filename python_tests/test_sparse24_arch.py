@@ -41,7 +41,7 @@ def setup(request, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: SimpleNamespace(shared_memory_per_block_optin=smem, multi_processor_count=sms,
-                                                                   name=request.param))
+                                                                   major=cap[0], minor=cap[1], name=request.param))
     monkeypatch.setattr(_ext, "ext_with_cuda", lambda: True)
     monkeypatch.setattr(_ext, "ext_with_cusparselt", lambda: True)
     monkeypatch.setattr(_ext, "ext_with_cutlass_sm90", lambda: cutlass)

@@ -159,9 +159,12 @@ class SparseLinear8(SparseLinear):
                 and b.accepts(self.compute_dtype, self.group_size))
 
     def _q8_choice(self, m: int) -> dispatch.Choice | None:
-        """The measured 8-bit decode backend for M rows, where it can take this module's call."""
+        """The measured 8-bit decode backend for M rows, where it can take this module's call (inside
+        torch.compile only a backend with a traceable op: the others' checks are not even asked there)."""
         c = self._table().lookup_key(self.q8_key(), m)
-        return c if c is not None and self._runs(c.path, m) else None
+        if c is None or (torch.compiler.is_compiling() and not backends.get(c.path).traceable):
+            return None
+        return c if self._runs(c.path, m) else None
 
     def act8_key(self) -> str | None:
         """The tuning-table key of the 8-bit-activation choice, None where this module cannot take that path
@@ -183,7 +186,7 @@ class SparseLinear8(SparseLinear):
         faster; else the 16-bit 2:4 dispatch for (out, in, compute_dtype) on the dequantised weight."""
         if self.force_path is None and self.values.device.type == "cuda":
             c = self._q8_choice(m)
-            if c is not None and (backends.get(c.path).traceable or not torch.compiler.is_compiling()):
+            if c is not None:
                 return c
             if self._runs(DECODE8, m):  # also where compiled graphs cannot trace the measured choice
                 return dispatch.pinned(DECODE8)

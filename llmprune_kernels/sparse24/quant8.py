@@ -73,7 +73,8 @@ def fp8_ok(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda":
         return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    props = torch.cuda.get_device_properties(device)  # torch.compile folds this call (not get_device_capability)
+    return (props.major, props.minor) >= (8, 9)
 
 
 ACTIVATIONS = ("16bit", "8bit")

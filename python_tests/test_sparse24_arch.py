@@ -121,10 +121,15 @@ def test_mmasp_calls_name_the_bad_argument_before_any_work():
 
 def test_mmasp_call_configs_follow_the_loaded_code(setup):
     """On (fake) CUDA tensors of each set-up: a cluster config where the code has none, FP8 values without sm_89
-    code and a rows_per_warp the 8-bit op lacks are refused with what is allowed, before the op runs."""
+    code, a config whose x slice does not fit shared memory and a bias of the wrong length are refused with what
+    is allowed, before the op runs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from llmprune_kernels.sparse24.quant8 import quantize_24
+    from llmprune_kernels.testing import random_24_weight
+
     cpu = _layouts()
+    wide_cpu = mmasp8.to_mmasp8_layout(quantize_24(random_24_weight(16, 11008, torch.float16), "int8"))
     with FakeTensorMode():
         lay16, lay8, lay_i8 = (type(lay)(**{k: (torch.empty(v.shape, dtype=v.dtype, device="cuda") if torch.is_tensor(v) else v)
                                             for k, v in vars(lay).items()}) for lay in cpu)
@@ -134,7 +139,11 @@ def test_mmasp_call_configs_follow_the_loaded_code(setup):
                 mmasp.mmasp_linear(x, lay16, config=(4, 1, 8))
             with pytest.raises(ValueError, match="FP8 e4m3 values need sm_89 code"):
                 mmasp8.mmasp8_linear(x, lay8)
-        with pytest.raises(ValueError, match="rows_per_warp must be 1"):
-            mmasp8.mmasp8_linear(x, lay_i8, config=(4, 2, 1))
+        wide = type(wide_cpu)(**{k: (torch.empty(v.shape, dtype=v.dtype, device="cuda") if torch.is_tensor(v) else v)
+                                 for k, v in vars(wide_cpu).items()})
+        x16 = torch.empty(16, 11008, device="cuda", dtype=torch.float16)
+        for rows_per_warp in (1, 2):  # the whole 11008-wide x slice of one CTA: 352 KB at M = 16
+            with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory for in_features=11008, M=16"):
+                mmasp8.mmasp8_linear(x16, wide, config=(4, rows_per_warp, 1))
         with pytest.raises(ValueError, match="bias must be a torch.float16 vector of 64"):
             mmasp.mmasp_linear(x, lay16, torch.empty(63, device="cuda", dtype=torch.float16), config=(4, 1, 1))

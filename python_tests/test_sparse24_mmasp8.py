@@ -67,7 +67,8 @@ def test_widened_registers_are_the_16bit_fragments(wdtype, xdtype):
 @pytest.mark.parametrize("wdtype", WDTYPES)
 @pytest.mark.parametrize("xdtype", XDTYPES)
 @pytest.mark.parametrize("shape,m,config", [((48, 512), 1, (8, 1, 1)), ((33, 300), 9, (4, 1, 2)),
-                                            ((130, 1100), 16, (8, 1, 4)), ((20, 36), 5, (4, 1, 1))])
+                                            ((130, 1100), 16, (8, 1, 4)), ((20, 36), 5, (4, 1, 1)),
+                                            ((200, 800), 16, (4, 2, 2)), ((70, 520), 3, (8, 2, 1))])
 def test_emulated_kernel_matches_reference(shape, m, config, wdtype, xdtype):
     q = _q(shape, wdtype, seed=m)
     lay = m8.to_mmasp8_layout(q)
@@ -81,8 +82,9 @@ def test_emulated_kernel_matches_reference(shape, m, config, wdtype, xdtype):
 
 @settings(max_examples=12, deadline=None)
 @given(out=st.integers(1, 70), quads=st.integers(1, 150), m=st.integers(1, 16), wdtype=st.sampled_from(WDTYPES),
-       xdtype=st.sampled_from(XDTYPES), splits=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
-def test_random_shapes_round_trip_and_emulated_kernel(out, quads, m, wdtype, xdtype, splits, seed):
+       xdtype=st.sampled_from(XDTYPES), splits=st.sampled_from([1, 2, 4]), rows_per_warp=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_random_shapes_round_trip_and_emulated_kernel(out, quads, m, wdtype, xdtype, splits, rows_per_warp, seed):
     """Random shapes (in a multiple of 4, rows and columns ragged against the 16 x 256 tiles): exact layout round
     trip, and the emulated kernel on the widened registers, times the scales, equals the reference."""
     inp = 4 * quads
@@ -92,7 +94,7 @@ def test_random_shapes_round_trip_and_emulated_kernel(out, quads, m, wdtype, xdt
     assert torch.equal(back.values.view(torch.uint8), q.values.view(torch.uint8)) and torch.equal(back.meta, q.meta)
     x = torch.randn(m, inp, generator=torch.Generator().manual_seed(seed)).to(xdtype)
     regs = mm.MmaspLayout(m8.widened_a_frag(lay, xdtype), lay.e_frag, lay.shape)
-    _close(emulate_mmasp_linear(x, regs, None, (4, 1, splits), row_scale=lay.scale),
+    _close(emulate_mmasp_linear(x, regs, None, (4, rows_per_warp, splits), row_scale=lay.scale),
            sparse24_8bit_linear_reference(x, q), xdtype)
 
 

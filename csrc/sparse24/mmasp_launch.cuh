@@ -33,18 +33,13 @@ void launch(const Params& p, int warps, dim3 grid, size_t smem, cudaStream_t str
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 
-// 8-bit values run one row block a warp (their host op allows rows_per_warp 1 only).
+// One template instance per (NT, WR): one or two n8 token tiles, one or two row blocks a warp.
 template <typename T, bool BF16, int Q8>
 void dispatch(const Params& p, int nt, int wr, int warps, dim3 grid, size_t smem, cudaStream_t stream) {
-  if constexpr (Q8 != kQ16) {
-    if (nt == 1) launch<T, BF16, 1, 1, Q8>(p, warps, grid, smem, stream);
-    else launch<T, BF16, 2, 1, Q8>(p, warps, grid, smem, stream);
-  } else {
-    if (nt == 1 && wr == 1) launch<T, BF16, 1, 1, Q8>(p, warps, grid, smem, stream);
-    else if (nt == 1) launch<T, BF16, 1, 2, Q8>(p, warps, grid, smem, stream);
-    else if (wr == 1) launch<T, BF16, 2, 1, Q8>(p, warps, grid, smem, stream);
-    else launch<T, BF16, 2, 2, Q8>(p, warps, grid, smem, stream);
-  }
+  if (nt == 1 && wr == 1) launch<T, BF16, 1, 1, Q8>(p, warps, grid, smem, stream);
+  else if (nt == 1) launch<T, BF16, 1, 2, Q8>(p, warps, grid, smem, stream);
+  else if (wr == 1) launch<T, BF16, 2, 1, Q8>(p, warps, grid, smem, stream);
+  else launch<T, BF16, 2, 2, Q8>(p, warps, grid, smem, stream);
 }
 
 // The input checks both ops share: x [M, in] fp16 / bf16 with M in 1..16, in a positive multiple of 4, out > 0,

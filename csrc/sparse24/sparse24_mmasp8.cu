@@ -22,11 +22,12 @@ at::Tensor mmasp8_linear(const at::Tensor& x_in, const at::Tensor& a_frag, const
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == R && scale.is_contiguous(),
               "scale must be a contiguous float32 vector of ", R, " elements, got ", scale.scalar_type(), " ",
               scale.sizes());
-  TORCH_CHECK(rows_per_warp == 1, "8-bit values run rows_per_warp 1, got ", rows_per_warp);
   if (qt == at::kFloat8_e4m3fn) {
-    return run<kQ8Fp8>(x_in, a_frag.data_ptr(), e_frag, scale.data_ptr<float>(), R, bias, warps, 1, splits);
+    return run<kQ8Fp8>(x_in, a_frag.data_ptr(), e_frag, scale.data_ptr<float>(), R, bias, warps, rows_per_warp,
+                      splits);
   }
-  return run<kQ8Int8>(x_in, a_frag.data_ptr(), e_frag, scale.data_ptr<float>(), R, bias, warps, 1, splits);
+  return run<kQ8Int8>(x_in, a_frag.data_ptr(), e_frag, scale.data_ptr<float>(), R, bias, warps, rows_per_warp,
+                     splits);
 }
 
 }  // namespace sparse24_mmasp

@@ -272,16 +272,14 @@ def check_call(x: torch.Tensor, shape: tuple[int, int], what: str, op_ok: bool =
 
 
 def resolve_call_config(config: tuple[int, int, int] | None, shape: tuple[int, int], m: int,
-                        device: torch.device, what: str, rows_per_warp: int | None = None) -> tuple[int, int, int]:
+                        device: torch.device, what: str) -> tuple[int, int, int]:
     """``config`` (default: the device's) checked against what this call can run: the split limit of the
-    loaded code, ``rows_per_warp`` where the op fixes it, and shared memory for x's slice."""
+    loaded code and shared memory for x's slice."""
     out, inp = shape
     cfg = check_config(config if config is not None else device_default_config(out, inp, m, device))
     if cfg[2] > max_splits(device):
         raise ValueError(f"{what} config {cfg}: this build's code on {device} runs at most {max_splits(device)} "
                          f"split(s) (thread-block clusters need sm_90 code)")
-    if rows_per_warp is not None and cfg[1] != rows_per_warp:
-        raise ValueError(f"{what} config {cfg}: rows_per_warp must be {rows_per_warp}")
     if not config_fits(m, inp, cfg, device):
         raise ValueError(f"{what} config {cfg} needs {smem_bytes(m, inp, cfg)} bytes of shared memory for "
                          f"in_features={inp}, M={m} (limit {smem_limit(device)}): use more splits")

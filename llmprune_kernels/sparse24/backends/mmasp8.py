@@ -112,7 +112,7 @@ def mmasp8_linear(x: torch.Tensor, layout: Mmasp8Layout, bias: torch.Tensor | No
     lead, x2 = check_call(x, layout.shape, what, op_available())
     if layout.a_frag.dtype == torch.float8_e4m3fn and not _fp8_code(x.device):
         raise ValueError("FP8 e4m3 values need sm_89 code; this build's code on this GPU is older: use int8 values")
-    cfg = resolve_call_config(config, layout.shape, x2.shape[0], x.device, what, rows_per_warp=1)
+    cfg = resolve_call_config(config, layout.shape, x2.shape[0], x.device, what)
     y = torch.ops.llmprune_kernels.sparse24_mmasp8_linear(x2.contiguous(), layout.a_frag, layout.e_frag,
                                                           layout.scale, out, bias, *cfg)
     return y.reshape(*lead, out)
@@ -143,16 +143,12 @@ class Mmasp8Backend(MmaspBackend):
     def prepare(self, packed, config=None) -> Mmasp8Layout:
         return to_mmasp8_layout(packed)
 
-    def candidates(self, out_features, in_features, dtype, m):
-        return [c for c in super().candidates(out_features, in_features, dtype, m) if c[1] == 1]
-
     def bind(self, state: Mmasp8Layout, config, m, in_features, out_features, bias):
         op = torch.ops.llmprune_kernels.sparse24_mmasp8_linear.default
         cfg = check_config(config)
-        if cfg[1] != 1 or not config_fits(m, in_features, cfg, state.a_frag.device):
+        if not config_fits(m, in_features, cfg, state.a_frag.device):
             raise ValueError(f"8-bit mma.sp config {cfg} does not fit in_features={in_features}, M={m} on "
-                             f"{state.a_frag.device} (rows_per_warp 1, shared memory "
-                             f"{mmasp.smem_limit(state.a_frag.device)} bytes)")
+                             f"{state.a_frag.device} (shared memory {mmasp.smem_limit(state.a_frag.device)} bytes)")
         return op_runner(op, (state.a_frag, state.e_frag, state.scale), m, in_features, out_features, bias, cfg)
 
     def call(self, state, config, x, out_features, bias):

@@ -3,9 +3,9 @@
 The compiled kernels in ``csrc/`` register only implementations (``TORCH_LIBRARY_IMPL`` per device); the
 schemas are defined here, so one file lists the whole operator surface. Fakes let ``torch.compile`` trace
 the ops (shapes only); ``torch.library.opcheck`` tests the registrations. The Triton 2:4 decode kernels (16-
-and 8-bit values) are Python custom ops, defined here around their launchers. Ops whose kernels were not compiled in (a CPU build,
-no cuSPARSELt, no CUTLASS) keep their schema and fake; calling them raises torch's "no kernel" error, and
-the Python wrappers check ``_ext`` first.
+and 8-bit values) are Python custom ops, defined here around their launchers. Ops whose kernels were not
+compiled in (a CPU build, no cuSPARSELt, no CUTLASS) keep their schema and fake; calling them raises torch's
+"no kernel" error, and the Python wrappers check ``_ext`` first.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ XDTYPES = [torch.float16, torch.bfloat16]
 
 # ---------------------------------------------------------------------------------- activation quantisation (CPU)
 def _fused_runs(fused: bool) -> None:
-    if fused and not (cslt8.HAS_TRITON and cslt8.INTERPRET):
+    if fused and not cslt8.triton_usable("cpu"):
         pytest.skip("the fused kernel on CPU tensors needs Triton under TRITON_INTERPRET=1")
 
 

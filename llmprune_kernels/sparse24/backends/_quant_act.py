@@ -1,16 +1,15 @@
-"""Triton per-token activation quantisation for backend ``cslt8``: ``xq = q8(x / s)`` in one pass over x.
+"""Triton per-token activation quantisation for backend ``cslt8``: scales and 8-bit codes of x in one launch.
 
-The plain-PyTorch form (``cslt8.quantize_per_token_torch``) divides in fp32, rounds and clamps in separate
+The PyTorch form (``cslt8.quantize_per_token(..., fused=False)``) divides in fp32, rounds and clamps in separate
 passes: for a [2048, 4096] fp16 x it moves ~150 MB, more than the 8-bit GEMM that follows reads. This kernel
 reads x from HBM once (a second pass over a program's rows comes from L2) and writes the 8-bit codes, the zero
-padding rows and the per-token scales, in one launch. Each program owns BLOCK_M tokens: their largest |x|,
-their scales (``_token_scale``: :func:`llmprune_kernels.sparse24.quant8.activation_scales` step for step, the
-PyTorch form tests check it against), then their codes.
+padding rows and the per-token scales. Each program owns BLOCK_M tokens: their largest |x|, their scales
+(``_token_scale``: :func:`llmprune_kernels.sparse24.quant8.activation_scales` step for step), then their codes.
 
-Bit for bit the PyTorch form: the scale's roundings are IEEE (``div_rn``, fp32 products, fp16 conversion; bf16
-rounded on the bits), the division is IEEE round-to-nearest (``div_rn``), INT8 rounds half to even
-(the fp32 ``+ 1.5 * 2**23`` trick, exact for |v| <= 127 after the clamp) and FP8 e4m3 codes are rounded to
-nearest even from the clamped fp32 value's bits (``_e4m3_bits``).
+Bit for bit the PyTorch form: every rounding is IEEE (``div_rn`` divisions, fp32 products, the fp16
+conversion; bf16 rounded on the bits), INT8 rounds half to even (the fp32 ``+ 1.5 * 2**23`` trick, exact for
+|v| <= 127 after the clamp) and FP8 e4m3 codes are rounded to nearest even from the clamped fp32 value's bits
+(``_e4m3_bits``).
 """
 from __future__ import annotations
 
@@ -43,26 +42,22 @@ if HAS_TRITON:
         return (code | ((bits >> 31) << 7)).to(tl.uint8)
 
     @triton.jit
-    def _up(bits, ONE: tl.constexpr):
-        return bits + ONE
-
-    @triton.jit
     def _token_scale(a, QMAX: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr, SMAX: tl.constexpr):
         """``activation_scales`` for fp32 ``a`` (each token's largest |x|), as fp32 holding the scale dtype's
         value: ``a / QMAX`` rounded up, 1 for an all-zero token, clamped to [TINY, SMAX], then rounded up to
         fp16 (``SCALE`` 1) or bf16 (2); the bf16 rounding is done on the bits (ties to even)."""
         s = tl.math.div_rn(a, QMAX)
-        s = tl.where(s * QMAX < a, _up(s.to(tl.uint32, bitcast=True), 1).to(tl.float32, bitcast=True), s)
+        s = tl.where(s * QMAX < a, (s.to(tl.uint32, bitcast=True) + 1).to(tl.float32, bitcast=True), s)  # next up
         s = tl.where(a > 0, s, 1.0)
         s = tl.minimum(tl.maximum(s, TINY), SMAX)
         if SCALE == 1:
             h = s.to(tl.float16)
-            h = tl.where(h.to(tl.float32) < s, _up(h.to(tl.uint16, bitcast=True), 1).to(tl.float16, bitcast=True), h)
+            h = tl.where(h.to(tl.float32) < s, (h.to(tl.uint16, bitcast=True) + 1).to(tl.float16, bitcast=True), h)
             s = tl.minimum(h.to(tl.float32), SMAX)
         elif SCALE == 2:
             b = s.to(tl.uint32, bitcast=True)
             r = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-            r = tl.where(r.to(tl.float32, bitcast=True) < s, _up(r, 0x10000), r)
+            r = tl.where(r.to(tl.float32, bitcast=True) < s, r + 0x10000, r)
             s = tl.minimum(r.to(tl.float32, bitcast=True), SMAX)
         return s
 

@@ -4,7 +4,8 @@ token to the same 8-bit type, for M > 16 and per-output-channel scales.
 
 ``y[t, r] = (sum_k Wq[r, k] * xq[t, k]) * ws[r] * s[t] + b[r]`` with ``Wq`` / ``ws`` the weight's 8-bit values and
 per-channel scale (:mod:`llmprune_kernels.sparse24.quant8`) and ``xq = x / s`` per token
-(:func:`quantize_per_token`, one Triton pass over x; FP8 e4m3 on GPUs of compute capability 8.9+, INT8 anywhere cuSPARSELt runs).
+(:func:`quantize_per_token`, one Triton launch; FP8 e4m3 on GPUs of compute capability 8.9+, INT8 anywhere
+cuSPARSELt runs).
 
 * The weight is expanded once to its dense 8-bit form (zeros where pruned) and compressed by cuSPARSELt.
 * ``_cslt_sparse_mm(compressed W [n, k], xq.t(), alpha=ws / OUT_SHIFT, out_dtype=x.dtype,
@@ -30,8 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmprune_kernels.ops.score_mask import INTERPRET
-from llmprune_kernels.sparse24.backends._decode_dot import HAS_TRITON
+from llmprune_kernels.ops.score_mask import triton_usable
 from llmprune_kernels.sparse24.backends._quant_act import quantize_tokens
 from llmprune_kernels.sparse24.backends.base import Backend
 from llmprune_kernels.sparse24.pack import expand_24
@@ -95,9 +95,7 @@ def quantize_per_token(x2: torch.Tensor, qdtype: torch.dtype, scale_dtype: torch
     m, k = x2.shape
     rows = m if rows is None else rows
     scale_dtype = scale_dtype or x2.dtype
-    if fused is None:
-        fused = HAS_TRITON and (x2.is_cuda or INTERPRET)
-    if fused:
+    if fused if fused is not None else triton_usable(x2.device):
         return quantize_tokens(x2, qdtype, scale_dtype, rows)
     s = activation_scales(torch.linalg.vector_norm(x2, float("inf"), dim=-1), qdtype, scale_dtype).unsqueeze(1)
     xq = torch.empty(rows, k, device=x2.device, dtype=qdtype)

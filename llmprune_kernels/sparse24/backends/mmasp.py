@@ -371,14 +371,19 @@ class MmaspBackend(Backend):
         device = torch.cuda.current_device()
         return [c for c in configs if config_fits(m, in_features, c, device)]
 
-    def bind(self, state: MmaspLayout, config, m, in_features, out_features, bias):
-        op = torch.ops.llmprune_kernels.sparse24_mmasp_linear.default
-        cfg = check_config(config)
-        if not config_fits(m, in_features, cfg, state.a_frag.device):
-            raise ValueError(f"mma.sp config {cfg} does not fit in_features={in_features}, M={m} on "
-                             f"{state.a_frag.device} (shared memory {smem_limit(state.a_frag.device)} bytes, "
-                             f"at most {max_splits(state.a_frag.device)} split(s))")
-        return op_runner(op, (state.a_frag, state.e_frag), m, in_features, out_features, bias, cfg)
+    what = "mma.sp"  # names the kernel in errors
+
+    def op(self):
+        return torch.ops.llmprune_kernels.sparse24_mmasp_linear.default
+
+    def weight(self, state) -> tuple:
+        """The op's weight arguments from this backend's layout."""
+        return state.a_frag, state.e_frag
+
+    def bind(self, state, config, m, in_features, out_features, bias):
+        cfg = resolve_call_config(check_config(config), (out_features, in_features), m, state.a_frag.device,
+                                  self.what)
+        return op_runner(self.op(), self.weight(state), m, in_features, out_features, bias, cfg)
 
     def call(self, state, config, x, out_features, bias):
         return mmasp_linear(x, state, bias, config)

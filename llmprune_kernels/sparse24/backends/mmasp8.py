@@ -26,8 +26,8 @@ import torch
 from llmprune_kernels import _ext
 from llmprune_kernels.sparse24.backends import mmasp
 from llmprune_kernels.sparse24.backends.mmasp import (CHUNK, MAX_M, MmaspBackend, MmaspLayout, check_call,
-                                                      check_config, check_shape, config_fits, frag_meta, frag_values,
-                                                      from_mmasp_layout, op_runner, padded_dims, resolve_call_config)
+                                                      check_shape, frag_meta, frag_values, from_mmasp_layout,
+                                                      padded_dims, resolve_call_config)
 from llmprune_kernels.sparse24.quant8 import QMAX, Packed24Q8
 
 OP = "llmprune_kernels::sparse24_mmasp8_linear"
@@ -143,13 +143,13 @@ class Mmasp8Backend(MmaspBackend):
     def prepare(self, packed, config=None) -> Mmasp8Layout:
         return to_mmasp8_layout(packed)
 
-    def bind(self, state: Mmasp8Layout, config, m, in_features, out_features, bias):
-        op = torch.ops.llmprune_kernels.sparse24_mmasp8_linear.default
-        cfg = check_config(config)
-        if not config_fits(m, in_features, cfg, state.a_frag.device):
-            raise ValueError(f"8-bit mma.sp config {cfg} does not fit in_features={in_features}, M={m} on "
-                             f"{state.a_frag.device} (shared memory {mmasp.smem_limit(state.a_frag.device)} bytes)")
-        return op_runner(op, (state.a_frag, state.e_frag, state.scale), m, in_features, out_features, bias, cfg)
+    what = "8-bit mma.sp"
+
+    def op(self):
+        return torch.ops.llmprune_kernels.sparse24_mmasp8_linear.default
+
+    def weight(self, state: Mmasp8Layout) -> tuple:
+        return state.a_frag, state.e_frag, state.scale
 
     def call(self, state, config, x, out_features, bias):
         return mmasp8_linear(x, state, bias, config)

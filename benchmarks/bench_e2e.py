@@ -44,7 +44,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import QUICK, Results, ratio, requires_cuda
+from conftest import QUICK, Results, gpu_ms, ratio, requires_cuda
 from llmprune_kernels import SemiSparseWeightConfig, SparseLinear, backends, prune_model, sparsify_
 from llmprune_kernels.validation import SparsityConfig
 
@@ -183,31 +183,20 @@ def _generate_tok_s(model, prompt, n_new: int) -> float:
     return n_new / (time.perf_counter() - t0)
 
 
-def _linears_graph_ms(model, reps: int = 20) -> float:
-    """ms of one CUDA-graph replay of every decoder Linear (dense or sparse) on a one-token input, in order."""
+def _linears_graph_ms(model) -> float:
+    """ms of one pass over every decoder Linear (dense or sparse) on a one-token input, in model order, in a
+    CUDA graph."""
     mods = [m for m in model.model.layers.modules() if isinstance(m, (nn.Linear, SparseLinear))]
     xs = {m.in_features: torch.randn(1, 1, m.in_features, device="cuda", dtype=torch.float16) for m in mods}
+    return gpu_ms([lambda m=m: m(xs[m.in_features]) for m in mods], calls=len(mods)) * len(mods)
 
-    def run():
-        for m in mods:
-            m(xs[m.in_features])
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+def _pruned_24(layers: int):
+    """The LLaMA-7B-shaped model with ``layers`` decoder layers, pruned 2:4 by magnitude on the GPU."""
+    model, cfg = build(layers)
+    prune_model(model, None, "magnitude", SparsityConfig(n=2, m=4), device="cuda", measure_error=False,
+                progress=False)
+    return model, cfg
 
 
 def _q8_dtype() -> str:
@@ -241,9 +230,7 @@ def _prefill_profile(model, prompt, top: int = 12) -> dict:
 
 def test_decode(benchmark, results):
     with torch.no_grad():
-        dense, cfg = build(DECODE_LAYERS)
-        prune_model(dense, None, "magnitude", SparsityConfig(n=2, m=4), device="cuda", measure_error=False,
-                    progress=False)
+        dense, cfg = _pruned_24(DECODE_LAYERS)
         torch.cuda.synchronize()
         mem0 = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
@@ -324,9 +311,7 @@ def test_decode(benchmark, results):
 
 def test_decode_compiled(benchmark, results):
     with torch.no_grad():
-        dense, cfg = build(DECODE_LAYERS)
-        prune_model(dense, None, "magnitude", SparsityConfig(n=2, m=4), device="cuda", measure_error=False,
-                    progress=False)
+        dense, cfg = _pruned_24(DECODE_LAYERS)
         models = {"dense": dense, "sparse": sparsify_(copy.deepcopy(dense), buckets=(1, 128)),
                   "sparse_q8": sparsify_(copy.deepcopy(dense), SemiSparseWeightConfig(weight_dtype=_q8_dtype()),
                                          _decoder_linears, buckets=(1, 128))}

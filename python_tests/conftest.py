@@ -34,6 +34,14 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture
+def tdevice(device):
+    """Devices Triton runs on here: CUDA, or CPU under the Triton interpreter."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1 (set by conftest when no GPU is present)")
+    return device
+
+
 @pytest.fixture(scope="session")
 def cli_model_dir(tmp_path_factory):
     """A saved tiny LLaMA (``model/``) and a calibration/evaluation text (``text.txt``) for the command tests."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
@@ -25,14 +24,6 @@ from llmprune_kernels.testing import random_24_weight
 
 WDTYPES = ["fp8", "int8"]
 XDTYPES = [torch.float16, torch.bfloat16]
-
-
-@pytest.fixture
-def tdevice(device):
-    """Devices Triton runs on here: CUDA, or CPU under the Triton interpreter."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1 (set by conftest when no GPU is present)")
-    return device
 
 
 def check_kernel(y, x, q, bias):

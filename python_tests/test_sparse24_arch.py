@@ -119,6 +119,12 @@ def test_mmasp_calls_name_the_bad_argument_before_any_work():
         mmasp8.mmasp8_linear(torch.randn(2, 256), lay8)
 
 
+def _on_fake_cuda(layout):
+    """The layout with every tensor replaced by an uninitialised CUDA one (inside a FakeTensorMode)."""
+    return type(layout)(**{k: (torch.empty(v.shape, dtype=v.dtype, device="cuda") if torch.is_tensor(v) else v)
+                           for k, v in vars(layout).items()})
+
+
 def test_mmasp_call_configs_follow_the_loaded_code(setup):
     """On (fake) CUDA tensors of each set-up: a cluster config where the code has none, FP8 values without sm_89
     code, a config whose x slice does not fit shared memory and a bias of the wrong length are refused with what
@@ -131,16 +137,14 @@ def test_mmasp_call_configs_follow_the_loaded_code(setup):
     cpu = _layouts()
     wide_cpu = mmasp8.to_mmasp8_layout(quantize_24(random_24_weight(16, 11008, torch.float16), "int8"))
     with FakeTensorMode():
-        lay16, lay8, lay_i8 = (type(lay)(**{k: (torch.empty(v.shape, dtype=v.dtype, device="cuda") if torch.is_tensor(v) else v)
-                                            for k, v in vars(lay).items()}) for lay in cpu)
+        lay16, lay8, _ = (_on_fake_cuda(lay) for lay in cpu)
         x = torch.empty(4, 256, device="cuda", dtype=torch.float16)
         if setup != "h100":
             with pytest.raises(ValueError, match=r"runs at most 1 split\(s\) \(thread-block clusters need sm_90"):
                 mmasp.mmasp_linear(x, lay16, config=(4, 1, 8))
             with pytest.raises(ValueError, match="FP8 e4m3 values need sm_89 code"):
                 mmasp8.mmasp8_linear(x, lay8)
-        wide = type(wide_cpu)(**{k: (torch.empty(v.shape, dtype=v.dtype, device="cuda") if torch.is_tensor(v) else v)
-                                 for k, v in vars(wide_cpu).items()})
+        wide = _on_fake_cuda(wide_cpu)
         x16 = torch.empty(16, 11008, device="cuda", dtype=torch.float16)
         for rows_per_warp in (1, 2):  # the whole 11008-wide x slice of one CTA: 352 KB at M = 16
             with pytest.raises(ValueError, match=r"needs \d+ bytes of shared memory for in_features=11008, M=16"):

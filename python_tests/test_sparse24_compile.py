@@ -18,13 +18,6 @@ from llmprune_kernels.testing import random_24_weight
 from test_sparse24_8bit import CUDA_WDTYPES, _linear, check_kernel
 
 
-@pytest.fixture
-def tdevice(device):
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1 (set by conftest when no GPU is present)")
-    return device
-
-
 def _recorder(seen: list):
     """A torch.compile backend that notes every op of the graphs it is given and runs them eagerly."""
     def backend(gm, example_inputs):
